@@ -1,0 +1,84 @@
+# Make drives the pipeline; the pipeline itself decides what is stale (see README, "Caching").
+# Variables: CONFIG=FILE  DATASETS="a b"  BACKBONES="a b"  HEADS="a b"  LIMIT=N  GPU=1  RAY=1  FORCE=1
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+CONFIG   ?= experiments/default.toml
+EXTRAS   := $(if $(GPU),gpu,cpu),dev$(if $(RAY),$(comma)ray)
+comma    := ,
+
+# Offline machines: a writable copy of ../shared/keras becomes KERAS_HOME unless one is set.
+ifeq ($(KERAS_HOME),)
+ifneq ($(wildcard ../shared/keras/models),)
+export KERAS_HOME := $(CURDIR)/.keras-home
+KERAS_SETUP := $(KERAS_HOME)/.ready
+endif
+endif
+
+RUN_ARGS := --config $(CONFIG) \
+	$(if $(DATASETS),--datasets "$(DATASETS)") \
+	$(if $(BACKBONES),--backbones "$(BACKBONES)") \
+	$(if $(HEADS),--heads "$(HEADS)") \
+	$(if $(LIMIT),--limit $(LIMIT))
+
+.PHONY: install features heads compare all dry-run test test-fast reliability bench bench-extract \
+	bench-heads lint clean-heads clean-features
+
+install: $(VENV)/.installed $(KERAS_SETUP)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+$(KERAS_HOME)/.ready:
+	mkdir -p "$(KERAS_HOME)" && cp -r ../shared/keras/. "$(KERAS_HOME)/" && chmod -R u+w "$(KERAS_HOME)"
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then mkdir -p "$(KERAS_HOME)/datasets/fashion-mnist" && \
+		cp /usr/share/datasets/fashion-mnist/*.gz "$(KERAS_HOME)/datasets/fashion-mnist/"; fi
+	touch $@
+
+features: install
+	$(PY) -m pipeline run $(RUN_ARGS) --stage features
+
+heads: install
+	$(PY) -m pipeline run $(RUN_ARGS) --stage heads
+
+compare: install
+	$(PY) -m pipeline compare
+
+all: install
+	$(PY) -m pipeline run $(RUN_ARGS) --stage all
+
+dry-run: install
+	$(PY) -m pipeline run $(RUN_ARGS) --dry-run
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not reliability"
+
+reliability: install
+	$(PY) -m pytest -q -m reliability
+
+bench: bench-extract bench-heads
+
+bench-extract: install
+	$(PY) -m pipeline bench extract --out bench_results/extract.json
+
+bench-heads: install
+	$(PY) -m pipeline bench heads --out bench_results/heads.json
+
+lint: install
+	$(PY) -m ruff check pipeline tests
+
+clean-heads:
+	rm -rf results
+
+clean-features:
+	@if [ "$(FORCE)" != 1 ]; then \
+		printf 'Delete every cached feature file in features_cache/ (they may cost GPU-hours)? [y/N] '; \
+		read answer; [ "$$answer" = y ] || { echo "kept; FORCE=1 skips this question"; exit 1; }; fi
+	find features_cache -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

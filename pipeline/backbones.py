@@ -1,0 +1,136 @@
+"""Registry of frozen `keras.applications` backbones, built without their classifier top.
+
+Each entry knows its Keras constructor, its own ``preprocess_input``, its native input size
+and the width of its last feature map (at alpha 1). Weights are ``imagenet`` (Keras's own
+download and cache under ``KERAS_HOME``), ``none`` (random, for tests) or a local file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    keras_name: str  # constructor in keras.applications
+    module: str  # keras.applications submodule holding preprocess_input
+    input_size: int
+    width: int  # channels of the last feature map, alpha 1
+    has_alpha: bool = False
+
+
+def _specs() -> dict[str, BackboneSpec]:
+    rows = [
+        ("mobilenet", "MobileNet", "mobilenet", 224, 1024, True),
+        ("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, 1280, True),
+        ("mobilenet_v3_small", "MobileNetV3Small", "mobilenet_v3", 224, 576, True),
+        ("mobilenet_v3_large", "MobileNetV3Large", "mobilenet_v3", 224, 960, True),
+        ("resnet50", "ResNet50", "resnet", 224, 2048, False),
+        ("resnet101", "ResNet101", "resnet", 224, 2048, False),
+        ("resnet152", "ResNet152", "resnet", 224, 2048, False),
+        ("resnet50_v2", "ResNet50V2", "resnet_v2", 224, 2048, False),
+        ("resnet101_v2", "ResNet101V2", "resnet_v2", 224, 2048, False),
+        ("resnet152_v2", "ResNet152V2", "resnet_v2", 224, 2048, False),
+        ("densenet121", "DenseNet121", "densenet", 224, 1024, False),
+        ("densenet169", "DenseNet169", "densenet", 224, 1664, False),
+        ("densenet201", "DenseNet201", "densenet", 224, 1920, False),
+        ("vgg16", "VGG16", "vgg16", 224, 512, False),
+        ("vgg19", "VGG19", "vgg19", 224, 512, False),
+        ("xception", "Xception", "xception", 299, 2048, False),
+        ("inception_v3", "InceptionV3", "inception_v3", 299, 2048, False),
+        ("inception_resnet_v2", "InceptionResNetV2", "inception_resnet_v2", 299, 1536, False),
+        ("nasnet_mobile", "NASNetMobile", "nasnet", 224, 1056, False),
+        ("nasnet_large", "NASNetLarge", "nasnet", 331, 4032, False),
+    ]
+    efficientnet = [(224, 1280), (240, 1280), (260, 1408), (300, 1536),
+                    (380, 1792), (456, 2048), (528, 2304), (600, 2560)]
+    for i, (size, width) in enumerate(efficientnet):
+        rows.append((f"efficientnet_b{i}", f"EfficientNetB{i}", "efficientnet", size, width, False))
+    for suffix, size, width in [("B0", 224, 1280), ("B1", 240, 1280), ("B2", 260, 1408),
+                                ("B3", 300, 1536), ("S", 384, 1280), ("M", 480, 1280),
+                                ("L", 480, 1280)]:
+        rows.append((f"efficientnet_v2_{suffix.lower()}", f"EfficientNetV2{suffix}",
+                     "efficientnet_v2", size, width, False))
+    for size_name, width in [("tiny", 768), ("small", 768), ("base", 1024), ("large", 1536),
+                             ("xlarge", 2048)]:
+        rows.append((f"convnext_{size_name}", f"ConvNeXt{size_name.capitalize()}", "convnext",
+                     224, width, False))
+    return {r[0]: BackboneSpec(*r) for r in rows}
+
+
+BACKBONES: dict[str, BackboneSpec] = _specs()
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise PipelineError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)} "
+                            "(`python -m pipeline backbones` lists them)") from None
+
+
+def weights_identity(weights: str) -> str:
+    """What the cache key records for ``weights``: its sha256 for a file, else the name + Keras."""
+    if weights in ("imagenet", "none"):  # importlib.metadata: no TensorFlow start-up for a no-op
+        from importlib.metadata import version
+
+        return f"imagenet@keras-{version('keras')}" if weights == "imagenet" else "none"
+    path = Path(weights)
+    if not path.is_file():
+        raise PipelineError(f"weights {weights!r}: not 'imagenet', 'none' or an existing file")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
+def build_backbone(name: str, *, weights: str = "imagenet", alpha: float | None = None,
+                   input_size: int | None = None):
+    """The frozen Keras model without its top, taking preprocessed float images."""
+    import keras
+
+    spec = get_spec(name)
+    if alpha is not None and not spec.has_alpha:
+        raise PipelineError(f"backbone {name!r} takes no alpha; only the MobileNets do")
+    size = input_size or spec.input_size
+    kwargs = {"include_top": False, "input_shape": (size, size, 3),
+              "weights": "imagenet" if weights == "imagenet" else None}
+    if alpha is not None:
+        kwargs["alpha"] = alpha
+    constructor = getattr(keras.applications, spec.keras_name)
+    try:
+        model = constructor(**kwargs)
+    except ValueError as exc:
+        raise PipelineError(f"backbone {name!r} cannot be built with input {size}x{size}"
+                            f"{'' if alpha is None else f' and alpha {alpha}'}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # keras raises bare Exception when a download fails
+        home = os.environ.get("KERAS_HOME", "~/.keras")
+        raise PipelineError(
+            f"backbone {name!r}: ImageNet weights could not be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160]}); without a network, put Keras's weights file "
+            f"in {home}/models/ (set KERAS_HOME) or pass --weights PATH") from None
+    if weights not in ("imagenet", "none"):
+        try:
+            model.load_weights(weights)
+        except Exception as exc:
+            raise PipelineError(
+                f"weights file {weights!r} does not fit {name}"
+                f"{'' if alpha is None else f' alpha {alpha}'} without top: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    model.trainable = False
+    return model
+
+
+def preprocess_input(name: str):
+    """The backbone's own ``preprocess_input`` (identity for models that rescale inside)."""
+    import keras
+
+    return getattr(keras.applications, get_spec(name).module).preprocess_input

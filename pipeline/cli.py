@@ -1,0 +1,221 @@
+"""Command line: ``python -m pipeline COMMAND`` (also installed as ``pipeline``).
+
+Every PipelineError ends the program with its one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+
+
+def _add_extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True,
+                   help="cifar10 | cifar100 | fashion_mnist | mnist | folder:PATH | idx:PATH | "
+                        "cifar:PATH | npz:PATH")
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--pooling", default="avg", help="avg | max | bottleneck | spatial")
+    p.add_argument("--alpha", type=float, default=None, help="width multiplier (MobileNets)")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a weights file")
+    p.add_argument("--image-size", type=int, default=None, help="model input size (default: native)")
+    p.add_argument("--layer", action="append", default=[], dest="layers",
+                   help="pool this layer instead of the last (repeat to concatenate layers)")
+    p.add_argument("--bottleneck-k", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="images per split (stratified)")
+    p.add_argument("--precision", default="float32", help="float32 | mixed_float16 | mixed_bfloat16")
+    p.add_argument("--compression", default="lzf", help="none | lzf | gzip")
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable images, recorded in the file")
+    p.add_argument("--rebuild", action="store_true", help="replace a damaged or existing file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", default="features_cache", help="feature cache folder")
+    common.add_argument("--results-dir", default="results", help="head results folder")
+    sub = parser.add_subparsers(dest="command", required=True)
+    real_add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: real_add_parser(*a, parents=[common], **k)
+
+    _add_extract_args(sub.add_parser("extract", help="extract features into the cache"))
+    sub.add_parser("backbones", help="list the backbones")
+    sub.add_parser("ls", help="list cache entries")
+    p = sub.add_parser("inspect", help="print one feature file")
+    p.add_argument("file")
+    p = sub.add_parser("verify", help="fully check every cache file (hashes, NaN)")
+    p.add_argument("--repair", action="store_true", help="move bad files to .quarantine/")
+
+    p = sub.add_parser("train", help="train a head on cached features")
+    p.add_argument("--head", required=True, action="append", dest="heads")
+    p.add_argument("--features", nargs="*", default=None, help="feature files (default: all)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="head parameter, e.g. --param C=1.0 (repeatable)")
+    p.add_argument("--memory-budget-gb", type=float, default=None)
+    p.add_argument("--force", action="store_true", help="retrain even if up to date")
+
+    sub.add_parser("compare", help="table, CSV, Markdown and plot of every result")
+
+    p = sub.add_parser("run", help="plan and run an experiment grid")
+    p.add_argument("--config", default=None, help="experiment TOML (default: experiments/default.toml)")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--stage", choices=("features", "heads", "compare", "all"), default="all")
+    p.add_argument("--datasets", default=None, help="space-separated override of the grid's datasets")
+    p.add_argument("--backbones", default=None, help="space-separated override of the backbones")
+    p.add_argument("--heads", default=None, help="space-separated override of the heads")
+    p.add_argument("--limit", type=int, default=None)
+
+    p = sub.add_parser("bench", help="benchmarks, JSON results")
+    p.add_argument("what", choices=("extract", "heads"))
+    p.add_argument("--out", default=None)
+    p.add_argument("--sizes", default=None, help="comma-separated dataset sizes (extract)")
+    p.add_argument("--features", default=None, help="feature file (heads)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: partial work is kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+def cmd_extract(args) -> int:
+    from pipeline.extract import ExtractionConfig, extract_features
+
+    config = ExtractionConfig(
+        dataset=args.dataset, backbone=args.backbone, pooling=args.pooling, alpha=args.alpha,
+        weights=args.weights, image_size=args.image_size, layers=tuple(args.layers),
+        bottleneck_k=args.bottleneck_k, batch_size=args.batch_size, limit=args.limit,
+        precision=args.precision, compression=args.compression, skip_bad=args.skip_bad,
+        cache_dir=args.cache_dir)
+    extract_features(config, rebuild=args.rebuild)
+    return 0
+
+
+def cmd_backbones(args) -> int:
+    from pipeline.backbones import BACKBONES
+
+    print(f"{'name':22} {'keras.applications':20} {'input':>5} {'width':>6}  alpha")
+    for spec in BACKBONES.values():
+        print(f"{spec.name:22} {spec.keras_name:20} {spec.input_size:5d} {spec.width:6d}  "
+              f"{'yes' if spec.has_alpha else ''}")
+    return 0
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def cmd_ls(args) -> int:
+    from pipeline.store import FeatureStore
+
+    entries = FeatureStore(args.cache_dir).entries()
+    if not entries:
+        print(f"{args.cache_dir}: no cache entries")
+        return 0
+    for e in entries:
+        mb = _size(e.path) / 2**20
+        if e.state == "complete":
+            prov = e.attrs.get("provenance", {})
+            shape = "x".join(str(d) for d in prov.get("feature_shape", []))
+            rows = prov.get("dataset_splits", {})
+            detail = f"train {rows.get('train')} test {rows.get('test')} x {shape}"
+        else:
+            detail = e.detail
+        print(f"{e.state:9} {e.key:16} {mb:9.2f} MiB  {e.path.name}  {detail}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from pipeline.store import FeatureFile
+
+    with FeatureFile(args.file) as f:
+        print(json.dumps({k: v for k, v in f.attrs.items()}, indent=2, default=str))
+        for split in ("train", "test"):
+            d = f.features(split)
+            print(f"{split}: features {d.shape} {d.dtype} chunks={d.chunks} "
+                  f"compression={d.compression}, labels {f.labels(split).shape}")
+        print(f"classes: {', '.join(f.classes)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from pipeline.store import FeatureStore, check_file
+
+    store = FeatureStore(args.cache_dir)
+    bad = 0
+    for e in store.entries():
+        if e.state == "partial":
+            print(f"partial   {e.path.name}: {e.detail} (rerun its extract command to resume)")
+            continue
+        problem = check_file(e.path, full=True)
+        if problem is None:
+            print(f"ok        {e.path.name}")
+            continue
+        bad += 1
+        if args.repair:
+            moved = store.quarantine(e.path)
+            print(f"moved     {e.path.name}: {problem} -> {moved} (rerun extraction to rebuild)")
+        else:
+            print(f"BAD       {e.path.name}: {problem}")
+    if bad and not args.repair:
+        print(f"{bad} bad file(s); `python -m pipeline verify --repair` moves them aside",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pipeline.experiments import train_heads
+
+    train_heads(args.heads, features=args.features, cache_dir=args.cache_dir,
+                results_dir=args.results_dir, params=args.param,
+                memory_budget_gb=args.memory_budget_gb, force=args.force)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pipeline.reports import compare
+
+    compare(args.results_dir)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pipeline.experiments import load_experiment, run_experiment
+
+    experiment = load_experiment(args.config, datasets=args.datasets, backbones=args.backbones,
+                                 heads=args.heads, limit=args.limit)
+    return run_experiment(experiment, stage=args.stage, dry_run=args.dry_run)
+
+
+def cmd_bench(args) -> int:
+    from pipeline import bench
+
+    if args.what == "extract":
+        sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+        bench.bench_extract(out=args.out, sizes=sizes)
+    else:
+        bench.bench_heads(out=args.out, features=args.features)
+    return 0
+
+
+COMMANDS = {"extract": cmd_extract, "backbones": cmd_backbones, "ls": cmd_ls,
+            "inspect": cmd_inspect, "verify": cmd_verify, "train": cmd_train,
+            "compare": cmd_compare, "run": cmd_run, "bench": cmd_bench}

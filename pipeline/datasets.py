@@ -1,0 +1,456 @@
+"""Data sources: every source serves uint8 RGB batches, integer labels and a fingerprint.
+
+A dataset is named by a spec string: a `keras.datasets` name (``cifar10``, ``cifar100``,
+``fashion_mnist``, ``mnist``) or a local source ``KIND:PATH`` with KIND one of ``folder``,
+``idx``, ``cifar``, ``npz``. Images stay at their stored size: resizing to the backbone's
+input happens later, inside the model graph, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+SPLITS = ("train", "test")
+KERAS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")
+LOCAL_KINDS = ("folder", "idx", "cifar", "npz")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+FASHION_MNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
+DIGIT_CLASSES = [str(d) for d in range(10)]
+CIFAR100_CLASSES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
+    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
+    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo "
+    "keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse "
+    "mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy "
+    "porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
+    "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
+    "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+
+
+@dataclass
+class Split:
+    """One split: labels in memory, images produced on demand by ``load(indices)``."""
+
+    labels: np.ndarray
+    image_shape: tuple[int, int, int]
+    load: Callable[[np.ndarray], np.ndarray]
+    content_digests: Callable[[], Iterator[bytes]]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[np.ndarray]:
+        """uint8 batches of shape (b, h, w, 3), from row ``start`` to the end."""
+        for lo in range(start, len(self), batch_size):
+            yield self.load(np.arange(lo, min(lo + batch_size, len(self))))
+
+
+@dataclass
+class Dataset:
+    spec: str
+    classes: list[str]
+    splits: dict[str, Split]
+    skipped: list[str] = field(default_factory=list)
+    _fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the class names, labels and image bytes served, split by split."""
+        if self._fingerprint is None:
+            h = hashlib.sha256("\n".join(self.classes).encode())
+            for name in SPLITS:
+                split = self.splits[name]
+                h.update(f"|{name}|{len(split)}|{split.image_shape}|".encode())
+                h.update(split.labels.astype("<i8").tobytes())
+                for digest in split.content_digests():
+                    h.update(digest)
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+def load_dataset(spec: str, *, limit: int | None = None, skip_bad: bool = False,
+                 test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Open the dataset named by ``spec``; ``limit`` keeps N images per split, stratified."""
+    if spec in KERAS_DATASETS:
+        arrays, classes = _load_keras_dataset(spec)
+        dataset = _from_arrays(spec, arrays, classes)
+    elif ":" in spec and spec.split(":", 1)[0] in LOCAL_KINDS:
+        kind, raw_path = spec.split(":", 1)
+        path = Path(raw_path).expanduser()
+        if not path.exists():
+            raise PipelineError(f"dataset {spec!r}: path {str(path)!r} does not exist; "
+                                f"check the path after '{kind}:'")
+        if kind == "folder":
+            dataset = _load_image_folder(spec, path, skip_bad, test_fraction, seed)
+        else:
+            loader = {"idx": _load_idx, "cifar": _load_cifar_batches, "npz": _load_npz}[kind]
+            arrays, classes = loader(spec, path)
+            dataset = _from_arrays(spec, arrays, classes)
+    else:
+        raise PipelineError(
+            f"unknown dataset {spec!r}; use one of {', '.join(KERAS_DATASETS)} "
+            f"or a local source {', '.join(k + ':PATH' for k in LOCAL_KINDS)}")
+    if limit:
+        dataset = _limit(dataset, limit, seed)
+    return dataset
+
+
+# ----------------------------------------------------------------------------- array sources
+
+def _to_rgb(images: np.ndarray) -> np.ndarray:
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    elif images.shape[-1] == 4:
+        images = images[..., :3]
+    return np.ascontiguousarray(images)
+
+
+def _array_split(x: np.ndarray, y: np.ndarray) -> Split:
+    def digests() -> Iterator[bytes]:
+        for lo in range(0, len(x), 4096):
+            yield hashlib.sha256(np.ascontiguousarray(x[lo:lo + 4096]).tobytes()).digest()
+
+    shape = _to_rgb(x[:1]).shape[1:]
+    return Split(labels=y, image_shape=shape, load=lambda idx: _to_rgb(x[idx]),
+                 content_digests=digests)
+
+
+def _check_arrays(spec: str, x: np.ndarray, y: np.ndarray, split: str, n_classes: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y).reshape(-1)
+    if len(x) != len(y):
+        raise PipelineError(f"dataset {spec!r}: {split} has {len(x)} images but {len(y)} labels; "
+                            "they must match")
+    if len(x) == 0:
+        raise PipelineError(f"dataset {spec!r}: {split} split is empty")
+    if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] in (1, 3, 4))):
+        raise PipelineError(f"dataset {spec!r}: {split} images have shape {x.shape}; expected "
+                            "(n, h, w), or (n, h, w, c) with c in 1, 3, 4")
+    if x.dtype != np.uint8:
+        if np.issubdtype(x.dtype, np.floating) and x.min() >= 0 and x.max() <= 1:
+            x = np.round(x * 255).astype(np.uint8)
+        elif np.issubdtype(x.dtype, np.integer) and x.min() >= 0 and x.max() <= 255:
+            x = x.astype(np.uint8)
+        else:
+            raise PipelineError(f"dataset {spec!r}: {split} images are {x.dtype} in "
+                                f"[{x.min()}, {x.max()}]; give uint8, integers 0-255 or floats 0-1")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise PipelineError(f"dataset {spec!r}: {split} labels are {y.dtype}; "
+                                "give integer class indices")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise PipelineError(f"dataset {spec!r}: {split} labels range over [{y.min()}, {y.max()}] "
+                            f"but there are {n_classes} classes; labels must be 0..{n_classes - 1}")
+    return x, y.astype(np.int64)
+
+
+def _from_arrays(spec: str, arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+                 classes: list[str]) -> Dataset:
+    splits = {}
+    for name in SPLITS:
+        x, y = _check_arrays(spec, *arrays[name], name, len(classes))
+        splits[name] = _array_split(x, y)
+    return Dataset(spec=spec, classes=classes, splits=splits)
+
+
+def _load_keras_dataset(name: str) -> tuple[dict, list[str]]:
+    import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, name).load_data()
+    except Exception as exc:  # keras raises bare Exception for failed downloads
+        home = os.environ.get("KERAS_HOME", "~/.keras")
+        raise PipelineError(
+            f"dataset {name!r}: keras.datasets could not load it ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160]}); without a network, put the files in "
+            f"{home}/datasets/ (KERAS_HOME) or name a local copy, e.g. idx:PATH or cifar:PATH"
+        ) from None
+    classes = {"cifar10": CIFAR10_CLASSES, "cifar100": CIFAR100_CLASSES,
+               "fashion_mnist": FASHION_MNIST_CLASSES, "mnist": DIGIT_CLASSES}[name]
+    return {"train": (x_train, y_train), "test": (x_test, y_test)}, classes
+
+
+def _read_idx(spec: str, path: Path, want_dims: int) -> np.ndarray:
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise PipelineError(f"dataset {spec!r}: cannot read {path}: {exc}") from None
+    if len(raw) < 4 or raw[0:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] != want_dims:
+        raise PipelineError(f"dataset {spec!r}: {path.name} has magic number "
+                            f"{raw[:4].hex() or 'none'}, expected 0000080{want_dims} "
+                            "(IDX unsigned bytes); is it the right file?")
+    dims = struct.unpack(f">{want_dims}I", raw[4:4 + 4 * want_dims])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * want_dims)
+    if body.size != int(np.prod(dims)):
+        raise PipelineError(f"dataset {spec!r}: {path.name} header says {dims} "
+                            f"({int(np.prod(dims))} bytes) but holds {body.size} bytes; "
+                            "the file is truncated or corrupt")
+    return body.reshape(dims)
+
+
+def _load_idx(spec: str, path: Path) -> tuple[dict, list[str]]:
+    names = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    arrays = {}
+    for split, (images, labels) in names.items():
+        found = []
+        for stem in (images, labels):
+            candidates = [path / (stem + ".gz"), path / stem]
+            hit = next((c for c in candidates if c.exists()), None)
+            if hit is None:
+                raise PipelineError(f"dataset {spec!r}: {candidates[0]} not found; an IDX folder "
+                                    "holds train-/t10k- images and labels files (.gz or raw)")
+            found.append(hit)
+        x, y = _read_idx(spec, found[0], 3), _read_idx(spec, found[1], 1)
+        arrays[split] = (x, y)
+    n_classes = int(max(arrays["train"][1].max(), arrays["test"][1].max())) + 1
+    classes_file = path / "classes.txt"
+    if classes_file.exists():
+        classes = classes_file.read_text().split()
+    elif "fashion" in path.resolve().name.lower() and n_classes == 10:
+        classes = FASHION_MNIST_CLASSES
+    else:
+        classes = [str(i) for i in range(n_classes)]
+    return arrays, classes
+
+
+def _unpickle(spec: str, path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as exc:
+        raise PipelineError(f"dataset {spec!r}: cannot read CIFAR batch {path}: "
+                            f"{type(exc).__name__}: {exc}") from None
+
+
+def _cifar_images(batch: dict) -> np.ndarray:
+    return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _load_cifar_batches(spec: str, path: Path) -> tuple[dict, list[str]]:
+    if (path / "data_batch_1").exists():  # CIFAR-10 python layout
+        train = [_unpickle(spec, p) for p in sorted(path.glob("data_batch_*"))]
+        test = _unpickle(spec, path / "test_batch")
+        meta = _unpickle(spec, path / "batches.meta")
+        classes = [c.decode() for c in meta[b"label_names"]]
+        label_key = b"labels"
+    elif (path / "train").exists():  # CIFAR-100 python layout
+        train = [_unpickle(spec, path / "train")]
+        test = _unpickle(spec, path / "test")
+        meta = _unpickle(spec, path / "meta")
+        classes = [c.decode() for c in meta[b"fine_label_names"]]
+        label_key = b"fine_labels"
+    else:
+        raise PipelineError(f"dataset {spec!r}: {path} holds neither data_batch_1 (CIFAR-10) "
+                            "nor train (CIFAR-100) python batches")
+    try:
+        arrays = {
+            "train": (np.concatenate([_cifar_images(b) for b in train]),
+                      np.concatenate([np.asarray(b[label_key]) for b in train])),
+            "test": (_cifar_images(test), np.asarray(test[label_key])),
+        }
+    except (KeyError, ValueError) as exc:
+        raise PipelineError(f"dataset {spec!r}: CIFAR batches in {path} are malformed ({exc})") from None
+    return arrays, classes
+
+
+def _load_npz(spec: str, path: Path) -> tuple[dict, list[str]]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise PipelineError(f"dataset {spec!r}: cannot read {path} as .npz: {exc}") from None
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data.files]
+    if missing:
+        raise PipelineError(f"dataset {spec!r}: {path.name} lacks {', '.join(missing)}; an .npz "
+                            "needs x_train, y_train, x_test, y_test (and optionally classes)")
+    arrays = {s: (data[f"x_{s}"], data[f"y_{s}"]) for s in SPLITS}
+    if "classes" in data.files:
+        classes = [str(c) for c in data["classes"]]
+    else:
+        top = max(int(np.max(arrays[s][1])) for s in SPLITS)
+        classes = [str(i) for i in range(top + 1)]
+    return arrays, classes
+
+
+# ----------------------------------------------------------------------------- image folders
+
+@dataclass
+class _ImageFile:
+    path: Path
+    label: int
+    digest: bytes = b""
+    size: tuple[int, int] = (0, 0)  # (width, height)
+    error: str = ""
+
+
+def _decode(path: Path, data: bytes | None = None) -> np.ndarray:
+    """Any still image -> uint8 RGB (grey, palette, RGBA and 16-bit included)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data) if data is not None else path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(img, dtype=np.int64)
+            if arr.ndim == 2:
+                arr = (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
+                return np.repeat(arr[..., None], 3, axis=-1)
+        if img.mode == "F":
+            img = img.convert("L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, rgba)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _scan_file(item: _ImageFile) -> _ImageFile:
+    try:
+        data = item.path.read_bytes()
+        item.digest = hashlib.sha256(data).digest()
+        item.size = _decode(item.path, data).shape[1::-1]
+    except Exception as exc:
+        item.error = f"{type(exc).__name__}: {exc}"
+    return item
+
+
+def _list_class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _list_images(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.rglob("*")
+                  if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _load_image_folder(spec: str, root: Path, skip_bad: bool, test_fraction: float,
+                       seed: int) -> Dataset:
+    if not root.is_dir():
+        raise PipelineError(f"dataset {spec!r}: {root} is not a folder")
+    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    split_roots = {s: root / s for s in SPLITS} if has_splits else {"all": root}
+    classes = sorted({d.name for r in split_roots.values() for d in _list_class_dirs(r)})
+    if len(classes) < 2:
+        raise PipelineError(f"dataset {spec!r}: found {len(classes)} class folder(s) in {root}; "
+                            "an image folder needs at least two, as ROOT[/train|/test]/<class>/*")
+    if has_splits:
+        train_classes = {d.name for d in _list_class_dirs(root / "train")}
+        only_test = sorted(set(classes) - train_classes)
+        if only_test:
+            raise PipelineError(f"dataset {spec!r}: class(es) {', '.join(only_test)} have test "
+                                "images but no training images; add training images or remove them")
+    files = {s: [_ImageFile(p, classes.index(d.name))
+                 for d in _list_class_dirs(r) for p in _list_images(d)]
+             for s, r in split_roots.items()}
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        files = {s: list(pool.map(_scan_file, items)) for s, items in files.items()}
+    bad = [f for items in files.values() for f in items if f.error]
+    if bad and not skip_bad:
+        raise PipelineError(f"dataset {spec!r}: cannot decode {bad[0].path} ({bad[0].error})"
+                            + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                            + "; remove it or rerun with --skip-bad to skip and record bad files")
+    files = {s: [f for f in items if not f.error] for s, items in files.items()}
+    if not has_splits:
+        files = _split_files(files["all"], test_fraction, seed)
+    for s in SPLITS:
+        if not files[s]:
+            raise PipelineError(f"dataset {spec!r}: no readable images in the {s} split of {root}")
+    sizes = Counter(f.size for items in files.values() for f in items)
+    width, height = sizes.most_common(1)[0][0]
+    splits = {s: _folder_split(items, (width, height)) for s, items in files.items()}
+    return Dataset(spec=spec, classes=classes, splits=splits,
+                   skipped=[f"{f.path}: {f.error}" for f in bad])
+
+
+def _split_files(items: list[_ImageFile], test_fraction: float, seed: int) -> dict:
+    from sklearn.model_selection import train_test_split
+
+    labels = [f.label for f in items]
+    try:
+        train_idx, test_idx = train_test_split(np.arange(len(items)), test_size=test_fraction,
+                                               stratify=labels, random_state=seed)
+    except ValueError as exc:
+        raise PipelineError(f"cannot split the image folder into train and test ({exc}); "
+                            "give it train/ and test/ subfolders or add images") from None
+    return {"train": [items[i] for i in sorted(train_idx)],
+            "test": [items[i] for i in sorted(test_idx)]}
+
+
+def _folder_split(items: list[_ImageFile], size: tuple[int, int]) -> Split:
+    from PIL import Image
+
+    def load_one(item: _ImageFile) -> np.ndarray:
+        arr = _decode(item.path)
+        if arr.shape[1::-1] != size:
+            arr = np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.BILINEAR))
+        return arr
+
+    def load(idx: np.ndarray) -> np.ndarray:
+        return np.stack([load_one(items[i]) for i in idx])
+
+    return Split(labels=np.array([f.label for f in items], dtype=np.int64),
+                 image_shape=(size[1], size[0], 3), load=load,
+                 content_digests=lambda: (f.digest for f in items))
+
+
+# ----------------------------------------------------------------------------- subsets
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded, stratified subset of ``n`` rows (all rows if n >= len)."""
+    from sklearn.model_selection import train_test_split
+
+    if n >= len(labels):
+        return np.arange(len(labels))
+    n_classes = len(np.unique(labels))
+    if n < n_classes:
+        raise PipelineError(f"--limit {n} is smaller than the {n_classes} classes; "
+                            f"use at least {n_classes}")
+    try:
+        keep, _ = train_test_split(np.arange(len(labels)), train_size=n, stratify=labels,
+                                   random_state=seed)
+    except ValueError:  # a class with a single member cannot be stratified
+        keep = np.random.default_rng(seed).choice(len(labels), n, replace=False)
+    return np.sort(keep)
+
+
+def _limit(dataset: Dataset, limit: int, seed: int) -> Dataset:
+    splits = {}
+    for name, split in dataset.splits.items():
+        keep = stratified_subset(split.labels, limit, seed)
+        splits[name] = _subset_split(split, keep)
+    return Dataset(spec=dataset.spec, classes=dataset.classes, splits=splits,
+                   skipped=dataset.skipped)
+
+
+def _subset_split(split: Split, keep: np.ndarray) -> Split:
+    def digests() -> Iterator[bytes]:
+        for lo in range(0, len(keep), 4096):
+            yield hashlib.sha256(split.load(keep[lo:lo + 4096]).tobytes()).digest()
+
+    return Split(labels=split.labels[keep], image_shape=split.image_shape,
+                 load=lambda idx: split.load(keep[idx]), content_digests=digests)

@@ -1,0 +1,363 @@
+"""Experiments: plan a grid (datasets x backbones x feature modes x heads), run what is stale.
+
+A head result is up to date when its ``metrics.json`` names the same feature checksum and the
+same head parameters; a feature file is up to date when its cache key (which includes the
+dataset's content fingerprint and the weights' identity) exists and passes its checks. So a
+rerun does only the work whose inputs changed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import tomllib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import joblib
+import numpy as np
+
+from pipeline.datasets import Dataset, load_dataset
+from pipeline.errors import PipelineError
+from pipeline.extract import MODES, ExtractionConfig, extract_features
+from pipeline.heads import HEADS, SPATIAL_HEADS, evaluate, load_features, make_head
+from pipeline.reports import compare, plot_confusion
+from pipeline.store import FeatureFile, FeatureStore, check_file
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "default.toml"
+
+
+# ----------------------------------------------------------------------------- one head
+
+def _head_dir_name(head: str, params: dict) -> str:
+    if not params:
+        return head
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{head}-{digest}"
+
+
+def _parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        if "=" not in item:
+            raise PipelineError(f"--param {item!r}: write NAME=VALUE, e.g. --param C=0.1")
+        name, value = item.split("=", 1)
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    return params
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def head_is_current(result_dir: Path, checksum: str, params: dict) -> bool:
+    try:
+        m = json.loads((result_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return m.get("features_checksum") == checksum and m.get("params") == params
+
+
+def train_one(feature_path: Path, head: str, params: dict | None = None, *,
+              results_dir: str | Path = "results", memory_budget_gb: float | None = None,
+              force: bool = False, log=print) -> tuple[str, Path]:
+    """Fit one head on one feature file and write model, metrics.json and confusion.png."""
+    params = dict(params or {})
+    if head not in HEADS:
+        raise PipelineError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
+    with FeatureFile(feature_path) as ff:
+        checksum = ff.checksum()
+        out = Path(results_dir) / ff.key / _head_dir_name(head, params)
+        with _locked(out.parent / f".{out.name}.lock"):
+            if not force and head_is_current(out, checksum, params):
+                log(f"up to date: {out}")
+                return "up-to-date", out
+            data = load_features(ff, head, memory_budget_gb=memory_budget_gb)
+            model, note = make_head(head, params, n_train=len(data.y_train))
+            if note:
+                log(note)
+            log(f"training {head} on {ff.path.name} ({len(data.y_train):,} train rows) ...")
+            t0 = time.perf_counter()
+            model.fit(data.X_train, data.y_train)
+            fit_seconds = time.perf_counter() - t0
+            metrics = evaluate(model, data.X_test, data.y_test, data.classes)
+            parts = ff.attrs["key_parts"]
+            prov = ff.attrs.get("provenance", {})
+            metrics.update({
+                "head": head, "head_ran": "rbf_svm_approx" if note else head, "note": note,
+                "params": params, "best_params": _jsonable(getattr(model, "best_params_", {})),
+                "sweep": _jsonable(getattr(model, "sweep_", [])),
+                "validation_accuracy": getattr(model, "validation_score_", None),
+                "fit_seconds": fit_seconds, "n_train": len(data.y_train),
+                "n_test": len(data.y_test), "features_file": str(ff.path),
+                "features_key": ff.key, "features_checksum": checksum,
+                "features": {"dataset": parts["dataset"], "backbone": parts["backbone"],
+                             "alpha": parts.get("alpha"), "mode": parts["mode"],
+                             "layers": parts.get("layers", []),
+                             "image_size": parts.get("image_size"),
+                             "width": int(np.prod(prov.get("feature_shape", [0])))},
+                "versions": {**prov.get("versions", {}), "python": platform.python_version()},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+            _write_result(out, model, metrics, data.classes)
+    log(f"{head}: test accuracy {100 * metrics['test_accuracy']:.2f}% "
+        f"(fit {fit_seconds:.1f} s) -> {out}")
+    return "trained", out
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _write_result(out: Path, model, metrics: dict, classes: list[str]) -> None:
+    """Write into a temporary folder, then rename: a half-written result is never taken as done."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if hasattr(model, "model_") and type(model.model_).__module__.startswith("keras"):
+        model.model_.save(tmp / "model.keras")
+        keras_model, model.model_ = model.model_, None
+        joblib.dump(model, tmp / "model.joblib")  # the wrapper (classes, params); net in .keras
+        model.model_ = keras_model
+    else:
+        joblib.dump(model, tmp / "model.joblib")
+    title = (f"{metrics['features']['dataset']} {metrics['features']['backbone']} "
+             f"{metrics['features']['mode']} + {metrics['head_ran']}: "
+             f"{100 * metrics['test_accuracy']:.2f}%")
+    plot_confusion(metrics["confusion_matrix"], classes, title, tmp / "confusion.png")
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def train_heads(heads: list[str], *, features: list[str] | None = None,
+                cache_dir: str = "features_cache", results_dir: str = "results",
+                params: list[str] | None = None, memory_budget_gb: float | None = None,
+                force: bool = False) -> None:
+    """``pipeline train``: each head on each given (or every complete) feature file."""
+    files = [Path(f) for f in features] if features else FeatureStore(cache_dir).complete_files()
+    if not files:
+        raise PipelineError(f"no complete feature files in {cache_dir}/; extract features first "
+                            "(python -m pipeline extract ... or make features)")
+    parsed = _parse_params(params or [])
+    for path in files:
+        for head in heads:
+            train_one(path, head, parsed, results_dir=results_dir,
+                      memory_budget_gb=memory_budget_gb, force=force)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+@dataclass
+class Experiment:
+    datasets: list[dict]
+    backbones: list[dict]
+    features: list[dict]
+    heads: list[dict]
+    cache_dir: str = "features_cache"
+    results_dir: str = "results"
+    batch_size: int = 64
+    limit: int | None = None
+    source: str = ""
+
+
+_TOP_KEYS = {"datasets", "backbones", "features", "heads", "cache_dir", "results_dir",
+             "batch_size", "limit", "description"}
+_ENTRY_KEYS = {
+    "datasets": {"name", "source", "limit", "skip_bad"},
+    "backbones": {"name", "alpha", "weights", "image_size", "batch_size", "precision"},
+    "features": {"mode", "layers", "k", "backbones", "compression"},
+    "heads": {"name", "params", "modes"},
+}
+
+
+def _check_types(path: str, section: str, entry: dict) -> None:
+    types = {"name": str, "source": str, "limit": int, "skip_bad": bool, "alpha": (int, float),
+             "weights": str, "image_size": int, "batch_size": int, "precision": str,
+             "mode": str, "layers": list, "k": int, "backbones": list, "compression": str,
+             "params": dict, "modes": list}
+    for key, value in entry.items():
+        if not isinstance(value, types[key]) or isinstance(value, bool) != (types[key] is bool):
+            raise PipelineError(f"{path}: [{section}] {key} = {value!r} should be "
+                                f"{getattr(types[key], '__name__', 'a number')}")
+
+
+def load_experiment(path: str | None = None, *, datasets: str | None = None,
+                    backbones: str | None = None, heads: str | None = None,
+                    limit: int | None = None) -> Experiment:
+    """Read and check an experiment TOML; the overrides are what make's variables pass."""
+    path = str(path or DEFAULT_CONFIG)
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"experiment file {path!r} not found; see experiments/*.toml") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"experiment file {path}: not valid TOML ({exc})") from None
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise PipelineError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
+                            f"allowed: {', '.join(sorted(_TOP_KEYS))}")
+    for section, allowed in _ENTRY_KEYS.items():
+        entries = raw.get(section, [])
+        if not isinstance(entries, list) or not entries:
+            raise PipelineError(f"{path}: [[{section}]] must list at least one entry")
+        for entry in entries:
+            bad = set(entry) - allowed
+            if bad:
+                raise PipelineError(f"{path}: [[{section}]] unknown key(s) {', '.join(sorted(bad))}; "
+                                    f"allowed: {', '.join(sorted(allowed))}")
+            _check_types(path, section, entry)
+    for entry in raw["features"]:
+        if entry.get("mode") not in MODES:
+            raise PipelineError(f"{path}: [[features]] mode = {entry.get('mode')!r}; "
+                                f"use one of {', '.join(MODES)}")
+    for entry in raw["heads"]:
+        if entry.get("name") not in HEADS:
+            raise PipelineError(f"{path}: [[heads]] name = {entry.get('name')!r}; "
+                                f"use one of {', '.join(HEADS)}")
+    exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=raw["features"],
+                     heads=raw["heads"], cache_dir=raw.get("cache_dir", "features_cache"),
+                     results_dir=raw.get("results_dir", "results"),
+                     batch_size=raw.get("batch_size", 64), limit=raw.get("limit"), source=path)
+    if datasets:
+        known = {d["name"]: d for d in exp.datasets}
+        exp.datasets = [known.get(n, {"name": n, "source": n}) for n in datasets.split()]
+    if backbones:
+        known = {b["name"]: b for b in exp.backbones}
+        exp.backbones = [known.get(n, {"name": n}) for n in backbones.split()]
+    if heads:
+        exp.heads = [{"name": n} for n in heads.split()]
+        for h in exp.heads:
+            make_head(h["name"])
+    if limit is not None:
+        exp.limit = limit or None
+    return exp
+
+
+@dataclass
+class Job:
+    config: ExtractionConfig
+    dataset: Dataset
+    label: str
+    heads: list[dict] = field(default_factory=list)
+    path: Path | None = None
+    state: str = "missing"  # missing | partial | cached | damaged
+
+
+def plan(exp: Experiment) -> list[Job]:
+    """Every extraction of the grid, with the heads to run on it and whether it is cached."""
+    jobs = []
+    store = FeatureStore(exp.cache_dir)
+    for d in exp.datasets:
+        limit = d.get("limit", exp.limit) or None
+        source = d.get("source", d["name"])
+        dataset = load_dataset(source, limit=limit, skip_bad=d.get("skip_bad", False))
+        for b in exp.backbones:
+            for f in exp.features:
+                if f.get("backbones") and b["name"] not in f["backbones"]:
+                    continue
+                config = ExtractionConfig(
+                    dataset=source, backbone=b["name"], pooling=f["mode"], alpha=b.get("alpha"),
+                    weights=b.get("weights", "imagenet"), image_size=b.get("image_size"),
+                    layers=tuple(f.get("layers", ())), bottleneck_k=f.get("k", 32),
+                    batch_size=b.get("batch_size", exp.batch_size), limit=limit,
+                    precision=b.get("precision", "float32"),
+                    compression=f.get("compression", "lzf"), skip_bad=d.get("skip_bad", False),
+                    cache_dir=exp.cache_dir)
+                config.validate()
+                parts = config.key_parts(dataset)
+                path = store.path_for(parts)
+                if path.exists():
+                    state = "cached" if check_file(path) is None else "damaged"
+                else:
+                    state = "partial" if store.partial_for(parts).path.exists() else "missing"
+                spatial = f["mode"] == "spatial"
+                heads = [h for h in exp.heads
+                         if (h["name"] in SPATIAL_HEADS) == spatial
+                         and (not h.get("modes") or f["mode"] in h["modes"])]
+                layers = f"[{len(config.layers)} layers]" if config.layers else ""
+                label = (f"{d['name']} / {b['name']}{'@' + str(b['alpha']) if b.get('alpha') else ''}"
+                         f" / {f['mode']}{layers}")
+                jobs.append(Job(config, dataset, label, heads, path, state))
+    return jobs
+
+
+def _head_state(job: Job, head: dict, results_dir: str) -> str:
+    if job.state != "cached":
+        return "after extraction"
+    with FeatureFile(job.path) as ff:
+        out = Path(results_dir) / ff.key / _head_dir_name(head["name"], head.get("params", {}))
+        return "cached" if head_is_current(out, ff.checksum(), head.get("params", {})) else "to train"
+
+
+def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False) -> int:
+    t0 = time.monotonic()
+    jobs = plan(exp)
+    head_states = {(id(j), h["name"], json.dumps(h.get("params", {}), sort_keys=True)):
+                   _head_state(j, h, exp.results_dir) for j in jobs for h in j.heads}
+    extract_todo = [j for j in jobs if j.state != "cached"] if stage in ("features", "all") else []
+    heads_todo = sum(s != "cached" for s in head_states.values()) if stage in ("heads", "all") else 0
+    print(f"experiment {exp.source}: {len(jobs)} feature files "
+          f"({len(jobs) - len([j for j in jobs if j.state != 'cached'])} cached), "
+          f"{len(head_states)} head results "
+          f"({sum(s == 'cached' for s in head_states.values())} cached)")
+    for j in jobs:
+        heads = ", ".join(f"{h['name']}:{head_states[(id(j), h['name'], json.dumps(h.get('params', {}), sort_keys=True))]}"
+                          for h in j.heads)
+        print(f"  [{j.state:8}] {j.label}  heads: {heads or '-'}")
+    if dry_run:
+        print(f"dry run: would extract {len(extract_todo)} feature file(s) and train "
+              f"{heads_todo} head(s)")
+        return 0
+    if not extract_todo and not heads_todo and stage != "compare":
+        print(f"nothing to do: everything is up to date ({time.monotonic() - t0:.1f} s)")
+        if stage == "all":
+            compare(exp.results_dir)
+        return 0
+    steps = len(extract_todo) + heads_todo
+    step = 0
+    for job in extract_todo:
+        step += 1
+        print(f"[{step}/{steps}] extract {job.label}")
+        if job.state == "damaged":
+            raise PipelineError(f"{job.path} is damaged; `python -m pipeline verify --repair` "
+                                "moves it aside, then rerun")
+        result = extract_features(job.config, dataset=job.dataset)
+        job.path, job.state = result.path, "cached"
+    if stage in ("heads", "all"):
+        for job in jobs:
+            if job.state != "cached":
+                print(f"skipping heads on {job.label}: features not extracted (make features)",
+                      file=sys.stderr)
+                continue
+            for h in job.heads:
+                key = (id(job), h["name"], json.dumps(h.get("params", {}), sort_keys=True))
+                if head_states.get(key) == "cached":
+                    continue
+                step += 1
+                print(f"[{step}/{steps}] {h['name']} on {job.label}")
+                train_one(job.path, h["name"], h.get("params", {}), results_dir=exp.results_dir)
+    if stage in ("compare", "all"):
+        compare(exp.results_dir)
+    print(f"done in {time.monotonic() - t0:.1f} s")
+    return 0
+

@@ -1,0 +1,371 @@
+"""Stage 1: run a frozen backbone over a dataset and cache its features.
+
+uint8 batches go to the device as they are; casting, resizing to the backbone's input and
+its own preprocessing happen inside the graph, so the dataset is never upscaled in host
+memory. A ``tf.data`` pipeline prefetches the next batches while the model runs, and a writer
+thread saves finished segments while the model runs on.
+"""
+
+from __future__ import annotations
+
+import platform
+import queue
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import backbones as bb
+from pipeline.datasets import SPLITS, Dataset, load_dataset
+from pipeline.errors import PipelineError
+from pipeline.store import FeatureStore, PartialEntry, check_file
+
+EXTRACTOR_VERSION = 1
+MODES = ("avg", "max", "bottleneck", "spatial")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclass
+class ExtractionConfig:
+    dataset: str
+    backbone: str = "mobilenet_v2"
+    pooling: str = "avg"  # avg | max | bottleneck | spatial
+    alpha: float | None = None
+    weights: str = "imagenet"
+    image_size: int | None = None  # default: the backbone's native size
+    layers: tuple[str, ...] = ()  # pool these layers' outputs (concatenated) instead of the last
+    bottleneck_k: int = 32
+    bottleneck_fit_images: int = 2000
+    batch_size: int = 64
+    limit: int | None = None
+    precision: str = "float32"
+    compression: str = "lzf"
+    skip_bad: bool = False
+    cache_dir: str = "features_cache"
+    seed: int = 0
+    segment_rows: int | None = None  # rows per resumable segment; default about 8 MiB
+
+    def validate(self) -> None:
+        spec = bb.get_spec(self.backbone)
+        if self.pooling not in MODES:
+            raise PipelineError(f"unknown feature mode {self.pooling!r}; use one of {', '.join(MODES)}")
+        if self.precision not in PRECISIONS:
+            raise PipelineError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.alpha is not None and not spec.has_alpha:
+            raise PipelineError(f"backbone {self.backbone!r} takes no alpha; only the MobileNets do")
+        if self.layers and self.pooling not in ("avg", "max"):
+            raise PipelineError("--layer works with --pooling avg or max")
+        if self.batch_size < 1 or (self.image_size is not None and self.image_size < 1):
+            raise PipelineError("--batch-size and --image-size must be positive")
+        if self.bottleneck_k < 1:
+            raise PipelineError("--bottleneck-k must be positive")
+
+    def key_parts(self, dataset: Dataset) -> dict:
+        """Everything the features depend on: change any part and a new file is written."""
+        spec = bb.get_spec(self.backbone)
+        parts = {
+            "dataset": dataset_label(self.dataset), "fingerprint": dataset.fingerprint,
+            "backbone": self.backbone, "alpha": self.alpha,
+            "weights": bb.weights_identity(self.weights),
+            "image_size": self.image_size or spec.input_size,
+            "layers": list(self.layers), "mode": self.pooling,
+            "precision": self.precision, "extractor_version": EXTRACTOR_VERSION,
+        }
+        if self.pooling == "bottleneck":
+            parts["bottleneck"] = {"k": self.bottleneck_k, "fit_images": self.bottleneck_fit_images,
+                                   "seed": self.seed, "method": "pca"}
+        return parts
+
+
+def dataset_label(spec: str) -> str:
+    """A short, path-independent name: the content fingerprint, not the path, identifies data."""
+    if ":" in spec:
+        kind, path = spec.split(":", 1)
+        return f"{kind}:{Path(path).expanduser().resolve().name}"
+    return spec
+
+
+@dataclass
+class ExtractionResult:
+    path: Path
+    status: str  # created | resumed | up-to-date
+    seconds: float
+    images_per_second: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- progress
+
+class Progress:
+    """One-line progress with images/s and ETA (a line every few seconds when not a TTY)."""
+
+    def __init__(self, label: str, total: int, done: int = 0, stream=sys.stderr):
+        self.label, self.total, self.start_done = label, total, done
+        self.done, self.stream = done, stream
+        self.t0 = self.last = time.monotonic()
+        self.tty = stream.isatty()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= (0.2 if self.tty else 5.0) or self.done >= self.total:
+            self.last = now
+            self.stream.write(("\r" if self.tty else "") + self.line() + ("" if self.tty else "\n"))
+            self.stream.flush()
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.t0
+        return (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate()
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--:--:--"
+        return (f"{self.label}: {self.done:,}/{self.total:,} images  {rate:,.1f} img/s  "
+                f"ETA {eta_text}")
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+# ----------------------------------------------------------------------------- the model
+
+class FeatureModel:
+    """uint8 batch -> features, with resize and preprocessing inside one compiled graph."""
+
+    def __init__(self, config: ExtractionConfig, image_shape: tuple[int, int, int]):
+        import keras
+        import tensorflow as tf
+
+        spec = bb.get_spec(config.backbone)
+        self.size = config.image_size or spec.input_size
+        policy = keras.config.dtype_policy()
+        if config.precision != "float32":
+            keras.config.set_dtype_policy(config.precision)
+        try:
+            backbone = bb.build_backbone(config.backbone, weights=config.weights,
+                                         alpha=config.alpha, input_size=self.size)
+        finally:
+            keras.config.set_dtype_policy(policy)
+        if config.layers:
+            try:
+                outputs = [backbone.get_layer(name).output for name in config.layers]
+            except ValueError:
+                names = ", ".join(layer.name for layer in backbone.layers[-12:])
+                raise PipelineError(f"backbone {config.backbone!r} has no layer named in "
+                                    f"{list(config.layers)}; its last layers are: {names}") from None
+            backbone = keras.Model(backbone.inputs, outputs)
+        self.backbone = backbone
+        self.mode = config.pooling
+        self.preprocess = bb.preprocess_input(config.backbone)
+        self.projection = None  # (mean, components) for the bottleneck mode
+        self._tf = tf
+        self._maps = tf.function(self._maps_graph, reduce_retracing=True)
+        self._features = tf.function(self._features_graph, reduce_retracing=True)
+
+    def _maps_graph(self, images):
+        tf = self._tf
+        x = tf.image.resize(tf.cast(images, tf.float32), (self.size, self.size))
+        maps = self.backbone(self.preprocess(x), training=False)
+        return [tf.cast(m, tf.float32) for m in (maps if isinstance(maps, list) else [maps])]
+
+    def _features_graph(self, images, mean, components):
+        tf = self._tf
+        maps = self._maps_graph(images)
+        if self.mode in ("avg", "max"):
+            pool = tf.reduce_mean if self.mode == "avg" else tf.reduce_max
+            return tf.concat([pool(m, axis=(1, 2)) for m in maps], axis=1)
+        last = maps[-1]
+        if self.mode == "spatial":
+            return tf.cast(last, tf.float16)
+        projected = tf.tensordot(last - mean, components, axes=[[3], [0]])  # the 1x1 conv
+        return tf.reshape(projected, (tf.shape(projected)[0], -1))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        mean, comps = self.projection if self.projection is not None else (np.zeros(1), np.zeros((1, 1)))
+        return self._features(images, mean.astype(np.float32), comps.astype(np.float32)).numpy()
+
+    def maps(self, images: np.ndarray) -> np.ndarray:
+        return self._maps(images)[-1].numpy()
+
+
+def fit_bottleneck(model: FeatureModel, dataset: Dataset, k: int, n_images: int, batch_size: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of the last map's channel vectors over positions, on training images only.
+
+    The top-k principal directions are the 1x1 convolution that keeps the most variance
+    of the map: a label-free choice, so it cannot leak test information.
+    """
+    from pipeline.datasets import stratified_subset
+
+    train = dataset.splits["train"]
+    idx = stratified_subset(train.labels, min(n_images, len(train)), seed)
+    total, outer, count = None, None, 0
+    progress = Progress("bottleneck fit", len(idx))
+    for lo in range(0, len(idx), batch_size):
+        maps = model.maps(train.load(idx[lo:lo + batch_size])).astype(np.float64)
+        vectors = maps.reshape(-1, maps.shape[-1])
+        if total is None:
+            total, outer = np.zeros(vectors.shape[1]), np.zeros((vectors.shape[1],) * 2)
+        total += vectors.sum(0)
+        outer += vectors.T @ vectors
+        count += len(vectors)
+        progress.update(min(batch_size, len(idx) - lo))
+    progress.close()
+    mean = total / count
+    cov = outer / count - np.outer(mean, mean)
+    if k > len(mean):
+        raise PipelineError(f"--bottleneck-k {k} exceeds the {len(mean)} channels of the map")
+    values, vectors = np.linalg.eigh(cov)
+    components = vectors[:, ::-1][:, :k]
+    signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(k)])
+    return mean, components * signs  # sign-fixed: deterministic across runs
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _device_name() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def _run_split(model: FeatureModel, partial: PartialEntry, split_name: str, dataset: Dataset,
+               batch_size: int, segment_rows: int) -> int:
+    """Extract one split from where the partial entry stopped; returns images processed."""
+    import tensorflow as tf
+
+    split = dataset.splits[split_name]
+    partial.discard_after(split_name)
+    start = partial.rows_done(split_name)
+    if start >= len(split):
+        return 0
+    h, w, c = split.image_shape
+    source = tf.data.Dataset.from_generator(
+        lambda: split.batches(batch_size, start),
+        output_signature=tf.TensorSpec((None, h, w, c), tf.uint8)).prefetch(2)
+    writes: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        while (item := writes.get()) is not None:
+            if not errors:
+                try:
+                    partial.write_segment(split_name, *item)
+                except BaseException as exc:  # reported by the main thread
+                    errors.append(exc)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    progress = Progress(f"{dataset.spec} {split_name}", len(split), start)
+    pending, pending_start = [], start
+    try:
+        for batch in source:
+            pending.append(model(batch))
+            progress.update(len(batch))
+            if sum(len(p) for p in pending) >= segment_rows:
+                block = np.concatenate(pending)
+                writes.put((pending_start, block))
+                pending_start, pending = pending_start + len(block), []
+            if errors:
+                break
+        if pending and not errors:
+            writes.put((pending_start, np.concatenate(pending)))
+    finally:
+        writes.put(None)
+        thread.join()
+        progress.close()
+    if errors:
+        raise errors[0]
+    return len(split) - start
+
+
+def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
+                     dataset: Dataset | None = None, log=print) -> ExtractionResult:
+    """Extract (or resume, or find cached) the features ``config`` names."""
+    t0 = time.monotonic()
+    config.validate()
+    dataset = dataset or load_dataset(config.dataset, limit=config.limit, skip_bad=config.skip_bad,
+                                      seed=config.seed)
+    parts = config.key_parts(dataset)
+    store = FeatureStore(config.cache_dir)
+    final = store.path_for(parts)
+    if final.exists() and not rebuild:
+        problem = check_file(final)
+        if problem is None:
+            log(f"up to date: {final} (nothing to do)")
+            return ExtractionResult(final, "up-to-date", time.monotonic() - t0)
+        raise PipelineError(f"cached file {final} is damaged ({problem}); rerun with --rebuild "
+                            "to replace it, or `python -m pipeline verify --repair`")
+    with store.lock(parts, announce=log):
+        if final.exists() and not rebuild and check_file(final) is None:  # another writer won
+            log(f"up to date: {final} (written by the process we waited for)")
+            return ExtractionResult(final, "up-to-date", time.monotonic() - t0)
+        return _extract_locked(config, dataset, parts, store, rebuild, t0, log)
+
+
+def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, store: FeatureStore,
+                    rebuild: bool, t0: float, log) -> ExtractionResult:
+    import keras
+    import tensorflow as tf
+    import h5py
+    import sklearn
+
+    partial = store.partial_for(parts)
+    resumed = any(partial.rows_done(s) for s in SPLITS)
+    if resumed:
+        log("resuming: " + ", ".join(f"{s} {partial.rows_done(s):,}/{len(dataset.splits[s]):,}"
+                                     for s in SPLITS))
+    try:
+        partial.path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"cannot write to cache dir {config.cache_dir!r} ({exc.strerror}); "
+                            "choose a writable --cache-dir") from None
+    model = FeatureModel(config, dataset.splits["train"].image_shape)
+    extra = {}
+    if config.pooling == "bottleneck":
+        mean, comps = partial.load_array("bottleneck_mean"), partial.load_array("bottleneck_components")
+        if mean is None or comps is None:
+            mean, comps = fit_bottleneck(model, dataset, config.bottleneck_k,
+                                         config.bottleneck_fit_images, config.batch_size, config.seed)
+            partial.save_array("bottleneck_mean", mean)
+            partial.save_array("bottleneck_components", comps)
+        model.projection = (mean, comps)
+        extra = {"bottleneck/mean": mean, "bottleneck/components": comps}
+    row = model(dataset.splits["train"].load(np.arange(1)))
+    row_bytes = row[0].nbytes
+    segment_rows = config.segment_rows or max(config.batch_size, (8 << 20) // max(row_bytes, 1))
+    t_extract = time.monotonic()
+    images = sum(_run_split(model, partial, s, dataset, config.batch_size, segment_rows)
+                 for s in SPLITS)
+    seconds = time.monotonic() - t_extract
+    rate = images / seconds if seconds > 0 else 0.0
+    provenance = {
+        "config": asdict(config), "dataset_splits": {s: len(dataset.splits[s]) for s in SPLITS},
+        "image_shape": list(dataset.splits["train"].image_shape),
+        "feature_shape": list(row.shape[1:]), "feature_dtype": str(row.dtype),
+        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "numpy": np.__version__,
+                     "h5py": h5py.__version__, "scikit-learn": sklearn.__version__},
+        "device": _device_name(), "batch_size": config.batch_size, "precision": config.precision,
+        "wall_seconds": round(seconds, 3), "images_per_second": round(rate, 2),
+        "images_this_run": images, "resumed": resumed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped_files": dataset.skipped,
+    }
+    if dataset.skipped:
+        extra["skipped_files"] = np.array(dataset.skipped, dtype=h5py.string_dtype())
+    path = store.publish(partial, parts, classes=dataset.classes,
+                         labels={s: dataset.splits[s].labels for s in SPLITS},
+                         attrs={"provenance": provenance}, compression=config.compression,
+                         extra=extra)
+    log(f"wrote {path} ({images:,} images in {seconds:.1f} s, {rate:,.1f} img/s)")
+    return ExtractionResult(path, "resumed" if resumed else "created", time.monotonic() - t0,
+                            rate, provenance)

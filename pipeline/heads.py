@@ -1,0 +1,435 @@
+"""Stage 2: classifier heads on cached features, scikit-learn style.
+
+Every head chooses its hyper-parameters on a stratified validation split carved from the
+training rows it is given (never from test), the way linear probes are evaluated in the
+literature (CLIP, Radford et al. 2021, appendix A.3): sweep C over a wide log range, refine
+around the best, refit on train + validation. Standardisation (and optional L2
+normalisation / PCA) is part of each head's pipeline, so it is fitted on training data only.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.decomposition import PCA
+from sklearn.kernel_approximation import Nystroem
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+                             precision_recall_fscore_support)
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+
+from pipeline.errors import PipelineError
+from pipeline.store import FeatureFile
+
+EXACT_RBF_LIMIT = 20_000  # exact SVC costs O(n^2) memory and O(n^2..n^3) time beyond this
+
+
+def _validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.arange(len(y))
+    n_val = max(int(round(fraction * len(y))), len(np.unique(y)))
+    try:
+        fit_idx, val_idx = train_test_split(idx, test_size=n_val, stratify=y, random_state=seed)
+    except ValueError as exc:
+        raise PipelineError(f"cannot carve a validation split from {len(y)} training rows ({exc}); "
+                            "use more training images") from None
+    return np.sort(fit_idx), np.sort(val_idx)
+
+
+def preprocessing(normalize: str = "none", pca: int = 0, seed: int = 0) -> list:
+    """Steps fitted on training rows only: standardise, then optional L2 norm and PCA."""
+    if normalize not in ("none", "l2"):
+        raise PipelineError(f"normalize={normalize!r}: use 'none' or 'l2'")
+    steps: list = [("flatten", FunctionTransformer(_flatten)), ("scale", StandardScaler())]
+    if normalize == "l2":
+        steps.append(("l2", Normalizer()))
+    if pca:
+        steps.append(("pca", PCA(n_components=pca, random_state=seed)))
+    return steps
+
+
+def _flatten(X: np.ndarray) -> np.ndarray:
+    return X.reshape(len(X), -1).astype(np.float32, copy=False)
+
+
+class SweepClassifier(ClassifierMixin, BaseEstimator):
+    """Pick hyper-parameters on a validation split, then refit on all rows.
+
+    ``grid`` is a list of parameter dicts for the final step; ``refine`` names a log-scale
+    parameter to refine around the best with half-decade steps.
+    """
+
+    def __init__(self, estimator=None, grid=None, refine: str | None = None,
+                 normalize: str = "none", pca: int = 0, validation_fraction: float = 0.1,
+                 n_jobs: int | None = None, random_state: int = 0):
+        self.estimator = estimator
+        self.grid = grid
+        self.refine = refine
+        self.normalize = normalize
+        self.pca = pca
+        self.validation_fraction = validation_fraction
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    def _pipeline(self, params: dict) -> Pipeline:
+        clf = clone(self.estimator).set_params(**params)
+        return Pipeline(preprocessing(self.normalize, self.pca, self.random_state) + [("clf", clf)])
+
+    def _score(self, params, X, y, fit_idx, val_idx) -> float:
+        model = self._pipeline(params).fit(X[fit_idx], y[fit_idx])
+        return float(accuracy_score(y[val_idx], model.predict(X[val_idx])))
+
+    def fit(self, X, y):
+        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state)
+        n_jobs = self.n_jobs or min(4, os.cpu_count() or 1)
+        tried: dict[str, float] = {}
+
+        def sweep(candidates: list[dict]) -> None:
+            todo = [c for c in candidates if repr(sorted(c.items())) not in tried]
+            scores = Parallel(n_jobs=n_jobs)(delayed(self._score)(c, X, y, fit_idx, val_idx)
+                                             for c in todo)
+            for c, s in zip(todo, scores):
+                tried[repr(sorted(c.items()))] = s
+                self.sweep_.append({**c, "val_accuracy": s})
+
+        self.sweep_ = []
+        sweep(list(self.grid))
+        best = max(self.sweep_, key=lambda r: r["val_accuracy"])
+        if self.refine and len(self.grid) > 1:
+            base = {k: v for k, v in best.items() if k != "val_accuracy"}
+            sweep([{**base, self.refine: base[self.refine] * f} for f in (10 ** -0.5, 10 ** 0.5)])
+            best = max(self.sweep_, key=lambda r: r["val_accuracy"])
+        self.best_params_ = {k: v for k, v in best.items() if k != "val_accuracy"}
+        self.validation_score_ = best["val_accuracy"]
+        self.model_ = self._pipeline(self.best_params_).fit(X, y)
+        self.classes_ = self.model_.classes_
+        return self
+
+    def predict(self, X):
+        return self.model_.predict(X)
+
+
+class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
+    """One hidden layer (100 units, as in the course material), stopped on our validation split."""
+
+    def __init__(self, hidden: int = 100, alpha: float = 1e-4, learning_rate: float = 1e-3,
+                 batch_size: int = 256, max_epochs: int = 200, patience: int = 10,
+                 normalize: str = "none", pca: int = 0, validation_fraction: float = 0.1,
+                 random_state: int = 0):
+        self.hidden = hidden
+        self.alpha = alpha
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.normalize = normalize
+        self.pca = pca
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state)
+        prep = Pipeline(preprocessing(self.normalize, self.pca, self.random_state)).fit(X[fit_idx])
+        Xf, Xv = prep.transform(X[fit_idx]), prep.transform(X[val_idx])
+        mlp = MLPClassifier(hidden_layer_sizes=(self.hidden,), alpha=self.alpha,
+                            learning_rate_init=self.learning_rate, batch_size=self.batch_size,
+                            random_state=self.random_state)
+        classes = np.unique(y)
+        best, best_score, since = None, -1.0, 0
+        self.history_ = []
+        for epoch in range(self.max_epochs):
+            mlp.partial_fit(Xf, y[fit_idx], classes=classes)
+            score = float(accuracy_score(y[val_idx], mlp.predict(Xv)))
+            self.history_.append(score)
+            if score > best_score:
+                best, best_score, since = copy.deepcopy(mlp), score, 0
+            else:
+                since += 1
+                if since >= self.patience:
+                    break
+        self.model_ = Pipeline(list(prep.steps) + [("clf", best)])
+        self.best_params_ = {"epochs": int(np.argmax(self.history_)) + 1, "hidden": self.hidden,
+                             "alpha": self.alpha}
+        self.validation_score_ = best_score
+        self.classes_ = classes
+        return self
+
+    def predict(self, X):
+        return self.model_.predict(X)
+
+
+class Conv1x1MLP(ClassifierMixin, BaseEstimator):
+    """For spatial maps (h x w x C): a trainable 1x1 conv bottleneck, then an MLP (Keras)."""
+
+    def __init__(self, filters: int = 128, hidden: int = 100, dropout: float = 0.3,
+                 learning_rate: float = 1e-3, batch_size: int = 128, max_epochs: int = 50,
+                 patience: int = 5, validation_fraction: float = 0.1, random_state: int = 0):
+        self.filters = filters
+        self.hidden = hidden
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        import keras
+
+        if X.ndim != 4:
+            raise PipelineError(f"conv1x1_mlp needs spatial features (n, h, w, C), got shape "
+                                f"{X.shape}; extract with --pooling spatial")
+        keras.utils.set_random_seed(self.random_state)
+        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state)
+        self.classes_ = np.unique(y)
+        norm = keras.layers.Normalization(axis=-1)
+        norm.adapt(X[fit_idx].astype(np.float32))
+        model = keras.Sequential([
+            keras.Input(X.shape[1:]), norm,
+            keras.layers.Conv2D(self.filters, 1, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(self.hidden, activation="relu"),
+            keras.layers.Dropout(self.dropout),
+            keras.layers.Dense(len(self.classes_), activation="softmax"),
+        ])
+        model.compile(keras.optimizers.Adam(self.learning_rate),
+                      "sparse_categorical_crossentropy", metrics=["accuracy"])
+        labels = np.searchsorted(self.classes_, y)
+        stop = keras.callbacks.EarlyStopping("val_accuracy", patience=self.patience,
+                                             restore_best_weights=True)
+        history = model.fit(X[fit_idx].astype(np.float32), labels[fit_idx],
+                            validation_data=(X[val_idx].astype(np.float32), labels[val_idx]),
+                            epochs=self.max_epochs, batch_size=self.batch_size, callbacks=[stop],
+                            verbose=0, shuffle=True)
+        val = history.history["val_accuracy"]
+        self.model_ = model
+        self.best_params_ = {"epochs": int(np.argmax(val)) + 1, "filters": self.filters,
+                             "hidden": self.hidden}
+        self.validation_score_ = float(max(val))
+        return self
+
+    def predict(self, X):
+        probs = self.model_.predict(np.asarray(X, dtype=np.float32), batch_size=512, verbose=0)
+        return self.classes_[np.argmax(probs, axis=1)]
+
+
+class StreamingLinear(ClassifierMixin, BaseEstimator):
+    """Linear head trained with ``partial_fit`` over row blocks: features never all in RAM.
+
+    ``X`` may be an h5py dataset; it is read block by block (two passes per epoch at most).
+    """
+
+    def __init__(self, loss: str = "log_loss", alpha: float = 1e-4, block_rows: int = 4096,
+                 max_epochs: int = 20, patience: int = 3, validation_fraction: float = 0.1,
+                 max_validation_rows: int = 10_000, random_state: int = 0):
+        self.loss = loss
+        self.alpha = alpha
+        self.block_rows = block_rows
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.max_validation_rows = max_validation_rows
+        self.random_state = random_state
+
+    def _blocks(self, X, mask):
+        for lo in range(0, X.shape[0], self.block_rows):
+            rows = _flatten(np.asarray(X[lo:lo + self.block_rows]))
+            yield rows[mask[lo:lo + len(rows)]], lo, len(rows)
+
+    def fit(self, X, y):
+        rng = np.random.default_rng(self.random_state)
+        n_val = min(max(int(self.validation_fraction * len(y)), 1), self.max_validation_rows)
+        val = np.zeros(len(y), bool)
+        val[rng.choice(len(y), n_val, replace=False)] = True
+        self.classes_ = np.unique(y)
+        self.scaler_ = StandardScaler()
+        for rows, _, _ in self._blocks(X, ~val):
+            self.scaler_.partial_fit(rows)
+        Xv = self.scaler_.transform(np.concatenate([r for r, _, _ in self._blocks(X, val)]))
+        yv = y[val]
+        clf = SGDClassifier(loss=self.loss, alpha=self.alpha, random_state=self.random_state)
+        best, best_score, since = None, -1.0, 0
+        self.history_ = []
+        for epoch in range(self.max_epochs):
+            for rows, lo, n in self._blocks(X, ~val):
+                yb = y[lo:lo + n][~val[lo:lo + n]]
+                clf.partial_fit(self.scaler_.transform(rows), yb, classes=self.classes_)
+            score = float(accuracy_score(yv, clf.predict(Xv)))
+            self.history_.append(score)
+            if score > best_score:
+                best, best_score, since = copy.deepcopy(clf), score, 0
+            else:
+                since += 1
+                if since >= self.patience:
+                    break
+        self.model_ = best
+        self.best_params_ = {"epochs": int(np.argmax(self.history_)) + 1, "alpha": self.alpha,
+                             "loss": self.loss}
+        self.validation_score_ = best_score
+        return self
+
+    def predict(self, X):
+        return np.concatenate([self.model_.predict(self.scaler_.transform(rows))
+                               for rows, _, _ in self._blocks(X, np.ones(X.shape[0], bool))])
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _log_grid(name: str, lo: int, hi: int) -> list[dict]:
+    return [{name: float(10.0 ** e)} for e in range(lo, hi + 1)]
+
+
+def _logreg(**kw):
+    C = kw.pop("C", None)
+    est = LogisticRegression(max_iter=kw.pop("max_iter", 1000), tol=1e-4)
+    grid = [{"C": float(C)}] if C is not None else _log_grid("C", -4, 2)
+    return SweepClassifier(est, grid=grid, refine="C", **kw)
+
+
+def _linear_svm(**kw):
+    C = kw.pop("C", None)
+    est = LinearSVC(dual="auto", max_iter=kw.pop("max_iter", 5000), random_state=0)
+    grid = [{"C": float(C)}] if C is not None else _log_grid("C", -5, 0)
+    return SweepClassifier(est, grid=grid, refine="C", **kw)
+
+
+def _rbf_svm(**kw):
+    C, gamma = kw.pop("C", None), kw.pop("gamma", "scale")
+    grid = ([{"C": float(C), "gamma": gamma}] if C is not None
+            else [{"C": c, "gamma": gamma} for c in (1.0, 10.0, 100.0)])
+    return SweepClassifier(SVC(kernel="rbf", cache_size=1000), grid=grid, refine="C", **kw)
+
+
+def _rbf_svm_approx(**kw):
+    C = kw.pop("C", None)
+    n_components = kw.pop("n_components", 2000)
+    est = Pipeline([("map", Nystroem(kernel="rbf", n_components=n_components, random_state=0)),
+                    ("svm", LinearSVC(dual="auto", max_iter=5000, random_state=0))])
+    grid = ([{"svm__C": float(C)}] if C is not None else _log_grid("svm__C", -3, 1))
+    return SweepClassifier(est, grid=grid, refine="svm__C", **kw)
+
+
+HEADS = {
+    "logreg": _logreg,
+    "linear_svm": _linear_svm,
+    "rbf_svm": _rbf_svm,
+    "rbf_svm_approx": _rbf_svm_approx,
+    "mlp": EarlyStoppingMLP,
+    "conv1x1_mlp": Conv1x1MLP,
+    "sgd_linear": StreamingLinear,
+}
+SPATIAL_HEADS = {"conv1x1_mlp"}
+STREAMING_HEADS = {"sgd_linear"}
+
+
+def make_head(name: str, params: dict | None = None, *, n_train: int | None = None):
+    """The estimator for ``name`` with ``params``; ``rbf_svm`` becomes its approximation for
+    large N (the returned note says which ran and why)."""
+    if name not in HEADS:
+        raise PipelineError(f"unknown head {name!r}; valid: {', '.join(HEADS)}")
+    params = dict(params or {})
+    note = ""
+    if name == "rbf_svm" and n_train is not None and n_train > EXACT_RBF_LIMIT:
+        note = (f"rbf_svm ran as rbf_svm_approx (Nystroem, 2000 components + LinearSVC): "
+                f"{n_train:,} training rows > {EXACT_RBF_LIMIT:,}, where exact SVC is too slow")
+        params.pop("gamma", None)
+        name = "rbf_svm_approx"
+    factory = HEADS[name]
+    try:
+        head = factory(**params)
+    except TypeError as exc:
+        allowed = _allowed_params(name)
+        raise PipelineError(f"head {name!r}: bad parameter ({exc}); allowed: {', '.join(allowed)}"
+                            ) from None
+    return head, note
+
+
+def _allowed_params(name: str) -> list[str]:
+    factory = HEADS[name]
+    if isinstance(factory, type):
+        return sorted(factory().get_params())
+    extra = {"logreg": ["C", "max_iter"], "linear_svm": ["C", "max_iter"],
+             "rbf_svm": ["C", "gamma"], "rbf_svm_approx": ["C", "n_components"]}[name]
+    return sorted(extra + ["normalize", "pca", "validation_fraction", "n_jobs", "random_state"])
+
+
+# ----------------------------------------------------------------------------- data + evaluation
+
+@dataclass
+class FeatureSet:
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+
+
+def available_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None = None
+                  ) -> FeatureSet:
+    """Read a feature file for ``head``, refusing early what would not fit the memory budget."""
+    shape = ff.features("train").shape
+    spatial = len(shape) == 4
+    if head in SPATIAL_HEADS and not spatial:
+        raise PipelineError(f"head {head!r} needs spatial features; {ff.path.name} holds "
+                            f"{shape[1:]} vectors (extract with --pooling spatial)")
+    y_train, y_test = ff.labels("train"), ff.labels("test")
+    if len(np.unique(y_train)) < 2:
+        raise PipelineError(f"{ff.path.name}: the training split has a single class; "
+                            "a classifier needs at least two")
+    budget = (memory_budget_gb * 2**30 if memory_budget_gb else 0.5 * available_memory_bytes())
+    rows = shape[0] + ff.features("test").shape[0]
+    need = rows * int(np.prod(shape[1:])) * 4 * 3  # float32, plus the scaled and split copies
+    if head not in STREAMING_HEADS and need > budget:
+        raise PipelineError(
+            f"{ff.path.name}: head {head!r} needs about {need / 2**30:.1f} GiB in memory, over the "
+            f"budget of {budget / 2**30:.1f} GiB; use --head sgd_linear (streams from disk) or "
+            "extract with --limit N")
+    if head in STREAMING_HEADS:  # stay on disk; h5py datasets read in blocks
+        X_train, X_test = ff.features("train"), ff.features("test")
+    else:
+        X_train, X_test = _read_checked(ff, "train"), _read_checked(ff, "test")
+    return FeatureSet(X_train, y_train, X_test, y_test, ff.classes)
+
+
+def _read_checked(ff: FeatureFile, split: str) -> np.ndarray:
+    X = ff.features(split)[()]
+    if not np.isfinite(X).all():
+        raise PipelineError(f"{ff.path.name}: {split} features contain NaN or Inf; "
+                            "`python -m pipeline verify --repair` and re-extract")
+    return X.astype(np.float32) if X.dtype != np.float32 and X.ndim == 2 else X
+
+
+def evaluate(model, X_test, y_test: np.ndarray, classes: list[str]) -> dict:
+    """Test metrics a user compares heads by, plus the prediction cost."""
+    t0 = time.perf_counter()
+    pred = model.predict(X_test)
+    predict_s = time.perf_counter() - t0
+    labels = np.arange(len(classes))
+    precision, recall, _, support = precision_recall_fscore_support(
+        y_test, pred, labels=labels, zero_division=0)
+    return {
+        "test_accuracy": float(accuracy_score(y_test, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
+        "macro_f1": float(f1_score(y_test, pred, average="macro", labels=labels, zero_division=0)),
+        "per_class": {c: {"precision": float(p), "recall": float(r), "support": int(s)}
+                      for c, p, r, s in zip(classes, precision, recall, support)},
+        "confusion_matrix": confusion_matrix(y_test, pred, labels=labels).tolist(),
+        "predict_ms_per_image": 1000 * predict_s / max(len(y_test), 1),
+    }

@@ -1,0 +1,140 @@
+"""Reports: confusion plots per result, and the compare table and plot across results.
+
+Results live in ``results/<cache key>/<head>/metrics.json``; this module only reads them
+(and the feature files' provenance copied into them) and draws.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = ["dataset", "backbone", "mode", "head", "test_accuracy", "macro_f1", "fit_seconds",
+           "predict_ms_per_image", "feature_width", "n_train"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], title: str, path: Path) -> None:
+    plt = _pyplot()
+    m = np.asarray(matrix, dtype=float)
+    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    if len(classes) <= 20:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="row-normalised")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def collect_results(results_dir: str | Path) -> list[dict]:
+    """One row per (feature file, head) with a complete metrics.json."""
+    rows = []
+    for metrics_path in sorted(Path(results_dir).glob("*/*/metrics.json")):
+        try:
+            m = json.loads(metrics_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # never written completely: results are renamed into place when done
+        features = m.get("features", {})
+        layers = features.get("layers") or []
+        mode = features.get("mode", "?") + (f"[{len(layers)} layers]" if layers else "")
+        backbone = features.get("backbone", "?")
+        if features.get("alpha"):
+            backbone += f"@{features['alpha']:g}"
+        rows.append({
+            "dataset": features.get("dataset", "?"), "backbone": backbone, "mode": mode,
+            "head": m.get("head_ran", m.get("head")), "test_accuracy": m["test_accuracy"],
+            "macro_f1": m["macro_f1"], "fit_seconds": m["fit_seconds"],
+            "predict_ms_per_image": m["predict_ms_per_image"],
+            "feature_width": features.get("width"), "n_train": m.get("n_train"),
+        })
+    rows.sort(key=lambda r: (r["dataset"], -r["test_accuracy"]))
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    best = _best_per_dataset(rows)
+    lines = ["| dataset | backbone | features | head | test acc | macro-F1 | fit s | "
+             "predict ms/img | width | n train |", "|" + "---|" * 10]
+    for r in rows:
+        mark = " **best**" if id(r) in best else ""
+        lines.append(f"| {r['dataset']} | {r['backbone']} | {r['mode']} | {r['head']} | "
+                     f"{100 * r['test_accuracy']:.2f}%{mark} | {100 * r['macro_f1']:.2f}% | "
+                     f"{r['fit_seconds']:.1f} | {r['predict_ms_per_image']:.3f} | "
+                     f"{r['feature_width']} | {r['n_train']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _best_per_dataset(rows: list[dict]) -> set[int]:
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["dataset"] not in best or r["test_accuracy"] > best[r["dataset"]]["test_accuracy"]:
+            best[r["dataset"]] = r
+    return {id(r) for r in best.values()}
+
+
+def plot_accuracy_vs_cost(rows: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    datasets = sorted({r["dataset"] for r in rows})
+    heads = sorted({r["head"] for r in rows})
+    markers = dict(zip(heads, "osD^v<>pP*hX"))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for r in (r for r in rows if r["dataset"] == dataset):
+            ax.scatter(max(r["fit_seconds"], 1e-3), 100 * r["test_accuracy"],
+                       marker=markers[r["head"]], s=50, alpha=0.8,
+                       label=r["head"])
+            ax.annotate(f"{r['backbone']} {r['mode']}", (max(r["fit_seconds"], 1e-3),
+                        100 * r["test_accuracy"]), fontsize=6, alpha=0.7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("head fit time (s, log)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(dataset, fontsize=10)
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(results_dir: str | Path = "results", *, out=print) -> list[dict]:
+    """Print the table (best per dataset marked) and write compare.csv/.md/.png."""
+    results_dir = Path(results_dir)
+    rows = collect_results(results_dir)
+    if not rows:
+        out(f"no results under {results_dir}/ yet; train heads first (make heads)")
+        return rows
+    with open(results_dir / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown_table(rows)
+    (results_dir / "compare.md").write_text(table)
+    plot_accuracy_vs_cost(rows, results_dir / "compare.png")
+    out(table.rstrip())
+    out(f"wrote {results_dir}/compare.csv, compare.md, compare.png")
+    return rows

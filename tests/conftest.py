@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny synthetic datasets and feature files, and the offline assets in ../shared.
+
+Keras reads KERAS_HOME when it is first imported, so a writable copy of ../shared/keras is
+set up here, before any test imports it (unless KERAS_HOME is already set, as `make` does).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+if not os.environ.get("KERAS_HOME") and (SHARED / "keras" / "models").is_dir():
+    _home = Path(tempfile.mkdtemp(prefix="keras-home-"))
+    shutil.copytree(SHARED / "keras", _home, dirs_exist_ok=True)
+    for p in [_home, *_home.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    os.environ["KERAS_HOME"] = str(_home)
+
+
+def require(path: Path, why: str) -> Path:
+    """Skip (or, in CI, fail) when an offline asset is missing, saying where it comes from."""
+    if path.exists():
+        return path
+    message = f"{path} is missing: {why}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def shared_weights() -> Path:
+    return require(Path(os.environ.get("KERAS_HOME", "")) / "models",
+                   "the real ImageNet weights come from ../shared/keras (see ../shared/README.md)")
+
+
+@pytest.fixture
+def cifar_mini() -> Path:
+    return require(SHARED / "data" / "cifar10-mini",
+                   "the CIFAR-10 image folder comes from ../shared/data (see ../shared/README.md)")
+
+
+@pytest.fixture
+def fashion_mnist_dir() -> Path:
+    return require(FASHION_MNIST_DIR, "install Debian's dataset-fashion-mnist package "
+                   "(.ci/run does: apt-get install dataset-fashion-mnist)")
+
+
+def make_images(n: int, size: int = 16, channels: int | None = 3, n_classes: int = 3, seed: int = 0):
+    """Images whose mean brightness depends on the class, so classes are learnable."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % n_classes
+    shape = (n, size, size) + ((channels,) if channels else ())
+    base = (y * (200 // max(n_classes - 1, 1))).reshape((n,) + (1,) * (len(shape) - 1))
+    x = np.clip(base + rng.integers(0, 50, shape), 0, 255).astype(np.uint8)
+    return x, y
+
+
+@pytest.fixture
+def npz_dataset(tmp_path) -> str:
+    x_train, y_train = make_images(48, seed=1)
+    x_test, y_test = make_images(24, seed=2)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+             classes=np.array(["dark", "mid", "bright"]))
+    return f"npz:{path}"
+
+
+def write_feature_file(cache_dir: Path, X_train, y_train, X_test, y_test, classes=None,
+                       parts: dict | None = None) -> Path:
+    """A complete feature file written through the real store (segments, then publish)."""
+    from pipeline.store import FeatureStore
+
+    store = FeatureStore(cache_dir)
+    parts = parts or {"dataset": "synthetic", "backbone": "none", "mode": "avg",
+                      "n": len(y_train), "d": list(X_train.shape[1:]),
+                      "seed": float(np.asarray(X_train).ravel()[0])}
+    partial = store.partial_for(parts)
+    partial.path.mkdir(parents=True, exist_ok=True)
+    for split, X in (("train", X_train), ("test", X_test)):
+        for lo in range(0, len(X), 100):
+            partial.write_segment(split, lo, np.asarray(X[lo:lo + 100]))
+    classes = classes or [f"c{i}" for i in range(int(max(y_train.max(), y_test.max())) + 1)]
+    return store.publish(partial, parts, classes=classes,
+                         labels={"train": np.asarray(y_train), "test": np.asarray(y_test)},
+                         attrs={"provenance": {"feature_shape": list(X_train.shape[1:])}})
+
+
+@pytest.fixture
+def blobs_file(tmp_path) -> Path:
+    """600/300 rows of 20-d features in 3 well-separated classes."""
+    from sklearn.datasets import make_blobs
+
+    X, y = make_blobs(900, n_features=20, centers=3, cluster_std=3.0, random_state=0)
+    X = X.astype(np.float32)
+    return write_feature_file(tmp_path / "cache", X[:600], y[:600], X[600:], y[600:])

@@ -1,0 +1,220 @@
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_images
+from pipeline.datasets import load_dataset, stratified_subset
+from pipeline.errors import PipelineError
+
+
+def _batches(split, size=7):
+    return np.concatenate(list(split.batches(size)))
+
+
+def test_npz_serves_uint8_rgb_batches_labels_and_classes(npz_dataset):
+    ds = load_dataset(npz_dataset)
+    assert ds.classes == ["dark", "mid", "bright"]
+    assert len(ds.splits["train"]) == 48 and len(ds.splits["test"]) == 24
+    x = _batches(ds.splits["train"])
+    assert x.dtype == np.uint8 and x.shape == (48, 16, 16, 3)
+    assert list(np.bincount(ds.splits["train"].labels)) == [16, 16, 16]
+
+
+def test_grey_images_are_repeated_into_three_channels(tmp_path):
+    x, y = make_images(12, channels=None)
+    np.savez(tmp_path / "g.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    batch = next(load_dataset(f"npz:{tmp_path / 'g.npz'}").splits["test"].batches(12))
+    assert batch.shape == (12, 16, 16, 3)
+    assert (batch[..., 0] == x).all() and (batch[..., 2] == x).all()
+
+
+def test_fingerprint_is_stable_and_changes_with_one_pixel(tmp_path):
+    x, y = make_images(12)
+    np.savez(tmp_path / "a.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    first = load_dataset(f"npz:{tmp_path / 'a.npz'}").fingerprint
+    assert first == load_dataset(f"npz:{tmp_path / 'a.npz'}").fingerprint
+    x[3, 2, 2, 1] ^= 1
+    np.savez(tmp_path / "a.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    assert load_dataset(f"npz:{tmp_path / 'a.npz'}").fingerprint != first
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x_train": np.zeros((2, 4, 4), np.uint8), "y_train": [0, 1]}, "lacks x_test, y_test"),
+    ({"x_train": np.zeros((3, 4, 4), np.uint8), "y_train": [0, 1],
+      "x_test": np.zeros((2, 4, 4), np.uint8), "y_test": [0, 1]}, "3 images but 2 labels"),
+    ({"x_train": np.zeros((2, 4, 4), np.uint8), "y_train": [0, 5],
+      "x_test": np.zeros((2, 4, 4), np.uint8), "y_test": [0, 1], "classes": ["a", "b"]},
+     "labels must be 0..1"),
+    ({"x_train": np.full((2, 4, 4), 300.0), "y_train": [0, 1],
+      "x_test": np.zeros((2, 4, 4)), "y_test": [0, 1]}, "give uint8"),
+])
+def test_bad_npz_gets_one_clear_line(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(PipelineError, match=message) as info:
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}")
+    assert "\n" not in str(info.value) and "bad.npz" in str(info.value)
+
+
+def test_unknown_dataset_lists_the_valid_ones():
+    with pytest.raises(PipelineError, match="cifar10, cifar100, fashion_mnist, mnist.*folder:PATH"):
+        load_dataset("imagenet22k")
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist"):
+        load_dataset(f"folder:{tmp_path / 'nope'}")
+
+
+def _write_idx(path, array, magic_dims, magic_type=0x08):
+    header = bytes([0, 0, magic_type, magic_dims]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _idx_folder(folder, n=20):
+    folder.mkdir()
+    x, y = make_images(n, size=8, channels=None, n_classes=10)
+    for prefix in ("train", "t10k"):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", x, 3)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", y, 1)
+    return x, y
+
+
+def test_idx_folder_reads_images_and_labels(tmp_path):
+    x, y = _idx_folder(tmp_path / "digits")
+    ds = load_dataset(f"idx:{tmp_path / 'digits'}")
+    assert (ds.splits["train"].labels == y).all()
+    assert (_batches(ds.splits["train"])[..., 1] == x).all()
+    assert ds.classes == [str(i) for i in range(10)]
+
+
+def test_idx_with_wrong_magic_or_truncated_body_is_refused(tmp_path):
+    x, y = _idx_folder(tmp_path / "d")
+    _write_idx(tmp_path / "d" / "train-images-idx3-ubyte.gz", x, 3, magic_type=0x0D)
+    with pytest.raises(PipelineError, match="magic number 00000d03"):
+        load_dataset(f"idx:{tmp_path / 'd'}")
+    header = bytes([0, 0, 8, 3]) + struct.pack(">3I", 20, 8, 8)
+    with gzip.open(tmp_path / "d" / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + x.tobytes()[:-10])
+    with pytest.raises(PipelineError, match="truncated or corrupt"):
+        load_dataset(f"idx:{tmp_path / 'd'}")
+
+
+def test_cifar_python_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", 10), ("data_batch_2", 6), ("test_batch", 4)):
+        data = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                b"labels": list(np.arange(n) % 2)}
+        (folder / name).write_bytes(pickle.dumps(data))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"cat", b"dog"]}))
+    ds = load_dataset(f"cifar:{folder}")
+    assert ds.classes == ["cat", "dog"] and len(ds.splits["train"]) == 16
+    first = pickle.loads((folder / "data_batch_1").read_bytes())[b"data"][0]
+    assert (_batches(ds.splits["train"])[0] == first.reshape(3, 32, 32).transpose(1, 2, 0)).all()
+
+
+def _save(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+
+
+def test_image_folder_normalises_modes_and_sizes(tmp_path):
+    root = tmp_path / "imgs"
+    rgb = np.full((10, 12, 3), 200, np.uint8)
+    for i in range(3):
+        _save(root / "train" / "a" / f"{i}.png", rgb)
+        _save(root / "test" / "a" / f"{i}.png", rgb)
+        _save(root / "test" / "b" / f"{i}.png", rgb)
+    _save(root / "train" / "b" / "grey.png", np.full((10, 12), 100, np.uint8))
+    Image.fromarray(np.full((10, 12, 4), 50, np.uint8), "RGBA").save(root / "train" / "b" / "rgba.png")
+    Image.fromarray(np.full((10, 12), 3, np.uint8)).convert("P").save(root / "train" / "b" / "pal.png")
+    Image.fromarray(np.full((10, 12), 40000, np.uint16)).save(root / "train" / "b" / "deep.png")
+    _save(root / "train" / "b" / "big.jpg", np.full((30, 40, 3), 10, np.uint8))
+    ds = load_dataset(f"folder:{root}")
+    assert ds.classes == ["a", "b"]
+    x = _batches(ds.splits["train"])
+    assert x.shape == (8, 10, 12, 3) and x.dtype == np.uint8  # the most common size wins
+    by_name = dict(zip(["0", "1", "2", "big", "deep", "grey", "pal", "rgba"], x))
+    assert (by_name["grey"] == 100).all()
+    assert (by_name["deep"] == 40000 >> 8).all()  # 16-bit scaled, not clipped to 255
+    assert abs(int(by_name["big"].mean()) - 10) <= 2
+
+
+def test_corrupt_image_is_named_or_skipped_and_recorded(tmp_path):
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            for i in range(2):
+                _save(root / split / c / f"{i}.png", np.zeros((8, 8, 3), np.uint8))
+    (root / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "train" / "b" / "empty.png").write_bytes(b"")
+    with pytest.raises(PipelineError, match="broken.jpg.*and 1 more.*--skip-bad"):
+        load_dataset(f"folder:{root}")
+    ds = load_dataset(f"folder:{root}", skip_bad=True)
+    assert len(ds.splits["train"]) == 4
+    assert any("broken.jpg" in s for s in ds.skipped) and any("empty.png" in s for s in ds.skipped)
+
+
+def test_image_folder_with_one_class_or_test_only_class_is_refused(tmp_path):
+    _save(tmp_path / "one" / "only" / "0.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(PipelineError, match="at least two"):
+        load_dataset(f"folder:{tmp_path / 'one'}")
+    for split, cls in (("train", "a"), ("train", "b"), ("test", "a"), ("test", "c")):
+        _save(tmp_path / "two" / split / cls / "0.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(PipelineError, match="class\\(es\\) c have test images but no training"):
+        load_dataset(f"folder:{tmp_path / 'two'}")
+
+
+def test_tree_without_splits_gets_a_seeded_stratified_split(tmp_path):
+    for c in ("a", "b"):
+        for i in range(10):
+            _save(tmp_path / "flat" / c / f"{i}.png", np.full((8, 8, 3), i * 20, np.uint8))
+    first = load_dataset(f"folder:{tmp_path / 'flat'}")
+    again = load_dataset(f"folder:{tmp_path / 'flat'}")
+    assert len(first.splits["test"]) == 4 and list(np.bincount(first.splits["test"].labels)) == [2, 2]
+    assert first.fingerprint == again.fingerprint
+
+
+def test_limit_keeps_n_per_split_stratified(npz_dataset):
+    ds = load_dataset(npz_dataset, limit=12)
+    assert len(ds.splits["train"]) == 12 and len(ds.splits["test"]) == 12
+    assert list(np.bincount(ds.splits["train"].labels)) == [4, 4, 4]
+    assert ds.fingerprint != load_dataset(npz_dataset).fingerprint
+    with pytest.raises(PipelineError, match="smaller than the 3 classes"):
+        stratified_subset(ds.splits["train"].labels, 2)
+
+
+@pytest.mark.slow
+def test_real_cifar10_image_folder(cifar_mini):
+    ds = load_dataset(f"folder:{cifar_mini}")
+    assert len(ds.classes) == 10 and "airplane" in ds.classes
+    assert len(ds.splits["train"]) == 1000 and len(ds.splits["test"]) == 500
+    assert next(ds.splits["test"].batches(5)).shape == (5, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_idx_from_debian(fashion_mnist_dir):
+    ds = load_dataset(f"idx:{fashion_mnist_dir}")
+    assert len(ds.splits["train"]) == 60000 and len(ds.splits["test"]) == 10000
+    assert ds.classes[0] == "t-shirt_top"
+    assert list(np.bincount(ds.splits["test"].labels)) == [1000] * 10
+
+
+@pytest.mark.slow
+def test_keras_datasets_fashion_mnist_offline_via_keras_home(fashion_mnist_dir, shared_weights):
+    import os
+    import shutil
+    from pathlib import Path
+
+    target = Path(os.environ["KERAS_HOME"]) / "datasets" / "fashion-mnist"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in fashion_mnist_dir.glob("*.gz"):
+        shutil.copy(f, target / f.name)
+    ds = load_dataset("fashion_mnist", limit=100)
+    assert len(ds.splits["train"]) == 100 and ds.classes[-1] == "ankle_boot"

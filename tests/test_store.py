@@ -1,0 +1,134 @@
+import json
+import multiprocessing
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import write_feature_file
+from pipeline.errors import PipelineError
+from pipeline.store import FeatureFile, FeatureStore, check_file, chunk_rows
+
+
+def _features(n=250, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype(np.float32), np.arange(n) % 3
+
+
+def _file(tmp_path, seed=0):
+    X, y = _features(seed=seed)
+    return write_feature_file(tmp_path / "cache", X[:200], y[:200], X[200:], y[200:])
+
+
+def test_published_file_holds_features_labels_classes_and_key(tmp_path):
+    path = _file(tmp_path)
+    assert check_file(path, full=True) is None
+    with FeatureFile(path) as ff:
+        X, _ = _features()
+        assert np.array_equal(ff.features("train")[()], X[:200])
+        assert ff.labels("test").shape == (50,)
+        assert ff.classes == ["c0", "c1", "c2"]
+        assert ff.key in path.name
+
+
+@pytest.mark.parametrize("row_bytes", [4 * 64, 4 * 1280, 4 * 1568, 2 * 7 * 7 * 1280])
+def test_chunks_hold_a_tenth_to_one_mib(row_bytes):
+    size = chunk_rows(row_bytes) * row_bytes
+    assert 0.1 * 2**20 <= size <= 2**20
+
+
+def test_chunking_and_compression_are_applied(tmp_path):
+    path = _file(tmp_path)
+    with h5py.File(path) as f:
+        assert f["train/features"].chunks[0] == 200  # whole split (smaller than one chunk)
+        assert f["train/features"].compression == "lzf"
+
+
+def test_truncated_zero_length_and_foreign_files_are_never_trusted(tmp_path):
+    path = _file(tmp_path)
+    data = path.read_bytes()
+    truncated = path.with_name(path.name.replace(".h5", "") + ".h5")
+    truncated.write_bytes(data[: len(data) // 2])
+    assert "unreadable" in check_file(truncated)
+    truncated.write_bytes(b"")
+    assert "empty" in check_file(truncated)
+    foreign = tmp_path / "cache" / "other-0123456789abcdef.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    assert "not a feature file" in check_file(foreign)
+    with pytest.raises(PipelineError, match="cannot be used: not a feature file"):
+        FeatureFile(foreign)
+
+
+def test_tampered_key_or_data_is_detected(tmp_path):
+    path = _file(tmp_path)
+    with h5py.File(path, "r+") as f:
+        parts = json.loads(f.attrs["key_parts"])
+        parts["backbone"] = "resnet50"
+        f.attrs["key_parts"] = json.dumps(parts)
+    assert "do not match the key" in check_file(path)
+
+    other = _file(tmp_path / "b", seed=1)
+    with h5py.File(other, "r+") as f:
+        f["train/features"][0, 0] += 1.0
+    assert check_file(other) is None  # the quick check reads metadata only ...
+    assert "stored sha256" in check_file(other, full=True)  # ... verify re-hashes the rows
+
+
+def test_nan_features_are_refused_at_publish(tmp_path):
+    X, y = _features()
+    X[7, 3] = np.nan
+    with pytest.raises(PipelineError, match="NaN or Inf in row 7"):
+        write_feature_file(tmp_path, X[:200], y[:200], X[200:], y[200:])
+    assert not list(tmp_path.glob("*.h5"))
+
+
+def test_partial_entry_resumes_only_from_contiguous_segments(tmp_path):
+    entry = FeatureStore(tmp_path).partial_for({"dataset": "d", "backbone": "b", "mode": "avg"})
+    X, _ = _features(30)
+    entry.write_segment("train", 0, X[:10])
+    entry.write_segment("train", 10, X[10:20])
+    entry.write_segment("train", 25, X[25:30])  # a gap: rows 20-25 never landed
+    (entry.path / "train" / "r0000000020-0000000025.tmp").write_bytes(b"half")
+    assert entry.rows_done("train") == 20
+    entry.discard_after("train")
+    assert sorted(p.name for p in (entry.path / "train").iterdir()) == [
+        "r0000000000-0000000010.npy", "r0000000010-0000000020.npy"]
+
+
+def _hold_lock(cache_dir, parts, seconds):
+    with FeatureStore(cache_dir).lock(parts):
+        time.sleep(seconds)
+
+
+def test_a_second_writer_on_the_same_key_waits_or_says_who_holds_it(tmp_path):
+    parts = {"dataset": "d", "backbone": "b", "mode": "avg"}
+    holder = multiprocessing.get_context("fork").Process(target=_hold_lock,
+                                                          args=(tmp_path, parts, 1.5))
+    holder.start()
+    time.sleep(0.5)
+    store = FeatureStore(tmp_path)
+    with pytest.raises(PipelineError, match=f"being written by pid {holder.pid}"):
+        with store.lock(parts, wait=False):
+            pass
+    t0 = time.monotonic()
+    messages = []
+    with store.lock(parts, announce=messages.append):
+        waited = time.monotonic() - t0
+    holder.join()
+    assert waited > 0.5 and "waiting for pid" in messages[0]
+
+
+def test_entries_report_complete_partial_and_corrupt(tmp_path):
+    good = _file(tmp_path)
+    store = FeatureStore(tmp_path / "cache")
+    bad = tmp_path / "cache" / "broken-00000000000000ff.h5"
+    bad.write_bytes(b"garbage")
+    store.partial_for({"dataset": "x", "backbone": "y", "mode": "avg"}).write_segment(
+        "train", 0, np.zeros((4, 2), np.float32))
+    states = {e.path.name: e.state for e in store.entries()}
+    assert states[good.name] == "complete" and states[bad.name] == "corrupt"
+    assert "partial" in states.values()
+    moved = store.quarantine(bad)
+    assert moved.exists() and not bad.exists()
