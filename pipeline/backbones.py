@@ -105,8 +105,17 @@ def build_backbone(name: str, *, weights: str = "imagenet", alpha: float | None 
     if alpha is not None:
         kwargs["alpha"] = alpha
     constructor = getattr(keras.applications, spec.keras_name)
+    if weights != "imagenet":
+        keras.utils.set_random_seed(0)  # weights "none" must be one fixed model, run after run
     try:
-        model = constructor(**kwargs)
+        if weights == "imagenet" and size != spec.input_size:
+            # Keras keeps ImageNet files for the native size (a few MobileNets have more);
+            # convolution weights do not depend on the input size, so copy them across.
+            native = constructor(**{**kwargs, "input_shape": (spec.input_size,) * 2 + (3,)})
+            model = constructor(**{**kwargs, "weights": None})
+            model.set_weights(native.get_weights())
+        else:
+            model = constructor(**kwargs)
     except ValueError as exc:
         raise PipelineError(f"backbone {name!r} cannot be built with input {size}x{size}"
                             f"{'' if alpha is None else f' and alpha {alpha}'}: "

@@ -34,6 +34,8 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", default="lzf", help="none | lzf | gzip")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable images, recorded in the file")
     p.add_argument("--rebuild", action="store_true", help="replace a damaged or existing file")
+    p.add_argument("--segment-rows", type=int, default=None,
+                   help="rows per resumable segment (default: about 8 MiB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +103,7 @@ def cmd_extract(args) -> int:
         weights=args.weights, image_size=args.image_size, layers=tuple(args.layers),
         bottleneck_k=args.bottleneck_k, batch_size=args.batch_size, limit=args.limit,
         precision=args.precision, compression=args.compression, skip_bad=args.skip_bad,
-        cache_dir=args.cache_dir)
+        cache_dir=args.cache_dir, segment_rows=args.segment_rows)
     extract_features(config, rebuild=args.rebuild)
     return 0
 

@@ -164,8 +164,10 @@ class FeatureModel:
         self.preprocess = bb.preprocess_input(config.backbone)
         self.projection = None  # (mean, components) for the bottleneck mode
         self._tf = tf
-        self._maps = tf.function(self._maps_graph, reduce_retracing=True)
-        self._features = tf.function(self._features_graph, reduce_retracing=True)
+        images = tf.TensorSpec((None, *image_shape), tf.uint8)
+        self._maps = tf.function(self._maps_graph, input_signature=[images])
+        self._features = tf.function(self._features_graph, input_signature=[
+            images, tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None, None), tf.float32)])
 
     def _maps_graph(self, images):
         tf = self._tf

@@ -16,9 +16,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
+import resource
 import shutil
 import time
 from contextlib import contextmanager
@@ -59,6 +61,27 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    """np.save through one write(): a short write then raises OSError with its errno."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_space(path: Path, need: int) -> None:
+    """Refuse early when ``need`` bytes will not fit (free space or the file-size limit)."""
+    free = shutil.disk_usage(path.parent).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if need > free or (limit != resource.RLIM_INFINITY and need > limit):
+        room = min(free, limit) if limit != resource.RLIM_INFINITY else free
+        raise PipelineError(f"no space left for {path} (needs about {need / 2**20:.1f} MiB, "
+                            f"{room / 2**20:.1f} MiB available); the partial work is kept: "
+                            "free space and rerun the same command to resume")
 
 
 def _disk_error(exc: OSError, where: Path) -> PipelineError:
@@ -109,10 +132,7 @@ class PartialEntry:
         tmp = final.with_suffix(".tmp")
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.save(f, features)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_npy(tmp, features)
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -126,9 +146,7 @@ class PartialEntry:
         final = self.path / f"{name}.npy"
         tmp = self.path / f"{name}.tmp"
         try:
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-                os.fsync(f.fileno())
+            _write_npy(tmp, array)
             os.replace(tmp, final)
         except OSError as exc:
             raise _disk_error(exc, final) from None
@@ -197,6 +215,8 @@ class FeatureStore:
         """Assemble the segments into one checked HDF5 file and rename it into place."""
         final = self.path_for(parts)
         tmp = final.with_name(final.name + ".tmp")
+        need = sum(seg.stat().st_size for s in SPLITS for seg in partial.segments(s)) + (1 << 20)
+        _check_space(final, need)  # HDF5 fails badly (even crashes) when a write fails midway
         try:
             self._assemble(tmp, partial, parts, classes, labels, attrs, compression, extra or {})
             problem = check_file(tmp, expect_key=cache_key(parts), full=True)
@@ -207,6 +227,10 @@ class FeatureStore:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _disk_error(exc, final) from None
+        except RuntimeError as exc:  # h5py reports failed writes as RuntimeError
+            tmp.unlink(missing_ok=True)
+            raise PipelineError(f"writing {final} failed ({str(exc).splitlines()[0][:160]}); "
+                                "the partial work is kept: fix the cause and rerun") from None
         shutil.rmtree(partial.path, ignore_errors=True)
         return final
 

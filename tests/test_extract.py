@@ -1,0 +1,333 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, make_images
+from pipeline.errors import PipelineError
+from pipeline.extract import ExtractionConfig, extract_features
+from pipeline.store import FeatureFile, PartialEntry, check_file
+
+
+def tiny(dataset: str, cache: Path, **kw) -> ExtractionConfig:
+    """MobileNetV2 alpha 0.35, random weights, 32x32 input: seconds on a CPU."""
+    defaults = dict(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32,
+                    batch_size=8, cache_dir=str(cache), segment_rows=16)
+    return ExtractionConfig(dataset=dataset, **{**defaults, **kw})
+
+
+def quiet(*_):
+    pass
+
+
+def _features(path):
+    with FeatureFile(path) as ff:
+        return ff.features("train")[()], ff.features("test")[()]
+
+
+def test_extract_writes_pooled_features_with_provenance(npz_dataset, tmp_path):
+    result = extract_features(tiny(npz_dataset, tmp_path), log=quiet)
+    assert result.status == "created"
+    with FeatureFile(result.path) as ff:
+        assert ff.features("train").shape == (48, 1280)
+        assert ff.features("test").dtype == np.float32
+        assert list(ff.labels("train")[:4]) == [0, 1, 2, 0]
+        assert ff.classes == ["dark", "mid", "bright"]
+        parts, prov = ff.attrs["key_parts"], ff.attrs["provenance"]
+    assert parts["backbone"] == "mobilenet_v2" and parts["image_size"] == 32
+    assert parts["weights"] == "none" and len(parts["fingerprint"]) == 64
+    for field in ("versions", "device", "batch_size", "precision", "wall_seconds",
+                  "images_per_second", "created"):
+        assert field in prov
+    assert prov["versions"]["tensorflow"]
+
+
+def test_same_command_again_is_a_fast_no_op(npz_dataset, tmp_path):
+    first = extract_features(tiny(npz_dataset, tmp_path), log=quiet)
+    mtime = first.path.stat().st_mtime_ns
+    messages = []
+    again = extract_features(tiny(npz_dataset, tmp_path), log=messages.append)
+    assert again.status == "up-to-date" and "nothing to do" in messages[0]
+    assert again.path == first.path and first.path.stat().st_mtime_ns == mtime
+
+
+def test_changing_a_key_part_writes_a_new_file_and_leaves_the_old(npz_dataset, tmp_path):
+    avg = extract_features(tiny(npz_dataset, tmp_path, image_size=64), log=quiet).path
+    mtime = avg.stat().st_mtime_ns
+    mx = extract_features(tiny(npz_dataset, tmp_path, image_size=64, pooling="max"), log=quiet).path
+    bigger = extract_features(tiny(npz_dataset, tmp_path, image_size=96), log=quiet).path
+    assert len({avg, mx, bigger}) == 3 and avg.stat().st_mtime_ns == mtime
+    a, b = _features(avg)[0], _features(mx)[0]
+    assert np.abs(a - b).max() > 0.1 * np.abs(a).max()  # a 2x2 map: max differs from mean
+
+
+def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, monkeypatch):
+    reference = _features(extract_features(tiny(npz_dataset, tmp_path / "ref"), log=quiet).path)
+    real_write, calls = PartialEntry.write_segment, []
+
+    def crash_on_third(self, split, start, features):
+        calls.append(start)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if killed between segments
+        real_write(self, split, start, features)
+
+    monkeypatch.setattr(PartialEntry, "write_segment", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(tiny(npz_dataset, tmp_path / "run"), log=quiet)
+    monkeypatch.setattr(PartialEntry, "write_segment", real_write)
+    messages = []
+    result = extract_features(tiny(npz_dataset, tmp_path / "run"), log=messages.append)
+    assert result.status == "resumed" and "resuming: train 32/48" in messages[0]
+    resumed = _features(result.path)
+    assert all(np.array_equal(a, b) for a, b in zip(reference, resumed))
+
+
+def test_layers_are_pooled_and_concatenated(npz_dataset, tmp_path):
+    config = tiny(npz_dataset, tmp_path, layers=("block_5_add", "out_relu"))
+    X, _ = _features(extract_features(config, log=quiet).path)
+    assert X.shape == (48, 16 + 1280)
+    with pytest.raises(PipelineError, match="no layer named.*last layers are"):
+        extract_features(tiny(npz_dataset, tmp_path, layers=("block_99",)), log=quiet)
+
+
+def test_bottleneck_is_a_pca_of_training_maps_stored_in_the_file(npz_dataset, tmp_path):
+    config = tiny(npz_dataset, tmp_path, pooling="bottleneck", bottleneck_k=4, image_size=64)
+    path = extract_features(config, log=quiet).path
+    with h5py.File(path) as f:
+        comps, mean = f["bottleneck/components"][()], f["bottleneck/mean"][()]
+        X = f["train/features"][()]
+    assert X.shape == (48, 2 * 2 * 4) and comps.shape == (1280, 4)
+    assert np.allclose(comps.T @ comps, np.eye(4), atol=1e-6)
+    # The components are the top eigenvectors of the channel covariance of training maps.
+    from pipeline.datasets import load_dataset
+    from pipeline.extract import FeatureModel
+
+    ds = load_dataset(npz_dataset)
+    model = FeatureModel(config, ds.splits["train"].image_shape)
+    maps = model.maps(ds.splits["train"].load(np.arange(48))).reshape(-1, 1280).astype(np.float64)
+    assert np.allclose(maps.mean(0), mean, atol=1e-4)
+    top = np.linalg.eigh(np.cov(maps.T, bias=True))[1][:, ::-1][:, :4]
+    assert np.allclose(np.abs(top.T @ comps), np.eye(4), atol=1e-3)
+
+
+def test_spatial_mode_keeps_the_map_in_float16(npz_dataset, tmp_path):
+    X, _ = _features(extract_features(tiny(npz_dataset, tmp_path, pooling="spatial", image_size=64),
+                                      log=quiet).path)
+    assert X.shape == (48, 2, 2, 1280) and X.dtype == np.float16
+
+
+def test_resizing_happens_in_the_graph_for_grey_28px_images(tmp_path):
+    x, y = make_images(20, size=28, channels=None)
+    np.savez(tmp_path / "g.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    result = extract_features(tiny(f"npz:{tmp_path / 'g.npz'}", tmp_path, image_size=40), log=quiet)
+    assert result.info["image_shape"] == [28, 28, 3]  # stored small; the model resized it
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"backbone": "resnet51"}, "unknown backbone 'resnet51'; valid: mobilenet, mobilenet_v2"),
+    ({"pooling": "median"}, "unknown feature mode 'median'; use one of avg, max, bottleneck"),
+    ({"backbone": "resnet50", "alpha": 0.5}, "takes no alpha"),
+    ({"image_size": 8}, "cannot be built with input 8x8"),
+    ({"precision": "int4"}, "unknown precision"),
+])
+def test_bad_options_get_one_clear_line(npz_dataset, tmp_path, kw, message):
+    with pytest.raises(PipelineError, match=message):
+        extract_features(tiny(npz_dataset, tmp_path / "c", **kw), log=quiet)
+    assert not list((tmp_path / "c").glob("*.h5"))
+
+
+def test_weights_for_another_architecture_are_refused(npz_dataset, tmp_path):
+    import keras
+
+    other = keras.applications.MobileNetV2(alpha=0.5, include_top=False, weights=None,
+                                           input_shape=(32, 32, 3))
+    other.save_weights(tmp_path / "other.weights.h5")
+    with pytest.raises(PipelineError, match="does not fit mobilenet_v2 alpha 0.35"):
+        extract_features(tiny(npz_dataset, tmp_path, weights=str(tmp_path / "other.weights.h5")),
+                         log=quiet)
+
+
+def test_damaged_cache_file_is_reported_then_rebuilt_on_request(npz_dataset, tmp_path):
+    path = extract_features(tiny(npz_dataset, tmp_path), log=quiet).path
+    good = _features(path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(PipelineError, match="damaged.*--rebuild"):
+        extract_features(tiny(npz_dataset, tmp_path), log=quiet)
+    rebuilt = extract_features(tiny(npz_dataset, tmp_path), rebuild=True, log=quiet)
+    assert check_file(rebuilt.path, full=True) is None
+    assert all(np.array_equal(a, b) for a, b in zip(good, _features(rebuilt.path)))
+
+
+def test_corrupt_image_skipped_with_skip_bad_is_recorded_in_the_file(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), i * 30, np.uint8)).save(
+                    tmp_path / "d" / split / c / f"{i}.png")
+    (tmp_path / "d" / "train" / "a" / "bad.png").write_bytes(b"\x89PNG garbage")
+    path = extract_features(tiny(f"folder:{tmp_path / 'd'}", tmp_path, skip_bad=True), log=quiet).path
+    with h5py.File(path) as f:
+        assert "bad.png" in f["skipped_files"][0].decode()
+        assert f["train/features"].shape[0] == 6
+
+
+# ----------------------------------------------------------------------------- processes
+
+def _cli(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _cli_args(dataset, cache, *extra):
+    return ["extract", "--dataset", dataset, "--backbone", "mobilenet_v2", "--alpha", "0.35",
+            "--weights", "none", "--image-size", "32", "--batch-size", "4",
+            "--cache-dir", str(cache), *extra]
+
+
+@pytest.fixture
+def bigger_npz(tmp_path):
+    x, y = make_images(400, size=32, seed=3)
+    np.savez(tmp_path / "big.npz", x_train=x, y_train=y, x_test=x[:80], y_test=y[:80])
+    return f"npz:{tmp_path / 'big.npz'}"
+
+
+@pytest.mark.reliability
+def test_kill_9_at_many_points_then_resume_is_bit_identical(bigger_npz, tmp_path):
+    ref = _cli(*_cli_args(bigger_npz, tmp_path / "ref"))
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    reference = _features(next((tmp_path / "ref").glob("*.h5")))
+    cache = tmp_path / "killed"
+    kills = 0
+    for delay in (0.5, 4.0, 5.0, 6.0, 7.0, 8.0):  # from start-up to mid-extraction
+        proc = _cli(*_cli_args(bigger_npz, cache))
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if list(cache.glob("*.h5")):
+            break
+    final = _cli(*_cli_args(bigger_npz, cache))
+    out, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err
+    assert kills >= 2
+    resumed = _features(next(cache.glob("*.h5")))
+    assert all(np.array_equal(a, b) for a, b in zip(reference, resumed))
+
+
+@pytest.mark.reliability
+def test_kill_during_publish_leaves_a_tmp_file_that_is_never_trusted(bigger_npz, tmp_path):
+    proc = _cli(*_cli_args(bigger_npz, tmp_path))
+    assert proc.wait(timeout=300) == 0
+    final = next(tmp_path.glob("*.h5"))
+    reference = _features(final)
+    # Rebuild the state a kill during publish leaves: segments kept, a half-written .h5.tmp.
+    final.rename(final.with_name(final.name + ".tmp"))
+    tmp = final.with_name(final.name + ".tmp")
+    tmp.write_bytes(tmp.read_bytes()[:2000])
+    again = _cli(*_cli_args(bigger_npz, tmp_path))
+    assert again.wait(timeout=300) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(reference, _features(final)))
+
+
+@pytest.mark.reliability
+def test_full_disk_keeps_partial_work_and_resumes(bigger_npz, tmp_path):
+    import resource
+
+    def small_files():  # every file this process writes is capped at 200 KiB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, 200 * 1024))
+
+    args = _cli_args(bigger_npz, tmp_path, "--compression", "none", "--segment-rows", "20")
+    proc = _cli(*args, preexec_fn=small_files)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no space left" in lines[0] and "rerun" in lines[0]
+    partial = next(tmp_path.glob("*.partial"))
+    done = PartialEntry(partial).rows_done("train")
+    assert done == 400  # every segment landed; only the big final file did not fit
+    again = _cli(*args)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert check_file(next(tmp_path.glob("*.h5")), full=True) is None
+
+
+@pytest.mark.reliability
+def test_two_extractions_of_one_key_have_exactly_one_writer(bigger_npz, tmp_path):
+    first = _cli(*_cli_args(bigger_npz, tmp_path))
+    time.sleep(0.3)
+    second = _cli(*_cli_args(bigger_npz, tmp_path))
+    out1, err1 = first.communicate(timeout=300)
+    out2, err2 = second.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, err1 + err2
+    outputs = out1 + out2
+    assert outputs.count("wrote ") == 1 and "written by the process we waited for" in outputs
+    assert check_file(next(tmp_path.glob("*.h5")), full=True) is None
+
+
+@pytest.mark.reliability
+def test_read_only_cache_dir_and_odd_paths(npz_dataset, tmp_path, monkeypatch):
+    import errno
+
+    odd = tmp_path / "cache with spaces ü"
+    path = extract_features(tiny(npz_dataset, odd), log=quiet).path
+    assert check_file(path, full=True) is None
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root ignores permission bits: make the folder act read-only
+        real_mkdir = Path.mkdir
+
+        def read_only_mkdir(self, *a, **k):
+            if str(self).startswith(str(ro)):
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return real_mkdir(self, *a, **k)
+
+        monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    try:
+        with pytest.raises(PipelineError, match="choose a writable --cache-dir"):
+            extract_features(tiny(npz_dataset, ro), log=quiet)
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- real weights
+
+@pytest.mark.slow
+def test_real_imagenet_mobilenet_features_on_real_cifar_images(cifar_mini, shared_weights, tmp_path):
+    config = ExtractionConfig(dataset=f"folder:{cifar_mini}", backbone="mobilenet", alpha=0.25,
+                              weights="imagenet", limit=100, batch_size=50,
+                              cache_dir=str(tmp_path))
+    result = extract_features(config, log=quiet)
+    with FeatureFile(result.path) as ff:
+        X, y = ff.features("train")[()], ff.labels("train")
+        Xt, yt = ff.features("test")[()], ff.labels("test")
+    assert X.shape == (100, 256) and result.info["image_shape"] == [32, 32, 3]
+    assert result.info["feature_shape"] == [256]
+    from sklearn.linear_model import LogisticRegression
+
+    acc = LogisticRegression(max_iter=2000).fit(X, y).score(Xt, yt)
+    assert acc > 0.3  # 10 classes: chance is 0.1; real ImageNet features carry over
+
+
+@pytest.mark.slow
+def test_real_mobilenet_v2_weights_file_given_as_a_path(shared_weights, npz_dataset, tmp_path):
+    weights = shared_weights / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+    config = tiny(npz_dataset, tmp_path, weights=str(weights), image_size=96)
+    result = extract_features(config, log=quiet)
+    with FeatureFile(result.path) as ff:
+        assert ff.attrs["key_parts"]["weights"].startswith("sha256:d43c70f8")
+    imagenet = extract_features(tiny(npz_dataset, tmp_path, weights="imagenet", image_size=96),
+                                log=quiet)
+    assert np.allclose(_features(result.path)[0], _features(imagenet.path)[0], atol=1e-5)
