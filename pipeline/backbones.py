@@ -57,10 +57,10 @@ def _specs() -> dict[str, BackboneSpec]:
                                 ("L", 480, 1280)]:
         rows.append((f"efficientnet_v2_{suffix.lower()}", f"EfficientNetV2{suffix}",
                      "efficientnet_v2", size, width, False))
-    for size_name, width in [("tiny", 768), ("small", 768), ("base", 1024), ("large", 1536),
-                             ("xlarge", 2048)]:
-        rows.append((f"convnext_{size_name}", f"ConvNeXt{size_name.capitalize()}", "convnext",
-                     224, width, False))
+    for size_name, keras_size, width in [("tiny", "Tiny", 768), ("small", "Small", 768),
+                                         ("base", "Base", 1024), ("large", "Large", 1536),
+                                         ("xlarge", "XLarge", 2048)]:
+        rows.append((f"convnext_{size_name}", f"ConvNeXt{keras_size}", "convnext", 224, width, False))
     return {r[0]: BackboneSpec(*r) for r in rows}
 
 

@@ -154,6 +154,9 @@ def train_heads(heads: list[str], *, features: list[str] | None = None,
                 params: list[str] | None = None, memory_budget_gb: float | None = None,
                 force: bool = False) -> None:
     """``pipeline train``: each head on each given (or every complete) feature file."""
+    for head in heads:
+        if head not in HEADS:
+            raise PipelineError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
     files = [Path(f) for f in features] if features else FeatureStore(cache_dir).complete_files()
     if not files:
         raise PipelineError(f"no complete feature files in {cache_dir}/; extract features first "

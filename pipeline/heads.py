@@ -84,9 +84,17 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
         clf = clone(self.estimator).set_params(**params)
         return Pipeline(preprocessing(self.normalize, self.pca, self.random_state) + [("clf", clf)])
 
-    def _score(self, params, X, y, fit_idx, val_idx) -> float:
-        model = self._pipeline(params).fit(X[fit_idx], y[fit_idx])
-        return float(accuracy_score(y[val_idx], model.predict(X[val_idx])))
+    def _score_chain(self, chain: list[dict], X, y, fit_idx, val_idx) -> list[float]:
+        """Fit a chain of settings in order, each warm-started from the last where possible."""
+        model = self._pipeline(chain[0])
+        if "warm_start" in model.named_steps["clf"].get_params():
+            model.set_params(clf__warm_start=True)
+        scores = []
+        for params in chain:
+            model.set_params(**{f"clf__{k}": v for k, v in params.items()})
+            model.fit(X[fit_idx], y[fit_idx])
+            scores.append(float(accuracy_score(y[val_idx], model.predict(X[val_idx]))))
+        return scores
 
     def fit(self, X, y):
         fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state)
@@ -95,9 +103,13 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
 
         def sweep(candidates: list[dict]) -> None:
             todo = [c for c in candidates if repr(sorted(c.items())) not in tried]
-            scores = Parallel(n_jobs=n_jobs)(delayed(self._score)(c, X, y, fit_idx, val_idx)
-                                             for c in todo)
-            for c, s in zip(todo, scores):
+            # Contiguous runs of the (ascending) grid, one per worker: parallel across
+            # workers, warm starts along each run (a high C starts from the lower C's fit).
+            chains = [list(c) for c in np.array_split(np.array(todo, dtype=object),
+                                                      min(n_jobs, len(todo))) if len(c)]
+            results = Parallel(n_jobs=n_jobs)(delayed(self._score_chain)(c, X, y, fit_idx, val_idx)
+                                              for c in chains)
+            for c, s in zip([p for chain in chains for p in chain], [s for r in results for s in r]):
                 tried[repr(sorted(c.items()))] = s
                 self.sweep_.append({**c, "val_accuracy": s})
 

@@ -1,0 +1,182 @@
+"""Benchmarks with JSON results: our extractor against the naive way, and head fit costs.
+
+``bench_extract`` runs each (method, N) in a fresh worker process on the same images, so
+each peak RSS (from ``wait4``) is that method's own; the command is one run, side by side.
+The naive way is what course material does: upscale the whole set to float32 224x224x3 in
+RAM, then ``model.predict``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
+
+
+def _images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """n real 32x32 RGB images (CIFAR-10-mini, tiled) or, without it, seeded noise."""
+    from pipeline.datasets import load_dataset
+
+    if SHARED_CIFAR.is_dir():
+        split = load_dataset(f"folder:{SHARED_CIFAR}").splits["train"]
+        x = np.concatenate(list(split.batches(500)))
+        reps = -(-n // len(x))
+        return np.tile(x, (reps, 1, 1, 1))[:n], np.tile(split.labels, reps)[:n], "cifar10-mini (tiled)"
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 32, 32, 3), np.uint8), np.arange(n) % 10, "random uint8"
+
+
+def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_size: int,
+            size: int) -> dict:
+    data = np.load(npz)
+    x = data["x_train"]
+    t0 = time.perf_counter()
+    if method == "naive":
+        import keras
+        import tensorflow as tf
+
+        from pipeline.backbones import build_backbone, preprocess_input
+
+        model = build_backbone(backbone, weights="none", alpha=alpha, input_size=size)
+        pooled = keras.Sequential([model, keras.layers.GlobalAveragePooling2D()])
+        big = tf.image.resize(x.astype(np.float32), (size, size)).numpy()  # all of it, in RAM
+        big = preprocess_input(backbone)(big)
+        features = pooled.predict(big, batch_size=batch_size, verbose=0)
+        rows = len(features)
+    else:
+        from pipeline.extract import ExtractionConfig, extract_features
+
+        with tempfile.TemporaryDirectory() as cache:
+            config = ExtractionConfig(dataset=f"npz:{npz}", backbone=backbone, alpha=alpha,
+                                      weights="none", image_size=size, batch_size=batch_size,
+                                      cache_dir=cache, compression="none")
+            result = extract_features(config, log=lambda *_: None)
+            rows = sum(result.info["dataset_splits"].values())
+    return {"rows": int(rows), "seconds": time.perf_counter() - t0}
+
+
+def _run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, size: int) -> dict:
+    code = ("import json, sys; from pipeline.bench import _worker; "
+            f"print('RESULT', json.dumps(_worker({method!r}, {npz!r}, {backbone!r}, {alpha!r}, "
+            f"{batch_size}, {size})))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0 or "RESULT" not in out:
+        raise PipelineError(f"benchmark worker {method} failed (status {status})")
+    result = json.loads(out.split("RESULT", 1)[1])
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024
+    result["images_per_second"] = result["rows"] / result["seconds"]
+    return result
+
+
+def bench_extract(out: str | None = None, sizes: list[int] | None = None,
+                  backbone: str = "mobilenet_v2", alpha: float | None = None,
+                  batch_size: int = 64, size: int = 224) -> dict:
+    import tensorflow as tf
+
+    sizes = sizes or [2000, 8000]
+    report = {"what": "extraction: naive (upscale all in RAM + model.predict) vs ours",
+              "backbone": backbone, "alpha": alpha, "image_size": size, "batch_size": batch_size,
+              "weights": "none (same compute as imagenet)", "machine": _machine(tf), "runs": []}
+    for n in sizes:
+        x, y, source = _images(n)
+        with tempfile.TemporaryDirectory() as tmp:
+            npz = str(Path(tmp) / "bench.npz")
+            # Ours extracts train + test: give it n/2 of each so both process n images.
+            np.savez(npz, x_train=x[: n // 2], y_train=y[: n // 2], x_test=x[n // 2:],
+                     y_test=y[n // 2:])
+            np.savez(Path(tmp) / "all.npz", x_train=x, y_train=y, x_test=x[:1], y_test=y[:1])
+            for method, path in (("naive", str(Path(tmp) / "all.npz")), ("ours", npz)):
+                print(f"bench extract: {method}, N={n} ...", flush=True)
+                r = _run_worker(method, path, backbone, alpha, batch_size, size)
+                r.update({"method": method, "n": n, "images": source})
+                print(f"  {r['images_per_second']:.1f} img/s, peak RSS {r['peak_rss_mib']:.0f} MiB",
+                      flush=True)
+                report["runs"].append(r)
+    by = {(r["method"], r["n"]): r for r in report["runs"]}
+    lo, hi = min(sizes), max(sizes)
+    report["summary"] = {
+        "speedup_at_largest_n": by[("ours", hi)]["images_per_second"] / by[("naive", hi)]["images_per_second"],
+        "ours_rss_growth_smallest_to_largest": by[("ours", hi)]["peak_rss_mib"] / by[("ours", lo)]["peak_rss_mib"] - 1,
+        "ours_rss_fraction_of_naive_at_largest_n": by[("ours", hi)]["peak_rss_mib"] / by[("naive", hi)]["peak_rss_mib"],
+    }
+    _write(report, out or "bench_results/extract.json")
+    return report
+
+
+def bench_heads(out: str | None = None, features: str | None = None,
+                heads: tuple[str, ...] = ("logreg", "linear_svm", "rbf_svm", "mlp", "sgd_linear"),
+                min_rows: int = 20_000) -> dict:
+    """Fit seconds and accuracy per head on one feature file of at least ``min_rows`` rows,
+    plus the logistic-regression sweep on 50,000 x 1,280 synthetic features."""
+    from sklearn.datasets import make_classification
+
+    from pipeline.heads import evaluate, load_features, make_head
+    from pipeline.store import FeatureFile, FeatureStore
+
+    if features is None:
+        candidates = [p for p in FeatureStore("features_cache").complete_files()
+                      if FeatureFile(p).features("train").shape[0] >= min_rows]
+        if not candidates:
+            raise PipelineError(f"no feature file with {min_rows:,}+ training rows in features_cache/; "
+                                "extract one (e.g. make features CONFIG=experiments/offline.toml) "
+                                "or pass --features FILE")
+        features = str(min(candidates, key=lambda p: p.stat().st_size))
+    report = {"what": "head fit cost", "features": features, "machine": _machine(None), "runs": []}
+    with FeatureFile(features) as ff:
+        for head in heads:
+            data = load_features(ff, head)
+            model, note = make_head(head, n_train=len(data.y_train))
+            t0 = time.perf_counter()
+            model.fit(data.X_train, data.y_train)
+            fit = time.perf_counter() - t0
+            m = evaluate(model, data.X_test, data.y_test, data.classes)
+            row = {"head": head, "note": note, "n_train": len(data.y_train),
+                   "width": int(np.prod(data.X_train.shape[1:])), "fit_seconds": fit,
+                   "fits_in_sweep": len(getattr(model, "sweep_", [])) + 1,
+                   "test_accuracy": m["test_accuracy"], "best_params": model.best_params_}
+            print(f"bench heads: {head}: {fit:.1f} s, {100 * m['test_accuracy']:.2f}%", flush=True)
+            report["runs"].append(json.loads(json.dumps(row, default=float)))
+    X, y = make_classification(55_000, n_features=1280, n_informative=200, n_classes=10,
+                               random_state=0)
+    X = X.astype(np.float32)
+    model, _ = make_head("logreg")
+    t0 = time.perf_counter()
+    model.fit(X[:50_000], y[:50_000])
+    fit = time.perf_counter() - t0
+    report["logreg_sweep_50000x1280"] = {
+        "fit_seconds": fit, "fits": len(model.sweep_) + 1, "best_params": model.best_params_,
+        "test_accuracy": float(model.score(X[50_000:], y[50_000:])),
+        "data": "make_classification(55,000 x 1,280, 200 informative, 10 classes), 50,000 train"}
+    print(f"bench heads: logreg sweep on 50,000 x 1,280: {fit:.1f} s", flush=True)
+    _write(report, out or "bench_results/heads.json")
+    return report
+
+
+def _machine(tf) -> dict:
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    if tf is not None:
+        info["tensorflow"] = tf.__version__
+        info["gpus"] = [g.name for g in tf.config.list_physical_devices("GPU")]
+    return info
+
+
+def _write(report: dict, out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=float))
+    print(f"wrote {path}")

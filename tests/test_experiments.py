@@ -1,0 +1,163 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_images
+from pipeline import experiments
+from pipeline.errors import PipelineError
+from pipeline.experiments import load_experiment, run_experiment, train_one
+
+
+def _npz(path, seed):
+    x, y = make_images(36, seed=seed)
+    np.savez(path, x_train=x, y_train=y, x_test=x[:18], y_test=y[:18])
+
+
+def _config(tmp_path, heads=("logreg",), datasets=("a",)):
+    lines = [f'cache_dir = "{tmp_path / "cache"}"', f'results_dir = "{tmp_path / "results"}"',
+             "batch_size = 12"]
+    for name in datasets:
+        if not (tmp_path / f"{name}.npz").exists():
+            _npz(tmp_path / f"{name}.npz", seed=ord(name))
+        lines += ["[[datasets]]", f'name = "{name}"', f'source = "npz:{tmp_path / name}.npz"']
+    lines += ["[[backbones]]", 'name = "mobilenet_v2"', "alpha = 0.35", 'weights = "none"',
+              "image_size = 32", "[[features]]", 'mode = "avg"']
+    for head in heads:
+        lines += ["[[heads]]", f'name = "{head}"',
+                  "params = { C = 1.0 }" if head == "logreg" else "params = { max_epochs = 5 }"]
+    path = tmp_path / "exp.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in Path(root).rglob("*") if p.is_file()
+            and ".locks" not in p.parts and not p.name.startswith(".")}
+
+
+def test_second_run_does_no_work_and_says_so(tmp_path, capsys):
+    exp = load_experiment(_config(tmp_path))
+    run_experiment(exp)
+    before = _mtimes(tmp_path / "cache") | _mtimes(tmp_path / "results" / exp_key(tmp_path))
+    capsys.readouterr()
+    run_experiment(load_experiment(_config(tmp_path)))
+    out = capsys.readouterr().out
+    assert "nothing to do: everything is up to date" in out
+    after = _mtimes(tmp_path / "cache") | _mtimes(tmp_path / "results" / exp_key(tmp_path))
+    assert before == after
+
+
+def exp_key(tmp_path):
+    return next(p.name for p in (tmp_path / "results").iterdir() if p.is_dir())
+
+
+def test_adding_a_head_trains_only_that_head(tmp_path, capsys):
+    run_experiment(load_experiment(_config(tmp_path)))
+    features = _mtimes(tmp_path / "cache")
+    logreg = (tmp_path / "results" / exp_key(tmp_path))
+    logreg_metrics = next(logreg.glob("logreg*/metrics.json"))
+    stamp = logreg_metrics.stat().st_mtime_ns
+    capsys.readouterr()
+    run_experiment(load_experiment(_config(tmp_path, heads=("logreg", "mlp"))))
+    out = capsys.readouterr().out
+    assert "extract" not in out.split("cached)")[-1].split("[")[0]
+    assert _mtimes(tmp_path / "cache") == features
+    assert logreg_metrics.stat().st_mtime_ns == stamp
+    assert next(logreg.glob("mlp*/metrics.json")).exists()
+
+
+def test_changed_dataset_invalidates_exactly_what_depends_on_it(tmp_path):
+    run_experiment(load_experiment(_config(tmp_path, datasets=("a", "b"))))
+    files = sorted((tmp_path / "cache").glob("*.h5"))
+    b_file = next(f for f in files if "npz_b" in f.name)
+    a_file = next(f for f in files if "npz_a" in f.name)
+    a_stamp = a_file.stat().st_mtime_ns
+    _npz(tmp_path / "b.npz", seed=99)  # new content for dataset b
+    jobs = experiments.plan(load_experiment(_config(tmp_path, datasets=("a", "b"))))
+    assert [j.state for j in jobs] == ["cached", "missing"]
+    run_experiment(load_experiment(_config(tmp_path, datasets=("a", "b"))))
+    assert a_file.stat().st_mtime_ns == a_stamp and b_file.exists()
+    assert len(list((tmp_path / "cache").glob("*.h5"))) == 3
+    assert len([p for p in (tmp_path / "results").iterdir() if p.is_dir()]) == 3
+
+
+def test_dry_run_plans_without_writing(tmp_path, capsys):
+    run_experiment(load_experiment(_config(tmp_path)), dry_run=True)
+    out = capsys.readouterr().out
+    assert "[missing ]" in out and "would extract 1 feature file(s) and train 1 head(s)" in out
+    assert not list((tmp_path / "cache").glob("*.h5")) if (tmp_path / "cache").exists() else True
+
+
+@pytest.mark.parametrize("text, message", [
+    ('colour = "red"\n', "unknown key\\(s\\) colour"),
+    ('[[datasets]]\nname = 3\n', "name = 3 should be str"),
+    ('[[datasets]]\nname = "x"\nlimit = "ten"\n', "limit = 'ten' should be int"),
+    ('[[datasets]]\nname = "x"\n[[backbones]]\nname = "vgg16"\n[[features]]\nmode = "mean"\n'
+     '[[heads]]\nname = "logreg"\n', "mode = 'mean'; use one of avg"),
+    ('[[datasets]]\nname = "x"\n[[backbones]]\nname = "vgg16"\n[[features]]\nmode = "avg"\n'
+     '[[heads]]\nname = "knn"\n', "name = 'knn'; use one of logreg"),
+    ("datasets = [\n", "not valid TOML"),
+])
+def test_bad_experiment_files_get_one_line(tmp_path, text, message):
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(PipelineError, match=message):
+        load_experiment(str(tmp_path / "bad.toml"))
+
+
+def test_shipped_experiment_files_are_valid():
+    for name in ("default", "offline"):
+        exp = load_experiment(str(REPO / "experiments" / f"{name}.toml"))
+        assert exp.heads and exp.backbones
+
+
+def test_make_variables_override_the_grid(tmp_path):
+    exp = load_experiment(_config(tmp_path), backbones="resnet50 mobilenet_v2", heads="mlp",
+                          datasets="cifar10", limit=50)
+    assert [b["name"] for b in exp.backbones] == ["resnet50", "mobilenet_v2"]
+    assert exp.backbones[1]["alpha"] == 0.35  # a configured backbone keeps its options
+    assert exp.heads == [{"name": "mlp"}] and exp.limit == 50
+    assert exp.datasets == [{"name": "cifar10", "source": "cifar10"}]
+
+
+def test_crash_while_writing_a_result_never_leaves_a_done_result(tmp_path, monkeypatch):
+    run_experiment(load_experiment(_config(tmp_path)), stage="features")
+    feature_file = next((tmp_path / "cache").glob("*.h5"))
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "plot_confusion", boom)
+    with pytest.raises(KeyboardInterrupt):
+        train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results", log=print)
+    assert not list((tmp_path / "results").glob("*/logreg*/metrics.json"))
+    monkeypatch.undo()
+    status, out = train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")
+    assert status == "trained" and json.loads((out / "metrics.json").read_text())["test_accuracy"] >= 0
+    assert train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")[0] == "up-to-date"
+
+
+@pytest.mark.reliability
+def test_kill_9_during_head_training_never_leaves_a_half_result(tmp_path):
+    run_experiment(load_experiment(_config(tmp_path)), stage="features")
+    feature_file = next((tmp_path / "cache").glob("*.h5"))
+    args = [sys.executable, "-m", "pipeline", "train", "--head", "logreg", "--head", "mlp",
+            "--features", str(feature_file), "--results-dir", str(tmp_path / "results")]
+    for delay in (0.5, 1.5, 2.5, 3.5):
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for result in (tmp_path / "results").glob("*/*"):
+            if result.is_dir() and not result.name.startswith("."):
+                metrics = json.loads((result / "metrics.json").read_text())  # complete or absent
+                assert (result / "model.joblib").exists() and "test_accuracy" in metrics
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=os.environ)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "results").glob("*/*/metrics.json"))) == 2

@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+
+from conftest import write_feature_file
+from pipeline import heads as heads_module
+from pipeline.errors import PipelineError
+from pipeline.heads import (StreamingLinear, SweepClassifier, evaluate, load_features, make_head)
+from pipeline.store import FeatureFile
+
+
+def _data(blobs_file, head="logreg"):
+    with FeatureFile(blobs_file) as ff:
+        return load_features(ff, head)
+
+
+@pytest.mark.parametrize("name", ["logreg", "linear_svm", "rbf_svm", "rbf_svm_approx", "mlp"])
+def test_every_vector_head_learns_separable_features(blobs_file, name):
+    data = _data(blobs_file)
+    params = {"n_components": 50} if name == "rbf_svm_approx" else {}
+    head, note = make_head(name, params, n_train=len(data.y_train))
+    head.fit(data.X_train, data.y_train)
+    assert head.score(data.X_test, data.y_test) > 0.9
+    assert head.best_params_ and 0 < head.validation_score_ <= 1
+    assert note == ""
+
+
+def test_c_is_swept_on_a_log_grid_then_refined(blobs_file):
+    data = _data(blobs_file)
+    head, _ = make_head("logreg")
+    head.fit(data.X_train, data.y_train)
+    tried = sorted(r["C"] for r in head.sweep_)
+    assert tried[0] == pytest.approx(1e-4) and 100 in tried and len(tried) >= 8
+    best = head.best_params_["C"]
+    refined = {best * 10 ** -0.5, best * 10 ** 0.5}
+    assert any(any(abs(t - r) < 1e-12 * max(r, 1) for t in tried) for r in refined)
+
+
+def test_same_inputs_give_the_same_numbers(blobs_file):
+    data = _data(blobs_file)
+    results = []
+    for _ in range(2):
+        head, _ = make_head("mlp", {"max_epochs": 20})
+        head.fit(data.X_train, data.y_train)
+        results.append(evaluate(head, data.X_test, data.y_test, data.classes))
+    assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
+    assert results[0]["confusion_matrix"] == results[1]["confusion_matrix"]
+
+
+def test_standardisation_is_fitted_on_training_rows_only():
+    rng = np.random.default_rng(0)
+    X = rng.normal(5.0, 2.0, (200, 4))
+    y = np.arange(200) % 2
+    head = SweepClassifier(heads_module.LogisticRegression(), grid=[{"C": 1.0}]).fit(X, y)
+    scaler = head.model_.named_steps["scale"]
+    assert np.allclose(scaler.mean_, X.mean(0))  # refit on train + validation, never test
+
+
+def test_rbf_svm_switches_to_the_approximation_for_large_n_and_says_so(monkeypatch):
+    monkeypatch.setattr(heads_module, "EXACT_RBF_LIMIT", 100)
+    head, note = make_head("rbf_svm", n_train=500)
+    assert isinstance(head.estimator, heads_module.Pipeline) and "Nystroem" in note
+    assert "500 training rows > 100" in note
+
+
+def test_conv1x1_mlp_on_spatial_maps(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(600) % 3
+    X = rng.normal(size=(600, 3, 3, 8)).astype(np.float16)
+    X[..., 0] += y[:, None, None] * 2  # one channel carries the class everywhere
+    path = write_feature_file(tmp_path, X[:480], y[:480], X[480:], y[480:])
+    with FeatureFile(path) as ff:
+        data = load_features(ff, "conv1x1_mlp")
+    head, _ = make_head("conv1x1_mlp", {"filters": 8, "hidden": 16, "batch_size": 32,
+                                       "max_epochs": 30})
+    head.fit(data.X_train, data.y_train)
+    assert head.score(data.X_test, data.y_test) > 0.9
+
+
+def test_spatial_head_on_pooled_features_is_refused(blobs_file):
+    with pytest.raises(PipelineError, match="needs spatial features.*--pooling spatial"):
+        _data(blobs_file, "conv1x1_mlp")
+
+
+def test_sgd_linear_streams_from_the_hdf5_dataset(blobs_file):
+    with FeatureFile(blobs_file) as ff:
+        data = load_features(ff, "sgd_linear")
+        assert not isinstance(data.X_train, np.ndarray)  # an h5py dataset, read block by block
+        head = StreamingLinear(block_rows=64).fit(data.X_train, data.y_train)
+        assert head.score(data.X_test, data.y_test) > 0.9
+
+
+def test_memory_budget_fails_early_naming_sgd_linear_or_limit(blobs_file):
+    with FeatureFile(blobs_file) as ff:
+        with pytest.raises(PipelineError, match="over the budget.*sgd_linear.*--limit"):
+            load_features(ff, "logreg", memory_budget_gb=1e-6)
+        assert load_features(ff, "sgd_linear", memory_budget_gb=1e-6) is not None
+
+
+def test_single_class_training_split_is_refused(tmp_path):
+    X = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    path = write_feature_file(tmp_path, X[:30], np.zeros(30, int), X[30:], np.array([0] * 9 + [1]))
+    with FeatureFile(path) as ff, pytest.raises(PipelineError, match="single class"):
+        load_features(ff, "logreg")
+
+
+def test_nan_features_are_refused(blobs_file):
+    import h5py
+
+    with h5py.File(blobs_file, "r+") as f:  # tampered after publishing
+        f["train/features"][3, 1] = np.nan
+    with FeatureFile(blobs_file) as ff, pytest.raises(PipelineError, match="NaN or Inf"):
+        load_features(ff, "logreg")
+
+
+def test_unknown_head_or_parameter_gets_one_line():
+    with pytest.raises(PipelineError, match="unknown head 'xgboost'; valid: logreg, linear_svm"):
+        make_head("xgboost")
+    with pytest.raises(PipelineError, match="head 'logreg': bad parameter.*allowed: C,"):
+        make_head("logreg", {"gamma": 1})
+    with pytest.raises(PipelineError, match="head 'mlp': bad parameter.*hidden"):
+        make_head("mlp", {"units": 5})
+
+
+def test_evaluate_reports_what_users_compare(blobs_file):
+    data = _data(blobs_file)
+    head, _ = make_head("logreg", {"C": 1.0})
+    m = evaluate(head.fit(data.X_train, data.y_train), data.X_test, data.y_test, data.classes)
+    assert set(m) >= {"test_accuracy", "balanced_accuracy", "macro_f1", "per_class",
+                      "confusion_matrix", "predict_ms_per_image"}
+    assert np.sum(m["confusion_matrix"]) == len(data.y_test)
+    assert set(m["per_class"]) == {"c0", "c1", "c2"}

@@ -1,0 +1,52 @@
+import csv
+import json
+
+from pipeline.reports import collect_results, compare, markdown_table, plot_confusion
+
+
+def _result(root, key, head, acc, dataset="cifar10", fit=1.0):
+    out = root / key / head
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({
+        "head": head, "head_ran": head, "test_accuracy": acc, "macro_f1": acc - 0.01,
+        "fit_seconds": fit, "predict_ms_per_image": 0.01, "n_train": 100,
+        "features": {"dataset": dataset, "backbone": "mobilenet_v2", "alpha": 0.35,
+                     "mode": "avg", "layers": [], "width": 1280}}))
+
+
+def test_compare_writes_csv_markdown_and_plot_with_best_marked(tmp_path):
+    _result(tmp_path, "k1", "logreg", 0.80)
+    _result(tmp_path, "k1", "mlp", 0.85, fit=3.0)
+    _result(tmp_path, "k2", "logreg", 0.90, dataset="fashion_mnist")
+    lines = []
+    rows = compare(tmp_path, out=lines.append)
+    assert [r["head"] for r in rows] == ["mlp", "logreg", "logreg"]  # per dataset, best first
+    table = (tmp_path / "compare.md").read_text()
+    assert table.count("**best**") == 2 and "85.00% **best**" in table
+    with open(tmp_path / "compare.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    assert "mobilenet_v2@0.35" in lines[0]
+
+
+def test_half_written_metrics_are_ignored(tmp_path):
+    _result(tmp_path, "k1", "logreg", 0.8)
+    (tmp_path / "k1" / "mlp").mkdir()
+    (tmp_path / "k1" / "mlp" / "metrics.json").write_text('{"test_accur')
+    assert [r["head"] for r in collect_results(tmp_path)] == ["logreg"]
+
+
+def test_no_results_says_what_to_do(tmp_path):
+    lines = []
+    assert compare(tmp_path, out=lines.append) == []
+    assert "train heads first" in lines[0]
+
+
+def test_confusion_plot_is_written(tmp_path):
+    plot_confusion([[5, 1], [0, 6]], ["a", "b"], "t", tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_markdown_table_has_a_row_per_result(tmp_path):
+    _result(tmp_path, "k1", "logreg", 0.8)
+    assert len(markdown_table(collect_results(tmp_path)).strip().splitlines()) == 3
