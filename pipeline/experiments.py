@@ -102,6 +102,7 @@ def train_one(feature_path: Path, head: str, params: dict | None = None, *,
                 "params": params, "best_params": _jsonable(getattr(model, "best_params_", {})),
                 "sweep": _jsonable(getattr(model, "sweep_", [])),
                 "validation_accuracy": getattr(model, "validation_score_", None),
+                "sweep_rows": getattr(model, "sweep_rows_", None),
                 "fit_seconds": fit_seconds, "n_train": len(data.y_train),
                 "n_test": len(data.y_test), "features_file": str(ff.path),
                 "features_key": ff.key, "features_checksum": checksum,
@@ -312,20 +313,23 @@ def _head_state(job: Job, head: dict, results_dir: str) -> str:
         return "cached" if head_is_current(out, ff.checksum(), head.get("params", {})) else "to train"
 
 
+def _head_key(job: Job, head: dict) -> tuple:
+    return id(job), head["name"], json.dumps(head.get("params", {}), sort_keys=True)
+
+
 def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False) -> int:
     t0 = time.monotonic()
     jobs = plan(exp)
-    head_states = {(id(j), h["name"], json.dumps(h.get("params", {}), sort_keys=True)):
-                   _head_state(j, h, exp.results_dir) for j in jobs for h in j.heads}
+    head_states = {_head_key(j, h): _head_state(j, h, exp.results_dir) for j in jobs for h in j.heads}
     extract_todo = [j for j in jobs if j.state != "cached"] if stage in ("features", "all") else []
-    heads_todo = sum(s != "cached" for s in head_states.values()) if stage in ("heads", "all") else 0
-    print(f"experiment {exp.source}: {len(jobs)} feature files "
-          f"({len(jobs) - len([j for j in jobs if j.state != 'cached'])} cached), "
-          f"{len(head_states)} head results "
-          f"({sum(s == 'cached' for s in head_states.values())} cached)")
+    runnable = {"all": ("to train", "after extraction"), "heads": ("to train",)}.get(stage, ())
+    heads_todo = sum(s in runnable for s in head_states.values())
+    cached_files = sum(j.state == "cached" for j in jobs)
+    cached_heads = sum(s == "cached" for s in head_states.values())
+    print(f"experiment {exp.source}: {len(jobs)} feature files ({cached_files} cached), "
+          f"{len(head_states)} head results ({cached_heads} cached)")
     for j in jobs:
-        heads = ", ".join(f"{h['name']}:{head_states[(id(j), h['name'], json.dumps(h.get('params', {}), sort_keys=True))]}"
-                          for h in j.heads)
+        heads = ", ".join(f"{h['name']}:{head_states[_head_key(j, h)]}" for h in j.heads)
         print(f"  [{j.state:8}] {j.label}  heads: {heads or '-'}")
     if dry_run:
         print(f"dry run: would extract {len(extract_todo)} feature file(s) and train "
@@ -353,8 +357,7 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
                       file=sys.stderr)
                 continue
             for h in job.heads:
-                key = (id(job), h["name"], json.dumps(h.get("params", {}), sort_keys=True))
-                if head_states.get(key) == "cached":
+                if head_states[_head_key(job, h)] == "cached":
                     continue
                 step += 1
                 print(f"[{step}/{steps}] {h['name']} on {job.label}")

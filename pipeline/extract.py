@@ -316,10 +316,10 @@ def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
 
 def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, store: FeatureStore,
                     rebuild: bool, t0: float, log) -> ExtractionResult:
-    import keras
-    import tensorflow as tf
     import h5py
+    import keras
     import sklearn
+    import tensorflow as tf
 
     partial = store.partial_for(parts)
     resumed = any(partial.rows_done(s) for s in SPLITS)

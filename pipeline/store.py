@@ -23,10 +23,10 @@ import re
 import resource
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -399,7 +399,7 @@ class FeatureFile:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "FeatureFile":
+    def __enter__(self) -> FeatureFile:
         return self
 
     def __exit__(self, *exc) -> None:

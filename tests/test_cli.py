@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
-from conftest import REPO, write_feature_file
 from pipeline.cli import main
 
 

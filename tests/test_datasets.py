@@ -4,9 +4,9 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import make_images
 from PIL import Image
 
-from conftest import make_images
 from pipeline.datasets import load_dataset, stratified_subset
 from pipeline.errors import PipelineError
 

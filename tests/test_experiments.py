@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, make_images
+
 from pipeline import experiments
 from pipeline.errors import PipelineError
 from pipeline.experiments import load_experiment, run_experiment, train_one

@@ -8,8 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, make_images
+
 from pipeline.errors import PipelineError
 from pipeline.extract import ExtractionConfig, extract_features
 from pipeline.store import FeatureFile, PartialEntry, check_file

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
-
 from conftest import write_feature_file
+
 from pipeline import heads as heads_module
 from pipeline.errors import PipelineError
-from pipeline.heads import (StreamingLinear, SweepClassifier, evaluate, load_features, make_head)
+from pipeline.heads import StreamingLinear, SweepClassifier, evaluate, load_features, make_head
 from pipeline.store import FeatureFile
 
 

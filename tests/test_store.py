@@ -5,8 +5,8 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from conftest import write_feature_file
+
 from pipeline.errors import PipelineError
 from pipeline.store import FeatureFile, FeatureStore, check_file, chunk_rows
 
