@@ -61,7 +61,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow and not reliability"
 
 reliability: install
-	$(PY) -m pytest -q -m reliability
+	$(PY) -m pytest -q -m "reliability or bad_input"
 
 bench: bench-extract bench-heads
 

@@ -217,8 +217,8 @@ class Conv1x1MLP(ClassifierMixin, BaseEstimator):
         keras.utils.set_random_seed(self.random_state)
         fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state)
         self.classes_ = np.unique(y)
-        norm = keras.layers.Normalization(axis=-1)
-        norm.adapt(X[fit_idx].astype(np.float32))
+        norm = keras.layers.Normalization(axis=-1)  # maps stay float16 in RAM: cast per batch
+        norm.adapt(X[fit_idx][: min(len(fit_idx), 5000)].astype(np.float32))
         model = keras.Sequential([
             keras.Input(X.shape[1:]), norm,
             keras.layers.Conv2D(self.filters, 1, activation="relu"),
@@ -232,8 +232,8 @@ class Conv1x1MLP(ClassifierMixin, BaseEstimator):
         labels = np.searchsorted(self.classes_, y)
         stop = keras.callbacks.EarlyStopping("val_accuracy", patience=self.patience,
                                              restore_best_weights=True)
-        history = model.fit(X[fit_idx].astype(np.float32), labels[fit_idx],
-                            validation_data=(X[val_idx].astype(np.float32), labels[val_idx]),
+        history = model.fit(X[fit_idx], labels[fit_idx],
+                            validation_data=(X[val_idx], labels[val_idx]),
                             epochs=self.max_epochs, batch_size=self.batch_size, callbacks=[stop],
                             verbose=0, shuffle=True)
         val = history.history["val_accuracy"]
@@ -244,7 +244,7 @@ class Conv1x1MLP(ClassifierMixin, BaseEstimator):
         return self
 
     def predict(self, X):
-        probs = self.model_.predict(np.asarray(X, dtype=np.float32), batch_size=512, verbose=0)
+        probs = self.model_.predict(np.asarray(X), batch_size=512, verbose=0)
         return self.classes_[np.argmax(probs, axis=1)]
 
 
@@ -421,7 +421,8 @@ def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None 
                             "a classifier needs at least two")
     budget = (memory_budget_gb * 2**30 if memory_budget_gb else 0.5 * available_memory_bytes())
     rows = shape[0] + ff.features("test").shape[0]
-    need = rows * int(np.prod(shape[1:])) * 4 * 3  # float32, plus the scaled and split copies
+    # Vectors become float32 with a scaled and a split copy; spatial maps stay float16 (2 copies).
+    need = rows * int(np.prod(shape[1:])) * (2 * 2 if spatial else 4 * 3)
     if head not in STREAMING_HEADS and need > budget:
         raise PipelineError(
             f"{ff.path.name}: head {head!r} needs about {need / 2**30:.1f} GiB in memory, over the "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,36 @@ def blobs_file(tmp_path) -> Path:
     X, y = make_blobs(900, n_features=20, centers=3, cluster_std=3.0, random_state=0)
     X = X.astype(np.float32)
     return write_feature_file(tmp_path / "cache", X[:600], y[:600], X[600:], y[600:])
+
+
+# ----------------------------------------------------------------------------- reliability figures
+
+LEDGER: Counter = Counter()  # what the fault tests did, printed at the end of the run
+
+
+def audit_cache(folder: Path) -> None:
+    """Fully check every published file in ``folder``; a fault must never leave a bad one."""
+    from pipeline.store import check_file
+
+    for path in Path(folder).glob("*.h5"):
+        LEDGER["cache files audited"] += 1
+        problem = check_file(path, full=True)
+        if problem:
+            LEDGER["cache files corrupted"] += 1
+        assert problem is None, f"{path.name}: {problem}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    passed = terminalreporter.stats.get("passed", [])
+    faults = sum("reliability" in r.keywords for r in passed)
+    bad = sum("bad_input" in r.keywords for r in passed)
+    if not (faults or bad or LEDGER):
+        return
+    terminalreporter.write_sep("=", "reliability figures")
+    terminalreporter.write_line(f"fault scenarios passed:           {faults}")
+    terminalreporter.write_line(f"interrupted runs (kill -9, crash, full disk): {LEDGER['interrupted']}")
+    terminalreporter.write_line(f"interrupted runs resumed to done: {LEDGER['resumed']}")
+    terminalreporter.write_line(f"bit-identical to uninterrupted:   {LEDGER['bit-identical']}")
+    terminalreporter.write_line(f"bad inputs tried (one line, cache unchanged): {bad}")
+    terminalreporter.write_line(f"cache files audited after faults: {LEDGER['cache files audited']}")
+    terminalreporter.write_line(f"cache files corrupted:            {LEDGER['cache files corrupted']}")

@@ -24,6 +24,7 @@ def test_every_entry_names_a_real_keras_constructor_and_preprocess_function():
         assert callable(preprocess_input(spec.name)), spec.name
 
 
+@pytest.mark.bad_input
 def test_unknown_backbone_lists_the_valid_ones():
     with pytest.raises(PipelineError, match="unknown backbone 'resnet5'; valid: mobilenet, "):
         get_spec("resnet5")
@@ -55,17 +56,20 @@ def test_weights_identity_is_the_file_hash_or_the_keras_version(tmp_path):
         weights_identity(str(tmp_path / "missing.h5"))
 
 
+@pytest.mark.bad_input
 def test_image_size_too_small_for_the_backbone_is_one_line():
     with pytest.raises(PipelineError, match="cannot be built with input 16x16") as info:
         build_backbone("resnet50", weights="none", input_size=16)
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.bad_input
 def test_alpha_only_for_mobilenets():
     with pytest.raises(PipelineError, match="takes no alpha"):
         build_backbone("vgg16", weights="none", alpha=0.5)
 
 
+@pytest.mark.bad_input
 @pytest.mark.slow
 def test_imagenet_without_network_or_files_says_how_to_supply_them():
     # ResNet50's ImageNet file is not in ../shared/keras and this machine has no network.

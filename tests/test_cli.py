@@ -14,6 +14,7 @@ def run_cli(*args):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("args, message", [
     (["extract", "--dataset", "imagenet22k"], "unknown dataset 'imagenet22k'"),
     (["extract", "--dataset", "folder:/no/such/dir"], "does not exist"),

@@ -42,6 +42,7 @@ def test_fingerprint_is_stable_and_changes_with_one_pixel(tmp_path):
     assert load_dataset(f"npz:{tmp_path / 'a.npz'}").fingerprint != first
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("arrays, message", [
     ({"x_train": np.zeros((2, 4, 4), np.uint8), "y_train": [0, 1]}, "lacks x_test, y_test"),
     ({"x_train": np.zeros((3, 4, 4), np.uint8), "y_train": [0, 1],
@@ -59,11 +60,13 @@ def test_bad_npz_gets_one_clear_line(tmp_path, arrays, message):
     assert "\n" not in str(info.value) and "bad.npz" in str(info.value)
 
 
+@pytest.mark.bad_input
 def test_unknown_dataset_lists_the_valid_ones():
     with pytest.raises(PipelineError, match="cifar10, cifar100, fashion_mnist, mnist.*folder:PATH"):
         load_dataset("imagenet22k")
 
 
+@pytest.mark.bad_input
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(PipelineError, match="does not exist"):
         load_dataset(f"folder:{tmp_path / 'nope'}")
@@ -92,6 +95,7 @@ def test_idx_folder_reads_images_and_labels(tmp_path):
     assert ds.classes == [str(i) for i in range(10)]
 
 
+@pytest.mark.bad_input
 def test_idx_with_wrong_magic_or_truncated_body_is_refused(tmp_path):
     x, y = _idx_folder(tmp_path / "d")
     _write_idx(tmp_path / "d" / "train-images-idx3-ubyte.gz", x, 3, magic_type=0x0D)
@@ -146,6 +150,7 @@ def test_image_folder_normalises_modes_and_sizes(tmp_path):
     assert abs(int(by_name["big"].mean()) - 10) <= 2
 
 
+@pytest.mark.bad_input
 def test_corrupt_image_is_named_or_skipped_and_recorded(tmp_path):
     root = tmp_path / "imgs"
     for split in ("train", "test"):
@@ -161,6 +166,7 @@ def test_corrupt_image_is_named_or_skipped_and_recorded(tmp_path):
     assert any("broken.jpg" in s for s in ds.skipped) and any("empty.png" in s for s in ds.skipped)
 
 
+@pytest.mark.bad_input
 def test_image_folder_with_one_class_or_test_only_class_is_refused(tmp_path):
     _save(tmp_path / "one" / "only" / "0.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(PipelineError, match="at least two"):

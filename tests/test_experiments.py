@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_images
+from conftest import LEDGER, REPO, audit_cache, make_images
 
 from pipeline import experiments
 from pipeline.errors import PipelineError
@@ -95,6 +95,7 @@ def test_dry_run_plans_without_writing(tmp_path, capsys):
     assert not list((tmp_path / "cache").glob("*.h5")) if (tmp_path / "cache").exists() else True
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("text, message", [
     ('colour = "red"\n', "unknown key\\(s\\) colour"),
     ('[[datasets]]\nname = 3\n', "name = 3 should be str"),
@@ -140,6 +141,7 @@ def test_crash_while_writing_a_result_never_leaves_a_done_result(tmp_path, monke
     monkeypatch.undo()
     status, out = train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")
     assert status == "trained" and json.loads((out / "metrics.json").read_text())["test_accuracy"] >= 0
+    LEDGER.update(["interrupted", "resumed"])
     assert train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")[0] == "up-to-date"
 
 
@@ -149,10 +151,13 @@ def test_kill_9_during_head_training_never_leaves_a_half_result(tmp_path):
     feature_file = next((tmp_path / "cache").glob("*.h5"))
     args = [sys.executable, "-m", "pipeline", "train", "--head", "logreg", "--head", "mlp",
             "--features", str(feature_file), "--results-dir", str(tmp_path / "results")]
+    kills = 0
     for delay in (0.5, 1.5, 2.5, 3.5):
         proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
         proc.wait()
         for result in (tmp_path / "results").glob("*/*"):
             if result.is_dir() and not result.name.startswith("."):
@@ -161,3 +166,24 @@ def test_kill_9_during_head_training_never_leaves_a_half_result(tmp_path):
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=os.environ)
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "results").glob("*/*/metrics.json"))) == 2
+    assert kills >= 2
+    LEDGER.update({"interrupted": kills, "resumed": 1})
+
+
+@pytest.mark.reliability
+def test_make_j2_runs_two_stages_at_once_with_one_writer_per_file(tmp_path):
+    config = _config(tmp_path)
+    venv = tmp_path / "venv"  # stands in for .venv: the interpreter running these tests
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / ".installed").touch()
+    proc = subprocess.run(["make", "-j2", "all", "features", f"CONFIG={config}", f"VENV={venv}"],
+                          cwd=REPO, capture_output=True, text=True, env=os.environ, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    wrote = [line for line in out.splitlines() if line.startswith("wrote ") and ".h5" in line]
+    assert len(wrote) == 1  # one extraction wrote the file; the other waited or found it
+    assert "written by the process we waited for" in out or "up to date" in out
+    audit_cache(tmp_path / "cache")
+    assert len(list((tmp_path / "results").glob("*/*/metrics.json"))) == 1

@@ -76,6 +76,7 @@ def test_conv1x1_mlp_on_spatial_maps(tmp_path):
     assert head.score(data.X_test, data.y_test) > 0.9
 
 
+@pytest.mark.bad_input
 def test_spatial_head_on_pooled_features_is_refused(blobs_file):
     with pytest.raises(PipelineError, match="needs spatial features.*--pooling spatial"):
         _data(blobs_file, "conv1x1_mlp")
@@ -89,6 +90,7 @@ def test_sgd_linear_streams_from_the_hdf5_dataset(blobs_file):
         assert head.score(data.X_test, data.y_test) > 0.9
 
 
+@pytest.mark.bad_input
 def test_memory_budget_fails_early_naming_sgd_linear_or_limit(blobs_file):
     with FeatureFile(blobs_file) as ff:
         with pytest.raises(PipelineError, match="over the budget.*sgd_linear.*--limit"):
@@ -96,6 +98,7 @@ def test_memory_budget_fails_early_naming_sgd_linear_or_limit(blobs_file):
         assert load_features(ff, "sgd_linear", memory_budget_gb=1e-6) is not None
 
 
+@pytest.mark.bad_input
 def test_single_class_training_split_is_refused(tmp_path):
     X = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
     path = write_feature_file(tmp_path, X[:30], np.zeros(30, int), X[30:], np.array([0] * 9 + [1]))
@@ -103,6 +106,7 @@ def test_single_class_training_split_is_refused(tmp_path):
         load_features(ff, "logreg")
 
 
+@pytest.mark.bad_input
 def test_nan_features_are_refused(blobs_file):
     import h5py
 
@@ -112,6 +116,7 @@ def test_nan_features_are_refused(blobs_file):
         load_features(ff, "logreg")
 
 
+@pytest.mark.bad_input
 def test_unknown_head_or_parameter_gets_one_line():
     with pytest.raises(PipelineError, match="unknown head 'xgboost'; valid: logreg, linear_svm"):
         make_head("xgboost")

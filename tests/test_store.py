@@ -45,6 +45,7 @@ def test_chunking_and_compression_are_applied(tmp_path):
         assert f["train/features"].compression == "lzf"
 
 
+@pytest.mark.bad_input
 def test_truncated_zero_length_and_foreign_files_are_never_trusted(tmp_path):
     path = _file(tmp_path)
     data = path.read_bytes()
@@ -61,6 +62,7 @@ def test_truncated_zero_length_and_foreign_files_are_never_trusted(tmp_path):
         FeatureFile(foreign)
 
 
+@pytest.mark.bad_input
 def test_tampered_key_or_data_is_detected(tmp_path):
     path = _file(tmp_path)
     with h5py.File(path, "r+") as f:
@@ -76,6 +78,7 @@ def test_tampered_key_or_data_is_detected(tmp_path):
     assert "stored sha256" in check_file(other, full=True)  # ... verify re-hashes the rows
 
 
+@pytest.mark.bad_input
 def test_nan_features_are_refused_at_publish(tmp_path):
     X, y = _features()
     X[7, 3] = np.nan
