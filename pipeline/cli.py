@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--sizes", default=None, help="comma-separated dataset sizes (extract)")
     p.add_argument("--features", default=None, help="feature file (heads)")
+    p.add_argument("--backbone", default="mobilenet_v2", help="backbone (extract)")
+    p.add_argument("--alpha", type=float, default=None, help="MobileNet width (extract)")
     return parser
 
 
@@ -212,7 +214,7 @@ def cmd_bench(args) -> int:
 
     if args.what == "extract":
         sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-        bench.bench_extract(out=args.out, sizes=sizes)
+        bench.bench_extract(out=args.out, sizes=sizes, backbone=args.backbone, alpha=args.alpha)
     else:
         bench.bench_heads(out=args.out, features=args.features)
     return 0

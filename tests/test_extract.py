@@ -118,6 +118,17 @@ def test_bottleneck_is_a_pca_of_training_maps_stored_in_the_file(npz_dataset, tm
     assert np.allclose(np.abs(top.T @ comps), np.eye(4), atol=1e-3)
 
 
+def test_mixed_precision_gives_finite_float32_features_under_its_own_key(npz_dataset, tmp_path):
+    full = extract_features(tiny(npz_dataset, tmp_path), log=quiet)
+    mixed = extract_features(tiny(npz_dataset, tmp_path, precision="mixed_bfloat16"), log=quiet)
+    X = _features(mixed.path)[0]
+    assert mixed.path != full.path and X.dtype == np.float32 and np.isfinite(X).all()
+    assert mixed.info["precision"] == "mixed_bfloat16"
+    import keras
+
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+
+
 def test_spatial_mode_keeps_the_map_in_float16(npz_dataset, tmp_path):
     X, _ = _features(extract_features(tiny(npz_dataset, tmp_path, pooling="spatial", image_size=64),
                                       log=quiet).path)
