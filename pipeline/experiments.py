@@ -189,7 +189,7 @@ _TOP_KEYS = {"datasets", "backbones", "features", "heads", "cache_dir", "results
 _ENTRY_KEYS = {
     "datasets": {"name", "source", "limit", "skip_bad"},
     "backbones": {"name", "alpha", "weights", "image_size", "batch_size", "precision"},
-    "features": {"mode", "layers", "k", "backbones", "compression"},
+    "features": {"mode", "layers", "k", "backbones", "heads", "compression"},
     "heads": {"name", "params", "modes"},
 }
 
@@ -198,7 +198,7 @@ def _check_types(path: str, section: str, entry: dict) -> None:
     types = {"name": str, "source": str, "limit": int, "skip_bad": bool, "alpha": (int, float),
              "weights": str, "image_size": int, "batch_size": int, "precision": str,
              "mode": str, "layers": list, "k": int, "backbones": list, "compression": str,
-             "params": dict, "modes": list}
+             "params": dict, "modes": list, "heads": list}
     for key, value in entry.items():
         if not isinstance(value, types[key]) or isinstance(value, bool) != (types[key] is bool):
             raise PipelineError(f"{path}: [{section}] {key} = {value!r} should be "
@@ -297,7 +297,8 @@ def plan(exp: Experiment) -> list[Job]:
                 spatial = f["mode"] == "spatial"
                 heads = [h for h in exp.heads
                          if (h["name"] in SPATIAL_HEADS) == spatial
-                         and (not h.get("modes") or f["mode"] in h["modes"])]
+                         and (not h.get("modes") or f["mode"] in h["modes"])
+                         and (not f.get("heads") or h["name"] in f["heads"])]
                 layers = f"[{len(config.layers)} layers]" if config.layers else ""
                 label = (f"{d['name']} / {b['name']}{'@' + str(b['alpha']) if b.get('alpha') else ''}"
                          f" / {f['mode']}{layers}")
