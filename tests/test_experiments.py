@@ -187,3 +187,11 @@ def test_make_j2_runs_two_stages_at_once_with_one_writer_per_file(tmp_path):
     assert "written by the process we waited for" in out or "up to date" in out
     audit_cache(tmp_path / "cache")
     assert len(list((tmp_path / "results").glob("*/*/metrics.json"))) == 1
+
+
+def test_a_features_entry_can_name_the_heads_that_run_on_it(tmp_path):
+    config = Path(_config(tmp_path, heads=("logreg", "mlp")))
+    text = config.read_text().replace('mode = "avg"\n', 'mode = "avg"\nheads = ["mlp"]\n', 1)
+    config.write_text(text)
+    [job] = experiments.plan(load_experiment(str(config)))
+    assert [h["name"] for h in job.heads] == ["mlp"]

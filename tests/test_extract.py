@@ -260,6 +260,39 @@ def test_kill_during_publish_leaves_a_tmp_file_that_is_never_trusted(bigger_npz,
     audit_cache(tmp_path)
 
 
+KILL_AT = {  # a real SIGKILL, sent by the process to itself at a chosen point of publishing
+    "final checks": "import pipeline.store as m; real = m.check_file\n"
+                    "def hook(*a, **k):\n"
+                    "    if k.get('full'): os.kill(os.getpid(), signal.SIGKILL)\n"
+                    "    return real(*a, **k)\n"
+                    "m.check_file = hook",
+    "rename": "real = os.replace\n"
+              "def hook(a, b):\n"
+              "    if str(b).endswith('.h5'): os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return real(a, b)\n"
+              "os.replace = hook",
+}
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("point", sorted(KILL_AT))
+def test_kill_9_during_final_checks_or_rename_then_resume(bigger_npz, tmp_path, point):
+    ref = _cli(*_cli_args(bigger_npz, tmp_path / "ref"))
+    assert ref.wait(timeout=300) == 0
+    reference = _features(next((tmp_path / "ref").glob("*.h5")))
+    code = ("import os, signal, sys\n" + KILL_AT[point] + "\nfrom pipeline.cli import main\n"
+            f"sys.exit(main({_cli_args(bigger_npz, tmp_path / 'run')!r}))")
+    killed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert not list((tmp_path / "run").glob("*.h5"))  # nothing half-done was published
+    again = _cli(*_cli_args(bigger_npz, tmp_path / "run"))
+    assert again.wait(timeout=300) == 0
+    resumed = _features(next((tmp_path / "run").glob("*.h5")))
+    assert all(np.array_equal(a, b) for a, b in zip(reference, resumed))
+    LEDGER.update(["interrupted", "resumed", "bit-identical"])
+    audit_cache(tmp_path / "run")
+
+
 @pytest.mark.reliability
 def test_full_disk_keeps_partial_work_and_resumes(bigger_npz, tmp_path):
     import resource
