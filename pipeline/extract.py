@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import backbones as bb
-from pipeline.datasets import SPLITS, Dataset, load_dataset
+from pipeline.datasets import SPLITS, Dataset, load_dataset, stratified_subset
 from pipeline.errors import PipelineError
 from pipeline.store import FeatureStore, PartialEntry, check_file
 
@@ -202,8 +202,9 @@ def fit_bottleneck(model: FeatureModel, dataset: Dataset, k: int, n_images: int,
     The top-k principal directions are the 1x1 convolution that keeps the most variance
     of the map: a label-free choice, so it cannot leak test information.
     """
-    from pipeline.datasets import stratified_subset
-
+    channels = model.backbone.output_shape[-1]
+    if k > channels:
+        raise PipelineError(f"--bottleneck-k {k} exceeds the {channels} channels of the map")
     train = dataset.splits["train"]
     idx = stratified_subset(train.labels, min(n_images, len(train)), seed)
     total, outer, count = None, None, 0
@@ -220,9 +221,7 @@ def fit_bottleneck(model: FeatureModel, dataset: Dataset, k: int, n_images: int,
     progress.close()
     mean = total / count
     cov = outer / count - np.outer(mean, mean)
-    if k > len(mean):
-        raise PipelineError(f"--bottleneck-k {k} exceeds the {len(mean)} channels of the map")
-    values, vectors = np.linalg.eigh(cov)
+    _, vectors = np.linalg.eigh(cov)  # ascending eigenvalues
     components = vectors[:, ::-1][:, :k]
     signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(k)])
     return mean, components * signs  # sign-fixed: deterministic across runs
@@ -311,11 +310,11 @@ def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
         if final.exists() and not rebuild and check_file(final) is None:  # another writer won
             log(f"up to date: {final} (written by the process we waited for)")
             return ExtractionResult(final, "up-to-date", time.monotonic() - t0)
-        return _extract_locked(config, dataset, parts, store, rebuild, t0, log)
+        return _extract_locked(config, dataset, parts, store, t0, log)
 
 
 def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, store: FeatureStore,
-                    rebuild: bool, t0: float, log) -> ExtractionResult:
+                    t0: float, log) -> ExtractionResult:
     import h5py
     import keras
     import sklearn
