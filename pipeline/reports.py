@@ -99,11 +99,12 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path) -> None:
     datasets = sorted({r["dataset"] for r in rows})
     heads = sorted({r["head"] for r in rows})
     markers = dict(zip(heads, "osD^v<>pP*hX"))
+    colors = {h: plt.get_cmap("tab10")(i % 10) for i, h in enumerate(heads)}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for r in (r for r in rows if r["dataset"] == dataset):
             ax.scatter(max(r["fit_seconds"], 1e-3), 100 * r["test_accuracy"],
-                       marker=markers[r["head"]], s=50, alpha=0.8,
+                       marker=markers[r["head"]], color=colors[r["head"]], s=50, alpha=0.8,
                        label=r["head"])
             ax.annotate(f"{r['backbone']} {r['mode']}", (max(r["fit_seconds"], 1e-3),
                         100 * r["test_accuracy"]), fontsize=6, alpha=0.7,
