@@ -66,6 +66,22 @@ def _flatten(X: np.ndarray) -> np.ndarray:
     return X.reshape(len(X), -1).astype(np.float32, copy=False)
 
 
+def _fit_with_patience(model, run_epoch, score, max_epochs: int, patience: int):
+    """Epochs until the validation score has not improved for ``patience`` epochs; returns a
+    copy of the best model, its score and the score history."""
+    best, best_score, since, history = None, -1.0, 0, []
+    for _ in range(max_epochs):
+        run_epoch()
+        history.append(score())
+        if history[-1] > best_score:
+            best, best_score, since = copy.deepcopy(model), history[-1], 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    return best, best_score, history
+
+
 class SweepClassifier(ClassifierMixin, BaseEstimator):
     """Pick hyper-parameters on a validation split, then refit on all rows.
 
@@ -169,18 +185,10 @@ class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
                             learning_rate_init=self.learning_rate, batch_size=self.batch_size,
                             random_state=self.random_state)
         classes = np.unique(y)
-        best, best_score, since = None, -1.0, 0
-        self.history_ = []
-        for _ in range(self.max_epochs):
-            mlp.partial_fit(Xf, y[fit_idx], classes=classes)
-            score = float(accuracy_score(y[val_idx], mlp.predict(Xv)))
-            self.history_.append(score)
-            if score > best_score:
-                best, best_score, since = copy.deepcopy(mlp), score, 0
-            else:
-                since += 1
-                if since >= self.patience:
-                    break
+        best, best_score, self.history_ = _fit_with_patience(
+            mlp, lambda: mlp.partial_fit(Xf, y[fit_idx], classes=classes),
+            lambda: float(accuracy_score(y[val_idx], mlp.predict(Xv))),
+            self.max_epochs, self.patience)
         self.model_ = Pipeline(list(prep.steps) + [("clf", best)])
         self.best_params_ = {"epochs": int(np.argmax(self.history_)) + 1, "hidden": self.hidden,
                              "alpha": self.alpha}
@@ -283,20 +291,15 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
         Xv = self.scaler_.transform(np.concatenate([r for r, _, _ in self._blocks(X, val)]))
         yv = y[val]
         clf = SGDClassifier(loss=self.loss, alpha=self.alpha, random_state=self.random_state)
-        best, best_score, since = None, -1.0, 0
-        self.history_ = []
-        for _ in range(self.max_epochs):
+
+        def epoch() -> None:
             for rows, lo, n in self._blocks(X, ~val):
                 yb = y[lo:lo + n][~val[lo:lo + n]]
                 clf.partial_fit(self.scaler_.transform(rows), yb, classes=self.classes_)
-            score = float(accuracy_score(yv, clf.predict(Xv)))
-            self.history_.append(score)
-            if score > best_score:
-                best, best_score, since = copy.deepcopy(clf), score, 0
-            else:
-                since += 1
-                if since >= self.patience:
-                    break
+
+        best, best_score, self.history_ = _fit_with_patience(
+            clf, epoch, lambda: float(accuracy_score(yv, clf.predict(Xv))),
+            self.max_epochs, self.patience)
         self.model_ = best
         self.best_params_ = {"epochs": int(np.argmax(self.history_)) + 1, "alpha": self.alpha,
                              "loss": self.loss}
