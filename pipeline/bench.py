@@ -130,8 +130,11 @@ def bench_heads(out: str | None = None, features: str | None = None,
     from pipeline.store import FeatureFile, FeatureStore
 
     if features is None:
-        candidates = [p for p in FeatureStore("features_cache").complete_files()
-                      if FeatureFile(p).features("train").shape[0] >= min_rows]
+        candidates = []
+        for path in FeatureStore("features_cache").complete_files():
+            with FeatureFile(path) as ff:
+                if ff.features("train").shape[0] >= min_rows:
+                    candidates.append(path)
         if not candidates:
             raise PipelineError(f"no feature file with {min_rows:,}+ training rows in features_cache/; "
                                 "extract one (e.g. make features CONFIG=experiments/offline.toml) "

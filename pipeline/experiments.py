@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import MODES, ExtractionConfig, extract_features
-from pipeline.heads import HEADS, SPATIAL_HEADS, evaluate, load_features, make_head
+from pipeline.heads import HEADS, SPATIAL_HEADS, check_head, evaluate, load_features, make_head
 from pipeline.reports import compare, plot_confusion
 from pipeline.store import FeatureFile, FeatureStore, check_file
 
@@ -77,8 +77,7 @@ def train_one(feature_path: Path, head: str, params: dict | None = None, *,
               force: bool = False, log=print) -> tuple[str, Path]:
     """Fit one head on one feature file and write model, metrics.json and confusion.png."""
     params = dict(params or {})
-    if head not in HEADS:
-        raise PipelineError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
+    check_head(head)
     with FeatureFile(feature_path) as ff:
         checksum = ff.checksum()
         out = Path(results_dir) / ff.key / _head_dir_name(head, params)
@@ -156,8 +155,7 @@ def train_heads(heads: list[str], *, features: list[str] | None = None,
                 force: bool = False) -> None:
     """``pipeline train``: each head on each given (or every complete) feature file."""
     for head in heads:
-        if head not in HEADS:
-            raise PipelineError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
+        check_head(head)
     files = [Path(f) for f in features] if features else FeatureStore(cache_dir).complete_files()
     if not files:
         raise PipelineError(f"no complete feature files in {cache_dir}/; extract features first "
@@ -306,22 +304,28 @@ def plan(exp: Experiment) -> list[Job]:
     return jobs
 
 
-def _head_state(job: Job, head: dict, results_dir: str) -> str:
-    if job.state != "cached":
-        return "after extraction"
-    with FeatureFile(job.path) as ff:
-        out = Path(results_dir) / ff.key / _head_dir_name(head["name"], head.get("params", {}))
-        return "cached" if head_is_current(out, ff.checksum(), head.get("params", {})) else "to train"
-
-
 def _head_key(job: Job, head: dict) -> tuple:
     return id(job), head["name"], json.dumps(head.get("params", {}), sort_keys=True)
+
+
+def _head_states(job: Job, results_dir: str) -> dict[tuple, str]:
+    """cached / to train / after extraction for each head of ``job`` (one file open)."""
+    if job.state != "cached":
+        return {_head_key(job, h): "after extraction" for h in job.heads}
+    with FeatureFile(job.path) as ff:
+        key, checksum = ff.key, ff.checksum()
+    states = {}
+    for h in job.heads:
+        params = h.get("params", {})
+        out = Path(results_dir) / key / _head_dir_name(h["name"], params)
+        states[_head_key(job, h)] = "cached" if head_is_current(out, checksum, params) else "to train"
+    return states
 
 
 def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False) -> int:
     t0 = time.monotonic()
     jobs = plan(exp)
-    head_states = {_head_key(j, h): _head_state(j, h, exp.results_dir) for j in jobs for h in j.heads}
+    head_states = {k: v for j in jobs for k, v in _head_states(j, exp.results_dir).items()}
     extract_todo = [j for j in jobs if j.state != "cached"] if stage in ("features", "all") else []
     runnable = {"all": ("to train", "after extraction"), "heads": ("to train",)}.get(stage, ())
     heads_todo = sum(s in runnable for s in head_states.values())

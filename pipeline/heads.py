@@ -37,6 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.store import FeatureFile
 
 EXACT_RBF_LIMIT = 20_000  # exact SVC costs O(n^2) memory and O(n^2..n^3) time beyond this
+NYSTROEM_COMPONENTS = 1000
 
 
 def _validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -340,7 +341,7 @@ def _rbf_svm(**kw):
 
 def _rbf_svm_approx(**kw):
     C = kw.pop("C", None)
-    n_components = kw.pop("n_components", 1000)
+    n_components = kw.pop("n_components", NYSTROEM_COMPONENTS)
     est = Pipeline([("map", Nystroem(kernel="rbf", n_components=n_components, random_state=0)),
                     ("svm", LinearSVC(dual="auto", max_iter=5000, random_state=0))])
     grid = ([{"svm__C": float(C)}] if C is not None else _log_grid("svm__C", -3, 1))
@@ -360,15 +361,20 @@ SPATIAL_HEADS = {"conv1x1_mlp"}
 STREAMING_HEADS = {"sgd_linear"}
 
 
+def check_head(name: str) -> None:
+    if name not in HEADS:
+        raise PipelineError(f"unknown head {name!r}; valid: {', '.join(HEADS)}")
+
+
 def make_head(name: str, params: dict | None = None, *, n_train: int | None = None):
     """The estimator for ``name`` with ``params``; ``rbf_svm`` becomes its approximation for
     large N (the returned note says which ran and why)."""
-    if name not in HEADS:
-        raise PipelineError(f"unknown head {name!r}; valid: {', '.join(HEADS)}")
+    check_head(name)
     params = dict(params or {})
     note = ""
     if name == "rbf_svm" and n_train is not None and n_train > EXACT_RBF_LIMIT:
-        note = (f"rbf_svm ran as rbf_svm_approx (Nystroem, 1000 components + LinearSVC): "
+        note = (f"rbf_svm ran as rbf_svm_approx (Nystroem, {NYSTROEM_COMPONENTS} components + "
+                f"LinearSVC): "
                 f"{n_train:,} training rows > {EXACT_RBF_LIMIT:,}, where exact SVC is too slow")
         params.pop("gamma", None)
         name = "rbf_svm_approx"

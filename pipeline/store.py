@@ -63,14 +63,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    """np.save through one write(): a short write then raises OSError with its errno."""
+def _write_npy_atomic(final: Path, array: np.ndarray) -> None:
+    """Write ``final`` whole or not at all: np.save to a temporary name through one write()
+    (a short write then raises OSError with its errno), fsync, rename into place."""
+    tmp = final.with_suffix(".tmp")
     buffer = io.BytesIO()
     np.save(buffer, array)
-    with open(path, "wb") as f:
-        f.write(buffer.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(exc, final) from None
 
 
 def _check_space(path: Path, need: int) -> None:
@@ -127,29 +135,15 @@ class PartialEntry:
                 seg.unlink()
 
     def write_segment(self, split: str, start: int, features: np.ndarray) -> None:
-        folder = self.path / split
-        final = folder / f"r{start:010d}-{start + len(features):010d}.npy"
-        tmp = final.with_suffix(".tmp")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_npy(tmp, features)
-            os.replace(tmp, final)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _disk_error(exc, final) from None
+        _write_npy_atomic(self.path / split / f"r{start:010d}-{start + len(features):010d}.npy",
+                          features)
 
     def read_split(self, split: str) -> Iterator[np.ndarray]:
         for seg in self.segments(split):
             yield np.load(seg)
 
     def save_array(self, name: str, array: np.ndarray) -> None:
-        final = self.path / f"{name}.npy"
-        tmp = self.path / f"{name}.tmp"
-        try:
-            _write_npy(tmp, array)
-            os.replace(tmp, final)
-        except OSError as exc:
-            raise _disk_error(exc, final) from None
+        _write_npy_atomic(self.path / f"{name}.npy", array)
 
     def load_array(self, name: str) -> np.ndarray | None:
         path = self.path / f"{name}.npy"
