@@ -38,6 +38,30 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
                    help="rows per resumable segment (default: about 8 MiB)")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="ray: spread the work over a Ray cluster (pip install .[ray])")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster: auto | ray://HOST:PORT (default: start a local one)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="shards per split (default: 4 per actor)")
+    p.add_argument("--layout", choices=("vds", "merge"), default="vds",
+                   help="how shards become one file: HDF5 virtual dataset, or a merged copy")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
+
+
+def _engine(args):
+    """The Ray engine when asked for; only then is Ray imported."""
+    if args.engine != "ray":
+        return None
+    try:
+        from pipeline.engine import RayEngine
+    except ImportError:
+        raise PipelineError("--engine ray needs Ray: pip install '.[ray]' (or make install RAY=1)"
+                            ) from None
+    return RayEngine(args.address, shards=args.shards, layout=args.layout, num_cpus=args.num_cpus)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -47,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     real_add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: real_add_parser(*a, parents=[common], **k)
 
-    _add_extract_args(sub.add_parser("extract", help="extract features into the cache"))
+    p = sub.add_parser("extract", help="extract features into the cache")
+    _add_extract_args(p)
+    _add_engine_args(p)
     sub.add_parser("backbones", help="list the backbones")
     sub.add_parser("ls", help="list cache entries")
     p = sub.add_parser("inspect", help="print one feature file")
@@ -73,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", default=None, help="space-separated override of the backbones")
     p.add_argument("--heads", default=None, help="space-separated override of the heads")
     p.add_argument("--limit", type=int, default=None)
+    _add_engine_args(p)
 
     p = sub.add_parser("bench", help="benchmarks, JSON results")
     p.add_argument("what", choices=("extract", "heads"))
@@ -106,7 +133,12 @@ def cmd_extract(args) -> int:
         bottleneck_k=args.bottleneck_k, batch_size=args.batch_size, limit=args.limit,
         precision=args.precision, compression=args.compression, skip_bad=args.skip_bad,
         cache_dir=args.cache_dir, segment_rows=args.segment_rows)
-    extract_features(config, rebuild=args.rebuild)
+    engine = _engine(args)
+    if engine is None:
+        extract_features(config, rebuild=args.rebuild)
+        return 0
+    with engine:
+        engine.extract(config, rebuild=args.rebuild)
     return 0
 
 
@@ -206,7 +238,12 @@ def cmd_run(args) -> int:
 
     experiment = load_experiment(args.config, datasets=args.datasets, backbones=args.backbones,
                                  heads=args.heads, limit=args.limit)
-    return run_experiment(experiment, stage=args.stage, dry_run=args.dry_run)
+    engine = None if args.dry_run else _engine(args)
+    if engine is None:
+        return run_experiment(experiment, stage=args.stage, dry_run=args.dry_run)
+    with engine:
+        return run_experiment(experiment, stage=args.stage, extract=engine.extract,
+                              map_calls=engine.map)
 
 
 def cmd_bench(args) -> int:

@@ -100,6 +100,8 @@ def train_one(feature_path: Path, head: str, params: dict | None = None, *,
                 "head": head, "head_ran": "rbf_svm_approx" if note else head, "note": note,
                 "params": params, "best_params": _jsonable(getattr(model, "best_params_", {})),
                 "sweep": _jsonable(getattr(model, "sweep_", [])),
+                "sweep_skipped_past_peak": _jsonable(getattr(model, "skipped_", [])),
+                "converged": getattr(model, "converged_", None),
                 "validation_accuracy": getattr(model, "validation_score_", None),
                 "sweep_rows": getattr(model, "sweep_rows_", None),
                 "fit_seconds": fit_seconds, "n_train": len(data.y_train),
@@ -322,7 +324,13 @@ def _head_states(job: Job, results_dir: str) -> dict[tuple, str]:
     return states
 
 
-def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False) -> int:
+def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False,
+                   extract=extract_features, map_calls=None) -> int:
+    """Plan, then extract what is missing and train what is stale.
+
+    ``extract`` and ``map_calls(fn, calls)`` are where the work runs: in this process by
+    default, or on a cluster (``pipeline.engine.RayEngine.extract`` / ``.map``).
+    """
     t0 = time.monotonic()
     jobs = plan(exp)
     head_states = {k: v for j in jobs for k, v in _head_states(j, exp.results_dir).items()}
@@ -353,9 +361,10 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
         if job.state == "damaged":
             raise PipelineError(f"{job.path} is damaged; `python -m pipeline verify --repair` "
                                 "moves it aside, then rerun")
-        result = extract_features(job.config, dataset=job.dataset)
+        result = extract(job.config, dataset=job.dataset)
         job.path, job.state = result.path, "cached"
     if stage in ("heads", "all"):
+        calls = []
         for job in jobs:
             if job.state != "cached":
                 print(f"skipping heads on {job.label}: features not extracted (make features)",
@@ -365,8 +374,14 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
                 if head_states[_head_key(job, h)] == "cached":
                     continue
                 step += 1
-                print(f"[{step}/{steps}] {h['name']} on {job.label}")
-                train_one(job.path, h["name"], h.get("params", {}), results_dir=exp.results_dir)
+                calls.append({"feature_path": job.path, "head": h["name"],
+                              "params": h.get("params", {}), "results_dir": exp.results_dir})
+                if map_calls is None:
+                    print(f"[{step}/{steps}] {h['name']} on {job.label}")
+                    train_one(**calls[-1])
+        if map_calls is not None and calls:
+            print(f"training {len(calls)} head(s) as cluster tasks")
+            map_calls(train_one, calls)
     if stage in ("compare", "all"):
         compare(exp.results_dir)
     print(f"done in {time.monotonic() - t0:.1f} s")

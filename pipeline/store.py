@@ -17,6 +17,7 @@ import errno
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -103,10 +104,22 @@ def _disk_error(exc: OSError, where: Path) -> PipelineError:
 
 
 @dataclass
-class PartialEntry:
-    """Segments of one entry in progress; rows are appended in order, segment by segment."""
+class _WorkFolder:
+    """Work in progress of one entry: a folder that also keeps small arrays (the bottleneck)."""
 
     path: Path
+
+    def save_array(self, name: str, array: np.ndarray) -> None:
+        _write_npy_atomic(self.path / f"{name}.npy", array)
+
+    def load_array(self, name: str) -> np.ndarray | None:
+        path = self.path / f"{name}.npy"
+        return np.load(path) if path.exists() else None
+
+
+@dataclass
+class PartialEntry(_WorkFolder):
+    """Segments of one entry in progress; rows are appended in order, segment by segment."""
 
     def segments(self, split: str) -> list[Path]:
         """Complete segments forming a contiguous run of rows from 0, in order."""
@@ -142,12 +155,127 @@ class PartialEntry:
         for seg in self.segments(split):
             yield np.load(seg)
 
-    def save_array(self, name: str, array: np.ndarray) -> None:
-        _write_npy_atomic(self.path / f"{name}.npy", array)
 
-    def load_array(self, name: str) -> np.ndarray | None:
-        path = self.path / f"{name}.npy"
-        return np.load(path) if path.exists() else None
+def _copy_blocks(group: h5py.Group, blocks: Iterator[np.ndarray], n: int, compression: str) -> None:
+    """A chunked, compressed ``features`` dataset of ``n`` rows from blocks in row order."""
+    blocks = iter(blocks)
+    first = next(blocks)
+    row_shape, dtype = first.shape[1:], first.dtype
+    rows = min(chunk_rows(int(np.prod(row_shape)) * dtype.itemsize), max(n, 1))
+    dset = group.create_dataset(
+        "features", shape=(n, *row_shape), dtype=dtype, chunks=(rows, *row_shape),
+        compression=None if compression == "none" else compression)
+    digest, at = hashlib.sha256(), 0
+    for block in itertools.chain([first], blocks):
+        if at + len(block) > n:
+            break
+        dset[at:at + len(block)] = block
+        digest.update(np.ascontiguousarray(block).tobytes())
+        at += len(block)
+    dset.attrs["rows_written"] = at
+    dset.attrs["sha256"] = digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- shards
+
+LAYOUTS = ("vds", "merge")
+SHARD_FORMAT = "pipeline.features.shard"
+_SHARD_NAME = re.compile(r"^r(\d{10})-(\d{10})\.h5$")
+
+
+def shard_range(path: Path) -> tuple[int, int]:
+    m = _SHARD_NAME.match(path.name)
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass
+class ShardSet(_WorkFolder):
+    """Shard files of one entry, written by independent workers (``<name>.shards/<split>/``).
+
+    Each shard covers a row range and is an HDF5 file written to a temporary name and renamed
+    when complete, so a lost worker leaves no half shard. Resuming extracts only the row
+    ranges no complete shard covers, whatever shard count the earlier run used.
+    """
+
+    def shard_path(self, split: str, start: int, stop: int) -> Path:
+        return self.path / split / f"r{start:010d}-{stop:010d}.h5"
+
+    def files(self, split: str) -> list[Path]:
+        """Complete shards in row order (first come first kept where ranges overlap)."""
+        folder = self.path / split
+        found = sorted(p for p in folder.glob("r*.h5") if _SHARD_NAME.match(p.name)) \
+            if folder.is_dir() else []
+        out, covered = [], 0
+        for path in found:
+            start, stop = shard_range(path)
+            if start >= covered and _shard_is_complete(path, stop - start):
+                out.append(path)
+                covered = stop
+        return out
+
+    def missing(self, split: str, n: int) -> list[tuple[int, int]]:
+        """Row ranges of ``split`` (of ``n`` rows) that no complete shard covers."""
+        gaps, at = [], 0
+        for path in self.files(split):
+            start, stop = shard_range(path)
+            if start > at:
+                gaps.append((at, start))
+            at = stop
+        if at < n:
+            gaps.append((at, n))
+        return gaps
+
+    def write(self, split: str, start: int, features: np.ndarray, *, key: str, attrs: dict,
+              compression: str = "lzf") -> Path:
+        """Write one shard whole or not at all (chunked and compressed like the final file)."""
+        final = self.shard_path(split, start, start + len(features))
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _check_space(final, features.nbytes + (1 << 20))
+            with h5py.File(tmp, "w") as f:
+                f.attrs["format"] = SHARD_FORMAT
+                f.attrs["key"] = key
+                f.attrs["split"] = split
+                f.attrs["start"] = start
+                for name, value in attrs.items():
+                    f.attrs[name] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+                _copy_blocks(f, [features], len(features), compression)
+                f.attrs["complete"] = True
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _disk_error(exc, final) from None
+        except RuntimeError as exc:
+            tmp.unlink(missing_ok=True)
+            raise PipelineError(f"writing shard {final} failed ({str(exc).splitlines()[0][:160]})"
+                                ) from None
+        return final
+
+    def read_split(self, split: str) -> Iterator[np.ndarray]:
+        """Each shard's rows, in order, after checking them against the shard's sha256."""
+        for path in self.files(split):
+            with h5py.File(path, "r") as f:
+                block = f["features"][()]
+                expected = f["features"].attrs["sha256"]
+            if hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest() != expected:
+                target = self.path / ".quarantine" / f"{path.name}.{int(time.time())}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                raise PipelineError(f"shard {path} does not match its sha256 (damaged); moved "
+                                    f"to {target}: rerun the same command to extract it again")
+            yield block
+
+
+def _shard_is_complete(path: Path, rows: int) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return (f.attrs.get("format") == SHARD_FORMAT and bool(f.attrs.get("complete"))
+                    and f["features"].shape[0] == rows == f["features"].attrs["rows_written"])
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 @dataclass
@@ -175,6 +303,9 @@ class FeatureStore:
 
     def partial_for(self, parts: dict) -> PartialEntry:
         return PartialEntry(self.cache_dir / f"{self.name_for(parts)}.partial")
+
+    def shards_for(self, parts: dict) -> ShardSet:
+        return ShardSet(self.cache_dir / f"{self.name_for(parts)}.shards")
 
     # locking ----------------------------------------------------------------------------
     @contextmanager
@@ -207,12 +338,85 @@ class FeatureStore:
                 labels: dict[str, np.ndarray], attrs: dict, compression: str = "lzf",
                 extra: dict[str, np.ndarray] | None = None) -> Path:
         """Assemble the segments into one checked HDF5 file and rename it into place."""
+        need = sum(seg.stat().st_size for s in SPLITS for seg in partial.segments(s)) + (1 << 20)
+
+        def write(group: h5py.Group, split: str, n: int) -> None:
+            _copy_blocks(group, partial.read_split(split), n, compression)
+
+        final = self._publish(parts, classes, labels, attrs, extra or {}, write, need, compression)
+        shutil.rmtree(partial.path, ignore_errors=True)
+        return final
+
+    def publish_shards(self, shards: ShardSet, parts: dict, *, classes: list[str],
+                       labels: dict[str, np.ndarray], attrs: dict, layout: str = "vds",
+                       compression: str = "lzf", extra: dict[str, np.ndarray] | None = None) -> Path:
+        """One logical file over the shard files: an HDF5 virtual dataset mapping them
+        (``layout="vds"``; the shards stay beside it) or a merged copy (``"merge"``)."""
+        if layout not in LAYOUTS:
+            raise PipelineError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+        for split in SPLITS:
+            missing = shards.missing(split, len(labels[split]))
+            if missing:
+                raise PipelineError(f"cannot finalize {shards.path.name}: {split} rows "
+                                    f"{missing[0][0]}-{missing[0][1]} have no complete shard; "
+                                    "rerun the same command to extract them")
+        need = (1 << 20) + (0 if layout == "vds" else
+                            sum(p.stat().st_size for s in SPLITS for p in shards.files(s)))
+
+        def write(group: h5py.Group, split: str, n: int) -> None:
+            if layout == "merge":
+                _copy_blocks(group, shards.read_split(split), n, compression)
+                return
+            files = shards.files(split)
+            with h5py.File(files[0], "r") as first:
+                row_shape, dtype = first["features"].shape[1:], first["features"].dtype
+            vds = h5py.VirtualLayout(shape=(n, *row_shape), dtype=dtype)
+            for path in files:
+                start, stop = shard_range(path)
+                # Relative to the cache dir: HDF5 resolves it against the file's own folder,
+                # so the cache can be moved or mounted elsewhere as a whole.
+                vds[start:stop] = h5py.VirtualSource(os.path.relpath(path, self.cache_dir),
+                                                     "features", shape=(stop - start, *row_shape))
+            dset = group.create_virtual_dataset("features", vds)
+            digest = hashlib.sha256()
+            for block in shards.read_split(split):  # checks each shard's own sha256 on the way
+                digest.update(np.ascontiguousarray(block).tobytes())
+            dset.attrs["rows_written"] = n
+            dset.attrs["sha256"] = digest.hexdigest()
+
+        final = self._publish(parts, classes, labels, {**attrs, "layout": layout}, extra or {},
+                              write, need, compression)
+        if layout == "merge":
+            shutil.rmtree(shards.path, ignore_errors=True)
+        return final
+
+    def _publish(self, parts: dict, classes: list[str], labels: dict[str, np.ndarray],
+                 attrs: dict, extra: dict[str, np.ndarray], write, need: int,
+                 compression: str) -> Path:
+        """Write ``<name>.h5.tmp`` (``write`` fills each split's features), check it fully,
+        rename it into place; the temporary file never outlives a failure."""
+        if compression not in COMPRESSIONS:
+            raise PipelineError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
         final = self.path_for(parts)
         tmp = final.with_name(final.name + ".tmp")
-        need = sum(seg.stat().st_size for s in SPLITS for seg in partial.segments(s)) + (1 << 20)
         _check_space(final, need)  # HDF5 fails badly (even crashes) when a write fails midway
         try:
-            self._assemble(tmp, partial, parts, classes, labels, attrs, compression, extra or {})
+            with h5py.File(tmp, "w") as f:
+                f.attrs["format"] = FORMAT
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["key"] = cache_key(parts)
+                f.attrs["key_parts"] = json.dumps(parts, sort_keys=True)
+                for name, value in attrs.items():
+                    f.attrs[name] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+                f.create_dataset("classes", data=np.array(classes, dtype=h5py.string_dtype()))
+                for name, array in extra.items():
+                    f.create_dataset(name, data=array)
+                for split in SPLITS:
+                    group = f.create_group(split)
+                    write(group, split, len(labels[split]))
+                    group.create_dataset("labels", data=labels[split].astype(np.int64))
+                f.attrs["complete"] = True
+                f.flush()
             problem = check_file(tmp, expect_key=cache_key(parts), full=True)
             if problem:
                 raise PipelineError(f"refusing to publish {final.name}: {problem}")
@@ -225,46 +429,10 @@ class FeatureStore:
             tmp.unlink(missing_ok=True)
             raise PipelineError(f"writing {final} failed ({str(exc).splitlines()[0][:160]}); "
                                 "the partial work is kept: fix the cause and rerun") from None
-        shutil.rmtree(partial.path, ignore_errors=True)
+        except PipelineError:
+            tmp.unlink(missing_ok=True)
+            raise
         return final
-
-    def _assemble(self, tmp: Path, partial: PartialEntry, parts: dict, classes: list[str],
-                  labels: dict[str, np.ndarray], attrs: dict, compression: str,
-                  extra: dict[str, np.ndarray]) -> None:
-        if compression not in COMPRESSIONS:
-            raise PipelineError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["key"] = cache_key(parts)
-            f.attrs["key_parts"] = json.dumps(parts, sort_keys=True)
-            for name, value in attrs.items():
-                f.attrs[name] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-            f.create_dataset("classes", data=np.array(classes, dtype=h5py.string_dtype()))
-            for name, array in extra.items():
-                f.create_dataset(name, data=array)
-            for split in SPLITS:
-                n = len(labels[split])
-                segs = partial.segments(split)
-                first = np.load(segs[0], mmap_mode="r")
-                row_shape, dtype = first.shape[1:], first.dtype
-                rows = min(chunk_rows(int(np.prod(row_shape)) * dtype.itemsize), n)
-                group = f.create_group(split)
-                dset = group.create_dataset(
-                    "features", shape=(n, *row_shape), dtype=dtype, chunks=(rows, *row_shape),
-                    compression=None if compression == "none" else compression)
-                digest, at = hashlib.sha256(), 0
-                for block in partial.read_split(split):
-                    if at + len(block) > n:
-                        break
-                    dset[at:at + len(block)] = block
-                    digest.update(np.ascontiguousarray(block).tobytes())
-                    at += len(block)
-                dset.attrs["rows_written"] = at
-                dset.attrs["sha256"] = digest.hexdigest()
-                group.create_dataset("labels", data=labels[split].astype(np.int64))
-            f.attrs["complete"] = True
-            f.flush()
 
     # listing ----------------------------------------------------------------------------
     def entries(self) -> list[EntryStatus]:
@@ -282,6 +450,11 @@ class FeatureStore:
                 rows = {s: entry.rows_done(s) for s in SPLITS}
                 out.append(EntryStatus(path, _key_of(path), "partial",
                                        ", ".join(f"{s} {r} rows" for s, r in rows.items()), {}))
+            elif path.suffix == ".shards" and path.is_dir() and not path.with_suffix(".h5").exists():
+                shards = ShardSet(path)
+                done = {s: len(shards.files(s)) for s in SPLITS}
+                out.append(EntryStatus(path, _key_of(path), "partial",
+                                       ", ".join(f"{s} {n} shards done" for s, n in done.items()), {}))
         return out
 
     def complete_files(self) -> list[Path]:
@@ -335,6 +508,11 @@ def check_file(path: Path, *, expect_key: str | None = None, full: bool = False)
                 if feats.shape[0] != labels.shape[0] or feats.attrs["rows_written"] != feats.shape[0]:
                     return (f"{split}: {feats.shape[0]} feature rows, {labels.shape[0]} labels, "
                             f"{feats.attrs['rows_written']} written")
+                if feats.is_virtual:
+                    for source in feats.virtual_sources():
+                        if not (path.parent / source.file_name).is_file():
+                            return (f"{split}: shard {source.file_name} of its virtual dataset is "
+                                    "missing (reading it would give zeros)")
                 y = labels[()]
                 if len(y) and (y.min() < 0 or y.max() >= n_classes):
                     return f"{split}: labels outside 0..{n_classes - 1}"

@@ -134,3 +134,38 @@ def test_evaluate_reports_what_users_compare(blobs_file):
                       "confusion_matrix", "predict_ms_per_image"}
     assert np.sum(m["confusion_matrix"]) == len(data.y_test)
     assert set(m["per_class"]) == {"c0", "c1", "c2"}
+
+
+class _PeakedAtMilliC(heads_module.ClassifierMixin, heads_module.BaseEstimator):
+    """Validation accuracy 1.0 at C = 1e-3, 0.1 worse per decade away: a known peak."""
+
+    def __init__(self, C: float = 1.0):
+        self.C = C
+
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        return self
+
+    def predict(self, X):
+        pred = (X[:, 0] > 0).astype(int)
+        wrong = int(round(len(pred) * abs(np.log10(self.C) + 3) / 10))
+        pred[:wrong] = 1 - pred[:wrong]
+        return pred
+
+
+def test_svm_sweeps_stop_past_the_validation_peak_and_say_what_they_skipped():
+    y = np.arange(400) % 2
+    X = np.c_[2.0 * y - 1, np.zeros(400)]
+    head = SweepClassifier(_PeakedAtMilliC(), grid=heads_module._log_grid("C", -5, 0),
+                           refine="C", n_jobs=1).fit(X, y)
+    assert [r["C"] for r in head.sweep_][:4] == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])
+    assert [c["C"] for c in head.skipped_] == pytest.approx([0.1, 1.0])  # never fitted
+    assert head.best_params_["C"] == pytest.approx(1e-3)
+    assert len(head.sweep_) == 6  # four on the grid, then the half-decade refinement
+
+
+def test_a_solver_stopped_at_its_iteration_cap_is_recorded_as_not_converged(blobs_file):
+    data = _data(blobs_file)
+    head, _ = make_head("logreg", {"C": 100.0, "max_iter": 1})
+    head.fit(data.X_train, data.y_train)
+    assert head.converged_ is False and head.sweep_[0]["converged"] is False

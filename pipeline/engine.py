@@ -1,0 +1,279 @@
+"""Scale-out on Ray: sharded extraction on a pool of backbone actors, head fits as Ray tasks.
+
+Only ``--engine ray`` imports this module (and so Ray). Each split is cut into shards (row
+ranges on whole batches, so every image sees the same batch as in a single-process run);
+actors, one per GPU (or per CPU slot without GPUs), each build the backbone once and write
+one HDF5 shard per task. A finalize step publishes one logical feature file: a virtual
+dataset over the shards or a merged copy. Shards are published whole or not at all, so a
+lost worker or a killed driver costs only the unfinished shards, and a rerun does only those.
+
+Every node must see the cache and results folders at the same path (a shared filesystem)
+and the same data; actors check the dataset's fingerprint against the driver's.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import ray
+
+from pipeline.datasets import SPLITS, Dataset, load_dataset
+from pipeline.errors import PipelineError
+from pipeline.extract import ExtractionConfig, ExtractionResult, FeatureModel, Progress, fit_bottleneck
+from pipeline.store import LAYOUTS, FeatureStore, ShardSet, cache_key, check_file
+
+
+def shard_ranges(n: int, shards: int, batch_size: int,
+                 gaps: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """Cut rows 0..n into about ``shards`` ranges on batch boundaries, kept to ``gaps``."""
+    size = -(-max(n, 1) // max(shards, 1))
+    size = -(-size // batch_size) * batch_size
+    out = []
+    for lo, hi in gaps if gaps is not None else [(0, n)]:
+        at = lo
+        while at < hi:
+            stop = min(hi, (at // size + 1) * size)
+            out.append((at, stop))
+            at = stop
+    return out
+
+
+def _absolute(config: ExtractionConfig) -> ExtractionConfig:
+    """Paths as every worker must read them (a worker's working folder is not the driver's)."""
+    dataset = config.dataset
+    if ":" in dataset:
+        kind, path = dataset.split(":", 1)
+        dataset = f"{kind}:{Path(path).expanduser().resolve()}"
+    weights = config.weights
+    if weights not in ("imagenet", "none") and Path(weights).expanduser().exists():
+        weights = str(Path(weights).expanduser().resolve())
+    return replace(config, dataset=dataset, weights=weights,
+                   cache_dir=str(Path(config.cache_dir).resolve()))
+
+
+@ray.remote
+class ShardExtractor:
+    """Holds one backbone (built once) and the dataset; extracts shard after shard."""
+
+    def __init__(self, config: ExtractionConfig, fingerprint: str, threads: int):
+        import tensorflow as tf
+
+        if threads:  # share a CPU node fairly between its actors
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        self.config = config
+        self.dataset = load_dataset(config.dataset, limit=config.limit, skip_bad=config.skip_bad,
+                                    seed=config.seed)
+        if self.dataset.fingerprint != fingerprint:
+            raise PipelineError(f"{socket.gethostname()} sees different data for "
+                                f"{config.dataset!r} than the driver; every node needs the same files")
+        self.model = FeatureModel(config, self.dataset.splits["train"].image_shape)
+
+    def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:
+        c = self.config
+        return fit_bottleneck(self.model, self.dataset, c.bottleneck_k, c.bottleneck_fit_images,
+                              c.batch_size, c.seed)
+
+    def extract(self, split: str, start: int, stop: int, shards_path: str, key: str,
+                projection) -> dict:
+        t0 = time.monotonic()
+        self.model.projection = projection
+        data, bs = self.dataset.splits[split], self.config.batch_size
+        features = np.concatenate([self.model(data.load(np.arange(lo, min(lo + bs, stop))))
+                                   for lo in range(start, stop, bs)])
+        seconds = time.monotonic() - t0
+        provenance = {"config": asdict(self.config), "rows": [start, stop],
+                      "host": socket.gethostname(), "pid": os.getpid(),
+                      "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        ShardSet(Path(shards_path)).write(split, start, features, key=key,
+                                          attrs={"provenance": provenance},
+                                          compression=self.config.compression)
+        return {"split": split, "rows": stop - start, "seconds": seconds,
+                "host": provenance["host"]}
+
+
+class RayEngine:
+    """Runs extraction and head fits on a Ray cluster (a local one when ``address`` is None)."""
+
+    def __init__(self, address: str | None = None, *, shards: int | None = None,
+                 layout: str = "vds", num_cpus: int | None = None, log=print):
+        if layout not in LAYOUTS:
+            raise PipelineError(f"unknown --layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+        if shards is not None and shards < 1:
+            raise PipelineError("--shards must be at least 1")
+        self.address, self.shards, self.layout = address, shards, layout
+        self.num_cpus, self.log = num_cpus, log
+        self._started = False
+
+    # the cluster ----------------------------------------------------------------------
+    def __enter__(self) -> RayEngine:
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
+                         include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise PipelineError(f"cannot reach the Ray cluster at {self.address or 'a new local'}"
+                                    f" ({str(exc).splitlines()[0][:160]}); start one with "
+                                    "`ray start --head` or leave out --address") from None
+            self._started = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._started:
+            ray.shutdown()
+
+    def _slots(self) -> tuple[int, float, int]:
+        """(actors, GPUs per actor, CPU threads per actor): one per GPU (TensorFlow's own thread
+        pools for its input work), else one single-threaded actor per CPU."""
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), max(int(resources.get("CPU", 1)), 1)
+        return (gpus, 1.0, 0) if gpus else (cpus, 0.0, 1)
+
+    # extraction -----------------------------------------------------------------------
+    def extract(self, config: ExtractionConfig, *, rebuild: bool = False,
+                dataset: Dataset | None = None, log=None) -> ExtractionResult:
+        """``extract_features`` on the cluster: the same file, the same rows, shard by shard."""
+        log = log or self.log
+        t0 = time.monotonic()
+        config.validate()
+        config = _absolute(config)
+        dataset = dataset or load_dataset(config.dataset, limit=config.limit,
+                                          skip_bad=config.skip_bad, seed=config.seed)
+        parts = config.key_parts(dataset)
+        store = FeatureStore(config.cache_dir)
+        final = store.path_for(parts)
+        if final.exists() and not rebuild:
+            problem = check_file(final)
+            if problem is None:
+                log(f"up to date: {final} (nothing to do)")
+                return ExtractionResult(final, "up-to-date", time.monotonic() - t0)
+            raise PipelineError(f"cached file {final} is damaged ({problem}); rerun with --rebuild "
+                                "to replace it, or `python -m pipeline verify --repair`")
+        with store.lock(parts, announce=log):
+            shards = store.shards_for(parts)
+            if rebuild:
+                final.unlink(missing_ok=True)
+                shutil.rmtree(shards.path, ignore_errors=True)
+            return self._extract_locked(config, dataset, parts, store, shards, t0, log)
+
+    def _extract_locked(self, config: ExtractionConfig, dataset: Dataset, parts: dict,
+                        store: FeatureStore, shards: ShardSet, t0: float, log) -> ExtractionResult:
+        actors_wanted, gpus, threads = self._slots()
+        n_shards = self.shards or 4 * actors_wanted
+        todo = [(s, lo, hi) for s in SPLITS
+                for lo, hi in shard_ranges(len(dataset.splits[s]), n_shards, config.batch_size,
+                                           shards.missing(s, len(dataset.splits[s])))]
+        done_before = sum(len(shards.files(s)) for s in SPLITS)
+        resumed = done_before > 0
+        if resumed:
+            log(f"resuming: {done_before} shard(s) already complete, {len(todo)} to extract")
+        try:
+            shards.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"cannot write to cache dir {config.cache_dir!r} ({exc.strerror}); "
+                                "choose a writable --cache-dir") from None
+        needs_fit = config.pooling == "bottleneck" and shards.load_array("bottleneck_mean") is None
+        n_actors = max(1, min(actors_wanted, len(todo) or int(needs_fit)))
+        actor_options = {"num_cpus": 1, "num_gpus": gpus,
+                         "max_restarts": 3, "max_task_retries": 3}
+        actors = [ShardExtractor.options(**actor_options).remote(config, dataset.fingerprint, threads)
+                  for _ in range(n_actors)] if todo or needs_fit else []
+        projection, extra = None, {}
+        if config.pooling == "bottleneck":
+            if needs_fit:
+                mean, comps = _get(actors[0].fit_bottleneck.remote())
+                shards.save_array("bottleneck_mean", mean)
+                shards.save_array("bottleneck_components", comps)
+            projection = (shards.load_array("bottleneck_mean"),
+                          shards.load_array("bottleneck_components"))
+            extra = {"bottleneck/mean": projection[0], "bottleneck/components": projection[1]}
+        key = cache_key(parts)
+        total = sum(hi - lo for _, lo, hi in todo)
+        progress = Progress(f"{dataset.spec} ({len(todo)} shards on {n_actors} actors)", total)
+        t_extract = time.monotonic()
+        pending = list(todo)
+        running: dict = {}
+        free = list(actors)
+        stats = []
+        try:
+            while pending or running:
+                while pending and free:
+                    split, lo, hi = pending.pop(0)
+                    actor = free.pop()
+                    ref = actor.extract.remote(split, lo, hi, str(shards.path), key, projection)
+                    running[ref] = actor
+                ready, _ = ray.wait(list(running), num_returns=1)
+                free.append(running.pop(ready[0]))
+                stats.append(_get(ready[0]))
+                progress.update(stats[-1]["rows"])
+        finally:
+            progress.close()
+            for ref in running:
+                ray.cancel(ref, force=True)
+            for actor in actors:
+                ray.kill(actor)
+        seconds = time.monotonic() - t_extract
+        rate = total / seconds if seconds > 0 and total else 0.0
+        with h5py.File(shards.files("train")[0], "r") as f:
+            feature_shape, feature_dtype = list(f["features"].shape[1:]), str(f["features"].dtype)
+        provenance = {
+            "config": asdict(config), "dataset_splits": {s: len(dataset.splits[s]) for s in SPLITS},
+            "image_shape": list(dataset.splits["train"].image_shape),
+            "feature_shape": feature_shape, "feature_dtype": feature_dtype,
+            "engine": {"name": "ray", "ray": ray.__version__, "address": self.address or "local",
+                       "actors": n_actors, "gpus_per_actor": gpus, "shards_this_run": len(todo),
+                       "shard_count": sum(len(shards.files(s)) for s in SPLITS),
+                       "layout": self.layout, "hosts": sorted({s["host"] for s in stats})},
+            "versions": {"python": platform.python_version(), "ray": ray.__version__},
+            "batch_size": config.batch_size, "precision": config.precision,
+            "wall_seconds": round(seconds, 3), "images_per_second": round(rate, 2),
+            "images_this_run": total, "resumed": resumed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped_files": dataset.skipped,
+        }
+        path = store.publish_shards(shards, parts, classes=dataset.classes,
+                                    labels={s: dataset.splits[s].labels for s in SPLITS},
+                                    attrs={"provenance": provenance}, layout=self.layout,
+                                    compression=config.compression, extra=extra)
+        log(f"wrote {path} ({self.layout}; {total:,} images in {seconds:.1f} s, {rate:,.1f} img/s "
+            f"on {n_actors} actors)")
+        return ExtractionResult(path, "resumed" if resumed else "created", time.monotonic() - t0,
+                                rate, provenance)
+
+    # head fits and anything else ------------------------------------------------------
+    def map(self, fn, calls: list[dict]) -> list:
+        """``fn(**call)`` for every call as Ray tasks; joblib inside them (the heads'
+        hyper-parameter sweeps) runs on the cluster too."""
+        task = ray.remote(num_cpus=1, max_retries=2)(_with_ray_joblib)
+        return [_get(ref) for ref in [task.remote(fn, call) for call in calls]]
+
+
+def _with_ray_joblib(fn, call: dict):
+    import joblib
+    from ray.util.joblib import register_ray
+
+    register_ray()
+    with joblib.parallel_backend("ray"):
+        return fn(**call)
+
+
+def _get(ref):
+    """ray.get, with our one-line errors passed through from the worker."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if hasattr(exc, "cause") else None
+        if isinstance(cause, PipelineError):
+            raise PipelineError(str(cause)) from None
+        raise
+    except ray.exceptions.ActorDiedError as exc:
+        raise PipelineError(f"a Ray worker died and its retries are spent "
+                            f"({str(exc).splitlines()[0][:160]}); the complete shards are kept: "
+                            "rerun the same command to do the rest") from None

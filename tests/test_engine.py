@@ -1,0 +1,252 @@
+"""The Ray engine: sharded extraction equal to the single-process one, resumable per shard,
+published as a virtual dataset or a merged file that readers cannot tell apart."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from conftest import LEDGER, REPO, audit_cache, make_images
+
+try:
+    import ray
+except ImportError:
+    if os.environ.get("CI"):  # CI installs the extra: these tests must run there
+        raise
+    pytest.skip("Ray is an optional extra: make install RAY=1", allow_module_level=True)
+
+from pipeline.engine import RayEngine, shard_ranges  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.extract import ExtractionConfig, extract_features  # noqa: E402
+from pipeline.heads import load_features  # noqa: E402
+from pipeline.store import FeatureFile, FeatureStore, check_file  # noqa: E402
+
+# Shards hold whole batches, so each image meets the same batch as in one process; the
+# per-actor thread count still changes TensorFlow's summation order, so values are equal
+# to float32 rounding, not bit for bit.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def no_cluster():
+    """For tests of the engine's own start and stop: no instance left by the tests above."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    x_train, y_train = make_images(70, seed=1)
+    x_test, y_test = make_images(30, seed=2)
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+             classes=np.array(["dark", "mid", "bright"]))
+    return f"npz:{path}"
+
+
+def tiny(dataset: str, cache, **kw) -> ExtractionConfig:
+    defaults = dict(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32,
+                    batch_size=8, cache_dir=str(cache))
+    return ExtractionConfig(dataset=dataset, **{**defaults, **kw})
+
+
+def _rows(path):
+    with FeatureFile(path) as ff:
+        return {s: (ff.features(s)[()], ff.labels(s)) for s in ("train", "test")}
+
+
+def _assert_same(a, b):
+    for split in ("train", "test"):
+        np.testing.assert_allclose(a[split][0], b[split][0], rtol=RTOL, atol=ATOL)
+        assert (a[split][1] == b[split][1]).all()
+
+
+def test_shards_are_whole_batches_and_cover_only_the_gaps():
+    assert shard_ranges(70, 4, 8) == [(0, 24), (24, 48), (48, 70)]
+    assert shard_ranges(70, 4, 8, gaps=[(24, 48)]) == [(24, 48)]
+    assert shard_ranges(100, 3, 8, gaps=[(10, 60)]) == [(10, 40), (40, 60)]
+    assert all(lo % 8 == 0 for lo, _ in shard_ranges(1000, 7, 8))
+
+
+@pytest.mark.parametrize("layout", ["vds", "merge"])
+def test_sharded_extraction_equals_the_single_process_one(cluster, dataset, tmp_path, layout):
+    single = extract_features(tiny(dataset, tmp_path / "single"), log=quiet)
+    with RayEngine(shards=3, layout=layout, log=quiet) as engine:
+        result = engine.extract(tiny(dataset, tmp_path / "ray"))
+    assert result.path.name == single.path.name  # the same cache key: the same features
+    _assert_same(_rows(result.path), _rows(single.path))
+    assert check_file(result.path, full=True) is None
+    prov = FeatureFile(result.path).attrs["provenance"]
+    assert prov["engine"]["layout"] == layout and prov["engine"]["shard_count"] == 3 + 2
+    with FeatureFile(result.path) as ff:  # what the heads read
+        assert ff.features("train").is_virtual == (layout == "vds")
+        data = load_features(ff, "logreg")
+    assert data.X_train.shape == (70, 1280) and len(data.y_test) == 30
+    assert (tmp_path / "ray" / result.path.name.replace(".h5", ".shards")).exists() == (layout == "vds")
+
+
+@pytest.mark.reliability
+def test_a_lost_shard_is_the_only_work_redone(cluster, dataset, tmp_path):
+    with RayEngine(shards=4, layout="vds", log=quiet) as engine:
+        first = engine.extract(tiny(dataset, tmp_path))
+        reference = _rows(first.path)
+        shards = FeatureStore(tmp_path).shards_for(FeatureFile(first.path).attrs["key_parts"])
+        kept = {p: p.stat().st_mtime_ns for s in ("train", "test") for p in shards.files(s)}
+        lost = shards.files("train")[1]
+        first.path.unlink()       # as if the driver died before finalizing ...
+        lost.unlink()             # ... and one worker before renaming its shard
+        (lost.parent / f".{lost.name}.tmp-999").write_bytes(b"half a shard")
+        messages = []
+        again = engine.extract(tiny(dataset, tmp_path), log=messages.append)
+    assert again.status == "resumed" and again.info["images_this_run"] == 24
+    assert any("1 to extract" in m for m in messages)
+    _assert_same(_rows(again.path), reference)
+    redone = [p for p in kept if p.stat().st_mtime_ns != kept[p]]
+    assert redone == [lost]
+    LEDGER["interrupted"] += 1
+    LEDGER["resumed"] += 1
+    audit_cache(tmp_path)
+
+
+def test_a_missing_shard_makes_the_virtual_file_untrusted_not_zeros(cluster, dataset, tmp_path):
+    with RayEngine(shards=2, layout="vds", log=quiet) as engine:
+        result = engine.extract(tiny(dataset, tmp_path))
+    shard = next((tmp_path / result.path.name.replace(".h5", ".shards") / "test").glob("r*.h5"))
+    shard.unlink()
+    assert "missing" in check_file(result.path)
+    with pytest.raises(PipelineError, match="cannot be used: test: shard .* is missing"):
+        FeatureFile(result.path)
+
+
+@pytest.mark.reliability
+def test_a_damaged_shard_is_moved_aside_and_redone(cluster, dataset, tmp_path):
+    with RayEngine(shards=2, layout="vds", log=quiet) as engine:
+        first = engine.extract(tiny(dataset, tmp_path))
+        reference = _rows(first.path)
+        shards = FeatureStore(tmp_path).shards_for(FeatureFile(first.path).attrs["key_parts"])
+        damaged = shards.files("train")[0]
+        with h5py.File(damaged, "r+") as f:
+            f["features"][0, :5] = 7.0  # bit rot: the shard's sha256 no longer matches
+        first.path.unlink()
+        with pytest.raises(PipelineError, match="does not match its sha256 .* rerun"):
+            engine.extract(tiny(dataset, tmp_path))
+        assert not damaged.exists() and list((shards.path / ".quarantine").iterdir())
+        again = engine.extract(tiny(dataset, tmp_path))
+    _assert_same(_rows(again.path), reference)
+
+
+@pytest.mark.reliability
+def test_killing_the_driver_keeps_finished_shards_and_the_rerun_does_the_rest(dataset, tmp_path):
+    script = (
+        "import sys, ray\n"
+        "from pipeline.engine import RayEngine\n"
+        "from pipeline.extract import ExtractionConfig\n"
+        "ray.init(num_cpus=2, include_dashboard=False, logging_level='ERROR')\n"
+        f"c = ExtractionConfig(dataset={dataset!r}, backbone='mobilenet_v2', alpha=0.35,\n"
+        f"    weights='none', image_size=96, batch_size=8, cache_dir={str(tmp_path)!r})\n"
+        "with RayEngine(shards=10, log=print) as e: e.extract(c)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    shards_dir = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(tmp_path.glob("*.shards/*/r*.h5"))
+        if found:
+            shards_dir = found[0].parent.parent
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    LEDGER["interrupted"] += 1
+    time.sleep(2)  # let workers orphaned by the kill finish or die
+    assert shards_dir is not None, "no shard was finished before the deadline"
+    assert not list(tmp_path.glob("*.h5")), "killed before finalizing: no published file"
+    before = {p: p.stat().st_mtime_ns for p in shards_dir.glob("*/r*.h5")}
+    config = ExtractionConfig(dataset=dataset, backbone="mobilenet_v2", alpha=0.35,
+                              weights="none", image_size=96, batch_size=8, cache_dir=str(tmp_path))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        with RayEngine(shards=10, log=quiet) as engine:
+            result = engine.extract(config)
+    finally:
+        ray.shutdown()
+    assert result.status == "resumed"
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished work kept
+    # Workers orphaned by the kill may still finish a shard or two: never more work, only less.
+    covered = sum(int(p.stem.split("-")[1]) - int(p.stem.split("-")[0][1:]) for p in before)
+    assert 0 < result.info["images_this_run"] <= 100 - covered
+    LEDGER["resumed"] += 1
+    audit_cache(tmp_path)
+    single = extract_features(config.__class__(**{**config.__dict__,
+                                                  "cache_dir": str(tmp_path / "single")}),
+                              log=quiet)
+    _assert_same(_rows(result.path), _rows(single.path))
+
+
+def _experiment(tmp_path, dataset, name):
+    text = "\n".join([
+        f'cache_dir = "{tmp_path / name / "cache"}"', f'results_dir = "{tmp_path / name / "results"}"',
+        "batch_size = 8", "[[datasets]]", 'name = "tiny"', f'source = "{dataset}"',
+        "[[backbones]]", 'name = "mobilenet_v2"', "alpha = 0.35", 'weights = "none"',
+        "image_size = 32", "[[features]]", 'mode = "avg"',
+        "[[heads]]", 'name = "logreg"', "[[heads]]", 'name = "mlp"', "params = { max_epochs = 5 }",
+    ]) + "\n"
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def _metrics(results_dir):
+    return {p.parent.name.split("-")[0]: json.loads(p.read_text())
+            for p in results_dir.glob("*/*/metrics.json")}
+
+
+def test_run_on_ray_gives_the_single_process_results(no_cluster, dataset, tmp_path):
+    from pipeline.cli import main
+
+    assert main(["run", "--config", str(_experiment(tmp_path, dataset, "local"))]) == 0
+    assert main(["run", "--config", str(_experiment(tmp_path, dataset, "ray")), "--engine", "ray",
+                 "--num-cpus", "2", "--shards", "2"]) == 0
+    local, on_ray = _metrics(tmp_path / "local" / "results"), _metrics(tmp_path / "ray" / "results")
+    assert set(on_ray) == {"logreg", "mlp"} == set(local)
+    assert len(on_ray["logreg"]["sweep"]) >= 8  # the C sweep ran (through Ray's joblib backend)
+    for head in local:
+        assert on_ray[head]["best_params"] == local[head]["best_params"]
+        assert on_ray[head]["test_accuracy"] == pytest.approx(local[head]["test_accuracy"], abs=0.04)
+    assert not ray.is_initialized()  # the engine shuts down the local instance it started
+
+
+def test_without_engine_ray_is_never_imported(dataset, tmp_path):
+    config = _experiment(tmp_path, dataset, "plain")
+    code = ("import sys\nfrom pipeline.cli import main\n"
+            f"assert main(['run', '--config', {str(config)!r}]) == 0\n"
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.bad_input
+def test_an_unreachable_cluster_gets_one_line(no_cluster, tmp_path, dataset, capsys):
+    from pipeline.cli import main
+
+    code = main(["extract", "--dataset", dataset, "--weights", "none", "--image-size", "32",
+                 "--cache-dir", str(tmp_path), "--engine", "ray", "--address", "ray://127.0.0.1:1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot reach the Ray cluster" in err[0]
+    assert not list(tmp_path.glob("*.h5"))
