@@ -6,8 +6,9 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 CONFIG   ?= experiments/default.toml
 BENCH_ALPHA ?= 0.35
-EXTRAS   := $(if $(GPU),gpu,cpu),dev$(if $(RAY),$(comma)ray)
 comma    := ,
+EXTRAS   := $(if $(GPU),gpu,cpu),dev$(if $(RAY),$(comma)ray)
+TEST_EXTRAS := $(if $(GPU),gpu,cpu),dev,ray  # the tests cover the Ray engine too
 
 # Offline machines: a writable copy of ../shared/keras becomes KERAS_HOME unless one is set.
 ifeq ($(KERAS_HOME),)
@@ -23,15 +24,17 @@ RUN_ARGS := --config $(CONFIG) \
 	$(if $(HEADS),--heads "$(HEADS)") \
 	$(if $(LIMIT),--limit $(LIMIT))
 
-.PHONY: install features heads compare all dry-run test test-fast reliability bench bench-extract \
-	bench-heads lint clean-heads clean-features
+.PHONY: install install-test features heads compare all dry-run test test-fast reliability bench \
+	bench-extract bench-heads bench-ray lint clean-heads clean-features
 
-install: $(VENV)/.installed $(KERAS_SETUP)
+install: $(VENV)/.installed-$(EXTRAS) $(KERAS_SETUP)
 
-$(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
+install-test: $(VENV)/.installed-$(TEST_EXTRAS) $(KERAS_SETUP)
+
+$(VENV)/.installed-%: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$*]"
 	touch $@
 
 $(KERAS_HOME)/.ready:
@@ -55,22 +58,25 @@ all: install
 dry-run: install
 	$(PY) -m pipeline run $(RUN_ARGS) --dry-run
 
-test: install
+test: install-test
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install-test
 	$(PY) -m pytest -q -m "not slow and not reliability"
 
-reliability: install
+reliability: install-test
 	$(PY) -m pytest -q -m "reliability or bad_input"
 
-bench: bench-extract bench-heads
+bench: bench-extract bench-heads bench-ray
 
 bench-extract: install   # MobileNetV2 (BENCH_ALPHA, default 0.35) at 224, N = 2,000 and 8,000
 	$(PY) -m pipeline bench extract --alpha $(BENCH_ALPHA) --out bench_results/extract.json
 
 bench-heads: install
 	$(PY) -m pipeline bench heads --out bench_results/heads.json
+
+bench-ray: install-test   # one process vs a local Ray instance with 2 workers, N = 2,000
+	$(PY) -m pipeline bench ray --alpha $(BENCH_ALPHA) --out bench_results/ray.json
 
 lint: install
 	$(PY) -m ruff check pipeline tests

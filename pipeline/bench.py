@@ -61,8 +61,17 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
             config = ExtractionConfig(dataset=f"npz:{npz}", backbone=backbone, alpha=alpha,
                                       weights="none", image_size=size, batch_size=batch_size,
                                       cache_dir=cache, compression="none")
-            result = extract_features(config, log=lambda *_: None)
+            if method.startswith("ray:"):  # ray:WORKERS:SHARDS
+                from pipeline.engine import RayEngine
+
+                workers, shards = (int(v) for v in method.split(":")[1:])
+                with RayEngine(num_cpus=workers, shards=shards, log=lambda *_: None) as engine:
+                    result = engine.extract(config)
+            else:
+                result = extract_features(config, log=lambda *_: None)
             rows = sum(result.info["dataset_splits"].values())
+            return {"rows": int(rows), "seconds": time.perf_counter() - t0,
+                    "extract_seconds": result.info["wall_seconds"]}
     return {"rows": int(rows), "seconds": time.perf_counter() - t0}
 
 
@@ -115,6 +124,39 @@ def bench_extract(out: str | None = None, sizes: list[int] | None = None,
         "ours_rss_fraction_of_naive_at_largest_n": ours["peak_rss_mib"] / naive["peak_rss_mib"],
     }
     _write(report, out or "bench_results/extract.json")
+    return report
+
+
+def bench_ray(out: str | None = None, n: int = 2000, backbone: str = "mobilenet_v2",
+              alpha: float | None = None, workers: int = 2, shards: int = 8,
+              batch_size: int = 64, size: int = 224) -> dict:
+    """The same extraction in one process and on a local Ray instance with ``workers``
+    single-threaded actors, side by side in one run (each in a fresh worker process)."""
+    import tensorflow as tf
+
+    x, y, source = _images(n)
+    report = {"what": f"extraction: one process vs Ray with {workers} workers (local instance)",
+              "backbone": backbone, "alpha": alpha, "image_size": size, "batch_size": batch_size,
+              "n": n, "shards_per_split": shards, "images": source,
+              "weights": "none (same compute as imagenet)", "machine": _machine(tf), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = str(Path(tmp) / "bench.npz")
+        np.savez(npz, x_train=x[: n // 2], y_train=y[: n // 2], x_test=x[n // 2:], y_test=y[n // 2:])
+        for method in ("ours", f"ray:{workers}:{shards}"):
+            print(f"bench ray: {method}, N={n} ...", flush=True)
+            r = _run_worker(method, npz, backbone, alpha, batch_size, size)
+            r["method"] = "one process" if method == "ours" else f"ray, {workers} workers"
+            r["extract_images_per_second"] = r["rows"] / r["extract_seconds"]
+            print(f"  {r['images_per_second']:.1f} img/s end to end, "
+                  f"{r['extract_images_per_second']:.1f} img/s extracting", flush=True)
+            report["runs"].append(r)
+    one, on_ray = report["runs"]
+    report["summary"] = {
+        "speedup_end_to_end": on_ray["images_per_second"] / one["images_per_second"],
+        "speedup_extracting": on_ray["extract_images_per_second"] / one["extract_images_per_second"],
+        "note": "end to end includes starting Ray, its actors and the finalize step",
+    }
+    _write(report, out or "bench_results/ray.json")
     return report
 
 

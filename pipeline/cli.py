@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
 
     p = sub.add_parser("bench", help="benchmarks, JSON results")
-    p.add_argument("what", choices=("extract", "heads"))
+    p.add_argument("what", choices=("extract", "heads", "ray"))
     p.add_argument("--out", default=None)
-    p.add_argument("--sizes", default=None, help="comma-separated dataset sizes (extract)")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated dataset sizes (extract; ray takes the first)")
     p.add_argument("--features", default=None, help="feature file (heads)")
     p.add_argument("--backbone", default="mobilenet_v2", help="backbone (extract)")
     p.add_argument("--alpha", type=float, default=None, help="MobileNet width (extract)")
@@ -153,9 +154,11 @@ def cmd_backbones(args) -> int:
 
 
 def _size(path: Path) -> int:
+    """Bytes on disk, with the shard files a virtual-dataset file reads from."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    shards = path.with_suffix(".shards")
+    return path.stat().st_size + (_size(shards) if shards.is_dir() else 0)
 
 
 def cmd_ls(args) -> int:
@@ -185,8 +188,9 @@ def cmd_inspect(args) -> int:
         print(json.dumps({k: v for k, v in f.attrs.items()}, indent=2, default=str))
         for split in ("train", "test"):
             d = f.features(split)
-            print(f"{split}: features {d.shape} {d.dtype} chunks={d.chunks} "
-                  f"compression={d.compression}, labels {f.labels(split).shape}")
+            storage = (f"virtual over {len(d.virtual_sources())} shard files" if d.is_virtual
+                       else f"chunks={d.chunks} compression={d.compression}")
+            print(f"{split}: features {d.shape} {d.dtype} {storage}, labels {f.labels(split).shape}")
         print(f"classes: {', '.join(f.classes)}")
     return 0
 
@@ -249,9 +253,15 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     from pipeline import bench
 
+    try:
+        sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else None
+    except ValueError:
+        raise PipelineError(f"--sizes {args.sizes!r}: write whole numbers, e.g. 2000,8000") from None
     if args.what == "extract":
-        sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
         bench.bench_extract(out=args.out, sizes=sizes, backbone=args.backbone, alpha=args.alpha)
+    elif args.what == "ray":
+        bench.bench_ray(out=args.out, n=sizes[0] if sizes else 2000, backbone=args.backbone,
+                        alpha=args.alpha)
     else:
         bench.bench_heads(out=args.out, features=args.features)
     return 0

@@ -18,6 +18,8 @@ import platform
 import shutil
 import socket
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -87,8 +89,8 @@ class ShardExtractor:
         t0 = time.monotonic()
         self.model.projection = projection
         data, bs = self.dataset.splits[split], self.config.batch_size
-        features = np.concatenate([self.model(data.load(np.arange(lo, min(lo + bs, stop))))
-                                   for lo in range(start, stop, bs)])
+        batches = [np.arange(lo, min(lo + bs, stop)) for lo in range(start, stop, bs)]
+        features = np.concatenate([self.model(images) for images in _prefetched(data.load, batches)])
         seconds = time.monotonic() - t0
         provenance = {"config": asdict(self.config), "rows": [start, stop],
                       "host": socket.gethostname(), "pid": os.getpid(),
@@ -98,6 +100,17 @@ class ShardExtractor:
                                           compression=self.config.compression)
         return {"split": split, "rows": stop - start, "seconds": seconds,
                 "host": provenance["host"]}
+
+
+def _prefetched(load, batches: list, depth: int = 2):
+    """``load(b)`` for each batch, decoding up to ``depth`` ahead in threads while the model runs."""
+    with ThreadPoolExecutor(depth) as pool:
+        queued = deque(pool.submit(load, b) for b in batches[:depth])
+        for b in batches[depth:]:
+            yield queued.popleft().result()
+            queued.append(pool.submit(load, b))
+        while queued:
+            yield queued.popleft().result()
 
 
 class RayEngine:
@@ -269,11 +282,13 @@ def _get(ref):
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if hasattr(exc, "cause") else None
-        if isinstance(cause, PipelineError):
-            raise PipelineError(str(cause)) from None
+        if isinstance(getattr(exc, "cause", None), PipelineError):
+            raise PipelineError(str(exc.cause)) from None
         raise
     except ray.exceptions.ActorDiedError as exc:
+        text = str(exc)
+        if "PipelineError: " in text:  # raised while the actor was being built (e.g. data check)
+            raise PipelineError(text.split("PipelineError: ", 1)[1].splitlines()[0]) from None
         raise PipelineError(f"a Ray worker died and its retries are spent "
                             f"({str(exc).splitlines()[0][:160]}); the complete shards are kept: "
                             "rerun the same command to do the rest") from None

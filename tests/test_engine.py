@@ -151,8 +151,19 @@ def test_a_damaged_shard_is_moved_aside_and_redone(cluster, dataset, tmp_path):
     _assert_same(_rows(again.path), reference)
 
 
+@pytest.mark.bad_input
+def test_a_worker_that_sees_different_data_is_refused_in_one_line(cluster, dataset, tmp_path):
+    from pipeline.engine import ShardExtractor, _get
+
+    actor = ShardExtractor.options(max_restarts=0).remote(tiny(dataset, tmp_path), "0" * 64, 1)
+    with pytest.raises(PipelineError, match="sees different data for .* every node needs the same"):
+        _get(actor.extract.remote("train", 0, 8, str(tmp_path / "x.shards"), "k", None))
+    assert not list(tmp_path.glob("x.shards/*/*.h5"))
+
+
 @pytest.mark.reliability
-def test_killing_the_driver_keeps_finished_shards_and_the_rerun_does_the_rest(dataset, tmp_path):
+def test_killing_the_driver_keeps_finished_shards_and_the_rerun_does_the_rest(no_cluster, dataset,
+                                                                              tmp_path):
     script = (
         "import sys, ray\n"
         "from pipeline.engine import RayEngine\n"
@@ -250,3 +261,4 @@ def test_an_unreachable_cluster_gets_one_line(no_cluster, tmp_path, dataset, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cannot reach the Ray cluster" in err[0]
     assert not list(tmp_path.glob("*.h5"))
+
