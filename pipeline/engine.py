@@ -65,7 +65,8 @@ def _absolute(config: ExtractionConfig) -> ExtractionConfig:
 class ShardExtractor:
     """Holds one backbone (built once) and the dataset; extracts shard after shard."""
 
-    def __init__(self, config: ExtractionConfig, fingerprint: str, threads: int):
+    def __init__(self, config: ExtractionConfig, fingerprint: str, threads: int,
+                 decode_threads: int = 2):
         import tensorflow as tf
 
         if threads:  # share a CPU node fairly between its actors
@@ -78,6 +79,7 @@ class ShardExtractor:
             raise PipelineError(f"{socket.gethostname()} sees different data for "
                                 f"{config.dataset!r} than the driver; every node needs the same files")
         self.model = FeatureModel(config, self.dataset.splits["train"].image_shape)
+        self.decode_threads = decode_threads
 
     def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:
         c = self.config
@@ -90,7 +92,8 @@ class ShardExtractor:
         self.model.projection = projection
         data, bs = self.dataset.splits[split], self.config.batch_size
         batches = [np.arange(lo, min(lo + bs, stop)) for lo in range(start, stop, bs)]
-        features = np.concatenate([self.model(images) for images in _prefetched(data.load, batches)])
+        features = np.concatenate([self.model(images) for images in
+                                   _prefetched(data.load, batches, self.decode_threads)])
         seconds = time.monotonic() - t0
         provenance = {"config": asdict(self.config), "rows": [start, stop],
                       "host": socket.gethostname(), "pid": os.getpid(),
@@ -143,12 +146,13 @@ class RayEngine:
         if self._started:
             ray.shutdown()
 
-    def _slots(self) -> tuple[int, float, int]:
-        """(actors, GPUs per actor, CPU threads per actor): one per GPU (TensorFlow's own thread
-        pools for its input work), else one single-threaded actor per CPU."""
+    def _slots(self) -> tuple[int, float, int, int]:
+        """(actors, GPUs per actor, TensorFlow threads, decode threads per actor): one actor per
+        GPU, decoding with the CPU cores that come with its GPU; else one single-threaded actor
+        per CPU."""
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), max(int(resources.get("CPU", 1)), 1)
-        return (gpus, 1.0, 0) if gpus else (cpus, 0.0, 1)
+        return (gpus, 1.0, 0, max(2, cpus // gpus)) if gpus else (cpus, 0.0, 1, 2)
 
     # extraction -----------------------------------------------------------------------
     def extract(self, config: ExtractionConfig, *, rebuild: bool = False,
@@ -179,7 +183,7 @@ class RayEngine:
 
     def _extract_locked(self, config: ExtractionConfig, dataset: Dataset, parts: dict,
                         store: FeatureStore, shards: ShardSet, t0: float, log) -> ExtractionResult:
-        actors_wanted, gpus, threads = self._slots()
+        actors_wanted, gpus, threads, decode_threads = self._slots()
         n_shards = self.shards or 4 * actors_wanted
         todo = [(s, lo, hi) for s in SPLITS
                 for lo, hi in shard_ranges(len(dataset.splits[s]), n_shards, config.batch_size,
@@ -197,7 +201,8 @@ class RayEngine:
         n_actors = max(1, min(actors_wanted, len(todo) or int(needs_fit)))
         actor_options = {"num_cpus": 1, "num_gpus": gpus,
                          "max_restarts": 3, "max_task_retries": 3}
-        actors = [ShardExtractor.options(**actor_options).remote(config, dataset.fingerprint, threads)
+        actors = [ShardExtractor.options(**actor_options).remote(config, dataset.fingerprint, threads,
+                                                            decode_threads)
                   for _ in range(n_actors)] if todo or needs_fit else []
         projection, extra = None, {}
         if config.pooling == "bottleneck":
