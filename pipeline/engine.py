@@ -29,8 +29,15 @@ import ray
 
 from pipeline.datasets import SPLITS, Dataset, load_dataset
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractionConfig, ExtractionResult, FeatureModel, Progress, fit_bottleneck
-from pipeline.store import LAYOUTS, FeatureStore, ShardSet, cache_key, check_file
+from pipeline.extract import (
+    ExtractionConfig,
+    ExtractionResult,
+    FeatureModel,
+    Progress,
+    cached_result,
+    fit_bottleneck,
+)
+from pipeline.store import LAYOUTS, FeatureStore, ShardSet, cache_key
 
 
 def shard_ranges(n: int, shards: int, batch_size: int,
@@ -167,18 +174,17 @@ class RayEngine:
         parts = config.key_parts(dataset)
         store = FeatureStore(config.cache_dir)
         final = store.path_for(parts)
-        if final.exists() and not rebuild:
-            problem = check_file(final)
-            if problem is None:
-                log(f"up to date: {final} (nothing to do)")
-                return ExtractionResult(final, "up-to-date", time.monotonic() - t0)
-            raise PipelineError(f"cached file {final} is damaged ({problem}); rerun with --rebuild "
-                                "to replace it, or `python -m pipeline verify --repair`")
+        if not rebuild and (done := cached_result(final, t0, log)):
+            return done
         with store.lock(parts, announce=log):
+            if not rebuild and (done := cached_result(final, t0, log, waited=True)):
+                return done
             shards = store.shards_for(parts)
-            if rebuild:
+            if rebuild and (final.exists() or shards.path.exists()):
+                # A virtual file reads its shards: both go, then both are rebuilt.
                 final.unlink(missing_ok=True)
                 shutil.rmtree(shards.path, ignore_errors=True)
+                log(f"rebuild: removed {final.name} and its shards")
             return self._extract_locked(config, dataset, parts, store, shards, t0, log)
 
     def _extract_locked(self, config: ExtractionConfig, dataset: Dataset, parts: dict,

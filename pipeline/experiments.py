@@ -189,7 +189,7 @@ _TOP_KEYS = {"datasets", "backbones", "features", "heads", "cache_dir", "results
 _ENTRY_KEYS = {
     "datasets": {"name", "source", "limit", "skip_bad"},
     "backbones": {"name", "alpha", "weights", "image_size", "batch_size", "precision"},
-    "features": {"mode", "layers", "k", "backbones", "heads", "compression"},
+    "features": {"mode", "layers", "k", "backbones", "datasets", "heads", "compression"},
     "heads": {"name", "params", "modes"},
 }
 
@@ -197,7 +197,8 @@ _ENTRY_KEYS = {
 def _check_types(path: str, section: str, entry: dict) -> None:
     types = {"name": str, "source": str, "limit": int, "skip_bad": bool, "alpha": (int, float),
              "weights": str, "image_size": int, "batch_size": int, "precision": str,
-             "mode": str, "layers": list, "k": int, "backbones": list, "compression": str,
+             "mode": str, "layers": list, "k": int, "backbones": list, "datasets": list,
+             "compression": str,
              "params": dict, "modes": list, "heads": list}
     for key, value in entry.items():
         if not isinstance(value, types[key]) or isinstance(value, bool) != (types[key] is bool):
@@ -277,7 +278,8 @@ def plan(exp: Experiment) -> list[Job]:
         dataset = load_dataset(source, limit=limit, skip_bad=d.get("skip_bad", False))
         for b in exp.backbones:
             for f in exp.features:
-                if f.get("backbones") and b["name"] not in f["backbones"]:
+                if (f.get("backbones") and b["name"] not in f["backbones"]) or \
+                        (f.get("datasets") and d["name"] not in f["datasets"]):
                     continue
                 config = ExtractionConfig(
                     dataset=source, backbone=b["name"], pooling=f["mode"], alpha=b.get("alpha"),

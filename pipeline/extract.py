@@ -299,18 +299,26 @@ def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
     parts = config.key_parts(dataset)
     store = FeatureStore(config.cache_dir)
     final = store.path_for(parts)
-    if final.exists() and not rebuild:
-        problem = check_file(final)
-        if problem is None:
-            log(f"up to date: {final} (nothing to do)")
-            return ExtractionResult(final, "up-to-date", time.monotonic() - t0)
-        raise PipelineError(f"cached file {final} is damaged ({problem}); rerun with --rebuild "
-                            "to replace it, or `python -m pipeline verify --repair`")
+    if not rebuild and (done := cached_result(final, t0, log)):
+        return done
     with store.lock(parts, announce=log):
-        if final.exists() and not rebuild and check_file(final) is None:  # another writer won
-            log(f"up to date: {final} (written by the process we waited for)")
-            return ExtractionResult(final, "up-to-date", time.monotonic() - t0)
+        if not rebuild and (done := cached_result(final, t0, log, waited=True)):
+            return done
         return _extract_locked(config, dataset, parts, store, t0, log)
+
+
+def cached_result(final: Path, t0: float, log, waited: bool = False) -> ExtractionResult | None:
+    """The result for an already published, sound ``final``; None if there is none. A damaged
+    one is an error, never silently replaced."""
+    if not final.exists():
+        return None
+    problem = check_file(final)
+    if problem is None:
+        log(f"up to date: {final} " + ("(written by the process we waited for)" if waited
+                                       else "(nothing to do)"))
+        return ExtractionResult(final, "up-to-date", time.monotonic() - t0)
+    raise PipelineError(f"cached file {final} is damaged ({problem}); rerun with --rebuild "
+                        "to replace it, or `python -m pipeline verify --repair`")
 
 
 def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, store: FeatureStore,

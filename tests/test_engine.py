@@ -151,6 +151,15 @@ def test_a_damaged_shard_is_moved_aside_and_redone(cluster, dataset, tmp_path):
     _assert_same(_rows(again.path), reference)
 
 
+def test_second_run_is_a_no_op_and_rebuild_redoes_every_shard(cluster, dataset, tmp_path):
+    with RayEngine(shards=2, log=quiet) as engine:
+        first = engine.extract(tiny(dataset, tmp_path))
+        assert engine.extract(tiny(dataset, tmp_path)).status == "up-to-date"
+        rebuilt = engine.extract(tiny(dataset, tmp_path), rebuild=True)
+    assert rebuilt.status == "created" and rebuilt.info["images_this_run"] == 100
+    assert rebuilt.path == first.path and check_file(rebuilt.path, full=True) is None
+
+
 @pytest.mark.bad_input
 def test_a_worker_that_sees_different_data_is_refused_in_one_line(cluster, dataset, tmp_path):
     from pipeline.engine import ShardExtractor, _get

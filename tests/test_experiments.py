@@ -195,3 +195,10 @@ def test_a_features_entry_can_name_the_heads_that_run_on_it(tmp_path):
     config.write_text(text)
     [job] = experiments.plan(load_experiment(str(config)))
     assert [h["name"] for h in job.heads] == ["mlp"]
+
+
+def test_a_features_entry_can_be_limited_to_some_datasets(tmp_path):
+    path = Path(_config(tmp_path, datasets=("a", "b")))
+    path.write_text(path.read_text().replace('mode = "avg"', 'mode = "avg"\ndatasets = ["b"]'))
+    jobs = experiments.plan(load_experiment(str(path)))
+    assert [j.label.split(" / ")[0] for j in jobs] == ["b"]
