@@ -34,7 +34,7 @@ from pipeline.extract import (
     ExtractionResult,
     FeatureModel,
     Progress,
-    cached_result,
+    extract_features,
     fit_bottleneck,
 )
 from pipeline.store import LAYOUTS, FeatureStore, ShardSet, cache_key
@@ -165,30 +165,19 @@ class RayEngine:
     def extract(self, config: ExtractionConfig, *, rebuild: bool = False,
                 dataset: Dataset | None = None, log=None) -> ExtractionResult:
         """``extract_features`` on the cluster: the same file, the same rows, shard by shard."""
-        log = log or self.log
-        t0 = time.monotonic()
         config.validate()
-        config = _absolute(config)
-        dataset = dataset or load_dataset(config.dataset, limit=config.limit,
-                                          skip_bad=config.skip_bad, seed=config.seed)
-        parts = config.key_parts(dataset)
-        store = FeatureStore(config.cache_dir)
-        final = store.path_for(parts)
-        if not rebuild and (done := cached_result(final, t0, log)):
-            return done
-        with store.lock(parts, announce=log):
-            if not rebuild and (done := cached_result(final, t0, log, waited=True)):
-                return done
-            shards = store.shards_for(parts)
-            if rebuild and (final.exists() or shards.path.exists()):
-                # A virtual file reads its shards: both go, then both are rebuilt.
-                final.unlink(missing_ok=True)
-                shutil.rmtree(shards.path, ignore_errors=True)
-                log(f"rebuild: removed {final.name} and its shards")
-            return self._extract_locked(config, dataset, parts, store, shards, t0, log)
+        return extract_features(_absolute(config), rebuild=rebuild, dataset=dataset,
+                                log=log or self.log, extract_locked=self._extract_locked)
 
     def _extract_locked(self, config: ExtractionConfig, dataset: Dataset, parts: dict,
-                        store: FeatureStore, shards: ShardSet, t0: float, log) -> ExtractionResult:
+                        store: FeatureStore, t0: float, log, rebuild: bool) -> ExtractionResult:
+        shards = store.shards_for(parts)
+        final = store.path_for(parts)
+        if rebuild and (final.exists() or shards.path.exists()):
+            # A virtual file reads its shards: both go, then both are rebuilt.
+            final.unlink(missing_ok=True)
+            shutil.rmtree(shards.path, ignore_errors=True)
+            log(f"rebuild: removed {final.name} and its shards")
         actors_wanted, gpus, threads, decode_threads = self._slots()
         n_shards = self.shards or 4 * actors_wanted
         todo = [(s, lo, hi) for s in SPLITS

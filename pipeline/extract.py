@@ -290,8 +290,13 @@ def _run_split(model: FeatureModel, partial: PartialEntry, split_name: str, data
 
 
 def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
-                     dataset: Dataset | None = None, log=print) -> ExtractionResult:
-    """Extract (or resume, or find cached) the features ``config`` names."""
+                     dataset: Dataset | None = None, log=print,
+                     extract_locked=None) -> ExtractionResult:
+    """Extract (or resume, or find cached) the features ``config`` names.
+
+    ``extract_locked`` does the work once the key is locked: in this process by default; the
+    Ray engine passes its sharded version.
+    """
     t0 = time.monotonic()
     config.validate()
     dataset = dataset or load_dataset(config.dataset, limit=config.limit, skip_bad=config.skip_bad,
@@ -304,7 +309,7 @@ def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
     with store.lock(parts, announce=log):
         if not rebuild and (done := cached_result(final, t0, log, waited=True)):
             return done
-        return _extract_locked(config, dataset, parts, store, t0, log)
+        return (extract_locked or _extract_locked)(config, dataset, parts, store, t0, log, rebuild)
 
 
 def cached_result(final: Path, t0: float, log, waited: bool = False) -> ExtractionResult | None:
@@ -322,7 +327,7 @@ def cached_result(final: Path, t0: float, log, waited: bool = False) -> Extracti
 
 
 def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, store: FeatureStore,
-                    t0: float, log) -> ExtractionResult:
+                    t0: float, log, rebuild: bool) -> ExtractionResult:
     import h5py
     import keras
     import sklearn
