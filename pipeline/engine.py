@@ -13,8 +13,8 @@ and the same data; actors check the dataset's fingerprint against the driver's.
 
 from __future__ import annotations
 
+import json
 import os
-import platform
 import shutil
 import socket
 import time
@@ -36,6 +36,7 @@ from pipeline.extract import (
     Progress,
     extract_features,
     fit_bottleneck,
+    runtime_info,
 )
 from pipeline.store import LAYOUTS, FeatureStore, ShardSet, cache_key
 
@@ -102,7 +103,7 @@ class ShardExtractor:
         features = np.concatenate([self.model(images) for images in
                                    _prefetched(data.load, batches, self.decode_threads)])
         seconds = time.monotonic() - t0
-        provenance = {"config": asdict(self.config), "rows": [start, stop],
+        provenance = {"config": asdict(self.config), "rows": [start, stop], **runtime_info(),
                       "host": socket.gethostname(), "pid": os.getpid(),
                       "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         ShardSet(Path(shards_path)).write(split, start, features, key=key,
@@ -110,6 +111,30 @@ class ShardExtractor:
                                           compression=self.config.compression)
         return {"split": split, "rows": stop - start, "seconds": seconds,
                 "host": provenance["host"]}
+
+
+def _run_shards(actors: list, todo: list[tuple[str, int, int]], shards: ShardSet, key: str,
+                projection, progress: Progress) -> list[dict]:
+    """Keep every actor busy with the next shard until all are done; on any failure the
+    running shards are cancelled (the finished ones stay on disk)."""
+    pending, running, free, stats = list(todo), {}, list(actors), []
+    try:
+        while pending or running:
+            while pending and free:
+                split, lo, hi = pending.pop(0)
+                actor = free.pop()
+                running[actor.extract.remote(split, lo, hi, str(shards.path), key, projection)] = actor
+            ready, _ = ray.wait(list(running), num_returns=1)
+            free.append(running.pop(ready[0]))
+            stats.append(_get(ready[0]))
+            progress.update(stats[-1]["rows"])
+    finally:
+        progress.close()
+        for ref in running:
+            ray.cancel(ref, force=True)
+        for actor in actors:
+            ray.kill(actor)
+    return stats
 
 
 def _prefetched(load, batches: list, depth: int = 2):
@@ -194,11 +219,9 @@ class RayEngine:
                                 "choose a writable --cache-dir") from None
         needs_fit = config.pooling == "bottleneck" and shards.load_array("bottleneck_mean") is None
         n_actors = max(1, min(actors_wanted, len(todo) or int(needs_fit)))
-        actor_options = {"num_cpus": 1, "num_gpus": gpus,
-                         "max_restarts": 3, "max_task_retries": 3}
-        actors = [ShardExtractor.options(**actor_options).remote(config, dataset.fingerprint, threads,
-                                                            decode_threads)
-                  for _ in range(n_actors)] if todo or needs_fit else []
+        actor = ShardExtractor.options(num_cpus=1, num_gpus=gpus, max_restarts=3, max_task_retries=3)
+        actors = ([actor.remote(config, dataset.fingerprint, threads, decode_threads)
+                   for _ in range(n_actors)] if todo or needs_fit else [])
         projection, extra = None, {}
         if config.pooling == "bottleneck":
             if needs_fit:
@@ -208,35 +231,15 @@ class RayEngine:
             projection = (shards.load_array("bottleneck_mean"),
                           shards.load_array("bottleneck_components"))
             extra = {"bottleneck/mean": projection[0], "bottleneck/components": projection[1]}
-        key = cache_key(parts)
         total = sum(hi - lo for _, lo, hi in todo)
         progress = Progress(f"{dataset.spec} ({len(todo)} shards on {n_actors} actors)", total)
         t_extract = time.monotonic()
-        pending = list(todo)
-        running: dict = {}
-        free = list(actors)
-        stats = []
-        try:
-            while pending or running:
-                while pending and free:
-                    split, lo, hi = pending.pop(0)
-                    actor = free.pop()
-                    ref = actor.extract.remote(split, lo, hi, str(shards.path), key, projection)
-                    running[ref] = actor
-                ready, _ = ray.wait(list(running), num_returns=1)
-                free.append(running.pop(ready[0]))
-                stats.append(_get(ready[0]))
-                progress.update(stats[-1]["rows"])
-        finally:
-            progress.close()
-            for ref in running:
-                ray.cancel(ref, force=True)
-            for actor in actors:
-                ray.kill(actor)
+        stats = _run_shards(actors, todo, shards, cache_key(parts), projection, progress)
         seconds = time.monotonic() - t_extract
         rate = total / seconds if seconds > 0 and total else 0.0
-        with h5py.File(shards.files("train")[0], "r") as f:
+        with h5py.File(shards.files("train")[0], "r") as f:  # what a worker computed, and how
             feature_shape, feature_dtype = list(f["features"].shape[1:]), str(f["features"].dtype)
+            worker = json.loads(f.attrs["provenance"])
         provenance = {
             "config": asdict(config), "dataset_splits": {s: len(dataset.splits[s]) for s in SPLITS},
             "image_shape": list(dataset.splits["train"].image_shape),
@@ -245,7 +248,7 @@ class RayEngine:
                        "actors": n_actors, "gpus_per_actor": gpus, "shards_this_run": len(todo),
                        "shard_count": sum(len(shards.files(s)) for s in SPLITS),
                        "layout": self.layout, "hosts": sorted({s["host"] for s in stats})},
-            "versions": {"python": platform.python_version(), "ray": ray.__version__},
+            "versions": {**worker["versions"], "ray": ray.__version__}, "device": worker["device"],
             "batch_size": config.batch_size, "precision": config.precision,
             "wall_seconds": round(seconds, 3), "images_per_second": round(rate, 2),
             "images_this_run": total, "resumed": resumed,

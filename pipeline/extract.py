@@ -229,14 +229,23 @@ def fit_bottleneck(model: FeatureModel, dataset: Dataset, k: int, n_images: int,
 
 # ----------------------------------------------------------------------------- the loop
 
-def _device_name() -> str:
+def runtime_info() -> dict:
+    """Library versions and the device, for the provenance of what this process computes."""
+    import h5py
+    import keras
+    import sklearn
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
-        return f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
-    return f"CPU: {platform.processor() or platform.machine()}"
+        device = f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
+    else:
+        device = f"CPU: {platform.processor() or platform.machine()}"
+    return {"versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                         "keras": keras.__version__, "numpy": np.__version__,
+                         "h5py": h5py.__version__, "scikit-learn": sklearn.__version__},
+            "device": device}
 
 
 def _run_split(model: FeatureModel, partial: PartialEntry, split_name: str, dataset: Dataset,
@@ -329,9 +338,6 @@ def cached_result(final: Path, t0: float, log, waited: bool = False) -> Extracti
 def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, store: FeatureStore,
                     t0: float, log, rebuild: bool) -> ExtractionResult:
     import h5py
-    import keras
-    import sklearn
-    import tensorflow as tf
 
     partial = store.partial_for(parts)
     resumed = any(partial.rows_done(s) for s in SPLITS)
@@ -366,10 +372,7 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
         "config": asdict(config), "dataset_splits": {s: len(dataset.splits[s]) for s in SPLITS},
         "image_shape": list(dataset.splits["train"].image_shape),
         "feature_shape": list(row.shape[1:]), "feature_dtype": str(row.dtype),
-        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "numpy": np.__version__,
-                     "h5py": h5py.__version__, "scikit-learn": sklearn.__version__},
-        "device": _device_name(), "batch_size": config.batch_size, "precision": config.precision,
+        **runtime_info(), "batch_size": config.batch_size, "precision": config.precision,
         "wall_seconds": round(seconds, 3), "images_per_second": round(rate, 2),
         "images_this_run": images, "resumed": resumed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped_files": dataset.skipped,

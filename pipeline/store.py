@@ -388,6 +388,8 @@ class FeatureStore:
                               write, need, compression)
         if layout == "merge":
             shutil.rmtree(shards.path, ignore_errors=True)
+        for leftover in shards.path.glob("*/.r*.tmp-*"):  # from workers lost mid-write
+            leftover.unlink(missing_ok=True)
         return final
 
     def _publish(self, parts: dict, classes: list[str], labels: dict[str, np.ndarray],

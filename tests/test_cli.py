@@ -61,3 +61,13 @@ def test_train_then_compare_from_the_command_line(tmp_path, blobs_file, capsys):
     assert main(["compare", "--results-dir", str(results)]) == 0
     assert "logreg" in capsys.readouterr().out and (results / "compare.png").exists()
     assert main(["train", "--head", "logreg", "--param", "C", "--features", str(blobs_file)]) == 2
+
+
+@pytest.mark.bad_input
+def test_engine_ray_without_ray_installed_says_how_to_get_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
+    monkeypatch.delitem(sys.modules, "pipeline.engine", raising=False)
+    code = main(["extract", "--dataset", "mnist", "--engine", "ray", "--cache-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install '.[ray]'" in err[0]
+    assert not any(tmp_path.iterdir())

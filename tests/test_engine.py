@@ -94,11 +94,23 @@ def test_sharded_extraction_equals_the_single_process_one(cluster, dataset, tmp_
     assert check_file(result.path, full=True) is None
     prov = FeatureFile(result.path).attrs["provenance"]
     assert prov["engine"]["layout"] == layout and prov["engine"]["shard_count"] == 3 + 2
+    assert prov["versions"]["tensorflow"] and prov["device"].startswith("CPU")
     with FeatureFile(result.path) as ff:  # what the heads read
         assert ff.features("train").is_virtual == (layout == "vds")
         data = load_features(ff, "logreg")
     assert data.X_train.shape == (70, 1280) and len(data.y_test) == 30
     assert (tmp_path / "ray" / result.path.name.replace(".h5", ".shards")).exists() == (layout == "vds")
+
+
+def test_the_bottleneck_is_fitted_once_on_the_cluster_and_applied_to_every_shard(cluster, dataset,
+                                                                                 tmp_path):
+    config = dict(pooling="bottleneck", bottleneck_k=4, bottleneck_fit_images=40)
+    single = extract_features(tiny(dataset, tmp_path / "single", **config), log=quiet)
+    with RayEngine(shards=3, log=quiet) as engine:
+        result = engine.extract(tiny(dataset, tmp_path / "ray", **config))
+    _assert_same(_rows(result.path), _rows(single.path))
+    with FeatureFile(result.path) as ff:
+        assert ff.features("train").shape == (70, 1 * 1 * 4)  # 32x32 input: a 1x1 grid
 
 
 @pytest.mark.reliability
@@ -119,6 +131,7 @@ def test_a_lost_shard_is_the_only_work_redone(cluster, dataset, tmp_path):
     _assert_same(_rows(again.path), reference)
     redone = [p for p in kept if p.stat().st_mtime_ns != kept[p]]
     assert redone == [lost]
+    assert not list(lost.parent.glob(".*.tmp-*"))  # the half shard is cleaned up
     LEDGER["interrupted"] += 1
     LEDGER["resumed"] += 1
     audit_cache(tmp_path)
