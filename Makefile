@@ -1,5 +1,6 @@
 # Make drives the pipeline; the pipeline itself decides what is stale (see README, "Caching").
 # Variables: CONFIG=FILE  DATASETS="a b"  BACKBONES="a b"  HEADS="a b"  LIMIT=N  GPU=1  RAY=1  FORCE=1
+#            ENGINE=ray (run on a Ray cluster; installs Ray)  ADDRESS=auto|ray://HOST:PORT
 
 PYTHON   ?= python3
 VENV     ?= .venv
@@ -7,7 +8,7 @@ PY       := $(VENV)/bin/python
 CONFIG   ?= experiments/default.toml
 BENCH_ALPHA ?= 0.35
 comma    := ,
-EXTRAS   := $(if $(GPU),gpu,cpu),dev$(if $(RAY),$(comma)ray)
+EXTRAS   := $(if $(GPU),gpu,cpu),dev$(if $(RAY)$(ENGINE),$(comma)ray)
 TEST_EXTRAS := $(if $(GPU),gpu,cpu),dev,ray  # the tests cover the Ray engine too
 
 # Offline machines: a writable copy of ../shared/keras becomes KERAS_HOME unless one is set.
@@ -22,7 +23,9 @@ RUN_ARGS := --config $(CONFIG) \
 	$(if $(DATASETS),--datasets "$(DATASETS)") \
 	$(if $(BACKBONES),--backbones "$(BACKBONES)") \
 	$(if $(HEADS),--heads "$(HEADS)") \
-	$(if $(LIMIT),--limit $(LIMIT))
+	$(if $(LIMIT),--limit $(LIMIT)) \
+	$(if $(ENGINE),--engine $(ENGINE)) \
+	$(if $(ADDRESS),--address $(ADDRESS))
 
 .PHONY: install install-test features heads compare all dry-run test test-fast reliability bench \
 	bench-extract bench-heads bench-ray lint clean-heads clean-features
