@@ -356,6 +356,7 @@ def _load_image_folder(spec: str, root: Path, skip_bad: bool, test_fraction: flo
                        seed: int) -> Dataset:
     if not root.is_dir():
         raise PipelineError(f"dataset {spec!r}: {root} is not a folder")
+    root = root.resolve()  # absolute paths: the dataset can be handed to other processes
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     split_roots = {s: root / s for s in SPLITS} if has_splits else {"all": root}
     classes = sorted({d.name for r in split_roots.values() for d in _list_class_dirs(r)})
@@ -409,7 +410,15 @@ def _folder_split(items: list[_ImageFile], size: tuple[int, int]) -> Split:
     from PIL import Image
 
     def load_one(item: _ImageFile) -> np.ndarray:
-        arr = _decode(item.path)
+        try:
+            data = item.path.read_bytes()
+        except OSError as exc:
+            raise PipelineError(f"{item.path} cannot be read any more ({exc.strerror}); it was "
+                                "there when the dataset was scanned: restore it or rerun") from None
+        if hashlib.sha256(data).digest() != item.digest:  # the features must match the key
+            raise PipelineError(f"{item.path} changed after the dataset was scanned (its sha256 "
+                                "differs); rerun to extract the new content")
+        arr = _decode(item.path, data)
         if arr.shape[1::-1] != size:
             arr = np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.BILINEAR))
         return arr

@@ -7,8 +7,10 @@ one HDF5 shard per task. A finalize step publishes one logical feature file: a v
 dataset over the shards or a merged copy. Shards are published whole or not at all, so a
 lost worker or a killed driver costs only the unfinished shards, and a rerun does only those.
 
-Every node must see the cache and results folders at the same path (a shared filesystem)
-and the same data; actors check the dataset's fingerprint against the driver's.
+Every node must see the cache and results folders, and image folders, at the same paths (a
+shared filesystem). Actors get the driver's dataset through Ray's object store (arrays, or
+image paths with their sha256, nothing scanned twice) and check each image file against its
+sha256 as they read it, so a node that sees other bytes stops with a clear error.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import h5py
 import numpy as np
 import ray
 
-from pipeline.datasets import SPLITS, Dataset, load_dataset
+from pipeline.datasets import SPLITS, Dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import (
     ExtractionConfig,
@@ -73,7 +75,7 @@ def _absolute(config: ExtractionConfig) -> ExtractionConfig:
 class ShardExtractor:
     """Holds one backbone (built once) and the dataset; extracts shard after shard."""
 
-    def __init__(self, config: ExtractionConfig, fingerprint: str, threads: int,
+    def __init__(self, config: ExtractionConfig, dataset: Dataset, threads: int,
                  decode_threads: int = 2):
         import tensorflow as tf
 
@@ -81,11 +83,7 @@ class ShardExtractor:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(1)
         self.config = config
-        self.dataset = load_dataset(config.dataset, limit=config.limit, skip_bad=config.skip_bad,
-                                    seed=config.seed)
-        if self.dataset.fingerprint != fingerprint:
-            raise PipelineError(f"{socket.gethostname()} sees different data for "
-                                f"{config.dataset!r} than the driver; every node needs the same files")
+        self.dataset = dataset  # the driver's: arrays, or image paths with their sha256
         self.model = FeatureModel(config, self.dataset.splits["train"].image_shape)
         self.decode_threads = decode_threads
 
@@ -116,7 +114,7 @@ class ShardExtractor:
 def _run_shards(actors: list, todo: list[tuple[str, int, int]], shards: ShardSet, key: str,
                 projection, progress: Progress) -> list[dict]:
     """Keep every actor busy with the next shard until all are done; on any failure the
-    running shards are cancelled (the finished ones stay on disk)."""
+    running shards are stopped (the finished ones stay on disk)."""
     pending, running, free, stats = list(todo), {}, list(actors), []
     try:
         while pending or running:
@@ -128,10 +126,8 @@ def _run_shards(actors: list, todo: list[tuple[str, int, int]], shards: ShardSet
             free.append(running.pop(ready[0]))
             stats.append(_get(ready[0]))
             progress.update(stats[-1]["rows"])
-    finally:
+    finally:  # killing the actors also stops their running shards (on a failure)
         progress.close()
-        for ref in running:
-            ray.cancel(ref, force=True)
         for actor in actors:
             ray.kill(actor)
     return stats
@@ -220,7 +216,10 @@ class RayEngine:
         needs_fit = config.pooling == "bottleneck" and shards.load_array("bottleneck_mean") is None
         n_actors = max(1, min(actors_wanted, len(todo) or int(needs_fit)))
         actor = ShardExtractor.options(num_cpus=1, num_gpus=gpus, max_restarts=3, max_task_retries=3)
-        actors = ([actor.remote(config, dataset.fingerprint, threads, decode_threads)
+        # The driver's dataset goes to the actors through the object store, once: nothing is
+        # scanned again, and each image file is checked against its sha256 when it is read.
+        data_ref = ray.put(dataset) if todo or needs_fit else None
+        actors = ([actor.remote(config, data_ref, threads, decode_threads)
                    for _ in range(n_actors)] if todo or needs_fit else [])
         projection, extra = None, {}
         if config.pooling == "bottleneck":

@@ -259,8 +259,16 @@ def _run_split(model: FeatureModel, partial: PartialEntry, split_name: str, data
     if start >= len(split):
         return 0
     h, w, c = split.image_shape
+    failures: list[BaseException] = []
+
+    def batches():
+        try:
+            yield from split.batches(batch_size, start)
+        except Exception as exc:  # tf.data would bury it in its own error: keep ours, stop here
+            failures.append(exc)
+
     source = tf.data.Dataset.from_generator(
-        lambda: split.batches(batch_size, start),
+        batches,
         output_signature=tf.TensorSpec((None, h, w, c), tf.uint8)).prefetch(2)
     writes: queue.Queue = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
@@ -293,8 +301,8 @@ def _run_split(model: FeatureModel, partial: PartialEntry, split_name: str, data
         writes.put(None)
         thread.join()
         progress.close()
-    if errors:
-        raise errors[0]
+    if errors or failures:
+        raise (errors or failures)[0]  # the rows extracted before it are kept for the rerun
     return len(split) - start
 
 

@@ -224,3 +224,21 @@ def test_keras_datasets_fashion_mnist_offline_via_keras_home(fashion_mnist_dir, 
         shutil.copy(f, target / f.name)
     ds = load_dataset("fashion_mnist", limit=100)
     assert len(ds.splits["train"]) == 100 and ds.classes[-1] == "ankle_boot"
+
+
+@pytest.mark.bad_input
+def test_an_image_changed_or_removed_after_the_scan_is_an_error_not_other_features(tmp_path):
+    root = tmp_path / "imgs"
+    for label in ("a", "b"):
+        for i in range(4):
+            _save(root / label / f"{i}.png", np.full((8, 8, 3), 40 * i, np.uint8))
+    ds = load_dataset(f"folder:{root}")
+    split = ds.splits["train"]
+    assert split.load(np.arange(len(split))).shape[0] == len(split)
+    first = sorted(root.rglob("*.png"))[0]
+    _save(first, np.full((8, 8, 3), 255, np.uint8))
+    with pytest.raises(PipelineError, match="changed after the dataset was scanned"):
+        np.concatenate([ds.splits[s].load(np.arange(len(ds.splits[s]))) for s in ("train", "test")])
+    first.unlink()
+    with pytest.raises(PipelineError, match="cannot be read any more"):
+        np.concatenate([ds.splits[s].load(np.arange(len(ds.splits[s]))) for s in ("train", "test")])

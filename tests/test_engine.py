@@ -174,13 +174,23 @@ def test_second_run_is_a_no_op_and_rebuild_redoes_every_shard(cluster, dataset, 
 
 
 @pytest.mark.bad_input
-def test_a_worker_that_sees_different_data_is_refused_in_one_line(cluster, dataset, tmp_path):
-    from pipeline.engine import ShardExtractor, _get
+def test_an_image_that_changed_after_the_scan_stops_the_worker_in_one_line(cluster, tmp_path):
+    from PIL import Image
 
-    actor = ShardExtractor.options(max_restarts=0).remote(tiny(dataset, tmp_path), "0" * 64, 1)
-    with pytest.raises(PipelineError, match="sees different data for .* every node needs the same"):
-        _get(actor.extract.remote("train", 0, 8, str(tmp_path / "x.shards"), "k", None))
-    assert not list(tmp_path.glob("x.shards/*/*.h5"))
+    from pipeline.datasets import load_dataset
+
+    x, y = make_images(24, seed=3)
+    for i, (image, label) in enumerate(zip(x, y)):
+        (tmp_path / "imgs" / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "imgs" / f"c{label}" / f"{i:03d}.png")
+    spec = f"folder:{tmp_path / 'imgs'}"
+    scanned = load_dataset(spec)  # what the driver saw (and keyed the file by) ...
+    victim = sorted((tmp_path / "imgs").rglob("*.png"))[0]
+    Image.fromarray(255 - x[0]).save(victim)  # ... is not what a worker would read
+    with RayEngine(shards=2, log=quiet) as engine:
+        with pytest.raises(PipelineError, match=f"{victim.name} changed after the dataset was scanned"):
+            engine.extract(tiny(spec, tmp_path / "cache"), dataset=scanned)
+    assert not list((tmp_path / "cache").glob("*.h5"))
 
 
 @pytest.mark.reliability

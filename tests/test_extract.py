@@ -196,6 +196,26 @@ def test_corrupt_image_skipped_with_skip_bad_is_recorded_in_the_file(tmp_path):
         assert f["train/features"].shape[0] == 6
 
 
+@pytest.mark.bad_input
+def test_an_image_changed_mid_run_stops_with_our_message_and_keeps_the_rows_done(tmp_path):
+    from PIL import Image
+
+    from pipeline.datasets import load_dataset
+
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(np.full((8, 8, 3), i * 10, np.uint8)).save(tmp_path / "d" / c / f"{i}.png")
+    spec = f"folder:{tmp_path / 'd'}"
+    scanned = load_dataset(spec)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d" / "b" / "9.png")
+    with pytest.raises(PipelineError, match="9.png changed after the dataset was scanned"):
+        extract_features(tiny(spec, tmp_path / "cache"), dataset=scanned, log=quiet)
+    assert not list((tmp_path / "cache").glob("*.h5"))
+    partial = next((tmp_path / "cache").glob("*.partial"))
+    assert PartialEntry(partial).rows_done("train") > 0  # the rows before it, for the rerun
+
+
 # ----------------------------------------------------------------------------- processes
 
 def _cli(*args, env=None, **kw):
