@@ -37,6 +37,7 @@ from pipeline.extract import (
     FeatureModel,
     Progress,
     extract_features,
+    extraction_provenance,
     fit_bottleneck,
     runtime_info,
 )
@@ -239,20 +240,13 @@ class RayEngine:
         with h5py.File(shards.files("train")[0], "r") as f:  # what a worker computed, and how
             feature_shape, feature_dtype = list(f["features"].shape[1:]), str(f["features"].dtype)
             worker = json.loads(f.attrs["provenance"])
-        provenance = {
-            "config": asdict(config), "dataset_splits": {s: len(dataset.splits[s]) for s in SPLITS},
-            "image_shape": list(dataset.splits["train"].image_shape),
-            "feature_shape": feature_shape, "feature_dtype": feature_dtype,
-            "engine": {"name": "ray", "ray": ray.__version__, "address": self.address or "local",
-                       "actors": n_actors, "gpus_per_actor": gpus, "shards_this_run": len(todo),
-                       "shard_count": sum(len(shards.files(s)) for s in SPLITS),
-                       "layout": self.layout, "hosts": sorted({s["host"] for s in stats})},
-            "versions": {**worker["versions"], "ray": ray.__version__}, "device": worker["device"],
-            "batch_size": config.batch_size, "precision": config.precision,
-            "wall_seconds": round(seconds, 3), "images_per_second": round(rate, 2),
-            "images_this_run": total, "resumed": resumed,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped_files": dataset.skipped,
-        }
+        engine = {"name": "ray", "ray": ray.__version__, "address": self.address or "local",
+                  "actors": n_actors, "gpus_per_actor": gpus, "shards_this_run": len(todo),
+                  "shard_count": sum(len(shards.files(s)) for s in SPLITS),
+                  "layout": self.layout, "hosts": sorted({s["host"] for s in stats})}
+        provenance = extraction_provenance(
+            config, dataset, feature_shape, feature_dtype, seconds, total, resumed, engine=engine,
+            versions={**worker["versions"], "ray": ray.__version__}, device=worker["device"])
         path = store.publish_shards(shards, parts, classes=dataset.classes,
                                     labels={s: dataset.splits[s].labels for s in SPLITS},
                                     attrs={"provenance": provenance}, layout=self.layout,

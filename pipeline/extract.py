@@ -248,6 +248,21 @@ def runtime_info() -> dict:
             "device": device}
 
 
+def extraction_provenance(config: ExtractionConfig, dataset: Dataset, feature_shape, feature_dtype,
+                          seconds: float, images: int, resumed: bool, **more) -> dict:
+    """What a feature file records about how it was made (``more``: versions, device, ...)."""
+    return {
+        "config": asdict(config), "dataset_splits": {s: len(dataset.splits[s]) for s in SPLITS},
+        "image_shape": list(dataset.splits["train"].image_shape),
+        "feature_shape": list(feature_shape), "feature_dtype": str(feature_dtype),
+        **more, "batch_size": config.batch_size, "precision": config.precision,
+        "wall_seconds": round(seconds, 3),
+        "images_per_second": round(images / seconds if seconds > 0 else 0.0, 2),
+        "images_this_run": images, "resumed": resumed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped_files": dataset.skipped,
+    }
+
+
 def _run_split(model: FeatureModel, partial: PartialEntry, split_name: str, dataset: Dataset,
                batch_size: int, segment_rows: int) -> int:
     """Extract one split from where the partial entry stopped; returns images processed."""
@@ -376,15 +391,8 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
                  for s in SPLITS)
     seconds = time.monotonic() - t_extract
     rate = images / seconds if seconds > 0 else 0.0
-    provenance = {
-        "config": asdict(config), "dataset_splits": {s: len(dataset.splits[s]) for s in SPLITS},
-        "image_shape": list(dataset.splits["train"].image_shape),
-        "feature_shape": list(row.shape[1:]), "feature_dtype": str(row.dtype),
-        **runtime_info(), "batch_size": config.batch_size, "precision": config.precision,
-        "wall_seconds": round(seconds, 3), "images_per_second": round(rate, 2),
-        "images_this_run": images, "resumed": resumed,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped_files": dataset.skipped,
-    }
+    provenance = extraction_provenance(config, dataset, row.shape[1:], row.dtype, seconds, images,
+                                       resumed, **runtime_info())
     if dataset.skipped:
         extra["skipped_files"] = np.array(dataset.skipped, dtype=h5py.string_dtype())
     path = store.publish(partial, parts, classes=dataset.classes,

@@ -93,6 +93,11 @@ def _fit_converged(model, X, y) -> bool:
     return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
+def _setting(row: dict) -> dict:
+    """The parameters of one sweep row, without what was measured."""
+    return {k: v for k, v in row.items() if k not in ("val_accuracy", "converged")}
+
+
 class SweepClassifier(ClassifierMixin, BaseEstimator):
     """Pick hyper-parameters on a validation split, then refit on all rows.
 
@@ -169,11 +174,11 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
         sweep(list(self.grid), stop_past_peak=True)
         best = max(self.sweep_, key=lambda r: r["val_accuracy"])
         if self.refine and len(self.grid) > 1:
-            base = {k: v for k, v in best.items() if k not in ("val_accuracy", "converged")}
+            base = _setting(best)
             sweep([{**base, self.refine: base[self.refine] * f} for f in (10 ** -0.5, 10 ** 0.5)],
                   stop_past_peak=False)
             best = max(self.sweep_, key=lambda r: r["val_accuracy"])
-        self.best_params_ = {k: v for k, v in best.items() if k not in ("val_accuracy", "converged")}
+        self.best_params_ = _setting(best)
         self.validation_score_ = best["val_accuracy"]
         self.model_ = self._pipeline(self.best_params_)
         self.converged_ = _fit_converged(self.model_, X, y)

@@ -70,16 +70,46 @@ def _write_npy_atomic(final: Path, array: np.ndarray) -> None:
     tmp = final.with_suffix(".tmp")
     buffer = io.BytesIO()
     np.save(buffer, array)
-    try:
+    with _whole_or_nothing(tmp, final):
         final.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+
+
+@contextmanager
+def _whole_or_nothing(tmp: Path, final: Path) -> Iterator[None]:
+    """Around writing ``tmp``, which becomes ``final``: on any failure the temporary file goes
+    and the cause becomes one clear line."""
+    try:
+        yield
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _disk_error(exc, final) from None
+    except RuntimeError as exc:  # h5py reports failed writes as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise PipelineError(f"writing {final} failed ({str(exc).splitlines()[0][:160]}); "
+                            "the partial work is kept: fix the cause and rerun") from None
+    except PipelineError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_attrs(obj: h5py.HLObject, attrs: dict) -> None:
+    """Numbers and strings as they are, anything else as JSON (``read_attrs`` decodes it)."""
+    for name, value in attrs.items():
+        obj.attrs[name] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+
+def _move_aside(path: Path, folder: Path) -> Path:
+    """Move a bad file into ``folder`` under a timestamped name (never delete what may be the
+    only copy)."""
+    target = folder / f"{path.name}.{int(time.time())}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    return target
 
 
 def _check_space(path: Path, need: int) -> None:
@@ -230,28 +260,17 @@ class ShardSet(_WorkFolder):
         """Write one shard whole or not at all (chunked and compressed like the final file)."""
         final = self.shard_path(split, start, start + len(features))
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        try:
+        with _whole_or_nothing(tmp, final):
             final.parent.mkdir(parents=True, exist_ok=True)
             _check_space(final, features.nbytes + (1 << 20))
             with h5py.File(tmp, "w") as f:
-                f.attrs["format"] = SHARD_FORMAT
-                f.attrs["key"] = key
-                f.attrs["split"] = split
-                f.attrs["start"] = start
-                for name, value in attrs.items():
-                    f.attrs[name] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+                _write_attrs(f, {"format": SHARD_FORMAT, "key": key, "split": split,
+                                 "start": start, **attrs})
                 _copy_blocks(f, [features], len(features), compression)
                 f.attrs["complete"] = True
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _disk_error(exc, final) from None
-        except RuntimeError as exc:
-            tmp.unlink(missing_ok=True)
-            raise PipelineError(f"writing shard {final} failed ({str(exc).splitlines()[0][:160]})"
-                                ) from None
         return final
 
     def read_split(self, split: str) -> Iterator[np.ndarray]:
@@ -261,9 +280,7 @@ class ShardSet(_WorkFolder):
                 block = f["features"][()]
                 expected = f["features"].attrs["sha256"]
             if hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest() != expected:
-                target = self.path / ".quarantine" / f"{path.name}.{int(time.time())}"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
+                target = _move_aside(path, self.path / ".quarantine")
                 raise PipelineError(f"shard {path} does not match its sha256 (damaged); moved "
                                     f"to {target}: rerun the same command to extract it again")
             yield block
@@ -402,14 +419,11 @@ class FeatureStore:
         final = self.path_for(parts)
         tmp = final.with_name(final.name + ".tmp")
         _check_space(final, need)  # HDF5 fails badly (even crashes) when a write fails midway
-        try:
+        with _whole_or_nothing(tmp, final):
             with h5py.File(tmp, "w") as f:
-                f.attrs["format"] = FORMAT
-                f.attrs["format_version"] = FORMAT_VERSION
-                f.attrs["key"] = cache_key(parts)
-                f.attrs["key_parts"] = json.dumps(parts, sort_keys=True)
-                for name, value in attrs.items():
-                    f.attrs[name] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+                _write_attrs(f, {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                 "key": cache_key(parts),
+                                 "key_parts": json.dumps(parts, sort_keys=True), **attrs})
                 f.create_dataset("classes", data=np.array(classes, dtype=h5py.string_dtype()))
                 for name, array in extra.items():
                     f.create_dataset(name, data=array)
@@ -424,16 +438,6 @@ class FeatureStore:
                 raise PipelineError(f"refusing to publish {final.name}: {problem}")
             os.replace(tmp, final)
             _fsync_dir(final.parent)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _disk_error(exc, final) from None
-        except RuntimeError as exc:  # h5py reports failed writes as RuntimeError
-            tmp.unlink(missing_ok=True)
-            raise PipelineError(f"writing {final} failed ({str(exc).splitlines()[0][:160]}); "
-                                "the partial work is kept: fix the cause and rerun") from None
-        except PipelineError:
-            tmp.unlink(missing_ok=True)
-            raise
         return final
 
     # listing ----------------------------------------------------------------------------
@@ -463,11 +467,8 @@ class FeatureStore:
         return [e.path for e in self.entries() if e.state == "complete"]
 
     def quarantine(self, path: Path) -> Path:
-        """Move a bad file aside (never delete what may be the only copy)."""
-        target = self.cache_dir / ".quarantine" / f"{path.name}.{int(time.time())}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-        return target
+        """Move a bad file to ``.quarantine/``."""
+        return _move_aside(path, self.cache_dir / ".quarantine")
 
 
 def _key_of(path: Path) -> str:

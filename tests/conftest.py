@@ -66,14 +66,18 @@ def make_images(n: int, size: int = 16, channels: int | None = 3, n_classes: int
     return x, y
 
 
-@pytest.fixture
-def npz_dataset(tmp_path) -> str:
-    x_train, y_train = make_images(48, seed=1)
-    x_test, y_test = make_images(24, seed=2)
-    path = tmp_path / "tiny.npz"
+def write_npz_dataset(path: Path, n_train: int, n_test: int) -> str:
+    """A three-class .npz dataset of learnable images; returns its ``npz:`` spec."""
+    x_train, y_train = make_images(n_train, seed=1)
+    x_test, y_test = make_images(n_test, seed=2)
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
              classes=np.array(["dark", "mid", "bright"]))
     return f"npz:{path}"
+
+
+@pytest.fixture
+def npz_dataset(tmp_path) -> str:
+    return write_npz_dataset(tmp_path / "tiny.npz", 48, 24)
 
 
 def write_feature_file(cache_dir: Path, X_train, y_train, X_test, y_test, classes=None,

@@ -11,7 +11,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import LEDGER, REPO, audit_cache, make_images
+from conftest import LEDGER, REPO, audit_cache, make_images, write_npz_dataset
 
 try:
     import ray
@@ -52,12 +52,7 @@ def no_cluster():
 
 @pytest.fixture
 def dataset(tmp_path):
-    x_train, y_train = make_images(70, seed=1)
-    x_test, y_test = make_images(30, seed=2)
-    path = tmp_path / "data.npz"
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-             classes=np.array(["dark", "mid", "bright"]))
-    return f"npz:{path}"
+    return write_npz_dataset(tmp_path / "data.npz", 70, 30)
 
 
 def tiny(dataset: str, cache, **kw) -> ExtractionConfig:
@@ -69,6 +64,14 @@ def tiny(dataset: str, cache, **kw) -> ExtractionConfig:
 def _rows(path):
     with FeatureFile(path) as ff:
         return {s: (ff.features(s)[()], ff.labels(s)) for s in ("train", "test")}
+
+
+def _extract_and_list_shards(engine, dataset, cache):
+    """Extract; return the result, its rows, and its shard set."""
+    result = engine.extract(tiny(dataset, cache))
+    with FeatureFile(result.path) as ff:
+        parts = ff.attrs["key_parts"]
+    return result, _rows(result.path), FeatureStore(cache).shards_for(parts)
 
 
 def _assert_same(a, b):
@@ -92,13 +95,13 @@ def test_sharded_extraction_equals_the_single_process_one(cluster, dataset, tmp_
     assert result.path.name == single.path.name  # the same cache key: the same features
     _assert_same(_rows(result.path), _rows(single.path))
     assert check_file(result.path, full=True) is None
-    prov = FeatureFile(result.path).attrs["provenance"]
-    assert prov["engine"]["layout"] == layout and prov["engine"]["shard_count"] == 3 + 2
-    assert prov["versions"]["tensorflow"] and prov["device"].startswith("CPU")
     with FeatureFile(result.path) as ff:  # what the heads read
+        prov = ff.attrs["provenance"]
         assert ff.features("train").is_virtual == (layout == "vds")
         data = load_features(ff, "logreg")
     assert data.X_train.shape == (70, 1280) and len(data.y_test) == 30
+    assert prov["engine"]["layout"] == layout and prov["engine"]["shard_count"] == 3 + 2
+    assert prov["versions"]["tensorflow"] and prov["device"].startswith("CPU")
     assert (tmp_path / "ray" / result.path.name.replace(".h5", ".shards")).exists() == (layout == "vds")
 
 
@@ -116,9 +119,7 @@ def test_the_bottleneck_is_fitted_once_on_the_cluster_and_applied_to_every_shard
 @pytest.mark.reliability
 def test_a_lost_shard_is_the_only_work_redone(cluster, dataset, tmp_path):
     with RayEngine(shards=4, layout="vds", log=quiet) as engine:
-        first = engine.extract(tiny(dataset, tmp_path))
-        reference = _rows(first.path)
-        shards = FeatureStore(tmp_path).shards_for(FeatureFile(first.path).attrs["key_parts"])
+        first, reference, shards = _extract_and_list_shards(engine, dataset, tmp_path)
         kept = {p: p.stat().st_mtime_ns for s in ("train", "test") for p in shards.files(s)}
         lost = shards.files("train")[1]
         first.path.unlink()       # as if the driver died before finalizing ...
@@ -150,9 +151,7 @@ def test_a_missing_shard_makes_the_virtual_file_untrusted_not_zeros(cluster, dat
 @pytest.mark.reliability
 def test_a_damaged_shard_is_moved_aside_and_redone(cluster, dataset, tmp_path):
     with RayEngine(shards=2, layout="vds", log=quiet) as engine:
-        first = engine.extract(tiny(dataset, tmp_path))
-        reference = _rows(first.path)
-        shards = FeatureStore(tmp_path).shards_for(FeatureFile(first.path).attrs["key_parts"])
+        first, reference, shards = _extract_and_list_shards(engine, dataset, tmp_path)
         damaged = shards.files("train")[0]
         with h5py.File(damaged, "r+") as f:
             f["features"][0, :5] = 7.0  # bit rot: the shard's sha256 no longer matches
