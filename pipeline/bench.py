@@ -65,10 +65,10 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
                 from pipeline.engine import RayEngine
 
                 workers, shards = (int(v) for v in method.split(":")[1:])
-                with RayEngine(num_cpus=workers, shards=shards, log=lambda *_: None) as engine:
+                with RayEngine(num_cpus=workers, shards=shards) as engine:
                     result = engine.extract(config)
             else:
-                result = extract_features(config, log=lambda *_: None)
+                result = extract_features(config)
             rows = sum(result.info["dataset_splits"].values())
             return {"rows": int(rows), "seconds": time.perf_counter() - t0,
                     "extract_seconds": result.info["wall_seconds"]}

@@ -1,19 +1,35 @@
 """Command line: ``python -m pipeline COMMAND`` (also installed as ``pipeline``).
 
-Every PipelineError ends the program with its one-line message and exit code 2.
+Every PipelineError ends the program with its one-line message and exit code 2 (``--debug``
+adds the traceback and the original cause). Messages go through ``logging`` to stderr
+(``-v`` more, ``-q`` warnings only); tables and listings, the commands' answers, to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+log = logging.getLogger("pipeline")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
+    return value
 
 
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
@@ -29,10 +45,12 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
                    help="pool this layer instead of the last (repeat to concatenate layers)")
     p.add_argument("--bottleneck-k", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="images per split (stratified)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="images per split (stratified, at least one per class)")
     p.add_argument("--precision", default="float32", help="float32 | mixed_float16 | mixed_bfloat16")
     p.add_argument("--compression", default="lzf", help="none | lzf | gzip")
-    p.add_argument("--skip-bad", action="store_true", help="skip undecodable images, recorded in the file")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip undecodable images (counted in a warning, listed in the file)")
     p.add_argument("--rebuild", action="store_true", help="replace a damaged or existing file")
     p.add_argument("--segment-rows", type=int, default=None,
                    help="rows per resumable segment (default: about 8 MiB)")
@@ -62,11 +80,22 @@ def _engine(args):
     return RayEngine(args.address, shards=args.shards, layout=args.layout, num_cpus=args.num_cpus)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes get one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
-    common = argparse.ArgumentParser(add_help=False)
+    parser = OneLineParser(prog="pipeline", description=__doc__.splitlines()[0])
+    common = OneLineParser(add_help=False)
     common.add_argument("--cache-dir", default="features_cache", help="feature cache folder")
     common.add_argument("--results-dir", default="results", help="head results folder")
+    common.add_argument("-v", "--verbose", action="store_true", help="more messages")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    common.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback and its original cause")
     sub = parser.add_subparsers(dest="command", required=True)
     real_add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: real_add_parser(*a, parents=[common], **k)
@@ -77,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("backbones", help="list the backbones")
     sub.add_parser("ls", help="list cache entries")
     p = sub.add_parser("inspect", help="print one feature file")
-    p.add_argument("file")
+    p.add_argument("file", help="a feature file, or its key as `ls` prints it")
     p = sub.add_parser("verify", help="fully check every cache file (hashes, NaN)")
     p.add_argument("--repair", action="store_true", help="move bad files to .quarantine/")
 
@@ -98,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=None, help="space-separated override of the grid's datasets")
     p.add_argument("--backbones", default=None, help="space-separated override of the backbones")
     p.add_argument("--heads", default=None, help="space-separated override of the heads")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="images per split")
     _add_engine_args(p)
 
     p = sub.add_parser("bench", help="benchmarks, JSON results")
@@ -112,17 +141,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Our messages on stderr, one line each; libraries' loggers stay at warnings."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`): handled like Ctrl-C, the partial work kept."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[args.command](args) or 0
     except PipelineError as exc:
+        if args.debug:
+            _print_cause(exc)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: partial work is kept; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: partial work is "
+              "kept; rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _print_cause(exc: BaseException) -> None:
+    """The traceback, and the original error our one line replaced (``raise ... from None``
+    hides it from the default display, not from ``__context__``)."""
+    traceback.print_exception(exc, file=sys.stderr)
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        print("original cause:", file=sys.stderr)
+        traceback.print_exception(cause, file=sys.stderr)
 
 
 def cmd_extract(args) -> int:
@@ -182,17 +250,26 @@ def cmd_ls(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from pipeline.store import FeatureFile
+    from pipeline.store import FeatureFile, FeatureStore
 
-    with FeatureFile(args.file) as f:
-        print(json.dumps({k: v for k, v in f.attrs.items()}, indent=2, default=str))
+    with FeatureFile(FeatureStore(args.cache_dir).find(args.file)) as f:
+        print(json.dumps(f.attrs, indent=2, default=_json_value))
         for split in ("train", "test"):
             d = f.features(split)
             storage = (f"virtual over {len(d.virtual_sources())} shard files" if d.is_virtual
                        else f"chunks={d.chunks} compression={d.compression}")
             print(f"{split}: features {d.shape} {d.dtype} {storage}, labels {f.labels(split).shape}")
         print(f"classes: {', '.join(f.classes)}")
+        skipped = f.skipped_files()
+        if skipped:
+            print(f"skipped files ({len(skipped)}):")
+            print("\n".join(f"  {line}" for line in skipped))
     return 0
+
+
+def _json_value(value):
+    """numpy scalars as JSON numbers and booleans (``True``, not ``"True"``)."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def cmd_verify(args) -> int:

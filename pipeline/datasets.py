@@ -8,12 +8,15 @@ input happens later, inside the model graph, one batch at a time.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
+import logging
 import os
 import pickle
 import struct
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +30,7 @@ from pipeline.errors import PipelineError
 SPLITS = ("train", "test")
 KERAS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")
 LOCAL_KINDS = ("folder", "idx", "cifar", "npz")
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -113,9 +117,22 @@ def load_dataset(spec: str, *, limit: int | None = None, skip_bad: bool = False,
         raise PipelineError(
             f"unknown dataset {spec!r}; use one of {', '.join(KERAS_DATASETS)} "
             f"or a local source {', '.join(k + ':PATH' for k in LOCAL_KINDS)}")
-    if limit:
+    if limit is not None:
         dataset = _limit(dataset, limit, seed)
     return dataset
+
+
+# Where keras.datasets keeps each download under $KERAS_HOME/datasets (keras 3).
+_KERAS_FILES = {"mnist": ["mnist.npz"], "cifar10": ["cifar-10-batches-py-target*"],
+                "cifar100": ["cifar-100-python-target*"],
+                "fashion_mnist": [f"fashion-mnist/{n}-{k}-idx{d}-ubyte.gz" for n in ("train", "t10k")
+                                  for k, d in (("images", 3), ("labels", 1))]}
+
+
+def keras_dataset_is_local(name: str) -> bool:
+    """Whether ``keras.datasets`` would find ``name`` without downloading it."""
+    home = Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser() / "datasets"
+    return all(any(home.glob(pattern)) for pattern in _KERAS_FILES[name])
 
 
 # ----------------------------------------------------------------------------- array sources
@@ -151,6 +168,10 @@ def _check_arrays(spec: str, x: np.ndarray, y: np.ndarray, split: str, n_classes
     if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] in (1, 3, 4))):
         raise PipelineError(f"dataset {spec!r}: {split} images have shape {x.shape}; expected "
                             "(n, h, w), or (n, h, w, c) with c in 1, 3, 4")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)))[0, 0])
+        raise PipelineError(f"dataset {spec!r}: {split} images contain NaN or Inf (first in image "
+                            f"{bad}); replace them, e.g. with np.nan_to_num, before extracting")
     if x.dtype != np.uint8:
         if np.issubdtype(x.dtype, np.floating) and x.min() >= 0 and x.max() <= 1:
             x = np.round(x * 255).astype(np.uint8)
@@ -189,8 +210,9 @@ def _load_keras_dataset(name: str) -> tuple[dict, list[str]]:
         home = os.environ.get("KERAS_HOME", "~/.keras")
         raise PipelineError(
             f"dataset {name!r}: keras.datasets could not load it ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160]}); without a network, put the files in "
-            f"{home}/datasets/ (KERAS_HOME) or name a local copy, e.g. idx:PATH or cifar:PATH"
+            f"{(str(exc).splitlines() or [''])[0][:160]}); without a network, put the files in "
+            f"{home}/datasets/ (KERAS_HOME), name a local copy (e.g. idx:PATH or cifar:PATH), or "
+            "run the offline experiment: make all CONFIG=experiments/offline.toml"
         ) from None
     classes = {"cifar10": CIFAR10_CLASSES, "cifar100": CIFAR100_CLASSES,
                "fashion_mnist": FASHION_MNIST_CLASSES, "mnist": DIGIT_CLASSES}[name]
@@ -308,16 +330,41 @@ class _ImageFile:
     path: Path
     label: int
     digest: bytes = b""
-    size: tuple[int, int] = (0, 0)  # (width, height)
+    size: tuple[int, int] = (0, 0)  # (width, height), from the file's header
     error: str = ""
 
 
-def _decode(path: Path, data: bytes | None = None) -> np.ndarray:
-    """Any still image -> uint8 RGB (grey, palette, RGBA and 16-bit included)."""
+@functools.cache
+def _pil():
+    """PIL, with its decompression-bomb warning off: big images are handled here (decoded at
+    reduced size, one line each), not reported as raw multi-line warnings."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data) if data is not None else path) as img:
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return Image
+
+
+def _decode(data: bytes, fit: tuple[int, int] | None = None) -> np.ndarray:
+    """Any still image -> uint8 RGB (grey, palette, RGBA and 16-bit included).
+
+    An image over PIL's decompression-bomb threshold (89 MP) and at least twice ``fit``
+    (width, height) in both directions is decoded at reduced size (JPEG's DCT scaling, then
+    PIL's ``reduce``), never as full-size RGB copies: a 12000x12000 PNG costs its native
+    decode, not gigabytes. Smaller images decode exactly as they are.
+    """
+    Image = _pil()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    with Image.open(io.BytesIO(data)) as img:
+        large = fit and img.size[0] * img.size[1] > Image.MAX_IMAGE_PIXELS
+        if large and min(img.size[0] // fit[0], img.size[1] // fit[1]) >= 2:
+            img.draft("RGB", fit)  # JPEG only: decodes at 1/2, 1/4 or 1/8 scale, >= fit
         img.load()
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        factor = min(img.size[0] // fit[0], img.size[1] // fit[1]) if large else 1
+        if factor >= 2 and img.mode in ("L", "RGB", "RGBA", "LA", "I", "F", "CMYK"):
+            img = img.reduce(factor)
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             arr = np.asarray(img, dtype=np.int64)
             if arr.ndim == 2:
@@ -325,20 +372,44 @@ def _decode(path: Path, data: bytes | None = None) -> np.ndarray:
                 return np.repeat(arr[..., None], 3, axis=-1)
         if img.mode == "F":
             img = img.convert("L")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        if img.mode in ("RGBA", "LA", "PA"):
             rgba = img.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, rgba)
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+def _reason(exc: Exception) -> str:
+    """Why a file could not be decoded, in words (no object reprs, no multi-line text)."""
+    Image = _pil()
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image PIL can read (unknown format or damaged header)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return (f"too large to decode safely ({str(exc).split('(')[1].split(')')[0]}); "
+                "shrink it or remove it")
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+
+
+_SCAN_FIT = (256, 256)  # the scan decodes to check a file, at reduced size where it can
+
+
 def _scan_file(item: _ImageFile) -> _ImageFile:
+    Image = _pil()
     try:
         data = item.path.read_bytes()
         item.digest = hashlib.sha256(data).digest()
-        item.size = _decode(item.path, data).shape[1::-1]
+        if data:
+            with Image.open(io.BytesIO(data)) as img:
+                item.size = img.size
+        _decode(data, _SCAN_FIT)
     except Exception as exc:
-        item.error = f"{type(exc).__name__}: {exc}"
+        item.error = _reason(exc)
+    if not item.error and item.size[0] * item.size[1] > Image.MAX_IMAGE_PIXELS:
+        log.warning("%s is %dx%d (%.0f MP): decoded at reduced size", item.path, *item.size,
+                    item.size[0] * item.size[1] / 1e6)
     return item
 
 
@@ -352,6 +423,43 @@ def _list_images(class_dir: Path) -> list[Path]:
                   and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _folder_classes(spec: str, root: Path, split_roots: dict[str, Path]
+                    ) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
+    """Class names (folders holding at least one image) and the image paths per split and
+    class. Empty class folders are dropped with a warning; a class with test images and no
+    training images is an error (no head could ever predict it)."""
+    found = {s: {d.name: _list_images(d) for d in _list_class_dirs(r)} for s, r in split_roots.items()}
+    names = sorted({c for per_class in found.values() for c in per_class})
+    empty = [c for c in names if not any(per_class.get(c) for per_class in found.values())]
+    if empty:
+        log.warning("dataset %r: class folder(s) %s hold no images; ignored", spec, ", ".join(empty))
+    classes = [c for c in names if c not in empty]
+    if len(classes) < 2:
+        raise PipelineError(f"dataset {spec!r}: found {len(classes)} class folder(s) with images "
+                            f"in {root}; an image folder needs at least two, as "
+                            "ROOT[/train|/test]/<class>/*")
+    return classes, found
+
+
+def _check_train_covers_test(spec: str, classes: list[str], files: dict[str, list[_ImageFile]],
+                             why: str = "") -> None:
+    train = {f.label for f in files["train"]}
+    only_test = sorted({classes[f.label] for f in files["test"]} - {classes[i] for i in train})
+    if only_test:
+        raise PipelineError(f"dataset {spec!r}: class(es) {', '.join(only_test)} have test images "
+                            f"but no training images{why}; add training images or remove them")
+
+
+def _warn_duplicates(spec: str, files: dict[str, list[_ImageFile]]) -> None:
+    """A test image that is byte for byte a training image makes test accuracy optimistic."""
+    train = {f.digest: f.path for f in files["train"]}
+    twins = [(f.path, train[f.digest]) for f in files["test"] if f.digest in train]
+    if twins:
+        log.warning("dataset %r: %d test image(s) are byte-identical to training images (e.g. %s "
+                    "and %s); test accuracy will be optimistic: remove them from one split",
+                    spec, len(twins), twins[0][0], twins[0][1])
+
+
 def _load_image_folder(spec: str, root: Path, skip_bad: bool, test_fraction: float,
                        seed: int) -> Dataset:
     if not root.is_dir():
@@ -359,19 +467,11 @@ def _load_image_folder(spec: str, root: Path, skip_bad: bool, test_fraction: flo
     root = root.resolve()  # absolute paths: the dataset can be handed to other processes
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     split_roots = {s: root / s for s in SPLITS} if has_splits else {"all": root}
-    classes = sorted({d.name for r in split_roots.values() for d in _list_class_dirs(r)})
-    if len(classes) < 2:
-        raise PipelineError(f"dataset {spec!r}: found {len(classes)} class folder(s) in {root}; "
-                            "an image folder needs at least two, as ROOT[/train|/test]/<class>/*")
+    classes, found = _folder_classes(spec, root, split_roots)
+    files = {s: [_ImageFile(p, classes.index(c)) for c, paths in per_class.items() if c in classes
+                 for p in paths] for s, per_class in found.items()}
     if has_splits:
-        train_classes = {d.name for d in _list_class_dirs(root / "train")}
-        only_test = sorted(set(classes) - train_classes)
-        if only_test:
-            raise PipelineError(f"dataset {spec!r}: class(es) {', '.join(only_test)} have test "
-                                "images but no training images; add training images or remove them")
-    files = {s: [_ImageFile(p, classes.index(d.name))
-                 for d in _list_class_dirs(r) for p in _list_images(d)]
-             for s, r in split_roots.items()}
+        _check_train_covers_test(spec, classes, files)
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         files = {s: list(pool.map(_scan_file, items)) for s, items in files.items()}
     bad = [f for items in files.values() for f in items if f.error]
@@ -385,6 +485,8 @@ def _load_image_folder(spec: str, root: Path, skip_bad: bool, test_fraction: flo
     for s in SPLITS:
         if not files[s]:
             raise PipelineError(f"dataset {spec!r}: no readable images in the {s} split of {root}")
+    _check_train_covers_test(spec, classes, files, " once undecodable files are skipped")
+    _warn_duplicates(spec, files)
     sizes = Counter(f.size for items in files.values() for f in items)
     width, height = sizes.most_common(1)[0][0]
     splits = {s: _folder_split(items, (width, height)) for s, items in files.items()}
@@ -407,7 +509,7 @@ def _split_files(items: list[_ImageFile], test_fraction: float, seed: int) -> di
 
 
 def _folder_split(items: list[_ImageFile], size: tuple[int, int]) -> Split:
-    from PIL import Image
+    Image = _pil()
 
     def load_one(item: _ImageFile) -> np.ndarray:
         try:
@@ -418,7 +520,10 @@ def _folder_split(items: list[_ImageFile], size: tuple[int, int]) -> Split:
         if hashlib.sha256(data).digest() != item.digest:  # the features must match the key
             raise PipelineError(f"{item.path} changed after the dataset was scanned (its sha256 "
                                 "differs); rerun to extract the new content")
-        arr = _decode(item.path, data)
+        try:
+            arr = _decode(data, size)
+        except Exception as exc:  # decoded at the scan; fails now only if PIL itself changed
+            raise PipelineError(f"cannot decode {item.path} ({_reason(exc)})") from exc
         if arr.shape[1::-1] != size:
             arr = np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.BILINEAR))
         return arr
@@ -437,6 +542,8 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Sorted indices of a seeded, stratified subset of ``n`` rows (all rows if n >= len)."""
     from sklearn.model_selection import train_test_split
 
+    if n < 1:
+        raise PipelineError(f"--limit {n}: give a positive number of images per split")
     if n >= len(labels):
         return np.arange(len(labels))
     n_classes = len(np.unique(labels))

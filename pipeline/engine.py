@@ -16,6 +16,7 @@ sha256 as they read it, so a node that sees other bytes stops with a clear error
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -39,9 +40,12 @@ from pipeline.extract import (
     extract_features,
     extraction_provenance,
     fit_bottleneck,
+    report_skipped,
     runtime_info,
 )
 from pipeline.store import LAYOUTS, FeatureStore, ShardSet, cache_key
+
+log = logging.getLogger(__name__)
 
 
 def shard_ranges(n: int, shards: int, batch_size: int,
@@ -149,13 +153,13 @@ class RayEngine:
     """Runs extraction and head fits on a Ray cluster (a local one when ``address`` is None)."""
 
     def __init__(self, address: str | None = None, *, shards: int | None = None,
-                 layout: str = "vds", num_cpus: int | None = None, log=print):
+                 layout: str = "vds", num_cpus: int | None = None):
         if layout not in LAYOUTS:
             raise PipelineError(f"unknown --layout {layout!r}; use one of {', '.join(LAYOUTS)}")
         if shards is not None and shards < 1:
             raise PipelineError("--shards must be at least 1")
         self.address, self.shards, self.layout = address, shards, layout
-        self.num_cpus, self.log = num_cpus, log
+        self.num_cpus = num_cpus
         self._started = False
 
     # the cluster ----------------------------------------------------------------------
@@ -185,21 +189,21 @@ class RayEngine:
 
     # extraction -----------------------------------------------------------------------
     def extract(self, config: ExtractionConfig, *, rebuild: bool = False,
-                dataset: Dataset | None = None, log=None) -> ExtractionResult:
+                dataset: Dataset | None = None) -> ExtractionResult:
         """``extract_features`` on the cluster: the same file, the same rows, shard by shard."""
         config.validate()
         return extract_features(_absolute(config), rebuild=rebuild, dataset=dataset,
-                                log=log or self.log, extract_locked=self._extract_locked)
+                                extract_locked=self._extract_locked)
 
     def _extract_locked(self, config: ExtractionConfig, dataset: Dataset, parts: dict,
-                        store: FeatureStore, t0: float, log, rebuild: bool) -> ExtractionResult:
+                        store: FeatureStore, t0: float, rebuild: bool) -> ExtractionResult:
         shards = store.shards_for(parts)
         final = store.path_for(parts)
         if rebuild and (final.exists() or shards.path.exists()):
             # A virtual file reads its shards: both go, then both are rebuilt.
             final.unlink(missing_ok=True)
             shutil.rmtree(shards.path, ignore_errors=True)
-            log(f"rebuild: removed {final.name} and its shards")
+            log.info("rebuild: removed %s and its shards", final.name)
         actors_wanted, gpus, threads, decode_threads = self._slots()
         n_shards = self.shards or 4 * actors_wanted
         todo = [(s, lo, hi) for s in SPLITS
@@ -208,12 +212,7 @@ class RayEngine:
         done_before = sum(len(shards.files(s)) for s in SPLITS)
         resumed = done_before > 0
         if resumed:
-            log(f"resuming: {done_before} shard(s) already complete, {len(todo)} to extract")
-        try:
-            shards.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PipelineError(f"cannot write to cache dir {config.cache_dir!r} ({exc.strerror}); "
-                                "choose a writable --cache-dir") from None
+            log.info("resuming: %d shard(s) already complete, %d to extract", done_before, len(todo))
         needs_fit = config.pooling == "bottleneck" and shards.load_array("bottleneck_mean") is None
         n_actors = max(1, min(actors_wanted, len(todo) or int(needs_fit)))
         actor = ShardExtractor.options(num_cpus=1, num_gpus=gpus, max_restarts=3, max_task_retries=3)
@@ -251,8 +250,9 @@ class RayEngine:
                                     labels={s: dataset.splits[s].labels for s in SPLITS},
                                     attrs={"provenance": provenance}, layout=self.layout,
                                     compression=config.compression, extra=extra)
-        log(f"wrote {path} ({self.layout}; {total:,} images in {seconds:.1f} s, {rate:,.1f} img/s "
-            f"on {n_actors} actors)")
+        log.info("wrote %s (%s; %s images in %.1f s, %s img/s on %d actors)", path, self.layout,
+                 f"{total:,}", seconds, f"{rate:,.1f}", n_actors)
+        report_skipped(dataset, path)
         return ExtractionResult(path, "resumed" if resumed else "created", time.monotonic() - t0,
                                 rate, provenance)
 

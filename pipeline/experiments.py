@@ -8,30 +8,29 @@ rerun does only the work whose inputs changed.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
-import sys
 import time
 import tomllib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import joblib
 import numpy as np
 
-from pipeline.datasets import Dataset, load_dataset
+from pipeline.datasets import KERAS_DATASETS, Dataset, keras_dataset_is_local, load_dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import MODES, ExtractionConfig, extract_features
-from pipeline.heads import HEADS, SPATIAL_HEADS, check_head, evaluate, load_features, make_head
-from pipeline.reports import compare, plot_confusion
-from pipeline.store import FeatureFile, FeatureStore, check_file
+from pipeline.heads import HEADS, SPATIAL_HEADS, check_params, evaluate, load_features, make_head
+from pipeline.reports import compare, plot_confusion, result_title
+from pipeline.store import FeatureFile, FeatureStore, check_file, file_lock
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "default.toml"
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- one head
@@ -56,12 +55,32 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+def check_results_dir(results_dir: str | Path) -> Path:
+    """The results folder exists (or is made) and takes files; else one line naming it."""
+    path = Path(results_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise PipelineError(f"--results-dir {str(path)!r} is not a folder (a file is in the way); "
+                            "choose another --results-dir") from None
+    except OSError as exc:
+        raise PipelineError(f"cannot write to --results-dir {str(path)!r} ({exc.strerror}); "
+                            "choose a writable --results-dir") from None
+    return path
+
+
+def result_dir(results_dir: str | Path, key_parts: dict, head: str, params: dict) -> Path:
+    """``results/<dataset>-<backbone>-<mode>-<key>/<head>[-<params hash>]/``: the feature
+    file's own name, so a folder says what it holds."""
+    return Path(results_dir) / FeatureStore().name_for(key_parts) / _head_dir_name(head, params)
+
+
+def _legacy_result_dir(results_dir: str | Path, key: str, head: str, params: dict) -> Path:
+    """Where results lived before folders had readable names (``results/<key>/...``)."""
+    return Path(results_dir) / key / _head_dir_name(head, params)
 
 
 def head_is_current(result_dir: Path, checksum: str, params: dict) -> bool:
@@ -74,22 +93,30 @@ def head_is_current(result_dir: Path, checksum: str, params: dict) -> bool:
 
 def train_one(feature_path: Path, head: str, params: dict | None = None, *,
               results_dir: str | Path = "results", memory_budget_gb: float | None = None,
-              force: bool = False, log=print) -> tuple[str, Path]:
+              force: bool = False) -> tuple[str, Path]:
     """Fit one head on one feature file and write model, metrics.json and confusion.png."""
     params = dict(params or {})
-    check_head(head)
+    check_params(head, params)
+    check_results_dir(results_dir)
     with FeatureFile(feature_path) as ff:
         checksum = ff.checksum()
-        out = Path(results_dir) / ff.key / _head_dir_name(head, params)
-        with _locked(out.parent / f".{out.name}.lock"):
+        out = result_dir(results_dir, ff.attrs["key_parts"], head, params)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(out.parent / f".{out.name}.lock"):
+            legacy = _legacy_result_dir(results_dir, ff.key, head, params)
+            if not out.exists() and head_is_current(legacy, checksum, params):
+                os.replace(legacy, out)  # same result, now under its readable name
+                if not any(legacy.parent.iterdir()):
+                    legacy.parent.rmdir()
             if not force and head_is_current(out, checksum, params):
-                log(f"up to date: {out}")
+                log.info("up to date: %s", out)
                 return "up-to-date", out
             data = load_features(ff, head, memory_budget_gb=memory_budget_gb)
             model, note = make_head(head, params, n_train=len(data.y_train))
             if note:
-                log(note)
-            log(f"training {head} on {ff.path.name} ({len(data.y_train):,} train rows) ...")
+                log.info(note)
+            log.info("training %s on %s (%s train rows) ...", head, ff.path.name,
+                     f"{len(data.y_train):,}")
             t0 = time.perf_counter()
             model.fit(data.X_train, data.y_train)
             fit_seconds = time.perf_counter() - t0
@@ -116,8 +143,8 @@ def train_one(feature_path: Path, head: str, params: dict | None = None, *,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             })
             _write_result(out, model, metrics, data.classes)
-    log(f"{head}: test accuracy {100 * metrics['test_accuracy']:.2f}% "
-        f"(fit {fit_seconds:.1f} s) -> {out}")
+    log.info("%s: test accuracy %.2f%% (fit %.1f s) -> %s", head, 100 * metrics["test_accuracy"],
+             fit_seconds, out)
     return "trained", out
 
 
@@ -137,10 +164,7 @@ def _write_result(out: Path, model, metrics: dict, classes: list[str]) -> None:
         model.model_ = keras_model
     else:
         joblib.dump(model, tmp / "model.joblib")
-    title = (f"{metrics['features']['dataset']} {metrics['features']['backbone']} "
-             f"{metrics['features']['mode']} + {metrics['head_ran']}: "
-             f"{100 * metrics['test_accuracy']:.2f}%")
-    plot_confusion(metrics["confusion_matrix"], classes, title, tmp / "confusion.png")
+    plot_confusion(metrics["confusion_matrix"], classes, result_title(metrics), tmp / "confusion.png")
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -156,13 +180,14 @@ def train_heads(heads: list[str], *, features: list[str] | None = None,
                 params: list[str] | None = None, memory_budget_gb: float | None = None,
                 force: bool = False) -> None:
     """``pipeline train``: each head on each given (or every complete) feature file."""
+    parsed = _parse_params(params or [])
     for head in heads:
-        check_head(head)
+        check_params(head, parsed)
+    check_results_dir(results_dir)
     files = [Path(f) for f in features] if features else FeatureStore(cache_dir).complete_files()
     if not files:
         raise PipelineError(f"no complete feature files in {cache_dir}/; extract features first "
                             "(python -m pipeline extract ... or make features)")
-    parsed = _parse_params(params or [])
     for path in files:
         for head in heads:
             train_one(path, head, parsed, results_dir=results_dir,
@@ -204,6 +229,11 @@ def _check_types(path: str, section: str, entry: dict) -> None:
         if not isinstance(value, types[key]) or isinstance(value, bool) != (types[key] is bool):
             raise PipelineError(f"{path}: [{section}] {key} = {value!r} should be "
                                 f"{getattr(types[key], '__name__', 'a number')}")
+        if key in _POSITIVE_KEYS and value <= 0:
+            raise PipelineError(f"{path}: [{section}] {key} = {value!r} must be a positive number")
+
+
+_POSITIVE_KEYS = {"limit", "batch_size", "image_size", "k", "alpha"}
 
 
 def load_experiment(path: str | None = None, *, datasets: str | None = None,
@@ -239,6 +269,13 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
         if entry.get("name") not in HEADS:
             raise PipelineError(f"{path}: [[heads]] name = {entry.get('name')!r}; "
                                 f"use one of {', '.join(HEADS)}")
+        try:
+            check_params(entry["name"], entry.get("params", {}))
+        except PipelineError as exc:
+            raise PipelineError(f"{path}: [[heads]] {exc}") from None
+    for key in ("limit", "batch_size"):
+        if key in raw:
+            _check_types(path, "top level", {key: raw[key]})
     exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=raw["features"],
                      heads=raw["heads"], cache_dir=raw.get("cache_dir", "features_cache"),
                      results_dir=raw.get("results_dir", "results"),
@@ -252,9 +289,11 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
     if heads:
         exp.heads = [{"name": n} for n in heads.split()]
         for h in exp.heads:
-            make_head(h["name"])
+            check_params(h["name"], {})
     if limit is not None:
-        exp.limit = limit or None
+        if limit < 1:
+            raise PipelineError(f"--limit {limit}: give a positive number of images per split")
+        exp.limit = limit
     return exp
 
 
@@ -265,21 +304,29 @@ class Job:
     label: str
     heads: list[dict] = field(default_factory=list)
     path: Path | None = None
-    state: str = "missing"  # missing | partial | cached | damaged
+    state: str = "missing"  # missing | partial | cached | damaged | download
 
 
-def plan(exp: Experiment) -> list[Job]:
-    """Every extraction of the grid, with the heads to run on it and whether it is cached."""
+def plan(exp: Experiment, *, fetch: bool = True) -> list[Job]:
+    """Every extraction of the grid, with the heads to run on it and whether it is cached.
+
+    ``fetch=False`` (a dry run) never downloads: a ``keras.datasets`` name whose files are not
+    on this machine is planned as "download", without its key.
+    """
     jobs = []
     store = FeatureStore(exp.cache_dir)
     for d in exp.datasets:
         limit = d.get("limit", exp.limit) or None
         source = d.get("source", d["name"])
+        if not fetch and source in KERAS_DATASETS and not keras_dataset_is_local(source):
+            jobs += [Job(None, None, f"{d['name']} / {b['name']} / {f['mode']}  (dataset not "
+                     "available locally: would download it)", [], None, "download")
+                     for b in exp.backbones for f in exp.features if _applies(f, d, b)]
+            continue
         dataset = load_dataset(source, limit=limit, skip_bad=d.get("skip_bad", False))
         for b in exp.backbones:
             for f in exp.features:
-                if (f.get("backbones") and b["name"] not in f["backbones"]) or \
-                        (f.get("datasets") and d["name"] not in f["datasets"]):
+                if not _applies(f, d, b):
                     continue
                 config = ExtractionConfig(
                     dataset=source, backbone=b["name"], pooling=f["mode"], alpha=b.get("alpha"),
@@ -308,6 +355,12 @@ def plan(exp: Experiment) -> list[Job]:
     return jobs
 
 
+def _applies(features: dict, dataset: dict, backbone: dict) -> bool:
+    """Whether a [[features]] entry is extracted for this dataset and backbone."""
+    return not ((features.get("backbones") and backbone["name"] not in features["backbones"])
+                or (features.get("datasets") and dataset["name"] not in features["datasets"]))
+
+
 def _head_key(job: Job, head: dict) -> tuple:
     return id(job), head["name"], json.dumps(head.get("params", {}), sort_keys=True)
 
@@ -317,12 +370,14 @@ def _head_states(job: Job, results_dir: str) -> dict[tuple, str]:
     if job.state != "cached":
         return {_head_key(job, h): "after extraction" for h in job.heads}
     with FeatureFile(job.path) as ff:
-        key, checksum = ff.key, ff.checksum()
+        key, parts, checksum = ff.key, ff.attrs["key_parts"], ff.checksum()
     states = {}
     for h in job.heads:
         params = h.get("params", {})
-        out = Path(results_dir) / key / _head_dir_name(h["name"], params)
-        states[_head_key(job, h)] = "cached" if head_is_current(out, checksum, params) else "to train"
+        current = any(head_is_current(out, checksum, params) for out in (
+            result_dir(results_dir, parts, h["name"], params),
+            _legacy_result_dir(results_dir, key, h["name"], params)))
+        states[_head_key(job, h)] = "cached" if current else "to train"
     return states
 
 
@@ -334,7 +389,9 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     default, or on a cluster (``pipeline.engine.RayEngine.extract`` / ``.map``).
     """
     t0 = time.monotonic()
-    jobs = plan(exp)
+    if not dry_run and stage in ("heads", "all"):
+        check_results_dir(exp.results_dir)
+    jobs = plan(exp, fetch=not dry_run)
     head_states = {k: v for j in jobs for k, v in _head_states(j, exp.results_dir).items()}
     extract_todo = [j for j in jobs if j.state != "cached"] if stage in ("features", "all") else []
     runnable = {"all": ("to train", "after extraction"), "heads": ("to train",)}.get(stage, ())
@@ -359,7 +416,7 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     step = 0
     for job in extract_todo:
         step += 1
-        print(f"[{step}/{steps}] extract {job.label}")
+        log.info("[%d/%d] extract %s", step, steps, job.label)
         if job.state == "damaged":
             raise PipelineError(f"{job.path} is damaged; `python -m pipeline verify --repair` "
                                 "moves it aside, then rerun")
@@ -369,8 +426,8 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
         calls = []
         for job in jobs:
             if job.state != "cached":
-                print(f"skipping heads on {job.label}: features not extracted (make features)",
-                      file=sys.stderr)
+                log.warning("skipping heads on %s: features not extracted (make features)",
+                            job.label)
                 continue
             for h in job.heads:
                 if head_states[_head_key(job, h)] == "cached":
@@ -379,10 +436,10 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
                 calls.append({"feature_path": job.path, "head": h["name"],
                               "params": h.get("params", {}), "results_dir": exp.results_dir})
                 if map_calls is None:
-                    print(f"[{step}/{steps}] {h['name']} on {job.label}")
+                    log.info("[%d/%d] %s on %s", step, steps, h["name"], job.label)
                     train_one(**calls[-1])
         if map_calls is not None and calls:
-            print(f"training {len(calls)} head(s) as cluster tasks")
+            log.info("training %d head(s) as cluster tasks", len(calls))
             map_calls(train_one, calls)
     if stage in ("compare", "all"):
         compare(exp.results_dir)

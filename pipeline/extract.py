@@ -8,6 +8,7 @@ thread saves finished segments while the model runs on.
 
 from __future__ import annotations
 
+import logging
 import platform
 import queue
 import sys
@@ -26,6 +27,7 @@ from pipeline.store import FeatureStore, PartialEntry, check_file
 EXTRACTOR_VERSION = 1
 MODES = ("avg", "max", "bottleneck", "spatial")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,11 +109,12 @@ class Progress:
         self.done, self.stream = done, stream
         self.t0 = self.last = time.monotonic()
         self.tty = stream.isatty()
+        self.shown = log.isEnabledFor(logging.INFO)  # --quiet hides progress too
 
     def update(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if now - self.last >= (0.2 if self.tty else 5.0) or self.done >= self.total:
+        if self.shown and now - self.last >= (0.2 if self.tty else 5.0) or self.done >= self.total:
             self.last = now
             self.stream.write(("\r" if self.tty else "") + self.line() + ("" if self.tty else "\n"))
             self.stream.flush()
@@ -128,7 +131,7 @@ class Progress:
                 f"ETA {eta_text}")
 
     def close(self) -> None:
-        if self.tty:
+        if self.tty and self.shown:
             self.stream.write("\n")
 
 
@@ -182,17 +185,27 @@ class FeatureModel:
             pool = tf.reduce_mean if self.mode == "avg" else tf.reduce_max
             return tf.concat([pool(m, axis=(1, 2)) for m in maps], axis=1)
         last = maps[-1]
-        if self.mode == "spatial":
-            return tf.cast(last, tf.float16)
+        if self.mode == "spatial":  # cast to float16 on the host (see __call__)
+            return last
         projected = tf.tensordot(last - mean, components, axes=[[3], [0]])  # the 1x1 conv
         return tf.reshape(projected, (tf.shape(projected)[0], -1))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         mean, comps = self.projection if self.projection is not None else (np.zeros(1), np.zeros((1, 1)))
-        return self._features(images, mean.astype(np.float32), comps.astype(np.float32)).numpy()
+        features = self._features(images, mean.astype(np.float32), comps.astype(np.float32)).numpy()
+        # Spatial maps are stored as float16. numpy's cast rounds exactly as tf.cast does (to
+        # nearest even), and TensorFlow's CPU kernel for it prints a misleading oneDNN "E" line.
+        return features.astype(np.float16) if self.mode == "spatial" else features
 
     def maps(self, images: np.ndarray) -> np.ndarray:
         return self._maps(images)[-1].numpy()
+
+
+def check_bottleneck_k(model: FeatureModel, k: int) -> None:
+    channels = model.backbone.output_shape[-1]
+    if k > channels:
+        raise PipelineError(f"--bottleneck-k {k} exceeds the {channels} channels of the map; "
+                            f"use at most {channels}")
 
 
 def fit_bottleneck(model: FeatureModel, dataset: Dataset, k: int, n_images: int, batch_size: int,
@@ -202,9 +215,7 @@ def fit_bottleneck(model: FeatureModel, dataset: Dataset, k: int, n_images: int,
     The top-k principal directions are the 1x1 convolution that keeps the most variance
     of the map: a label-free choice, so it cannot leak test information.
     """
-    channels = model.backbone.output_shape[-1]
-    if k > channels:
-        raise PipelineError(f"--bottleneck-k {k} exceeds the {channels} channels of the map")
+    check_bottleneck_k(model, k)
     train = dataset.splits["train"]
     idx = stratified_subset(train.labels, min(n_images, len(train)), seed)
     total, outer, count = None, None, 0
@@ -322,8 +333,7 @@ def _run_split(model: FeatureModel, partial: PartialEntry, split_name: str, data
 
 
 def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
-                     dataset: Dataset | None = None, log=print,
-                     extract_locked=None) -> ExtractionResult:
+                     dataset: Dataset | None = None, extract_locked=None) -> ExtractionResult:
     """Extract (or resume, or find cached) the features ``config`` names.
 
     ``extract_locked`` does the work once the key is locked: in this process by default; the
@@ -336,43 +346,50 @@ def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
     parts = config.key_parts(dataset)
     store = FeatureStore(config.cache_dir)
     final = store.path_for(parts)
-    if not rebuild and (done := cached_result(final, t0, log)):
+    if not rebuild and (done := cached_result(final, t0)):
         return done
-    with store.lock(parts, announce=log):
-        if not rebuild and (done := cached_result(final, t0, log, waited=True)):
+    with store.lock(parts):
+        if not rebuild and (done := cached_result(final, t0, waited=True)):
             return done
-        return (extract_locked or _extract_locked)(config, dataset, parts, store, t0, log, rebuild)
+        return (extract_locked or _extract_locked)(config, dataset, parts, store, t0, rebuild)
 
 
-def cached_result(final: Path, t0: float, log, waited: bool = False) -> ExtractionResult | None:
+def cached_result(final: Path, t0: float, waited: bool = False) -> ExtractionResult | None:
     """The result for an already published, sound ``final``; None if there is none. A damaged
     one is an error, never silently replaced."""
     if not final.exists():
         return None
     problem = check_file(final)
     if problem is None:
-        log(f"up to date: {final} " + ("(written by the process we waited for)" if waited
-                                       else "(nothing to do)"))
+        log.info("up to date: %s %s", final, "(written by the process we waited for)" if waited
+                 else "(nothing to do)")
         return ExtractionResult(final, "up-to-date", time.monotonic() - t0)
     raise PipelineError(f"cached file {final} is damaged ({problem}); rerun with --rebuild "
                         "to replace it, or `python -m pipeline verify --repair`")
 
 
+def report_skipped(dataset: Dataset, path: Path) -> None:
+    """--skip-bad must not skip silently: say how many and where the list is."""
+    if dataset.skipped:
+        log.warning("skipped %d undecodable file(s), e.g. %s; the list is in %s (dataset "
+                    "'skipped_files'; `python -m pipeline inspect` prints it)",
+                    len(dataset.skipped), dataset.skipped[0], path)
+
+
 def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, store: FeatureStore,
-                    t0: float, log, rebuild: bool) -> ExtractionResult:
+                    t0: float, rebuild: bool) -> ExtractionResult:
     import h5py
 
+    # Everything that can fail on bad options (alpha, image size, layers, weights file,
+    # bottleneck k) fails here, before any work folder exists.
+    model = FeatureModel(config, dataset.splits["train"].image_shape)
+    if config.pooling == "bottleneck":
+        check_bottleneck_k(model, config.bottleneck_k)
     partial = store.partial_for(parts)
     resumed = any(partial.rows_done(s) for s in SPLITS)
     if resumed:
-        log("resuming: " + ", ".join(f"{s} {partial.rows_done(s):,}/{len(dataset.splits[s]):,}"
-                                     for s in SPLITS))
-    try:
-        partial.path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(f"cannot write to cache dir {config.cache_dir!r} ({exc.strerror}); "
-                            "choose a writable --cache-dir") from None
-    model = FeatureModel(config, dataset.splits["train"].image_shape)
+        log.info("resuming: %s", ", ".join(f"{s} {partial.rows_done(s):,}/{len(dataset.splits[s]):,}"
+                                            for s in SPLITS))
     extra = {}
     if config.pooling == "bottleneck":
         mean, comps = partial.load_array("bottleneck_mean"), partial.load_array("bottleneck_components")
@@ -399,6 +416,7 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
                          labels={s: dataset.splits[s].labels for s in SPLITS},
                          attrs={"provenance": provenance}, compression=config.compression,
                          extra=extra)
-    log(f"wrote {path} ({images:,} images in {seconds:.1f} s, {rate:,.1f} img/s)")
+    log.info("wrote %s (%s images in %.1f s, %s img/s)", path, f"{images:,}", seconds, f"{rate:,.1f}")
+    report_skipped(dataset, path)
     return ExtractionResult(path, "resumed" if resumed else "created", time.monotonic() - t0,
                             rate, provenance)

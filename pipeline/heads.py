@@ -10,6 +10,7 @@ normalisation / PCA) is part of each head's pipeline, so it is fitted on trainin
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 import warnings
@@ -40,6 +41,7 @@ from pipeline.store import FeatureFile
 
 EXACT_RBF_LIMIT = 20_000  # exact SVC costs O(n^2) memory and O(n^2..n^3) time beyond this
 NYSTROEM_COMPONENTS = 1000
+log = logging.getLogger(__name__)
 
 
 def _validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,11 +168,16 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
                     tried[repr(sorted(c.items()))] = score
                     self.sweep_.append({**c, "val_accuracy": score, "converged": converged})
                 scores = [r["val_accuracy"] for r in self.sweep_]
+                best = max(self.sweep_, key=lambda r: r["val_accuracy"])
+                log.info("  sweep: %d setting(s) tried, %d more planned, %.0f s, best so far %s "
+                         "(validation %.2f%%)", len(self.sweep_), len(todo) - start - len(part),
+                         time.perf_counter() - t0, _setting(best), 100 * best["val_accuracy"])
                 if stop_past_peak and scores[-1] < max(scores) and start + block < len(todo):
                     self.skipped_ = [dict(c) for c in todo[start + block:]]
                     return
 
         self.sweep_, self.skipped_ = [], []
+        t0 = time.perf_counter()
         sweep(list(self.grid), stop_past_peak=True)
         best = max(self.sweep_, key=lambda r: r["val_accuracy"])
         if self.refine and len(self.grid) > 1:
@@ -181,6 +188,7 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
         self.best_params_ = _setting(best)
         self.validation_score_ = best["val_accuracy"]
         self.model_ = self._pipeline(self.best_params_)
+        log.info("  refit %s on all %s rows", self.best_params_, f"{len(y):,}")
         self.converged_ = _fit_converged(self.model_, X, y)
         self.classes_ = self.model_.classes_
         return self
@@ -385,17 +393,101 @@ def _rbf_svm_approx(**kw):
     return SweepClassifier(est, grid=grid, refine="svm__C", **kw)
 
 
+@dataclass(frozen=True)
+class Number:
+    """A numeric parameter's type and range, declared like scikit-learn's ``Interval``."""
+
+    kind: type  # int or float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (self.kind is int and not isinstance(value, int)):
+            return "must be " + ("a whole number" if self.kind is int else "a number") + self._range()
+        below = self.low is not None and (value < self.low or (self.low_open and value == self.low))
+        above = self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        if value != value or below or above:
+            return "must be" + self._range()
+        return None
+
+    def _range(self) -> str:
+        lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        hi = "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        return " " + " and ".join(t for t in (lo, hi) if t) if lo or hi else ""
+
+
+@dataclass(frozen=True)
+class OneOf:
+    values: tuple
+
+    def problem(self, value) -> str | None:
+        return None if value in self.values else f"must be one of {', '.join(map(str, self.values))}"
+
+
+@dataclass(frozen=True)
+class Either:
+    """The first or the second constraint (e.g. gamma: 'scale' | 'auto' | a number > 0)."""
+
+    first: OneOf
+    second: Number
+
+    def problem(self, value) -> str | None:
+        if self.first.problem(value) is None or self.second.problem(value) is None:
+            return None
+        return f"{self.first.problem(value)}, or{self.second.problem(value).removeprefix('must be')}"
+
+
+POSITIVE = Number(float, 0, low_open=True)
+COUNT = Number(int, 1)
+FRACTION = Number(float, 0, 1, low_open=True, high_open=True)
+SEED = Number(int, 0)
+_PREPROCESSING = {"normalize": OneOf(("none", "l2")), "pca": Number(int, 0),
+                  "validation_fraction": FRACTION, "random_state": SEED}
+_SWEEP = {**_PREPROCESSING, "max_sweep_rows": COUNT, "n_jobs": Number(int, -1)}
+_EPOCHS = {"max_epochs": COUNT, "patience": COUNT, "batch_size": COUNT, "learning_rate": POSITIVE}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One registered head: how to build it, what features it takes, its parameters."""
+
+    factory: object  # a class or a function returning an estimator
+    takes: str  # "pooled" vectors | "spatial" maps | "streamed" from disk
+    params: dict
+    about: str
+
+
 HEADS = {
-    "logreg": _logreg,
-    "linear_svm": _linear_svm,
-    "rbf_svm": _rbf_svm,
-    "rbf_svm_approx": _rbf_svm_approx,
-    "mlp": EarlyStoppingMLP,
-    "conv1x1_mlp": Conv1x1MLP,
-    "sgd_linear": StreamingLinear,
+    "logreg": HeadSpec(_logreg, "pooled", {**_SWEEP, "C": POSITIVE, "max_iter": COUNT},
+                       "multinomial logistic regression, C swept on validation"),
+    "linear_svm": HeadSpec(_linear_svm, "pooled", {**_SWEEP, "C": POSITIVE, "max_iter": COUNT},
+                           "LinearSVC, C swept on validation"),
+    "rbf_svm": HeadSpec(_rbf_svm, "pooled",
+                        {**_SWEEP, "C": POSITIVE, "gamma": Either(OneOf(("scale", "auto")), POSITIVE)},
+                        f"exact RBF SVC (Nystroem beyond {EXACT_RBF_LIMIT:,} rows)"),
+    "rbf_svm_approx": HeadSpec(_rbf_svm_approx, "pooled",
+                               {**_SWEEP, "C": POSITIVE, "n_components": COUNT},
+                               "Nystroem RBF features + LinearSVC"),
+    "mlp": HeadSpec(EarlyStoppingMLP, "pooled",
+                    {**_PREPROCESSING, **_EPOCHS, "hidden": COUNT, "alpha": Number(float, 0)},
+                    "one hidden layer, early stopping on validation"),
+    "conv1x1_mlp": HeadSpec(Conv1x1MLP, "spatial",
+                            {**_EPOCHS, "filters": COUNT, "hidden": COUNT,
+                             "dropout": Number(float, 0, 1, high_open=True),
+                             "validation_fraction": FRACTION, "random_state": SEED},
+                            "trainable 1x1 conv + MLP on spatial maps (Keras)"),
+    "sgd_linear": HeadSpec(StreamingLinear, "streamed",
+                           {"loss": OneOf(("log_loss", "hinge", "modified_huber", "squared_hinge")),
+                            "alpha": Number(float, 0), "block_rows": COUNT, "max_epochs": COUNT,
+                            "patience": COUNT, "validation_fraction": FRACTION,
+                            "max_validation_rows": COUNT, "random_state": SEED},
+                           "linear SGD streamed from disk, for features larger than memory"),
 }
-SPATIAL_HEADS = {"conv1x1_mlp"}
-STREAMING_HEADS = {"sgd_linear"}
+SPATIAL_HEADS = {name for name, spec in HEADS.items() if spec.takes == "spatial"}
+STREAMING_HEADS = {name for name, spec in HEADS.items() if spec.takes == "streamed"}
 
 
 def check_head(name: str) -> None:
@@ -403,11 +495,24 @@ def check_head(name: str) -> None:
         raise PipelineError(f"unknown head {name!r}; valid: {', '.join(HEADS)}")
 
 
+def check_params(name: str, params: dict) -> None:
+    """Every parameter named and in range before anything runs (one line per mistake)."""
+    check_head(name)
+    allowed = HEADS[name].params
+    for key, value in params.items():
+        if key not in allowed:
+            raise PipelineError(f"head {name!r} has no parameter {key!r}; allowed: "
+                                f"{', '.join(sorted(allowed))}")
+        problem = allowed[key].problem(value)
+        if problem:
+            raise PipelineError(f"head {name!r}: {key}={value!r} {problem}")
+
+
 def make_head(name: str, params: dict | None = None, *, n_train: int | None = None):
     """The estimator for ``name`` with ``params``; ``rbf_svm`` becomes its approximation for
     large N (the returned note says which ran and why)."""
-    check_head(name)
     params = dict(params or {})
+    check_params(name, params)
     note = ""
     if name == "rbf_svm" and n_train is not None and n_train > EXACT_RBF_LIMIT:
         note = (f"rbf_svm ran as rbf_svm_approx (Nystroem, {NYSTROEM_COMPONENTS} components + "
@@ -415,24 +520,7 @@ def make_head(name: str, params: dict | None = None, *, n_train: int | None = No
                 f"{n_train:,} training rows > {EXACT_RBF_LIMIT:,}, where exact SVC is too slow")
         params.pop("gamma", None)
         name = "rbf_svm_approx"
-    factory = HEADS[name]
-    try:
-        head = factory(**params)
-    except TypeError as exc:
-        allowed = _allowed_params(name)
-        raise PipelineError(f"head {name!r}: bad parameter ({exc}); allowed: {', '.join(allowed)}"
-                            ) from None
-    return head, note
-
-
-def _allowed_params(name: str) -> list[str]:
-    factory = HEADS[name]
-    if isinstance(factory, type):
-        return sorted(factory().get_params())
-    extra = {"logreg": ["C", "max_iter"], "linear_svm": ["C", "max_iter"],
-             "rbf_svm": ["C", "gamma"], "rbf_svm_approx": ["C", "n_components"]}[name]
-    return sorted(extra + ["normalize", "pca", "validation_fraction", "max_sweep_rows", "n_jobs",
-                           "random_state"])
+    return HEADS[name].factory(**params), note
 
 
 # ----------------------------------------------------------------------------- data + evaluation

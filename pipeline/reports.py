@@ -48,6 +48,25 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], title: str, path
     plt.close(fig)
 
 
+def feature_labels(features: dict) -> tuple[str, str]:
+    """("mobilenet@0.25", "avg[6 layers]"): the words that tell two feature files apart."""
+    layers = features.get("layers") or []
+    mode = features.get("mode", "?") + (f"[{len(layers)} layers]" if layers else "")
+    backbone = features.get("backbone", "?")
+    if features.get("alpha"):
+        backbone += f"@{features['alpha']:g}"
+    return backbone, mode
+
+
+def result_title(metrics: dict) -> str:
+    """A confusion plot's title: dataset, backbone with its width, features, input size, head."""
+    features = metrics["features"]
+    backbone, mode = feature_labels(features)
+    size = f" {features['image_size']}px" if features.get("image_size") else ""
+    return (f"{features['dataset']} {backbone} {mode}{size} + {metrics['head_ran']}: "
+            f"{100 * metrics['test_accuracy']:.2f}%")
+
+
 def collect_results(results_dir: str | Path) -> list[dict]:
     """One row per (feature file, head) with a complete metrics.json."""
     rows = []
@@ -57,11 +76,7 @@ def collect_results(results_dir: str | Path) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue  # never written completely: results are renamed into place when done
         features = m.get("features", {})
-        layers = features.get("layers") or []
-        mode = features.get("mode", "?") + (f"[{len(layers)} layers]" if layers else "")
-        backbone = features.get("backbone", "?")
-        if features.get("alpha"):
-            backbone += f"@{features['alpha']:g}"
+        backbone, mode = feature_labels(features)
         rows.append({
             "dataset": features.get("dataset", "?"), "backbone": backbone, "mode": mode,
             "head": m.get("head_ran", m.get("head")), "test_accuracy": m["test_accuracy"],
@@ -96,20 +111,23 @@ def _best_per_dataset(rows: list[dict]) -> set[int]:
 
 def plot_accuracy_vs_cost(rows: list[dict], path: Path) -> None:
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
     datasets = sorted({r["dataset"] for r in rows})
     heads = sorted({r["head"] for r in rows})
     markers = dict(zip(heads, "osD^v<>pP*hX"))
     colors = {h: plt.get_cmap("tab10")(i % 10) for i, h in enumerate(heads)}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        for r in (r for r in rows if r["dataset"] == dataset):
+        points = [r for r in rows if r["dataset"] == dataset]
+        for r in points:
             ax.scatter(max(r["fit_seconds"], 1e-3), 100 * r["test_accuracy"],
                        marker=markers[r["head"]], color=colors[r["head"]], s=50, alpha=0.8,
                        label=r["head"])
-            ax.annotate(f"{r['backbone']} {r['mode']}", (max(r["fit_seconds"], 1e-3),
-                        100 * r["test_accuracy"]), fontsize=6, alpha=0.7,
-                        xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # "2x10^-1 3x10^-1 ..." collide
+        ax.margins(x=0.25)  # room for the labels right of the last points
+        _label_without_overlap(ax, points)
         ax.set_xlabel("head fit time (s, log)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(dataset, fontsize=10)
@@ -120,6 +138,27 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _label_without_overlap(ax, points: list[dict], fontsize: float = 6) -> None:
+    """Label each point with its features; a label that would cover an earlier one moves down
+    (greedy, in display space) and gets a thin line back to its point."""
+    ax.figure.canvas.draw()  # fixes the limits, so data -> pixel transforms are final
+    scale = ax.figure.dpi / 72
+    height, char = (fontsize + 2) * scale, 0.55 * fontsize * scale
+    placed: list[tuple[float, float, float, float]] = []
+    for r in sorted(points, key=lambda r: -r["test_accuracy"]):
+        xy = (max(r["fit_seconds"], 1e-3), 100 * r["test_accuracy"])
+        px, py = ax.transData.transform(xy)
+        text = f"{r['backbone']} {r['mode']}"
+        x0, x1, y = px + 4, px + 4 + char * len(text), py + 2
+        while any(x0 < b[1] and b[0] < x1 and y < b[3] and b[2] < y + height for b in placed):
+            y -= height
+        placed.append((x0, x1, y, y + height))
+        moved = abs(y - (py + 2)) > 1
+        ax.annotate(text, xy, xytext=(4 / scale, (y - py) / scale), textcoords="offset points",
+                    fontsize=fontsize, alpha=0.8, va="bottom",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "alpha": 0.5} if moved else None)
 
 
 def compare(results_dir: str | Path = "results", *, out=print) -> list[dict]:

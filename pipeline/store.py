@@ -13,12 +13,14 @@ key (the hash of the key parts stored in it must equal the key in its name) all 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import resource
@@ -39,6 +41,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 COMPRESSIONS = ("none", "lzf", "gzip")
 _NAME = re.compile(r"^(?P<stem>.+)-(?P<key>[0-9a-f]{16})$")
+log = logging.getLogger(__name__)
 
 
 def cache_key(parts: dict) -> str:
@@ -127,6 +130,9 @@ def _disk_error(exc: OSError, where: Path) -> PipelineError:
     if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return PipelineError(f"no space left writing {where} ({exc.strerror}); the partial "
                              "work is kept: free space and rerun the same command to resume")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return PipelineError(f"cannot write {where}: a file is in the way of a folder there; "
+                             "choose another --cache-dir")
     if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return PipelineError(f"cannot write {where} ({exc.strerror}); choose a writable "
                              "--cache-dir")
@@ -295,6 +301,43 @@ def _shard_is_complete(path: Path, rows: int) -> bool:
         return False
 
 
+@contextmanager
+def file_lock(path: Path, *, wait: bool = True) -> Iterator[None]:
+    """Exclusive ``flock`` on ``path``, which is removed on release (no lock files pile up).
+
+    Removing a lock file races with a process that opened it just before: after locking, the
+    file we hold must still be the one at ``path`` (same inode), else we lock again.
+    """
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _disk_error(exc, path.parent) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                if not wait:
+                    raise PipelineError(f"{path.name} is being written by {holder}; "
+                                        "wait for it or rerun later") from None
+                log.info("waiting for %s, which is writing %s ...", holder, path.stem)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder before us removed it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        Path(path).unlink(missing_ok=True)  # still locked: no one else holds this inode
+        os.close(fd)
+
+
 @dataclass
 class EntryStatus:
     path: Path
@@ -325,30 +368,13 @@ class FeatureStore:
         return ShardSet(self.cache_dir / f"{self.name_for(parts)}.shards")
 
     # locking ----------------------------------------------------------------------------
-    @contextmanager
-    def lock(self, parts: dict, *, wait: bool = True, announce=print) -> Iterator[None]:
+    def lock(self, parts: dict, *, wait: bool = True) -> contextlib.AbstractContextManager:
         """Exclusive writer lock on one key; a second writer waits (or fails if wait=False)."""
         try:
             (self.cache_dir / ".locks").mkdir(parents=True, exist_ok=True)
-            path = self.cache_dir / ".locks" / f"{self.name_for(parts)}.lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise _disk_error(exc, self.cache_dir) from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                if not wait:
-                    raise PipelineError(f"{path.name} is being written by {holder}; "
-                                        "wait for it or rerun later") from None
-                announce(f"waiting for {holder}, which is writing {path.stem} ...")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}".encode(), 0)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock; the lock file itself stays (harmless)
+        return file_lock(self.cache_dir / ".locks" / f"{self.name_for(parts)}.lock", wait=wait)
 
     # publishing -------------------------------------------------------------------------
     def publish(self, partial: PartialEntry, parts: dict, *, classes: list[str],
@@ -463,6 +489,19 @@ class FeatureStore:
                                        ", ".join(f"{s} {n} shards done" for s, n in done.items()), {}))
         return out
 
+    def find(self, name_or_key: str) -> Path:
+        """A feature file named by its path, or by its key (or file name) in this cache."""
+        path = Path(name_or_key)
+        if path.exists() or path.suffix == ".h5":
+            return path
+        hits = sorted(p for p in self.cache_dir.glob("*.h5")
+                      if _key_of(p) == name_or_key or p.stem == name_or_key) \
+            if self.cache_dir.is_dir() else []
+        if len(hits) != 1:
+            raise PipelineError(f"no feature file with key or name {name_or_key!r} in "
+                                f"{self.cache_dir}/; `python -m pipeline ls` lists them")
+        return hits[0]
+
     def complete_files(self) -> list[Path]:
         return [e.path for e in self.entries() if e.state == "complete"]
 
@@ -566,6 +605,12 @@ class FeatureFile:
 
     def labels(self, split: str) -> np.ndarray:
         return self._file[f"{split}/labels"][()]
+
+    def skipped_files(self) -> list[str]:
+        """Images ``--skip-bad`` left out, with the reason for each."""
+        if "skipped_files" not in self._file:
+            return []
+        return [v.decode() if isinstance(v, bytes) else v for v in self._file["skipped_files"][()]]
 
     def checksum(self) -> str:
         return hashlib.sha256("".join(self._file[f"{s}/features"].attrs["sha256"]

@@ -1,7 +1,12 @@
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -71,3 +76,225 @@ def test_engine_ray_without_ray_installed_says_how_to_get_it(monkeypatch, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pip install '.[ray]'" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- bad input, round two
+# Each goes through the command line in this process: exit code 2, exactly one line on stderr
+# starting with "error:", and the cache and results folders exactly as they were.
+
+def _snapshot(*folders):
+    return {p: p.stat().st_mtime_ns for f in folders if f.exists() for p in sorted(f.rglob("*"))}
+
+
+def _one_line_error(capsys, args, message, *untouched):
+    before = _snapshot(*untouched)
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert _snapshot(*untouched) == before
+    return err
+
+
+TINY = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--weights", "none", "--image-size", "32"]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("args, message", [
+    (["extract", "--dataset", "mnist", "--limit", "0"], "--limit: 0 must be a positive number"),
+    (["extract", "--dataset", "mnist", "--limit", "-5"], "--limit: -5 must be a positive number"),
+    (["run", "--limit", "0"], "--limit: 0 must be a positive number"),
+    (["extract", "--dataset", "mnist", "--limit", "ten"], "--limit: 'ten' is not a whole number"),
+])
+def test_a_limit_that_is_not_positive_is_refused_before_any_work(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("param, message", [
+    ("C=abc", "C='abc' must be a number > 0"),
+    ("C=-1", "C=-1 must be > 0"),
+    ("normalize=l3", "normalize='l3' must be one of none, l2"),
+    ("gamma=1", "has no parameter 'gamma'"),
+])
+def test_a_bad_head_parameter_is_one_line_before_any_training(tmp_path, blobs_file, capsys, param,
+                                                                message):
+    results = tmp_path / "results"
+    _one_line_error(capsys, ["train", "--head", "logreg", "--param", param, "--features",
+                             str(blobs_file), "--results-dir", str(results)], message,
+                    blobs_file.parent, results)
+    assert not results.exists()
+
+
+@pytest.mark.bad_input
+def test_a_results_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, blobs_file, capsys,
+                                                                monkeypatch):
+    import errno
+
+    in_the_way = tmp_path / "results.txt"
+    in_the_way.write_text("not a folder")
+    _one_line_error(capsys, ["train", "--head", "logreg", "--features", str(blobs_file),
+                             "--results-dir", str(in_the_way)], "is not a folder", blobs_file.parent)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_touch = Path.touch
+
+    def touch(self, *a, **k):  # root ignores permission bits: make the folder act read-only
+        if str(self).startswith(str(read_only)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_touch(self, *a, **k)
+
+    monkeypatch.setattr(Path, "touch", touch)
+    _one_line_error(capsys, ["train", "--head", "logreg", "--features", str(blobs_file),
+                             "--results-dir", str(read_only)], "choose a writable --results-dir",
+                    blobs_file.parent, read_only)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("extra, message", [
+    (["--image-size", "31"], "cannot be built with input 31x31"),
+    (["--layer", "no_such"], "has no layer named in ['no_such']"),
+    (["--pooling", "bottleneck", "--bottleneck-k", "100000"], "exceeds the 1280 channels"),
+    (["--weights", "GARBAGE"], "GARBAGE"),
+])
+def test_bad_model_options_leave_no_work_folder_and_no_lock(tmp_path, npz_dataset, capsys, extra,
+                                                             message):
+    cache = tmp_path / "c"
+    if extra[-1] == "GARBAGE":
+        (tmp_path / "garbage.h5").write_bytes(b"this is not a weights file")
+        extra = ["--weights", str(tmp_path / "garbage.h5")]
+        message = "garbage.h5"
+    args = ["extract", "--dataset", npz_dataset, *TINY, *extra, "--cache-dir", str(cache)]
+    _one_line_error(capsys, args, message)
+    assert [p for p in cache.rglob("*") if p.is_file() or p.suffix == ".partial"] == []
+    assert main(["ls", "--cache-dir", str(cache)]) == 0
+    assert "no cache entries" in capsys.readouterr().out
+
+
+@pytest.mark.bad_input
+@pytest.mark.slow
+def test_an_alpha_the_imagenet_weights_do_not_come_in_is_one_line(tmp_path, npz_dataset, capsys,
+                                                                  shared_weights):
+    cache = tmp_path / "c"
+    _one_line_error(capsys, ["extract", "--dataset", npz_dataset, "--backbone", "mobilenet_v2",
+                             "--alpha", "0.3", "--image-size", "96", "--cache-dir", str(cache)],
+                    "alpha")
+    assert [p for p in cache.rglob("*") if p.is_file() or p.suffix == ".partial"] == []
+
+
+@pytest.mark.bad_input
+def test_an_npz_holding_nan_names_the_nan(tmp_path, capsys):
+    x = np.zeros((4, 8, 8), np.float32)
+    x[2, 3, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", x_train=x, y_train=[0, 1, 0, 1], x_test=x, y_test=[0, 1, 0, 1])
+    _one_line_error(capsys, ["extract", "--dataset", f"npz:{tmp_path / 'nan.npz'}", *TINY,
+                             "--cache-dir", str(tmp_path / "c")], "contain NaN or Inf (first in image 2)")
+    assert not (tmp_path / "c").exists()
+
+
+def _folder(root: Path, per_class: dict[str, tuple[int, int]]) -> str:
+    """An image folder: class -> (train images, test images), 8x8 PNGs of distinct content."""
+    from PIL import Image
+
+    n = 0
+    for cls, counts in per_class.items():
+        for split, count in zip(("train", "test"), counts):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                n += 1
+                Image.fromarray(np.full((8, 8, 3), n % 256, np.uint8)).save(root / split / cls / f"{i}.png")
+    return f"folder:{root}"
+
+
+@pytest.mark.bad_input
+def test_a_class_with_test_images_but_an_empty_training_folder_is_refused(tmp_path, capsys):
+    spec = _folder(tmp_path / "d", {"cat": (3, 2), "dog": (3, 2), "ship": (0, 2)})
+    _one_line_error(capsys, ["extract", "--dataset", spec, *TINY, "--cache-dir", str(tmp_path / "c")],
+                    "class(es) ship have test images but no training images")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.bad_input
+def test_a_zero_byte_image_is_named_with_its_reason_and_nothing_else(tmp_path, capsys):
+    spec = _folder(tmp_path / "d", {"cat": (3, 2), "dog": (3, 2)})
+    (tmp_path / "d" / "train" / "cat" / "empty.png").write_bytes(b"")
+    err = _one_line_error(capsys, ["extract", "--dataset", spec, *TINY, "--cache-dir",
+                                   str(tmp_path / "c")], "empty.png (empty file (0 bytes))")
+    assert "BytesIO" not in err and " at 0x" not in err
+
+
+@pytest.mark.bad_input
+def test_skip_bad_says_how_many_were_skipped_and_where_they_are_listed(tmp_path, capsys):
+    spec = _folder(tmp_path / "d", {"cat": (3, 2), "dog": (3, 2)})
+    (tmp_path / "d" / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    assert main(["extract", "--dataset", spec, *TINY, "--skip-bad", "--cache-dir",
+                 str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("warning: skipped")]
+    [h5] = list((tmp_path / "c").glob("*.h5"))
+    assert "skipped 1 undecodable file(s)" in line and "broken.jpg" in line and str(h5) in line
+    assert main(["inspect", str(h5)]) == 0
+    assert "skipped files (1):" in capsys.readouterr().out
+
+
+@pytest.mark.bad_input
+@pytest.mark.reliability
+def test_sigterm_during_extraction_gets_the_interrupt_message_and_keeps_the_work(tmp_path):
+    x, y = np.zeros((3000, 16, 16, 3), np.uint8), np.arange(3000) % 3
+    x[:] = (y * 80)[:, None, None, None]
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:300], y_test=y[:300])
+    cache = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--dataset",
+                             f"npz:{tmp_path / 'd.npz'}", "--backbone", "mobilenet_v2", "--alpha",
+                             "0.35", "--weights", "none", "--image-size", "96", "--segment-rows", "64",
+                             "--cache-dir", str(cache)], cwd=REPO, env=os.environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("*.partial/train/r*.npy")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("terminated: partial work is kept; rerun the same "
+                                            "command to resume")
+    assert list(cache.glob("*.partial/train/r*.npy")) and not list(cache.glob("*.h5"))
+    assert not list((cache / ".locks").iterdir())
+
+
+def test_inspect_takes_the_key_ls_prints_and_writes_real_json_booleans(blobs_file, capsys):
+    main(["ls", "--cache-dir", str(blobs_file.parent)])
+    key = capsys.readouterr().out.split()[1]
+    assert main(["inspect", key, "--cache-dir", str(blobs_file.parent)]) == 0
+    text = capsys.readouterr().out
+    meta = json.loads(text[:text.index("\ntrain:")])
+    assert meta["complete"] is True and meta["key"] == key
+
+
+@pytest.mark.bad_input
+def test_debug_shows_the_traceback_and_the_original_cause(tmp_path, capsys):
+    np.savez(tmp_path / "bad.npz", x_train=np.zeros((2, 4, 4), np.uint8))
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated zip")
+    assert main(["extract", "--dataset", f"npz:{tmp_path / 'bad.npz'}", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "original cause:" in err
+    assert err.strip().splitlines()[-1].startswith("error: dataset")
+
+
+def test_quiet_keeps_warnings_and_hides_progress_and_info(tmp_path, capsys):
+    spec = _folder(tmp_path / "d", {"cat": (3, 2), "dog": (3, 2), "empty": (0, 0)})
+    assert main(["extract", "--dataset", spec, *TINY, "-q", "--cache-dir", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: dataset {spec!r}: class folder(s) empty hold no images; ignored"]
+
+
+@pytest.mark.bad_input
+def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path, npz_dataset, capsys):
+    in_the_way = tmp_path / "cache.txt"
+    in_the_way.write_text("not a folder")
+    _one_line_error(capsys, ["extract", "--dataset", npz_dataset, *TINY, "--cache-dir", str(in_the_way)],
+                    "a file is in the way of a folder there; choose another --cache-dir", tmp_path)
+    assert in_the_way.read_text() == "not a folder"

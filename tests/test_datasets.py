@@ -242,3 +242,79 @@ def test_an_image_changed_or_removed_after_the_scan_is_an_error_not_other_featur
     first.unlink()
     with pytest.raises(PipelineError, match="cannot be read any more"):
         np.concatenate([ds.splits[s].load(np.arange(len(ds.splits[s]))) for s in ("train", "test")])
+
+
+def test_an_empty_class_folder_is_dropped_with_a_warning_naming_it(tmp_path, caplog):
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            value = ord(c) + 100 * (split == "test")  # no test image repeats a training one
+            _save(tmp_path / "d" / split / c / "0.png", np.full((8, 8, 3), value, np.uint8))
+        (tmp_path / "d" / split / "ghost").mkdir()
+    with caplog.at_level("WARNING", logger="pipeline"):
+        ds = load_dataset(f"folder:{tmp_path / 'd'}")
+    assert ds.classes == ["a", "b"]
+    assert caplog.messages == [f"dataset 'folder:{tmp_path / 'd'}': class folder(s) ghost hold no "
+                               "images; ignored"]
+
+
+def test_test_images_identical_to_training_images_are_reported(tmp_path, caplog):
+    for split in ("train", "test"):
+        for i, c in enumerate(("a", "b")):
+            _save(tmp_path / "d" / split / c / "0.png", np.full((8, 8, 3), i * 9, np.uint8))
+    _save(tmp_path / "d" / "test" / "a" / "1.png", np.full((8, 8, 3), 200, np.uint8))
+    with caplog.at_level("WARNING", logger="pipeline"):
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    [message] = caplog.messages
+    assert "2 test image(s) are byte-identical to training images" in message
+
+
+@pytest.mark.bad_input
+def test_a_huge_image_gets_one_line_and_is_decoded_without_full_size_copies(tmp_path):
+    import subprocess
+    import sys
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            value = ord(c) + 100 * (split == "test")
+            _save(tmp_path / "d" / split / c / "0.png", np.full((32, 32, 3), value, np.uint8))
+    side = 12000  # 144 MP: over PIL's 89 MP warning threshold; 432 MB as RGB
+    Image.new("RGB", (side, side), (0, 90, 180)).save(tmp_path / "d" / "train" / "a" / "huge.png")
+    code = (
+        "import logging, warnings\n"
+        "warnings.simplefilter('error')\n"  # any raw warning would fail the load
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "from pipeline.datasets import load_dataset\n"
+        f"ds = load_dataset('folder:{tmp_path / 'd'}')\n"
+        "x = next(ds.splits['train'].batches(8))\n"
+        "assert x.shape == (3, 32, 32, 3), x.shape\n"
+        # VmHWM: this process's own peak (ru_maxrss would include the forking test runner's)
+        "with open('/proc/self/status') as f:\n"
+        "    hwm = next(line for line in f if line.startswith('VmHWM'))\n"
+        "print(int(x[1].mean()), int(hwm.split()[1]) // 1024)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"{tmp_path / 'd' / 'train' / 'a' / 'huge.png'} is 12000x12000 (144 MP): decoded at reduced size"]
+    mean, peak_mib = (int(v) for v in proc.stdout.split())
+    assert mean == 90  # (0 + 90 + 180) / 3: the huge image's colour survives the reduction
+    assert peak_mib < 1000  # the raw decode is 432 MiB; the old path held ~2.3 GB
+
+
+@pytest.mark.bad_input
+def test_keras_download_failure_names_the_offline_route(monkeypatch):
+    import keras
+
+    def offline():
+        raise Exception("URL fetch failure on https://example.org: None -- Name or service not known")
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(PipelineError, match="make all CONFIG=experiments/offline.toml") as info:
+        load_dataset("mnist")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.bad_input
+def test_limit_must_be_positive(npz_dataset):
+    for bad in (0, -5):
+        with pytest.raises(PipelineError, match=f"--limit {bad}: give a positive number"):
+            load_dataset(npz_dataset, limit=bad)

@@ -32,9 +32,6 @@ from pipeline.store import FeatureFile, FeatureStore, check_file  # noqa: E402
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def quiet(*_):
-    pass
-
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -89,8 +86,8 @@ def test_shards_are_whole_batches_and_cover_only_the_gaps():
 
 @pytest.mark.parametrize("layout", ["vds", "merge"])
 def test_sharded_extraction_equals_the_single_process_one(cluster, dataset, tmp_path, layout):
-    single = extract_features(tiny(dataset, tmp_path / "single"), log=quiet)
-    with RayEngine(shards=3, layout=layout, log=quiet) as engine:
+    single = extract_features(tiny(dataset, tmp_path / "single"))
+    with RayEngine(shards=3, layout=layout) as engine:
         result = engine.extract(tiny(dataset, tmp_path / "ray"))
     assert result.path.name == single.path.name  # the same cache key: the same features
     _assert_same(_rows(result.path), _rows(single.path))
@@ -108,8 +105,8 @@ def test_sharded_extraction_equals_the_single_process_one(cluster, dataset, tmp_
 def test_the_bottleneck_is_fitted_once_on_the_cluster_and_applied_to_every_shard(cluster, dataset,
                                                                                  tmp_path):
     config = dict(pooling="bottleneck", bottleneck_k=4, bottleneck_fit_images=40)
-    single = extract_features(tiny(dataset, tmp_path / "single", **config), log=quiet)
-    with RayEngine(shards=3, log=quiet) as engine:
+    single = extract_features(tiny(dataset, tmp_path / "single", **config))
+    with RayEngine(shards=3) as engine:
         result = engine.extract(tiny(dataset, tmp_path / "ray", **config))
     _assert_same(_rows(result.path), _rows(single.path))
     with FeatureFile(result.path) as ff:
@@ -117,18 +114,18 @@ def test_the_bottleneck_is_fitted_once_on_the_cluster_and_applied_to_every_shard
 
 
 @pytest.mark.reliability
-def test_a_lost_shard_is_the_only_work_redone(cluster, dataset, tmp_path):
-    with RayEngine(shards=4, layout="vds", log=quiet) as engine:
+def test_a_lost_shard_is_the_only_work_redone(cluster, dataset, tmp_path, caplog):
+    with RayEngine(shards=4, layout="vds") as engine:
         first, reference, shards = _extract_and_list_shards(engine, dataset, tmp_path)
         kept = {p: p.stat().st_mtime_ns for s in ("train", "test") for p in shards.files(s)}
         lost = shards.files("train")[1]
         first.path.unlink()       # as if the driver died before finalizing ...
         lost.unlink()             # ... and one worker before renaming its shard
         (lost.parent / f".{lost.name}.tmp-999").write_bytes(b"half a shard")
-        messages = []
-        again = engine.extract(tiny(dataset, tmp_path), log=messages.append)
+        with caplog.at_level("INFO", logger="pipeline"):
+            again = engine.extract(tiny(dataset, tmp_path))
     assert again.status == "resumed" and again.info["images_this_run"] == 24
-    assert any("1 to extract" in m for m in messages)
+    assert any("1 to extract" in m for m in caplog.messages)
     _assert_same(_rows(again.path), reference)
     redone = [p for p in kept if p.stat().st_mtime_ns != kept[p]]
     assert redone == [lost]
@@ -139,7 +136,7 @@ def test_a_lost_shard_is_the_only_work_redone(cluster, dataset, tmp_path):
 
 
 def test_a_missing_shard_makes_the_virtual_file_untrusted_not_zeros(cluster, dataset, tmp_path):
-    with RayEngine(shards=2, layout="vds", log=quiet) as engine:
+    with RayEngine(shards=2, layout="vds") as engine:
         result = engine.extract(tiny(dataset, tmp_path))
     shard = next((tmp_path / result.path.name.replace(".h5", ".shards") / "test").glob("r*.h5"))
     shard.unlink()
@@ -150,7 +147,7 @@ def test_a_missing_shard_makes_the_virtual_file_untrusted_not_zeros(cluster, dat
 
 @pytest.mark.reliability
 def test_a_damaged_shard_is_moved_aside_and_redone(cluster, dataset, tmp_path):
-    with RayEngine(shards=2, layout="vds", log=quiet) as engine:
+    with RayEngine(shards=2, layout="vds") as engine:
         first, reference, shards = _extract_and_list_shards(engine, dataset, tmp_path)
         damaged = shards.files("train")[0]
         with h5py.File(damaged, "r+") as f:
@@ -164,7 +161,7 @@ def test_a_damaged_shard_is_moved_aside_and_redone(cluster, dataset, tmp_path):
 
 
 def test_second_run_is_a_no_op_and_rebuild_redoes_every_shard(cluster, dataset, tmp_path):
-    with RayEngine(shards=2, log=quiet) as engine:
+    with RayEngine(shards=2) as engine:
         first = engine.extract(tiny(dataset, tmp_path))
         assert engine.extract(tiny(dataset, tmp_path)).status == "up-to-date"
         rebuilt = engine.extract(tiny(dataset, tmp_path), rebuild=True)
@@ -186,7 +183,7 @@ def test_an_image_that_changed_after_the_scan_stops_the_worker_in_one_line(clust
     scanned = load_dataset(spec)  # what the driver saw (and keyed the file by) ...
     victim = sorted((tmp_path / "imgs").rglob("*.png"))[0]
     Image.fromarray(255 - x[0]).save(victim)  # ... is not what a worker would read
-    with RayEngine(shards=2, log=quiet) as engine:
+    with RayEngine(shards=2) as engine:
         with pytest.raises(PipelineError, match=f"{victim.name} changed after the dataset was scanned"):
             engine.extract(tiny(spec, tmp_path / "cache"), dataset=scanned)
     assert not list((tmp_path / "cache").glob("*.h5"))
@@ -202,7 +199,7 @@ def test_killing_the_driver_keeps_finished_shards_and_the_rerun_does_the_rest(no
         "ray.init(num_cpus=2, include_dashboard=False, logging_level='ERROR')\n"
         f"c = ExtractionConfig(dataset={dataset!r}, backbone='mobilenet_v2', alpha=0.35,\n"
         f"    weights='none', image_size=96, batch_size=8, cache_dir={str(tmp_path)!r})\n"
-        "with RayEngine(shards=10, log=print) as e: e.extract(c)\n")
+        "with RayEngine(shards=10) as e: e.extract(c)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -224,7 +221,7 @@ def test_killing_the_driver_keeps_finished_shards_and_the_rerun_does_the_rest(no
                               weights="none", image_size=96, batch_size=8, cache_dir=str(tmp_path))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        with RayEngine(shards=10, log=quiet) as engine:
+        with RayEngine(shards=10) as engine:
             result = engine.extract(config)
     finally:
         ray.shutdown()
@@ -236,8 +233,7 @@ def test_killing_the_driver_keeps_finished_shards_and_the_rerun_does_the_rest(no
     LEDGER["resumed"] += 1
     audit_cache(tmp_path)
     single = extract_features(config.__class__(**{**config.__dict__,
-                                                  "cache_dir": str(tmp_path / "single")}),
-                              log=quiet)
+                                                  "cache_dir": str(tmp_path / "single")}))
     _assert_same(_rows(result.path), _rows(single.path))
 
 

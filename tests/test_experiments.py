@@ -136,7 +136,7 @@ def test_crash_while_writing_a_result_never_leaves_a_done_result(tmp_path, monke
 
     monkeypatch.setattr(experiments, "plot_confusion", boom)
     with pytest.raises(KeyboardInterrupt):
-        train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results", log=print)
+        train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")
     assert not list((tmp_path / "results").glob("*/logreg*/metrics.json"))
     monkeypatch.undo()
     status, out = train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")
@@ -181,10 +181,9 @@ def test_make_j2_runs_two_stages_at_once_with_one_writer_per_file(tmp_path):
     proc = subprocess.run(["make", "-j2", "all", "features", f"CONFIG={config}", f"VENV={venv}"],
                           cwd=REPO, capture_output=True, text=True, env=os.environ, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout
-    wrote = [line for line in out.splitlines() if line.startswith("wrote ") and ".h5" in line]
+    wrote = [line for line in proc.stderr.splitlines() if line.startswith("wrote ") and ".h5" in line]
     assert len(wrote) == 1  # one extraction wrote the file; the other waited or found it
-    assert "written by the process we waited for" in out or "up to date" in out
+    assert "written by the process we waited for" in proc.stderr or "up to date" in proc.stderr
     audit_cache(tmp_path / "cache")
     assert len(list((tmp_path / "results").glob("*/*/metrics.json"))) == 1
 
@@ -202,3 +201,68 @@ def test_a_features_entry_can_be_limited_to_some_datasets(tmp_path):
     path.write_text(path.read_text().replace('mode = "avg"', 'mode = "avg"\ndatasets = ["b"]'))
     jobs = experiments.plan(load_experiment(str(path)))
     assert [j.label.split(" / ")[0] for j in jobs] == ["b"]
+
+
+def test_a_dry_run_never_downloads_a_dataset_it_does_not_have(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty-keras-home"))
+
+    def no_download(spec, **kw):
+        raise AssertionError(f"the dry run loaded {spec}")
+
+    monkeypatch.setattr(experiments, "load_dataset", no_download)
+    path = Path(_config(tmp_path))
+    path.write_text(path.read_text().replace(f'source = "npz:{tmp_path / "a"}.npz"', 'source = "cifar10"'))
+    assert run_experiment(load_experiment(str(path)), dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert "dataset not available locally: would download it" in out
+    assert "would extract 1 feature file(s)" in out
+
+
+def test_result_folders_are_named_after_their_feature_file(tmp_path):
+    run_experiment(load_experiment(_config(tmp_path)))
+    [feature_file] = (tmp_path / "cache").glob("*.h5")
+    [folder] = [p for p in (tmp_path / "results").iterdir() if p.is_dir()]
+    assert folder.name == feature_file.stem and folder.name.startswith("npz_a_npz-mobilenet_v2-avg-")
+    assert not list(folder.glob(".*.lock"))  # result locks go with their holders
+
+
+def test_results_in_the_old_key_only_folders_are_moved_not_retrained(tmp_path):
+    run_experiment(load_experiment(_config(tmp_path)))
+    [folder] = [p for p in (tmp_path / "results").iterdir() if p.is_dir()]
+    [result] = [p for p in folder.iterdir() if p.is_dir()]
+    stamp = (result / "metrics.json").stat().st_mtime_ns
+    legacy = tmp_path / "results" / folder.name.rsplit("-", 1)[1]
+    folder.rename(legacy)  # as written before folders had readable names
+    [job] = experiments.plan(load_experiment(_config(tmp_path)))
+    assert set(experiments._head_states(job, str(tmp_path / "results")).values()) == {"cached"}
+    status, out = train_one(job.path, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")
+    assert status == "up-to-date" and out == folder / result.name
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp and not legacy.exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("line, message", [
+    ("limit = 0", "limit = 0 must be a positive number"),
+    ("batch_size = -4", "batch_size = -4 must be a positive number"),
+])
+def test_experiment_numbers_must_be_positive(tmp_path, line, message):
+    path = Path(_config(tmp_path))
+    path.write_text(line + "\n" + path.read_text().replace("batch_size = 12\n", ""))
+    with pytest.raises(PipelineError, match=message):
+        load_experiment(str(path))
+
+
+@pytest.mark.bad_input
+def test_experiment_head_params_are_checked_when_the_file_is_read(tmp_path):
+    path = Path(_config(tmp_path))
+    path.write_text(path.read_text().replace("params = { C = 1.0 }", "params = { C = -2.0 }"))
+    with pytest.raises(PipelineError, match=r"exp.toml: \[\[heads\]\] head 'logreg': C=-2.0 must be > 0"):
+        load_experiment(str(path))
+
+
+def test_head_fits_report_the_sweep_as_it_goes(tmp_path, blobs_file, caplog):
+    with caplog.at_level("INFO", logger="pipeline"):
+        train_one(blobs_file, "logreg", {}, results_dir=tmp_path / "results")
+    sweep = [m for m in caplog.messages if "sweep:" in m]
+    assert len(sweep) >= 2 and "best so far {'C':" in sweep[-1] and "validation" in sweep[-1]
+    assert any(m.strip().startswith("refit {'C':") for m in caplog.messages)

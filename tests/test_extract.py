@@ -22,9 +22,6 @@ def tiny(dataset: str, cache: Path, **kw) -> ExtractionConfig:
     return ExtractionConfig(dataset=dataset, **{**defaults, **kw})
 
 
-def quiet(*_):
-    pass
-
 
 def _features(path):
     with FeatureFile(path) as ff:
@@ -32,7 +29,7 @@ def _features(path):
 
 
 def test_extract_writes_pooled_features_with_provenance(npz_dataset, tmp_path):
-    result = extract_features(tiny(npz_dataset, tmp_path), log=quiet)
+    result = extract_features(tiny(npz_dataset, tmp_path))
     assert result.status == "created"
     with FeatureFile(result.path) as ff:
         assert ff.features("train").shape == (48, 1280)
@@ -48,28 +45,29 @@ def test_extract_writes_pooled_features_with_provenance(npz_dataset, tmp_path):
     assert prov["versions"]["tensorflow"]
 
 
-def test_same_command_again_is_a_fast_no_op(npz_dataset, tmp_path):
-    first = extract_features(tiny(npz_dataset, tmp_path), log=quiet)
+def test_same_command_again_is_a_fast_no_op(npz_dataset, tmp_path, caplog):
+    first = extract_features(tiny(npz_dataset, tmp_path))
     mtime = first.path.stat().st_mtime_ns
-    messages = []
-    again = extract_features(tiny(npz_dataset, tmp_path), log=messages.append)
-    assert again.status == "up-to-date" and "nothing to do" in messages[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline"):
+        again = extract_features(tiny(npz_dataset, tmp_path))
+    assert again.status == "up-to-date" and "nothing to do" in caplog.messages[0]
     assert again.path == first.path and first.path.stat().st_mtime_ns == mtime
 
 
 def test_changing_a_key_part_writes_a_new_file_and_leaves_the_old(npz_dataset, tmp_path):
-    avg = extract_features(tiny(npz_dataset, tmp_path, image_size=64), log=quiet).path
+    avg = extract_features(tiny(npz_dataset, tmp_path, image_size=64)).path
     mtime = avg.stat().st_mtime_ns
-    mx = extract_features(tiny(npz_dataset, tmp_path, image_size=64, pooling="max"), log=quiet).path
-    bigger = extract_features(tiny(npz_dataset, tmp_path, image_size=96), log=quiet).path
+    mx = extract_features(tiny(npz_dataset, tmp_path, image_size=64, pooling="max")).path
+    bigger = extract_features(tiny(npz_dataset, tmp_path, image_size=96)).path
     assert len({avg, mx, bigger}) == 3 and avg.stat().st_mtime_ns == mtime
     a, b = _features(avg)[0], _features(mx)[0]
     assert np.abs(a - b).max() > 0.1 * np.abs(a).max()  # a 2x2 map: max differs from mean
 
 
 @pytest.mark.reliability
-def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, monkeypatch):
-    reference = _features(extract_features(tiny(npz_dataset, tmp_path / "ref"), log=quiet).path)
+def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, monkeypatch, caplog):
+    reference = _features(extract_features(tiny(npz_dataset, tmp_path / "ref")).path)
     real_write, calls = PartialEntry.write_segment, []
 
     def crash_on_third(self, split, start, features):
@@ -80,11 +78,12 @@ def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, mo
 
     monkeypatch.setattr(PartialEntry, "write_segment", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(tiny(npz_dataset, tmp_path / "run"), log=quiet)
+        extract_features(tiny(npz_dataset, tmp_path / "run"))
     monkeypatch.setattr(PartialEntry, "write_segment", real_write)
-    messages = []
-    result = extract_features(tiny(npz_dataset, tmp_path / "run"), log=messages.append)
-    assert result.status == "resumed" and "resuming: train 32/48" in messages[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline"):
+        result = extract_features(tiny(npz_dataset, tmp_path / "run"))
+    assert result.status == "resumed" and "resuming: train 32/48" in caplog.messages[0]
     resumed = _features(result.path)
     assert all(np.array_equal(a, b) for a, b in zip(reference, resumed))
     LEDGER.update(["interrupted", "resumed", "bit-identical"])
@@ -92,15 +91,15 @@ def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, mo
 
 def test_layers_are_pooled_and_concatenated(npz_dataset, tmp_path):
     config = tiny(npz_dataset, tmp_path, layers=("block_5_add", "out_relu"))
-    X, _ = _features(extract_features(config, log=quiet).path)
+    X, _ = _features(extract_features(config).path)
     assert X.shape == (48, 16 + 1280)
     with pytest.raises(PipelineError, match="no layer named.*last layers are"):
-        extract_features(tiny(npz_dataset, tmp_path, layers=("block_99",)), log=quiet)
+        extract_features(tiny(npz_dataset, tmp_path, layers=("block_99",)))
 
 
 def test_bottleneck_is_a_pca_of_training_maps_stored_in_the_file(npz_dataset, tmp_path):
     config = tiny(npz_dataset, tmp_path, pooling="bottleneck", bottleneck_k=4, image_size=64)
-    path = extract_features(config, log=quiet).path
+    path = extract_features(config).path
     with h5py.File(path) as f:
         comps, mean = f["bottleneck/components"][()], f["bottleneck/mean"][()]
         X = f["train/features"][()]
@@ -119,8 +118,8 @@ def test_bottleneck_is_a_pca_of_training_maps_stored_in_the_file(npz_dataset, tm
 
 
 def test_mixed_precision_gives_finite_float32_features_under_its_own_key(npz_dataset, tmp_path):
-    full = extract_features(tiny(npz_dataset, tmp_path), log=quiet)
-    mixed = extract_features(tiny(npz_dataset, tmp_path, precision="mixed_bfloat16"), log=quiet)
+    full = extract_features(tiny(npz_dataset, tmp_path))
+    mixed = extract_features(tiny(npz_dataset, tmp_path, precision="mixed_bfloat16"))
     X = _features(mixed.path)[0]
     assert mixed.path != full.path and X.dtype == np.float32 and np.isfinite(X).all()
     assert mixed.info["precision"] == "mixed_bfloat16"
@@ -130,15 +129,14 @@ def test_mixed_precision_gives_finite_float32_features_under_its_own_key(npz_dat
 
 
 def test_spatial_mode_keeps_the_map_in_float16(npz_dataset, tmp_path):
-    X, _ = _features(extract_features(tiny(npz_dataset, tmp_path, pooling="spatial", image_size=64),
-                                      log=quiet).path)
+    X, _ = _features(extract_features(tiny(npz_dataset, tmp_path, pooling="spatial", image_size=64)).path)
     assert X.shape == (48, 2, 2, 1280) and X.dtype == np.float16
 
 
 def test_resizing_happens_in_the_graph_for_grey_28px_images(tmp_path):
     x, y = make_images(20, size=28, channels=None)
     np.savez(tmp_path / "g.npz", x_train=x, y_train=y, x_test=x, y_test=y)
-    result = extract_features(tiny(f"npz:{tmp_path / 'g.npz'}", tmp_path, image_size=40), log=quiet)
+    result = extract_features(tiny(f"npz:{tmp_path / 'g.npz'}", tmp_path, image_size=40))
     assert result.info["image_shape"] == [28, 28, 3]  # stored small; the model resized it
 
 
@@ -152,7 +150,7 @@ def test_resizing_happens_in_the_graph_for_grey_28px_images(tmp_path):
 ])
 def test_bad_options_get_one_clear_line(npz_dataset, tmp_path, kw, message):
     with pytest.raises(PipelineError, match=message):
-        extract_features(tiny(npz_dataset, tmp_path / "c", **kw), log=quiet)
+        extract_features(tiny(npz_dataset, tmp_path / "c", **kw))
     assert not list((tmp_path / "c").glob("*.h5"))
 
 
@@ -164,18 +162,17 @@ def test_weights_for_another_architecture_are_refused(npz_dataset, tmp_path):
                                            input_shape=(32, 32, 3))
     other.save_weights(tmp_path / "other.weights.h5")
     with pytest.raises(PipelineError, match="does not fit mobilenet_v2 alpha 0.35"):
-        extract_features(tiny(npz_dataset, tmp_path, weights=str(tmp_path / "other.weights.h5")),
-                         log=quiet)
+        extract_features(tiny(npz_dataset, tmp_path, weights=str(tmp_path / "other.weights.h5")))
 
 
 @pytest.mark.bad_input
 def test_damaged_cache_file_is_reported_then_rebuilt_on_request(npz_dataset, tmp_path):
-    path = extract_features(tiny(npz_dataset, tmp_path), log=quiet).path
+    path = extract_features(tiny(npz_dataset, tmp_path)).path
     good = _features(path)
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(PipelineError, match="damaged.*--rebuild"):
-        extract_features(tiny(npz_dataset, tmp_path), log=quiet)
-    rebuilt = extract_features(tiny(npz_dataset, tmp_path), rebuild=True, log=quiet)
+        extract_features(tiny(npz_dataset, tmp_path))
+    rebuilt = extract_features(tiny(npz_dataset, tmp_path), rebuild=True)
     assert check_file(rebuilt.path, full=True) is None
     assert all(np.array_equal(a, b) for a, b in zip(good, _features(rebuilt.path)))
 
@@ -190,7 +187,7 @@ def test_corrupt_image_skipped_with_skip_bad_is_recorded_in_the_file(tmp_path):
                 Image.fromarray(np.full((8, 8, 3), i * 30, np.uint8)).save(
                     tmp_path / "d" / split / c / f"{i}.png")
     (tmp_path / "d" / "train" / "a" / "bad.png").write_bytes(b"\x89PNG garbage")
-    path = extract_features(tiny(f"folder:{tmp_path / 'd'}", tmp_path, skip_bad=True), log=quiet).path
+    path = extract_features(tiny(f"folder:{tmp_path / 'd'}", tmp_path, skip_bad=True)).path
     with h5py.File(path) as f:
         assert "bad.png" in f["skipped_files"][0].decode()
         assert f["train/features"].shape[0] == 6
@@ -210,7 +207,7 @@ def test_an_image_changed_mid_run_stops_with_our_message_and_keeps_the_rows_done
     scanned = load_dataset(spec)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d" / "b" / "9.png")
     with pytest.raises(PipelineError, match="9.png changed after the dataset was scanned"):
-        extract_features(tiny(spec, tmp_path / "cache"), dataset=scanned, log=quiet)
+        extract_features(tiny(spec, tmp_path / "cache"), dataset=scanned)
     assert not list((tmp_path / "cache").glob("*.h5"))
     partial = next((tmp_path / "cache").glob("*.partial"))
     assert PartialEntry(partial).rows_done("train") > 0  # the rows before it, for the rerun
@@ -344,7 +341,7 @@ def test_two_extractions_of_one_key_have_exactly_one_writer(bigger_npz, tmp_path
     out1, err1 = first.communicate(timeout=300)
     out2, err2 = second.communicate(timeout=300)
     assert first.returncode == 0 and second.returncode == 0, err1 + err2
-    outputs = out1 + out2
+    outputs = err1 + err2  # messages go to stderr
     assert outputs.count("wrote ") == 1 and "written by the process we waited for" in outputs
     audit_cache(tmp_path)
 
@@ -354,7 +351,7 @@ def test_read_only_cache_dir_and_odd_paths(npz_dataset, tmp_path, monkeypatch):
     import errno
 
     odd = tmp_path / "cache with spaces ü"
-    extract_features(tiny(npz_dataset, odd), log=quiet)
+    extract_features(tiny(npz_dataset, odd))
     audit_cache(odd)
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -370,7 +367,7 @@ def test_read_only_cache_dir_and_odd_paths(npz_dataset, tmp_path, monkeypatch):
         monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
     try:
         with pytest.raises(PipelineError, match="choose a writable --cache-dir"):
-            extract_features(tiny(npz_dataset, ro), log=quiet)
+            extract_features(tiny(npz_dataset, ro))
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
@@ -383,7 +380,7 @@ def test_real_imagenet_mobilenet_features_on_real_cifar_images(cifar_mini, share
     config = ExtractionConfig(dataset=f"folder:{cifar_mini}", backbone="mobilenet", alpha=0.25,
                               weights="imagenet", limit=100, batch_size=50,
                               cache_dir=str(tmp_path))
-    result = extract_features(config, log=quiet)
+    result = extract_features(config)
     with FeatureFile(result.path) as ff:
         X, y = ff.features("train")[()], ff.labels("train")
         Xt, yt = ff.features("test")[()], ff.labels("test")
@@ -399,9 +396,8 @@ def test_real_imagenet_mobilenet_features_on_real_cifar_images(cifar_mini, share
 def test_real_mobilenet_v2_weights_file_given_as_a_path(shared_weights, npz_dataset, tmp_path):
     weights = shared_weights / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
     config = tiny(npz_dataset, tmp_path, weights=str(weights), image_size=96)
-    result = extract_features(config, log=quiet)
+    result = extract_features(config)
     with FeatureFile(result.path) as ff:
         assert ff.attrs["key_parts"]["weights"].startswith("sha256:d43c70f8")
-    imagenet = extract_features(tiny(npz_dataset, tmp_path, weights="imagenet", image_size=96),
-                                log=quiet)
+    imagenet = extract_features(tiny(npz_dataset, tmp_path, weights="imagenet", image_size=96))
     assert np.allclose(_features(result.path)[0], _features(imagenet.path)[0], atol=1e-5)

@@ -4,7 +4,14 @@ from conftest import write_feature_file
 
 from pipeline import heads as heads_module
 from pipeline.errors import PipelineError
-from pipeline.heads import StreamingLinear, SweepClassifier, evaluate, load_features, make_head
+from pipeline.heads import (
+    HEADS,
+    StreamingLinear,
+    SweepClassifier,
+    evaluate,
+    load_features,
+    make_head,
+)
 from pipeline.store import FeatureFile
 
 
@@ -120,9 +127,9 @@ def test_nan_features_are_refused(blobs_file):
 def test_unknown_head_or_parameter_gets_one_line():
     with pytest.raises(PipelineError, match="unknown head 'xgboost'; valid: logreg, linear_svm"):
         make_head("xgboost")
-    with pytest.raises(PipelineError, match="head 'logreg': bad parameter.*allowed: C,"):
+    with pytest.raises(PipelineError, match="head 'logreg' has no parameter 'gamma'; allowed: C,"):
         make_head("logreg", {"gamma": 1})
-    with pytest.raises(PipelineError, match="head 'mlp': bad parameter.*hidden"):
+    with pytest.raises(PipelineError, match="head 'mlp' has no parameter 'units'; allowed: .*hidden"):
         make_head("mlp", {"units": 5})
 
 
@@ -169,3 +176,35 @@ def test_a_solver_stopped_at_its_iteration_cap_is_recorded_as_not_converged(blob
     head, _ = make_head("logreg", {"C": 100.0, "max_iter": 1})
     head.fit(data.X_train, data.y_train)
     assert head.converged_ is False and head.sweep_[0]["converged"] is False
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_registered_head_builds_and_fits_with_its_defaults(name, tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(1500) % 3
+    shape = (1500, 2, 2, 4) if HEADS[name].takes == "spatial" else (1500, 6)
+    X = (rng.normal(size=shape) + y.reshape((-1,) + (1,) * (len(shape) - 1)) * 10).astype(np.float32)
+    if HEADS[name].takes == "spatial":
+        X = X.astype(np.float16)
+    head, _ = make_head(name)
+    head.fit(X, y)
+    assert (head.predict(X) == y).mean() > 0.9
+    declared = set(HEADS[name].params)
+    accepted = set(head.get_params()) | {"C", "gamma", "max_iter", "n_components"}
+    assert declared <= accepted, declared - accepted
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("name, params, message", [
+    ("logreg", {"C": "abc"}, "C='abc' must be a number > 0"),
+    ("logreg", {"C": 0}, "C=0 must be > 0"),
+    ("linear_svm", {"max_iter": 1.5}, "max_iter=1.5 must be a whole number >= 1"),
+    ("rbf_svm", {"gamma": -1}, "gamma=-1 must be one of scale, auto, or > 0"),
+    ("mlp", {"validation_fraction": 1.0}, "validation_fraction=1.0 must be > 0 and < 1"),
+    ("sgd_linear", {"loss": "l1"}, "loss='l1' must be one of log_loss"),
+    ("conv1x1_mlp", {"dropout": True}, "dropout=True must be a number"),
+])
+def test_parameters_are_checked_against_their_declared_ranges(name, params, message):
+    with pytest.raises(PipelineError) as info:
+        make_head(name, params)
+    assert message in str(info.value)

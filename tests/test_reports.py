@@ -50,3 +50,34 @@ def test_confusion_plot_is_written(tmp_path):
 def test_markdown_table_has_a_row_per_result(tmp_path):
     _result(tmp_path, "k1", "logreg", 0.8)
     assert len(markdown_table(collect_results(tmp_path)).strip().splitlines()) == 3
+
+
+def test_titles_and_labels_tell_layers_and_widths_apart():
+    from pipeline.reports import feature_labels, result_title
+
+    features = {"dataset": "idx:fashion-mnist", "backbone": "mobilenet", "alpha": 0.25,
+                "mode": "avg", "layers": ["a", "b", "c"], "image_size": 224}
+    assert feature_labels(features) == ("mobilenet@0.25", "avg[3 layers]")
+    title = result_title({"features": features, "head_ran": "logreg", "test_accuracy": 0.9106})
+    assert title == "idx:fashion-mnist mobilenet@0.25 avg[3 layers] 224px + logreg: 91.06%"
+
+
+def test_compare_plot_labels_do_not_overlap(tmp_path, monkeypatch):
+    from pipeline import reports
+
+    boxes = []
+    real = reports._label_without_overlap
+
+    def spy(ax, points, fontsize=6):
+        real(ax, points, fontsize)
+        ax.figure.canvas.draw()
+        renderer = ax.figure.canvas.get_renderer()
+        boxes.extend(t.get_window_extent(renderer) for t in ax.texts)
+
+    monkeypatch.setattr(reports, "_label_without_overlap", spy)
+    rows = [{"dataset": "d", "backbone": f"net{i}", "mode": "avg", "head": "logreg",
+             "test_accuracy": 0.9 + 0.0001 * i, "fit_seconds": 10.0 + 0.01 * i} for i in range(6)]
+    reports.plot_accuracy_vs_cost(rows, tmp_path / "p.png")
+    assert len(boxes) == 6
+    overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    assert overlaps == []

@@ -1,5 +1,6 @@
 import json
 import multiprocessing
+import os
 import time
 
 import h5py
@@ -105,7 +106,7 @@ def _hold_lock(cache_dir, parts, seconds):
         time.sleep(seconds)
 
 
-def test_a_second_writer_on_the_same_key_waits_or_says_who_holds_it(tmp_path):
+def test_a_second_writer_on_the_same_key_waits_or_says_who_holds_it(tmp_path, caplog):
     parts = {"dataset": "d", "backbone": "b", "mode": "avg"}
     holder = multiprocessing.get_context("fork").Process(target=_hold_lock,
                                                           args=(tmp_path, parts, 1.5))
@@ -116,11 +117,11 @@ def test_a_second_writer_on_the_same_key_waits_or_says_who_holds_it(tmp_path):
         with store.lock(parts, wait=False):
             pass
     t0 = time.monotonic()
-    messages = []
-    with store.lock(parts, announce=messages.append):
+    with caplog.at_level("INFO", logger="pipeline"), store.lock(parts):
         waited = time.monotonic() - t0
     holder.join()
-    assert waited > 0.5 and "waiting for pid" in messages[0]
+    assert waited > 0.5 and "waiting for pid" in caplog.messages[0]
+    assert not list((tmp_path / ".locks").iterdir())  # lock files go with their holders
 
 
 def test_entries_report_complete_partial_and_corrupt(tmp_path):
@@ -135,3 +136,40 @@ def test_entries_report_complete_partial_and_corrupt(tmp_path):
     assert "partial" in states.values()
     moved = store.quarantine(bad)
     assert moved.exists() and not bad.exists()
+
+
+def test_lock_files_go_with_their_holder_and_a_waiter_locks_the_file_that_is_there(tmp_path):
+    import threading
+
+    from pipeline.store import file_lock
+
+    path = tmp_path / "x.lock"
+    held, release, inodes = threading.Event(), threading.Event(), []
+
+    def waiter():
+        with file_lock(path):
+            inodes.append(os.stat(path).st_ino)  # fails if it held a removed file
+            held.set()
+            release.wait(10)
+
+    with file_lock(path):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.5)  # the waiter has opened this very file and blocks on it
+        assert not held.is_set()
+    assert held.wait(10) and os.stat(path).st_ino == inodes[0]
+    with pytest.raises(PipelineError, match="being written"):  # still exclusive
+        with file_lock(path, wait=False):
+            pass
+    release.set()
+    thread.join()
+    assert not path.exists()
+
+
+def test_find_takes_a_key_a_file_name_or_a_path(tmp_path):
+    good = _file(tmp_path)
+    store = FeatureStore(good.parent)
+    key = good.stem.rsplit("-", 1)[1]
+    assert store.find(key) == good and store.find(good.stem) == good and store.find(str(good)) == good
+    with pytest.raises(PipelineError, match="no feature file with key or name 'feed'"):
+        store.find("feed")
