@@ -28,7 +28,7 @@ RUN_ARGS := --config $(CONFIG) \
 	$(if $(ADDRESS),--address $(ADDRESS))
 
 .PHONY: install install-test features heads compare all dry-run test test-fast reliability bench \
-	bench-extract bench-heads bench-ray lint clean-heads clean-features
+	bench-extract bench-heads bench-ray bench-cache lint clean-heads clean-features
 
 install: $(VENV)/.installed-$(EXTRAS) $(KERAS_SETUP)
 
@@ -70,7 +70,7 @@ test-fast: install-test
 reliability: install-test
 	$(PY) -m pytest -q -m "reliability or bad_input"
 
-bench: bench-extract bench-heads bench-ray
+bench: bench-extract bench-heads bench-ray bench-cache
 
 bench-extract: install   # MobileNetV2 (BENCH_ALPHA, default 0.35) at 224, N = 2,000 and 8,000
 	$(PY) -m pipeline bench extract --alpha $(BENCH_ALPHA) --out bench_results/extract.json
@@ -80,6 +80,9 @@ bench-heads: install
 
 bench-ray: install-test   # one process vs a local Ray instance with 2 workers, N = 2,000
 	$(PY) -m pipeline bench ray --alpha $(BENCH_ALPHA) --out bench_results/ray.json
+
+bench-cache: install   # ../shared/data/cifar10 (52,000 images): scans, no-op reruns, filter costs
+	$(PY) -m pipeline bench cache --out bench_results/cache.json
 
 lint: install
 	$(PY) -m ruff check pipeline tests

@@ -48,10 +48,14 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=positive_int, default=None,
                    help="images per split (stratified, at least one per class)")
     p.add_argument("--precision", default="float32", help="float32 | mixed_float16 | mixed_bfloat16")
-    p.add_argument("--compression", default="lzf", help="none | lzf | gzip")
+    p.add_argument("--compression", default="auto",
+                   help="auto (gzip for spatial maps, none for vectors) | none | gzip | lzf "
+                        "(lzf is h5py's own filter: other HDF5 readers cannot open it)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip undecodable images (counted in a warning, listed in the file)")
     p.add_argument("--rebuild", action="store_true", help="replace a damaged or existing file")
+    p.add_argument("--rescan", action="store_true",
+                   help="read every image file again instead of trusting the scan index")
     p.add_argument("--segment-rows", type=int, default=None,
                    help="rows per resumable segment (default: about 8 MiB)")
 
@@ -128,10 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", default=None, help="space-separated override of the backbones")
     p.add_argument("--heads", default=None, help="space-separated override of the heads")
     p.add_argument("--limit", type=positive_int, default=None, help="images per split")
+    p.add_argument("--rescan", action="store_true",
+                   help="read every image file again instead of trusting the scan index")
     _add_engine_args(p)
 
     p = sub.add_parser("bench", help="benchmarks, JSON results")
-    p.add_argument("what", choices=("extract", "heads", "ray"))
+    p.add_argument("what", choices=("extract", "heads", "ray", "cache"))
+    p.add_argument("--folder", default=None, help="image folder (cache; default ../shared/data/cifar10)")
     p.add_argument("--out", default=None)
     p.add_argument("--sizes", default=None,
                    help="comma-separated dataset sizes (extract; ray takes the first)")
@@ -201,7 +208,7 @@ def cmd_extract(args) -> int:
         weights=args.weights, image_size=args.image_size, layers=tuple(args.layers),
         bottleneck_k=args.bottleneck_k, batch_size=args.batch_size, limit=args.limit,
         precision=args.precision, compression=args.compression, skip_bad=args.skip_bad,
-        cache_dir=args.cache_dir, segment_rows=args.segment_rows)
+        cache_dir=args.cache_dir, segment_rows=args.segment_rows, rescan=args.rescan)
     engine = _engine(args)
     if engine is None:
         extract_features(config, rebuild=args.rebuild)
@@ -238,14 +245,20 @@ def cmd_ls(args) -> int:
         return 0
     for e in entries:
         mb = _size(e.path) / 2**20
-        if e.state == "complete":
+        state = e.state
+        if e.state == "complete":  # ls reads metadata only: say so
             prov = e.attrs.get("provenance", {})
             shape = "x".join(str(d) for d in prov.get("feature_shape", []))
             rows = prov.get("dataset_splits", {})
-            detail = f"train {rows.get('train')} test {rows.get('test')} x {shape}"
+            checked = ("every read checksummed" if e.attrs.get("chunk_checksums")
+                       else "no chunk checksums: an older file, `extract --rebuild` adds them")
+            detail = f"train {rows.get('train')} test {rows.get('test')} x {shape}; {checked}"
+            state = "complete (not verified)"
         else:
             detail = e.detail
-        print(f"{e.state:9} {e.key:16} {mb:9.2f} MiB  {e.path.name}  {detail}")
+        print(f"{state:23} {e.key:16} {mb:9.2f} MiB  {e.path.name}  {detail}")
+    if any(e.state == "complete" for e in entries):
+        print("(`python -m pipeline verify` reads every row and checks it)")
     return 0
 
 
@@ -283,7 +296,8 @@ def cmd_verify(args) -> int:
             continue
         problem = check_file(e.path, full=True)
         if problem is None:
-            print(f"ok        {e.path.name}")
+            note = "" if e.attrs.get("chunk_checksums") else " (no chunk checksums: an older file)"
+            print(f"verified  {e.path.name}{note}")
             continue
         bad += 1
         if args.repair:
@@ -319,6 +333,7 @@ def cmd_run(args) -> int:
 
     experiment = load_experiment(args.config, datasets=args.datasets, backbones=args.backbones,
                                  heads=args.heads, limit=args.limit)
+    experiment.rescan = args.rescan
     engine = None if args.dry_run else _engine(args)
     if engine is None:
         return run_experiment(experiment, stage=args.stage, dry_run=args.dry_run)
@@ -339,6 +354,8 @@ def cmd_bench(args) -> int:
     elif args.what == "ray":
         bench.bench_ray(out=args.out, n=sizes[0] if sizes else 2000, backbone=args.backbone,
                         alpha=args.alpha)
+    elif args.what == "cache":
+        bench.bench_cache(out=args.out, folder=args.folder)
     else:
         bench.bench_heads(out=args.out, features=args.features)
     return 0

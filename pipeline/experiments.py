@@ -27,7 +27,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract import MODES, ExtractionConfig, extract_features
 from pipeline.heads import HEADS, SPATIAL_HEADS, check_params, evaluate, load_features, make_head
 from pipeline.reports import compare, plot_confusion, result_title
-from pipeline.store import FeatureFile, FeatureStore, check_file, file_lock
+from pipeline.store import FeatureFile, FeatureStore, check_file, file_lock, reading
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "default.toml"
 log = logging.getLogger(__name__)
@@ -111,16 +111,17 @@ def train_one(feature_path: Path, head: str, params: dict | None = None, *,
             if not force and head_is_current(out, checksum, params):
                 log.info("up to date: %s", out)
                 return "up-to-date", out
-            data = load_features(ff, head, memory_budget_gb=memory_budget_gb)
-            model, note = make_head(head, params, n_train=len(data.y_train))
-            if note:
-                log.info(note)
-            log.info("training %s on %s (%s train rows) ...", head, ff.path.name,
-                     f"{len(data.y_train):,}")
-            t0 = time.perf_counter()
-            model.fit(data.X_train, data.y_train)
-            fit_seconds = time.perf_counter() - t0
-            metrics = evaluate(model, data.X_test, data.y_test, data.classes)
+            with reading(ff.path):  # the streaming head reads rows during fit and predict
+                data = load_features(ff, head, memory_budget_gb=memory_budget_gb)
+                model, note = make_head(head, params, n_train=len(data.y_train))
+                if note:
+                    log.info(note)
+                log.info("training %s on %s (%s train rows) ...", head, ff.path.name,
+                         f"{len(data.y_train):,}")
+                t0 = time.perf_counter()
+                model.fit(data.X_train, data.y_train)
+                fit_seconds = time.perf_counter() - t0
+                metrics = evaluate(model, data.X_test, data.y_test, data.classes)
             parts = ff.attrs["key_parts"]
             prov = ff.attrs.get("provenance", {})
             metrics.update({
@@ -207,6 +208,7 @@ class Experiment:
     batch_size: int = 64
     limit: int | None = None
     source: str = ""
+    rescan: bool = False  # read every image file again instead of trusting the scan index
 
 
 _TOP_KEYS = {"datasets", "backbones", "features", "heads", "cache_dir", "results_dir",
@@ -323,7 +325,8 @@ def plan(exp: Experiment, *, fetch: bool = True) -> list[Job]:
                      "available locally: would download it)", [], None, "download")
                      for b in exp.backbones for f in exp.features if _applies(f, d, b)]
             continue
-        dataset = load_dataset(source, limit=limit, skip_bad=d.get("skip_bad", False))
+        dataset = load_dataset(source, limit=limit, skip_bad=d.get("skip_bad", False),
+                               scan_index=store.scan_dir, rescan=exp.rescan)
         for b in exp.backbones:
             for f in exp.features:
                 if not _applies(f, d, b):
@@ -334,7 +337,7 @@ def plan(exp: Experiment, *, fetch: bool = True) -> list[Job]:
                     layers=tuple(f.get("layers", ())), bottleneck_k=f.get("k", 32),
                     batch_size=b.get("batch_size", exp.batch_size), limit=limit,
                     precision=b.get("precision", "float32"),
-                    compression=f.get("compression", "lzf"), skip_bad=d.get("skip_bad", False),
+                    compression=f.get("compression", "auto"), skip_bad=d.get("skip_bad", False),
                     cache_dir=exp.cache_dir)
                 config.validate()
                 parts = config.key_parts(dataset)

@@ -44,11 +44,12 @@ class ExtractionConfig:
     batch_size: int = 64
     limit: int | None = None
     precision: str = "float32"
-    compression: str = "lzf"
+    compression: str = "auto"
     skip_bad: bool = False
     cache_dir: str = "features_cache"
     seed: int = 0
     segment_rows: int | None = None  # rows per resumable segment; default about 8 MiB
+    rescan: bool = False  # read every image file again instead of trusting the scan index
 
     def validate(self) -> None:
         spec = bb.get_spec(self.backbone)
@@ -104,17 +105,17 @@ class ExtractionResult:
 class Progress:
     """One-line progress with images/s and ETA (a line every few seconds when not a TTY)."""
 
-    def __init__(self, label: str, total: int, done: int = 0, stream=sys.stderr):
+    def __init__(self, label: str, total: int, done: int = 0, stream=None):
         self.label, self.total, self.start_done = label, total, done
-        self.done, self.stream = done, stream
+        self.done, self.stream = done, stream or sys.stderr  # the stderr of now, not of import
         self.t0 = self.last = time.monotonic()
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.shown = log.isEnabledFor(logging.INFO)  # --quiet hides progress too
 
     def update(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if self.shown and now - self.last >= (0.2 if self.tty else 5.0) or self.done >= self.total:
+        if self.shown and (now - self.last >= (0.2 if self.tty else 5.0) or self.done >= self.total):
             self.last = now
             self.stream.write(("\r" if self.tty else "") + self.line() + ("" if self.tty else "\n"))
             self.stream.flush()
@@ -341,10 +342,11 @@ def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
     """
     t0 = time.monotonic()
     config.validate()
-    dataset = dataset or load_dataset(config.dataset, limit=config.limit, skip_bad=config.skip_bad,
-                                      seed=config.seed)
-    parts = config.key_parts(dataset)
     store = FeatureStore(config.cache_dir)
+    dataset = dataset or load_dataset(config.dataset, limit=config.limit, skip_bad=config.skip_bad,
+                                      seed=config.seed, scan_index=store.scan_dir,
+                                      rescan=config.rescan)
+    parts = config.key_parts(dataset)
     final = store.path_for(parts)
     if not rebuild and (done := cached_result(final, t0)):
         return done

@@ -141,3 +141,21 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"bad inputs tried (one line, cache unchanged): {bad}")
     terminalreporter.write_line(f"cache files audited after faults: {LEDGER['cache files audited']}")
     terminalreporter.write_line(f"cache files corrupted:            {LEDGER['cache files corrupted']}")
+
+
+def h5dump_features(path: Path, split: str, out_dir: Path) -> np.ndarray:
+    """``split/features`` as the HDF5 library's own ``h5dump`` reads it (no h5py, no plugins):
+    raw little-endian values, flat. Debian's hdf5-tools; .ci/run installs it."""
+    import subprocess
+
+    h5dump = require(Path(shutil.which("h5dump") or "/usr/bin/h5dump"),
+                     "install Debian's hdf5-tools (.ci/run does: apt-get install hdf5-tools)")
+    out = out_dir / f"{path.stem}-{split}.bin"
+    proc = subprocess.run([str(h5dump), "-d", f"/{split}/features", "-b", "LE", "-o", str(out),
+                           str(path)], capture_output=True, text=True, cwd=out_dir)
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        dtype = f[f"{split}/features"].dtype
+    return np.fromfile(out, dtype=dtype.newbyteorder("<"))

@@ -1,11 +1,13 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from conftest import REPO
@@ -267,7 +269,7 @@ def test_sigterm_during_extraction_gets_the_interrupt_message_and_keeps_the_work
 
 def test_inspect_takes_the_key_ls_prints_and_writes_real_json_booleans(blobs_file, capsys):
     main(["ls", "--cache-dir", str(blobs_file.parent)])
-    key = capsys.readouterr().out.split()[1]
+    [key] = re.findall(r" ([0-9a-f]{16}) ", capsys.readouterr().out)
     assert main(["inspect", key, "--cache-dir", str(blobs_file.parent)]) == 0
     text = capsys.readouterr().out
     meta = json.loads(text[:text.index("\ntrain:")])
@@ -298,3 +300,28 @@ def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path, npz_dataset, capsys):
     _one_line_error(capsys, ["extract", "--dataset", npz_dataset, *TINY, "--cache-dir", str(in_the_way)],
                     "a file is in the way of a folder there; choose another --cache-dir", tmp_path)
     assert in_the_way.read_text() == "not a folder"
+
+
+@pytest.mark.bad_input
+@pytest.mark.reliability
+@pytest.mark.parametrize("head", ["logreg", "sgd_linear"])
+def test_train_on_a_damaged_chunk_exits_2_with_one_line_and_trains_nothing(tmp_path, blobs_file,
+                                                                           capsys, head):
+    with h5py.File(blobs_file, "r") as f:
+        info = f["train/features"].id.get_chunk_info(0)
+    raw = bytearray(blobs_file.read_bytes())
+    raw[info.byte_offset + info.size // 2] ^= 0xFF
+    blobs_file.write_bytes(bytes(raw))
+    results = tmp_path / "results"
+    err = _one_line_error(capsys, ["train", "--head", head, "--features", str(blobs_file), "-q",
+                                   "--results-dir", str(results)], "is damaged: reading its features failed")
+    assert str(blobs_file) in err and "verify --repair" in err
+    assert not list(results.rglob("metrics.json"))
+
+
+def test_ls_says_what_it_has_not_read_and_verify_reads_it(blobs_file, capsys):
+    assert main(["ls", "--cache-dir", str(blobs_file.parent)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("complete (not verified)") and "every read checksummed" in out
+    assert main(["verify", "--cache-dir", str(blobs_file.parent)]) == 0
+    assert capsys.readouterr().out.startswith(f"verified  {blobs_file.name}")

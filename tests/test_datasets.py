@@ -1,6 +1,8 @@
 import gzip
+import os
 import pickle
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -318,3 +320,88 @@ def test_limit_must_be_positive(npz_dataset):
     for bad in (0, -5):
         with pytest.raises(PipelineError, match=f"--limit {bad}: give a positive number"):
             load_dataset(npz_dataset, limit=bad)
+
+
+# ----------------------------------------------------------------------------- the scan index
+
+def _scanned(monkeypatch):
+    """Record which files the scan reads (hash + decode check)."""
+    from pipeline import datasets
+
+    read = []
+    real = datasets._scan_file
+
+    def counting(item):
+        read.append(item.path.name)
+        return real(item)
+
+    monkeypatch.setattr(datasets, "_scan_file", counting)
+    return read
+
+
+def _tree(root, n=3, age_s=60):
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            for i in range(n):
+                path = root / split / c / f"{i}.png"
+                _save(path, np.full((8, 8, 3), ord(c) + 10 * i + 100 * (split == "test"), np.uint8))
+                past = time.time() - age_s  # older than the racy window
+                os.utime(path, (past, past))
+    return f"folder:{root}"
+
+
+def test_a_rerun_reads_only_new_or_changed_files(tmp_path, monkeypatch):
+    spec, index = _tree(tmp_path / "d"), tmp_path / "cache" / ".scan"
+    read = _scanned(monkeypatch)
+    first = load_dataset(spec, scan_index=index)
+    assert len(read) == 12 and len(list(index.iterdir())) == 1
+    read.clear()
+    again = load_dataset(spec, scan_index=index)
+    assert read == [] and again.fingerprint == first.fingerprint
+    _save(tmp_path / "d" / "train" / "a" / "1.png", np.full((8, 8, 3), 250, np.uint8))  # changed
+    (tmp_path / "d" / "test" / "b" / "2.png").unlink()                                 # deleted
+    _save(tmp_path / "d" / "train" / "b" / "9.png", np.full((8, 8, 3), 7, np.uint8))    # added
+    changed = load_dataset(spec, scan_index=index)
+    assert sorted(read) == ["1.png", "9.png"]
+    assert changed.fingerprint != first.fingerprint
+    assert changed.fingerprint == load_dataset(spec).fingerprint  # what a full read gives
+    read.clear()
+    load_dataset(spec, scan_index=index, rescan=True)
+    assert len(read) == 12
+
+
+def test_a_file_changed_within_the_timestamp_tick_of_its_scan_is_read_again(tmp_path, monkeypatch):
+    spec, index = _tree(tmp_path / "d"), tmp_path / ".scan"
+    fresh = tmp_path / "d" / "train" / "a" / "0.png"
+    os.utime(fresh)  # modified now: racily clean, as git calls it
+    read = _scanned(monkeypatch)
+    load_dataset(spec, scan_index=index)
+    read.clear()
+    load_dataset(spec, scan_index=index)
+    assert read == ["0.png"]  # the others are older than the window and trusted
+
+
+def test_a_damaged_scan_index_is_rebuilt_never_trusted(tmp_path, monkeypatch, caplog):
+    spec, index = _tree(tmp_path / "d"), tmp_path / ".scan"
+    truth = load_dataset(spec, scan_index=index).fingerprint
+    [path] = index.iterdir()
+    path.write_text(path.read_text().replace('"0.png"', '"0.png "', 1).replace("a", "b", 3))
+    read = _scanned(monkeypatch)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        assert load_dataset(spec, scan_index=index).fingerprint == truth
+    assert len(read) == 12 and "is damaged" in caplog.messages[0]
+    read.clear()
+    load_dataset(spec, scan_index=index)
+    assert read == []  # rewritten whole and sound
+
+
+def test_decode_failures_are_remembered_too(tmp_path, monkeypatch):
+    spec, index = _tree(tmp_path / "d"), tmp_path / ".scan"
+    broken = tmp_path / "d" / "train" / "a" / "broken.png"
+    broken.write_bytes(b"not an image")
+    os.utime(broken, (time.time() - 60,) * 2)
+    assert len(load_dataset(spec, scan_index=index, skip_bad=True).skipped) == 1
+    read = _scanned(monkeypatch)
+    with pytest.raises(PipelineError, match="broken.png"):
+        load_dataset(spec, scan_index=index)
+    assert read == []

@@ -39,11 +39,11 @@ def test_chunks_hold_a_tenth_to_one_mib(row_bytes):
     assert 0.1 * 2**20 <= size <= 2**20
 
 
-def test_chunking_and_compression_are_applied(tmp_path):
+def test_chunking_is_applied_and_vectors_stay_uncompressed_by_default(tmp_path):
     path = _file(tmp_path)
     with h5py.File(path) as f:
         assert f["train/features"].chunks[0] == 200  # whole split (smaller than one chunk)
-        assert f["train/features"].compression == "lzf"
+        assert f["train/features"].compression is None and f["train/features"].fletcher32
 
 
 @pytest.mark.bad_input
@@ -173,3 +173,59 @@ def test_find_takes_a_key_a_file_name_or_a_path(tmp_path):
     assert store.find(key) == good and store.find(good.stem) == good and store.find(str(good)) == good
     with pytest.raises(PipelineError, match="no feature file with key or name 'feed'"):
         store.find("feed")
+
+
+def _flip_a_byte_inside_the_data(path, split="train", chunk=0):
+    with h5py.File(path, "r") as f:
+        info = f[f"{split}/features"].id.get_chunk_info(chunk)
+    raw = bytearray(path.read_bytes())
+    raw[info.byte_offset + info.size // 2] ^= 0xFF  # the middle of the rows, not a header
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("compression, filters", [
+    ("auto", (None, False)), ("none", (None, False)), ("gzip", ("gzip", True))])
+def test_features_carry_chunk_checksums_and_only_built_in_filters(tmp_path, compression, filters):
+    from pipeline.store import FeatureStore
+
+    X, y = _features()
+    store = FeatureStore(tmp_path)
+    parts = {"dataset": "d", "backbone": "b", "mode": "avg"}
+    partial = store.partial_for(parts)
+    partial.write_segment("train", 0, X[:200])
+    partial.write_segment("test", 0, X[200:])
+    path = store.publish(partial, parts, classes=["c0", "c1", "c2"], compression=compression,
+                         labels={"train": y[:200], "test": y[200:]}, attrs={})
+    with h5py.File(path, "r") as f:
+        d = f["train/features"]
+        assert d.fletcher32 and (d.compression, d.shuffle) == filters
+        assert f.attrs["chunk_checksums"] == "fletcher32"
+
+
+def test_spatial_maps_are_compressed_by_default_and_vectors_are_not():
+    from pipeline.store import filters
+
+    assert filters("auto", (7, 7, 1280)) == {"fletcher32": True, "compression": "gzip",
+                                              "compression_opts": 1, "shuffle": True}
+    assert filters("auto", (1280,)) == {"fletcher32": True}
+    assert filters("lzf", (1280,))["compression"] == "lzf"  # h5py's own: only when asked for
+
+
+def test_h5dump_reads_a_published_file(tmp_path):
+    from conftest import h5dump_features
+
+    path = _file(tmp_path)
+    X, _ = _features()
+    assert np.array_equal(h5dump_features(path, "train", tmp_path), X[:200].ravel())
+    assert np.array_equal(h5dump_features(path, "test", tmp_path), X[200:].ravel())
+
+
+@pytest.mark.reliability
+def test_a_damaged_chunk_fails_every_read_and_verify_names_it(tmp_path):
+    path = _file(tmp_path)
+    _flip_a_byte_inside_the_data(path)
+    assert check_file(path) is None  # metadata is intact: the quick check cannot know
+    problem = check_file(path, full=True)
+    assert problem.startswith("train: rows 0-") and "fails its checksum" in problem
+    with FeatureFile(path) as ff, pytest.raises(OSError):
+        ff.features("train")[()]
