@@ -339,7 +339,7 @@ def cmd_run(args) -> int:
         return run_experiment(experiment, stage=args.stage, dry_run=args.dry_run)
     with engine:
         return run_experiment(experiment, stage=args.stage, extract=engine.extract,
-                              map_calls=engine.map)
+                              map_calls=engine.map, scan_map=engine.scan_map)
 
 
 def cmd_bench(args) -> int:

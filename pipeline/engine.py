@@ -193,7 +193,15 @@ class RayEngine:
         """``extract_features`` on the cluster: the same file, the same rows, shard by shard."""
         config.validate()
         return extract_features(_absolute(config), rebuild=rebuild, dataset=dataset,
-                                extract_locked=self._extract_locked)
+                                extract_locked=self._extract_locked, scan_map=self.scan_map)
+
+    def scan_map(self, fn, items: list, chunk: int = 500) -> list:
+        """``fn`` over ``items`` as Ray tasks of ``chunk`` items each, results in order: the
+        first scan of an image folder spread over the cluster (the driver reads no image)."""
+        task = ray.remote(num_cpus=1, max_retries=2)(_map_chunk)
+        refs = [task.remote(fn, items[lo:lo + chunk]) for lo in range(0, len(items), chunk)]
+        log.info("scanning %s file(s) as %d cluster task(s)", f"{len(items):,}", len(refs))
+        return [result for ref in refs for result in _get(ref)]
 
     def _extract_locked(self, config: ExtractionConfig, dataset: Dataset, parts: dict,
                         store: FeatureStore, t0: float, rebuild: bool) -> ExtractionResult:
@@ -262,6 +270,10 @@ class RayEngine:
         hyper-parameter sweeps) runs on the cluster too."""
         task = ray.remote(num_cpus=1, max_retries=2)(_with_ray_joblib)
         return [_get(ref) for ref in [task.remote(fn, call) for call in calls]]
+
+
+def _map_chunk(fn, chunk: list) -> list:
+    return [fn(item) for item in chunk]
 
 
 def _with_ray_joblib(fn, call: dict):

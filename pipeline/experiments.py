@@ -309,7 +309,7 @@ class Job:
     state: str = "missing"  # missing | partial | cached | damaged | download
 
 
-def plan(exp: Experiment, *, fetch: bool = True) -> list[Job]:
+def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
     """Every extraction of the grid, with the heads to run on it and whether it is cached.
 
     ``fetch=False`` (a dry run) never downloads: a ``keras.datasets`` name whose files are not
@@ -326,7 +326,7 @@ def plan(exp: Experiment, *, fetch: bool = True) -> list[Job]:
                      for b in exp.backbones for f in exp.features if _applies(f, d, b)]
             continue
         dataset = load_dataset(source, limit=limit, skip_bad=d.get("skip_bad", False),
-                               scan_index=store.scan_dir, rescan=exp.rescan)
+                               scan_index=store.scan_dir, rescan=exp.rescan, scan_map=scan_map)
         for b in exp.backbones:
             for f in exp.features:
                 if not _applies(f, d, b):
@@ -385,16 +385,17 @@ def _head_states(job: Job, results_dir: str) -> dict[tuple, str]:
 
 
 def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False,
-                   extract=extract_features, map_calls=None) -> int:
+                   extract=extract_features, map_calls=None, scan_map=None) -> int:
     """Plan, then extract what is missing and train what is stale.
 
-    ``extract`` and ``map_calls(fn, calls)`` are where the work runs: in this process by
-    default, or on a cluster (``pipeline.engine.RayEngine.extract`` / ``.map``).
+    ``extract``, ``map_calls(fn, calls)`` and ``scan_map(fn, items)`` are where the work runs:
+    in this process by default, or on a cluster (``pipeline.engine.RayEngine.extract`` /
+    ``.map`` / ``.scan_map``).
     """
     t0 = time.monotonic()
     if not dry_run and stage in ("heads", "all"):
         check_results_dir(exp.results_dir)
-    jobs = plan(exp, fetch=not dry_run)
+    jobs = plan(exp, fetch=not dry_run, scan_map=scan_map)
     head_states = {k: v for j in jobs for k, v in _head_states(j, exp.results_dir).items()}
     extract_todo = [j for j in jobs if j.state != "cached"] if stage in ("features", "all") else []
     runnable = {"all": ("to train", "after extraction"), "heads": ("to train",)}.get(stage, ())

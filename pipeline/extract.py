@@ -334,18 +334,20 @@ def _run_split(model: FeatureModel, partial: PartialEntry, split_name: str, data
 
 
 def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
-                     dataset: Dataset | None = None, extract_locked=None) -> ExtractionResult:
+                     dataset: Dataset | None = None, extract_locked=None,
+                     scan_map=None) -> ExtractionResult:
     """Extract (or resume, or find cached) the features ``config`` names.
 
     ``extract_locked`` does the work once the key is locked: in this process by default; the
-    Ray engine passes its sharded version.
+    Ray engine passes its sharded version (and ``scan_map``, which scans image folders as
+    cluster tasks).
     """
     t0 = time.monotonic()
     config.validate()
     store = FeatureStore(config.cache_dir)
     dataset = dataset or load_dataset(config.dataset, limit=config.limit, skip_bad=config.skip_bad,
                                       seed=config.seed, scan_index=store.scan_dir,
-                                      rescan=config.rescan)
+                                      rescan=config.rescan, scan_map=scan_map)
     parts = config.key_parts(dataset)
     final = store.path_for(parts)
     if not rebuild and (done := cached_result(final, t0)):

@@ -192,6 +192,30 @@ def test_an_image_that_changed_after_the_scan_stops_the_worker_in_one_line(clust
     assert not list((tmp_path / "cache").glob("*.h5"))
 
 
+def test_a_folder_scan_runs_as_cluster_tasks_and_gives_the_local_key(cluster, tmp_path):
+    from PIL import Image
+
+    with RayEngine(shards=2) as engine:
+        pids = engine.scan_map(lambda _: os.getpid(), list(range(7)), chunk=3)  # by value
+        assert len(pids) == 7 and os.getpid() not in pids  # the driver ran none of it
+        x, y = make_images(24, seed=4)
+        for i, (image, label) in enumerate(zip(x, y)):
+            (tmp_path / "imgs" / f"c{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(tmp_path / "imgs" / f"c{label}" / f"{i:03d}.png")
+            os.utime(tmp_path / "imgs" / f"c{label}" / f"{i:03d}.png", (time.time() - 60,) * 2)
+        spec = f"folder:{tmp_path / 'imgs'}"
+        calls = []
+        real = engine.scan_map
+        engine.scan_map = lambda fn, items: calls.append(len(items)) or real(fn, items)
+        result = engine.extract(tiny(spec, tmp_path / "cache"))
+        again = engine.extract(tiny(spec, tmp_path / "cache"))
+    assert calls == [24]  # every file once, on the cluster; the rerun read none (scan index)
+    assert again.status == "up-to-date"
+    single = extract_features(tiny(spec, tmp_path / "single"))
+    assert single.path.name == result.path.name  # same fingerprint, same key
+    _assert_same(_rows(result.path), _rows(single.path))
+
+
 @pytest.mark.reliability
 def test_killing_the_driver_keeps_finished_shards_and_the_rerun_does_the_rest(no_cluster, dataset,
                                                                               tmp_path):
