@@ -37,11 +37,22 @@ def _images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
     return rng.integers(0, 256, (n, 32, 32, 3), np.uint8), np.arange(n) % 10, "random uint8"
 
 
+def _peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM). ``wait4``'s ru_maxrss would also count the
+    benchmark driver's memory, which the child inherits at fork until it execs."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
+
+
 def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_size: int,
             size: int) -> dict:
+    """One measured run: ``naive``, ``ours:RUNTIME`` (the extract command's code path),
+    ``raw:RUNTIME`` (the same converted graph fed from memory in a tight loop) or
+    ``ray:WORKERS:SHARDS``."""
     data = np.load(npz)
     x = data["x_train"]
     t0 = time.perf_counter()
+    result: dict = {}
     if method == "naive":
         import keras
         import tensorflow as tf
@@ -52,79 +63,122 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
         pooled = keras.Sequential([model, keras.layers.GlobalAveragePooling2D()])
         big = tf.image.resize(x.astype(np.float32), (size, size)).numpy()  # all of it, in RAM
         big = preprocess_input(backbone)(big)
-        features = pooled.predict(big, batch_size=batch_size, verbose=0)
-        rows = len(features)
+        rows = len(pooled.predict(big, batch_size=batch_size, verbose=0))
     else:
-        from pipeline.extract import ExtractionConfig, extract_features
+        from pipeline.extract import ExtractionConfig, FeatureModel, extract_features
 
         with tempfile.TemporaryDirectory() as cache:
+            runtime = method.split(":")[1] if method.startswith(("ours:", "raw:")) else "auto"
             config = ExtractionConfig(dataset=f"npz:{npz}", backbone=backbone, alpha=alpha,
                                       weights="none", image_size=size, batch_size=batch_size,
-                                      cache_dir=cache, compression="none")
-            if method.startswith("ray:"):  # ray:WORKERS:SHARDS
-                from pipeline.engine import RayEngine
-
-                workers, shards = (int(v) for v in method.split(":")[1:])
-                with RayEngine(num_cpus=workers, shards=shards) as engine:
-                    result = engine.extract(config)
+                                      cache_dir=cache, compression="none", runtime=runtime)
+            if method.startswith("raw:"):
+                model = FeatureModel(config, x.shape[1:])
+                model.use_runtime(runtime, Path(cache) / "model", backbone)
+                batches = [x[lo:lo + batch_size] for lo in range(0, len(x), batch_size)]
+                t1 = time.perf_counter()
+                rows = sum(len(f) for f in model.map(batches))
+                result["extract_seconds"] = time.perf_counter() - t1
             else:
-                result = extract_features(config)
-            rows = sum(result.info["dataset_splits"].values())
-            return {"rows": int(rows), "seconds": time.perf_counter() - t0,
-                    "extract_seconds": result.info["wall_seconds"]}
-    return {"rows": int(rows), "seconds": time.perf_counter() - t0}
+                if method.startswith("ray:"):  # ray:WORKERS:SHARDS
+                    from pipeline.engine import RayEngine
+
+                    workers, shards = (int(v) for v in method.split(":")[1:])
+                    with RayEngine(num_cpus=workers, shards=shards) as engine:
+                        done = engine.extract(config)
+                else:
+                    done = extract_features(config)
+                rows = sum(done.info["dataset_splits"].values())
+                result.update(extract_seconds=done.info["wall_seconds"], runtime=done.info["runtime"])
+    return {"rows": int(rows), "seconds": time.perf_counter() - t0, **result,
+            "peak_rss_mib": _peak_rss_mib()}
 
 
 def _run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, size: int) -> dict:
     code = ("import json, sys; from pipeline.bench import _worker; "
             f"print('RESULT', json.dumps(_worker({method!r}, {npz!r}, {backbone!r}, {alpha!r}, "
             f"{batch_size}, {size})))")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0 or "RESULT" not in out:
-        raise PipelineError(f"benchmark worker {method} failed (status {status})")
-    result = json.loads(out.split("RESULT", 1)[1])
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024
+    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+    if proc.returncode != 0 or "RESULT" not in proc.stdout:
+        raise PipelineError(f"benchmark worker {method} failed (status {proc.returncode})")
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
     result["images_per_second"] = result["rows"] / result["seconds"]
+    if "extract_seconds" in result:
+        result["in_loop_images_per_second"] = result["rows"] / result["extract_seconds"]
     return result
 
 
-def bench_extract(out: str | None = None, sizes: list[int] | None = None,
-                  backbone: str = "mobilenet_v2", alpha: float | None = None,
-                  batch_size: int = 64, size: int = 224) -> dict:
-    import tensorflow as tf
+# (backbone, alpha, N or None for the --sizes): the two offline ImageNet models, and a
+# compute-bound one the offline weights do not cover (random weights: the same compute).
+BENCH_MODELS = (("mobilenet", 0.25, None), ("mobilenet_v2", 0.35, None), ("resnet50", None, 400))
 
-    sizes = sizes or [2000, 8000]
-    report = {"what": "extraction: naive (upscale all in RAM + model.predict) vs ours",
-              "backbone": backbone, "alpha": alpha, "image_size": size, "batch_size": batch_size,
-              "weights": "none (same compute as imagenet)", "machine": _machine(tf), "runs": []}
-    for n in sizes:
-        x, y, source = _images(n)
-        with tempfile.TemporaryDirectory() as tmp:
-            npz = str(Path(tmp) / "bench.npz")
-            # Ours extracts train + test: give it n/2 of each so both process n images.
-            np.savez(npz, x_train=x[: n // 2], y_train=y[: n // 2], x_test=x[n // 2:],
-                     y_test=y[n // 2:])
-            np.savez(Path(tmp) / "all.npz", x_train=x, y_train=y, x_test=x[:1], y_test=y[:1])
-            for method, path in (("naive", str(Path(tmp) / "all.npz")), ("ours", npz)):
-                print(f"bench extract: {method}, N={n} ...", flush=True)
-                r = _run_worker(method, path, backbone, alpha, batch_size, size)
-                r.update({"method": method, "n": n, "images": source})
-                print(f"  {r['images_per_second']:.1f} img/s, peak RSS {r['peak_rss_mib']:.0f} MiB",
-                      flush=True)
-                report["runs"].append(r)
-    by = {(r["method"], r["n"]): r for r in report["runs"]}
-    lo, hi = min(sizes), max(sizes)
-    ours, naive = by[("ours", hi)], by[("naive", hi)]
-    report["summary"] = {
-        "speedup_at_largest_n": ours["images_per_second"] / naive["images_per_second"],
-        "ours_rss_growth_smallest_to_largest": ours["peak_rss_mib"] / by[("ours", lo)]["peak_rss_mib"] - 1,
-        "ours_rss_fraction_of_naive_at_largest_n": ours["peak_rss_mib"] / naive["peak_rss_mib"],
-    }
+
+def bench_extract(out: str | None = None, sizes: list[int] | None = None,
+                  models=BENCH_MODELS, batch_size: int = 64, size: int = 224) -> dict:
+    """Side by side, one fresh process each, on the same images: the naive way, our extract
+    on each installed runtime, and each runtime's raw engine (the same converted graph fed
+    from memory in a tight loop). Whole-process images/s include start-up and model build."""
+    from pipeline import runtimes
+
+    sizes = sizes or [8000]
+    installed = [r for r in runtimes.RUNTIMES[1:] if runtimes.installed(r)]
+    methods = ["naive", *[f"ours:{r}" for r in installed], *[f"raw:{r}" for r in installed]]
+    report = {"what": "extraction: naive (upscale all in RAM + model.predict) vs our extract "
+                      "per runtime vs each runtime's raw engine",
+              "image_size": size, "batch_size": batch_size, "commit": _commit(),
+              "weights": "none (same compute as imagenet)", "compression": "none",
+              "auto_runtime": runtimes.choose("auto"), "machine": _machine(None), "runs": []}
+    for backbone, alpha, fixed_n in models:
+        for n in ([fixed_n] if fixed_n else sizes):
+            x, y, source = _images(n)
+            with tempfile.TemporaryDirectory() as tmp:
+                npz = str(Path(tmp) / "bench.npz")
+                # Ours extracts train + test: give it n/2 of each so both process n images.
+                np.savez(npz, x_train=x[: n // 2], y_train=y[: n // 2], x_test=x[n // 2:],
+                         y_test=y[n // 2:])
+                np.savez(Path(tmp) / "all.npz", x_train=x, y_train=y, x_test=x[:1], y_test=y[:1])
+                for method in methods:
+                    path = npz if method.startswith("ours") else str(Path(tmp) / "all.npz")
+                    print(f"bench extract: {backbone}@{alpha} {method}, N={n} ...", flush=True)
+                    r = _run_worker(method, path, backbone, alpha, batch_size, size)
+                    r.update({"backbone": backbone, "alpha": alpha, "method": method, "n": n,
+                              "images": source})
+                    print(f"  {r['images_per_second']:.1f} img/s whole process"
+                          + (f", {r['in_loop_images_per_second']:.1f} in the loop"
+                             if "in_loop_images_per_second" in r else "")
+                          + f", peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+                    report["runs"].append(r)
+    report["summary"] = _extract_summary(report["runs"], report["auto_runtime"])
     _write(report, out or "bench_results/extract.json")
     return report
+
+
+def _extract_summary(runs: list[dict], auto: str) -> list[dict]:
+    """Per model and N: ours (auto runtime) against naive, and against its raw engine."""
+    out = []
+    for key in dict.fromkeys((r["backbone"], r["alpha"], r["n"]) for r in runs):
+        by = {r["method"]: r for r in runs if (r["backbone"], r["alpha"], r["n"]) == key}
+        ours, naive, raw = by.get(f"ours:{auto}"), by["naive"], by.get(f"raw:{auto}")
+        out.append({
+            "backbone": key[0], "alpha": key[1], "n": key[2], "runtime": auto,
+            "whole_process_speedup_vs_naive": ours["images_per_second"] / naive["images_per_second"],
+            "peak_rss_fraction_of_naive": ours["peak_rss_mib"] / naive["peak_rss_mib"],
+            "in_loop_fraction_of_raw_engine": (ours["in_loop_images_per_second"]
+                                               / raw["in_loop_images_per_second"]) if raw else None,
+            "openvino_over_tensorflow_in_loop": (
+                by["ours:openvino"]["in_loop_images_per_second"]
+                / by["ours:tensorflow"]["in_loop_images_per_second"]) if "ours:openvino" in by else None,
+        })
+    return out
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
 
 
 def bench_ray(out: str | None = None, n: int = 2000, backbone: str = "mobilenet_v2",
@@ -138,7 +192,9 @@ def bench_ray(out: str | None = None, n: int = 2000, backbone: str = "mobilenet_
     report = {"what": f"extraction: one process vs Ray with {workers} workers (local instance)",
               "backbone": backbone, "alpha": alpha, "image_size": size, "batch_size": batch_size,
               "n": n, "shards_per_split": shards, "images": source,
-              "weights": "none (same compute as imagenet)", "machine": _machine(tf), "runs": []}
+              "weights": "none (same compute as imagenet)", "machine": _machine(tf), "runs": [],
+              "commit": _commit(),
+              "peak_rss_mib": "the driver process only: Ray's raylet and workers are not counted"}
     with tempfile.TemporaryDirectory() as tmp:
         npz = str(Path(tmp) / "bench.npz")
         np.savez(npz, x_train=x[: n // 2], y_train=y[: n // 2], x_test=x[n // 2:], y_test=y[n // 2:])
@@ -246,7 +302,7 @@ def bench_cache(out: str | None = None, folder: str | None = None) -> dict:
         raise PipelineError(f"bench cache: {folder} is not a folder; pass --folder PATH")
     spec = f"folder:{folder}"
     report = {"what": "cache: folder scans, no-op reruns, checksum and filter costs",
-              "folder": str(folder), "machine": _machine(None), "runs": {}}
+              "folder": str(folder), "machine": _machine(None), "commit": _commit(), "runs": {}}
     for workers in (1, os.cpu_count()):
         t0 = time.perf_counter()
         ds = load_dataset(spec, scan_workers=workers)

@@ -56,8 +56,15 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebuild", action="store_true", help="replace a damaged or existing file")
     p.add_argument("--rescan", action="store_true",
                    help="read every image file again instead of trusting the scan index")
+    _add_runtime_arg(p)
     p.add_argument("--segment-rows", type=int, default=None,
                    help="rows per resumable segment (default: about 8 MiB)")
+
+
+def _add_runtime_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument("--runtime", default=default,
+                   help="auto (OpenVINO on a CPU where installed, else TensorFlow) | tensorflow | "
+                        "openvino: what runs the backbone; float32 either way")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=None, help="images per split")
     p.add_argument("--rescan", action="store_true",
                    help="read every image file again instead of trusting the scan index")
+    _add_runtime_arg(p, default=None)
     _add_engine_args(p)
 
     p = sub.add_parser("bench", help="benchmarks, JSON results")
@@ -143,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default=None,
                    help="comma-separated dataset sizes (extract; ray takes the first)")
     p.add_argument("--features", default=None, help="feature file (heads)")
-    p.add_argument("--backbone", default="mobilenet_v2", help="backbone (extract)")
+    p.add_argument("--backbone", default=None,
+                   help="backbone (extract: default MobileNet 0.25, MobileNetV2 0.35 and ResNet50)")
     p.add_argument("--alpha", type=float, default=None, help="MobileNet width (extract)")
     return parser
 
@@ -208,7 +217,8 @@ def cmd_extract(args) -> int:
         weights=args.weights, image_size=args.image_size, layers=tuple(args.layers),
         bottleneck_k=args.bottleneck_k, batch_size=args.batch_size, limit=args.limit,
         precision=args.precision, compression=args.compression, skip_bad=args.skip_bad,
-        cache_dir=args.cache_dir, segment_rows=args.segment_rows, rescan=args.rescan)
+        cache_dir=args.cache_dir, segment_rows=args.segment_rows, rescan=args.rescan,
+        runtime=args.runtime)
     engine = _engine(args)
     if engine is None:
         extract_features(config, rebuild=args.rebuild)
@@ -334,6 +344,8 @@ def cmd_run(args) -> int:
     experiment = load_experiment(args.config, datasets=args.datasets, backbones=args.backbones,
                                  heads=args.heads, limit=args.limit)
     experiment.rescan = args.rescan
+    if args.runtime:
+        experiment.runtime = args.runtime
     engine = None if args.dry_run else _engine(args)
     if engine is None:
         return run_experiment(experiment, stage=args.stage, dry_run=args.dry_run)
@@ -350,9 +362,11 @@ def cmd_bench(args) -> int:
     except ValueError:
         raise PipelineError(f"--sizes {args.sizes!r}: write whole numbers, e.g. 2000,8000") from None
     if args.what == "extract":
-        bench.bench_extract(out=args.out, sizes=sizes, backbone=args.backbone, alpha=args.alpha)
+        models = [(args.backbone, args.alpha, None)] if args.backbone else bench.BENCH_MODELS
+        bench.bench_extract(out=args.out, sizes=sizes, models=models)
     elif args.what == "ray":
-        bench.bench_ray(out=args.out, n=sizes[0] if sizes else 2000, backbone=args.backbone,
+        bench.bench_ray(out=args.out, n=sizes[0] if sizes else 2000,
+                        backbone=args.backbone or "mobilenet_v2",
                         alpha=args.alpha)
     elif args.what == "cache":
         bench.bench_cache(out=args.out, folder=args.folder)

@@ -89,7 +89,11 @@ class ShardExtractor:
             tf.config.threading.set_inter_op_parallelism_threads(1)
         self.config = config
         self.dataset = dataset  # the driver's: arrays, or image paths with their sha256
-        self.model = FeatureModel(config, self.dataset.splits["train"].image_shape)
+        shape = self.dataset.splits["train"].image_shape
+        self.model = FeatureModel(config, shape)
+        self.runtime = self.model.use_runtime(  # the driver's choice, on every actor
+            config.runtime, FeatureStore(config.cache_dir).model_dir(config.model_key(shape)),
+            f"{config.backbone} {config.pooling}", config.precision, threads=threads or None)
         self.decode_threads = decode_threads
 
     def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:
@@ -103,10 +107,11 @@ class ShardExtractor:
         self.model.projection = projection
         data, bs = self.dataset.splits[split], self.config.batch_size
         batches = [np.arange(lo, min(lo + bs, stop)) for lo in range(start, stop, bs)]
-        features = np.concatenate([self.model(images) for images in
-                                   _prefetched(data.load, batches, self.decode_threads)])
+        features = np.concatenate(list(self.model.map(
+            _prefetched(data.load, batches, self.decode_threads))))
         seconds = time.monotonic() - t0
         provenance = {"config": asdict(self.config), "rows": [start, stop], **runtime_info(),
+                      "runtime": self.runtime,
                       "host": socket.gethostname(), "pid": os.getpid(),
                       "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         ShardSet(Path(shards_path)).write(split, start, features, key=key,
@@ -253,7 +258,8 @@ class RayEngine:
                   "layout": self.layout, "hosts": sorted({s["host"] for s in stats})}
         provenance = extraction_provenance(
             config, dataset, feature_shape, feature_dtype, seconds, total, resumed, engine=engine,
-            versions={**worker["versions"], "ray": ray.__version__}, device=worker["device"])
+            versions={**worker["versions"], "ray": ray.__version__}, device=worker["device"],
+            runtime=worker.get("runtime", "tensorflow"))
         path = store.publish_shards(shards, parts, classes=dataset.classes,
                                     labels={s: dataset.splits[s].labels for s in SPLITS},
                                     attrs={"provenance": provenance}, layout=self.layout,

@@ -209,10 +209,11 @@ class Experiment:
     limit: int | None = None
     source: str = ""
     rescan: bool = False  # read every image file again instead of trusting the scan index
+    runtime: str = "auto"  # what runs the backbones: auto | tensorflow | openvino
 
 
 _TOP_KEYS = {"datasets", "backbones", "features", "heads", "cache_dir", "results_dir",
-             "batch_size", "limit", "description"}
+             "batch_size", "limit", "description", "runtime"}
 _ENTRY_KEYS = {
     "datasets": {"name", "source", "limit", "skip_bad"},
     "backbones": {"name", "alpha", "weights", "image_size", "batch_size", "precision"},
@@ -281,7 +282,8 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
     exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=raw["features"],
                      heads=raw["heads"], cache_dir=raw.get("cache_dir", "features_cache"),
                      results_dir=raw.get("results_dir", "results"),
-                     batch_size=raw.get("batch_size", 64), limit=raw.get("limit"), source=path)
+                     batch_size=raw.get("batch_size", 64), limit=raw.get("limit"), source=path,
+                     runtime=raw.get("runtime", "auto"))
     if datasets:
         known = {d["name"]: d for d in exp.datasets}
         exp.datasets = [known.get(n, {"name": n, "source": n}) for n in datasets.split()]
@@ -338,7 +340,7 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                     batch_size=b.get("batch_size", exp.batch_size), limit=limit,
                     precision=b.get("precision", "float32"),
                     compression=f.get("compression", "auto"), skip_bad=d.get("skip_bad", False),
-                    cache_dir=exp.cache_dir)
+                    cache_dir=exp.cache_dir, runtime=exp.runtime)
                 config.validate()
                 parts = config.key_parts(dataset)
                 path = store.path_for(parts)

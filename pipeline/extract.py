@@ -14,12 +14,14 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import backbones as bb
+from pipeline import runtimes
 from pipeline.datasets import SPLITS, Dataset, load_dataset, stratified_subset
 from pipeline.errors import PipelineError
 from pipeline.store import FeatureStore, PartialEntry, check_file
@@ -50,6 +52,7 @@ class ExtractionConfig:
     seed: int = 0
     segment_rows: int | None = None  # rows per resumable segment; default about 8 MiB
     rescan: bool = False  # read every image file again instead of trusting the scan index
+    runtime: str = "auto"  # auto | tensorflow | openvino: which engine runs the graph
 
     def validate(self) -> None:
         spec = bb.get_spec(self.backbone)
@@ -65,6 +68,15 @@ class ExtractionConfig:
             raise PipelineError("--batch-size and --image-size must be positive")
         if self.bottleneck_k < 1:
             raise PipelineError("--bottleneck-k must be positive")
+        runtimes.choose(self.runtime)  # an unknown or missing runtime fails before any work
+
+    def model_key(self, image_shape: tuple[int, int, int]) -> dict:
+        """What a converted graph depends on (not the data): its cache folder's key."""
+        return {"backbone": self.backbone, "alpha": self.alpha,
+                "weights": bb.weights_identity(self.weights),
+                "image_size": self.image_size or bb.get_spec(self.backbone).input_size,
+                "layers": list(self.layers), "mode": self.pooling, "input": list(image_shape),
+                "extractor_version": EXTRACTOR_VERSION}
 
     def key_parts(self, dataset: Dataset) -> dict:
         """Everything the features depend on: change any part and a new file is written."""
@@ -167,6 +179,7 @@ class FeatureModel:
         self.mode = config.pooling
         self.preprocess = bb.preprocess_input(config.backbone)
         self.projection = None  # (mean, components) for the bottleneck mode
+        self.runtime, self.runner = "tensorflow", None
         self._tf = tf
         images = tf.TensorSpec((None, *image_shape), tf.uint8)
         self._maps = tf.function(self._maps_graph, input_signature=[images])
@@ -191,12 +204,50 @@ class FeatureModel:
         projected = tf.tensordot(last - mean, components, axes=[[3], [0]])  # the 1x1 conv
         return tf.reshape(projected, (tf.shape(projected)[0], -1))
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def use_runtime(self, name: str, folder: Path, label: str, precision: str = "float32",
+                    threads: int | None = None) -> str:
+        """Run the graph on runtime ``name`` (``auto`` chooses); the converted graph is kept in
+        ``folder``. A graph the runtime cannot take runs on TensorFlow, with one line saying
+        so. Returns the runtime that will run."""
+        name = runtimes.choose(name)
+        if name == "openvino" and precision != "float32":
+            log.warning("%s: OpenVINO runs float32 here; --precision %s runs on TensorFlow",
+                        label, precision)
+            name = "tensorflow"
+        if name == "openvino":
+            try:
+                converted = runtimes.load_or_convert(folder, lambda: self._features, label)
+                self.runner = runtimes.OpenVINORunner(converted, requests=1 if threads else 2,
+                                                      threads=threads)
+            except runtimes.ConversionError as exc:
+                log.warning("%s; running on TensorFlow instead", exc)
+                name = "tensorflow"
+        self.runtime = name
+        return name
+
+    def _inputs(self) -> tuple[np.ndarray, np.ndarray]:
         mean, comps = self.projection if self.projection is not None else (np.zeros(1), np.zeros((1, 1)))
-        features = self._features(images, mean.astype(np.float32), comps.astype(np.float32)).numpy()
+        return mean.astype(np.float32), comps.astype(np.float32)
+
+    def _stored(self, features: np.ndarray) -> np.ndarray:
         # Spatial maps are stored as float16. numpy's cast rounds exactly as tf.cast does (to
         # nearest even), and TensorFlow's CPU kernel for it prints a misleading oneDNN "E" line.
         return features.astype(np.float16) if self.mode == "spatial" else features
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        mean, comps = self._inputs()
+        if self.runner is not None:
+            return self._stored(self.runner(np.asarray(images), mean, comps))
+        return self._stored(self._features(images, mean, comps).numpy())
+
+    def map(self, batches) -> Iterator[np.ndarray]:
+        """Features of each batch in order; OpenVINO keeps several batches in flight."""
+        if self.runner is None:
+            yield from (self(b) for b in batches)
+            return
+        mean, comps = self._inputs()
+        numpy_batches = (b.numpy() if hasattr(b, "numpy") else b for b in batches)
+        yield from (self._stored(f) for f in self.runner.map(numpy_batches, mean, comps))
 
     def maps(self, images: np.ndarray) -> np.ndarray:
         return self._maps(images)[-1].numpy()
@@ -254,10 +305,12 @@ def runtime_info() -> dict:
         device = f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
     else:
         device = f"CPU: {platform.processor() or platform.machine()}"
-    return {"versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
-                         "keras": keras.__version__, "numpy": np.__version__,
-                         "h5py": h5py.__version__, "scikit-learn": sklearn.__version__},
-            "device": device}
+    versions = {"python": platform.python_version(), "tensorflow": tf.__version__,
+                "keras": keras.__version__, "numpy": np.__version__,
+                "h5py": h5py.__version__, "scikit-learn": sklearn.__version__}
+    if "openvino" in sys.modules:
+        versions["openvino"] = sys.modules["openvino"].__version__
+    return {"versions": versions, "device": device}
 
 
 def extraction_provenance(config: ExtractionConfig, dataset: Dataset, feature_shape, feature_dtype,
@@ -313,9 +366,9 @@ def _run_split(model: FeatureModel, partial: PartialEntry, split_name: str, data
     progress = Progress(f"{dataset.spec} {split_name}", len(split), start)
     pending, pending_start = [], start
     try:
-        for batch in source:
-            pending.append(model(batch))
-            progress.update(len(batch))
+        for features in model.map(source):
+            pending.append(features)
+            progress.update(len(features))
             if sum(len(p) for p in pending) >= segment_rows:
                 block = np.concatenate(pending)
                 writes.put((pending_start, block))
@@ -386,14 +439,22 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
 
     # Everything that can fail on bad options (alpha, image size, layers, weights file,
     # bottleneck k) fails here, before any work folder exists.
-    model = FeatureModel(config, dataset.splits["train"].image_shape)
+    image_shape = dataset.splits["train"].image_shape
+    model = FeatureModel(config, image_shape)
     if config.pooling == "bottleneck":
         check_bottleneck_k(model, config.bottleneck_k)
     partial = store.partial_for(parts)
     resumed = any(partial.rows_done(s) for s in SPLITS)
+    runtime = config.runtime
     if resumed:
         log.info("resuming: %s", ", ".join(f"{s} {partial.rows_done(s):,}/{len(dataset.splits[s]):,}"
                                             for s in SPLITS))
+        started_with = partial.load_array("runtime")  # finish on the runtime the rows came from
+        if started_with is not None and runtimes.installed(str(started_with[0])):
+            runtime = str(started_with[0])
+    runtime = model.use_runtime(runtime, store.model_dir(config.model_key(image_shape)),
+                                f"{config.backbone} {config.pooling}", config.precision)
+    partial.save_array("runtime", np.array([runtime]))
     extra = {}
     if config.pooling == "bottleneck":
         mean, comps = partial.load_array("bottleneck_mean"), partial.load_array("bottleneck_components")
@@ -413,7 +474,7 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
     seconds = time.monotonic() - t_extract
     rate = images / seconds if seconds > 0 else 0.0
     provenance = extraction_provenance(config, dataset, row.shape[1:], row.dtype, seconds, images,
-                                       resumed, **runtime_info())
+                                       resumed, runtime=runtime, **runtime_info())
     if dataset.skipped:
         extra["skipped_files"] = np.array(dataset.skipped, dtype=h5py.string_dtype())
     path = store.publish(partial, parts, classes=dataset.classes,

@@ -380,6 +380,11 @@ class FeatureStore:
         label = "-".join(_slug(str(parts[k])) for k in ("dataset", "backbone", "mode") if k in parts)
         return f"{label}-{cache_key(parts)}"
 
+    def model_dir(self, model_key: dict) -> Path:
+        """Where a runtime's converted graph for ``model_key`` is kept (``.models/``)."""
+        label = "-".join(_slug(str(model_key[k])) for k in ("backbone", "mode") if k in model_key)
+        return self.cache_dir / ".models" / f"{label}-{cache_key(model_key)}"
+
     @property
     def scan_dir(self) -> Path:
         """Where image-folder scans are remembered between runs (``datasets.ScanIndex``)."""

@@ -20,6 +20,7 @@ except ImportError:
         raise
     pytest.skip("Ray is an optional extra: make install RAY=1", allow_module_level=True)
 
+from pipeline import runtimes  # noqa: E402
 from pipeline.engine import RayEngine, shard_ranges  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.extract import ExtractionConfig, extract_features  # noqa: E402
@@ -63,6 +64,11 @@ def _rows(path):
         return {s: (ff.features(s)[()], ff.labels(s)) for s in ("train", "test")}
 
 
+def _rows_provenance(path):
+    with FeatureFile(path) as ff:
+        return ff.attrs["provenance"]
+
+
 def _extract_and_list_shards(engine, dataset, cache):
     """Extract; return the result, its rows, and its shard set."""
     result = engine.extract(tiny(dataset, cache))
@@ -101,6 +107,8 @@ def test_sharded_extraction_equals_the_single_process_one(cluster, dataset, tmp_
         data = load_features(ff, "logreg")
     assert data.X_train.shape == (70, 1280) and len(data.y_test) == 30
     assert prov["engine"]["layout"] == layout and prov["engine"]["shard_count"] == 3 + 2
+    runtime = runtimes.choose("auto")  # the actors run what the driver would
+    assert prov["runtime"] == runtime == _rows_provenance(single.path)["runtime"]
     assert prov["versions"]["tensorflow"] and prov["device"].startswith("CPU")
     assert (tmp_path / "ray" / result.path.name.replace(".h5", ".shards")).exists() == (layout == "vds")
 

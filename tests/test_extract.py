@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import LEDGER, REPO, audit_cache, make_images
 
+from pipeline import runtimes
 from pipeline.errors import PipelineError
 from pipeline.extract import ExtractionConfig, extract_features
 from pipeline.store import FeatureFile, PartialEntry, check_file
@@ -66,8 +67,12 @@ def test_changing_a_key_part_writes_a_new_file_and_leaves_the_old(npz_dataset, t
 
 
 @pytest.mark.reliability
-def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, monkeypatch, caplog):
-    reference = _features(extract_features(tiny(npz_dataset, tmp_path / "ref")).path)
+@pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
+def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, monkeypatch, caplog,
+                                                       runtime):
+    if not runtimes.installed(runtime):
+        pytest.skip(f"{runtime} is not installed (make install adds it)")
+    reference = _features(extract_features(tiny(npz_dataset, tmp_path / "ref", runtime=runtime)).path)
     real_write, calls = PartialEntry.write_segment, []
 
     def crash_on_third(self, split, start, features):
@@ -78,14 +83,15 @@ def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, mo
 
     monkeypatch.setattr(PartialEntry, "write_segment", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(tiny(npz_dataset, tmp_path / "run"))
+        extract_features(tiny(npz_dataset, tmp_path / "run", runtime=runtime))
     monkeypatch.setattr(PartialEntry, "write_segment", real_write)
     caplog.clear()
     with caplog.at_level("INFO", logger="pipeline"):
-        result = extract_features(tiny(npz_dataset, tmp_path / "run"))
+        result = extract_features(tiny(npz_dataset, tmp_path / "run", runtime=runtime))
     assert result.status == "resumed" and "resuming: train 32/48" in caplog.messages[0]
     resumed = _features(result.path)
     assert all(np.array_equal(a, b) for a, b in zip(reference, resumed))
+    assert result.info["runtime"] == runtime
     LEDGER.update(["interrupted", "resumed", "bit-identical"])
 
 

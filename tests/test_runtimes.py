@@ -1,0 +1,141 @@
+"""Runtimes: OpenVINO runs the very graph TensorFlow runs, to float32 rounding, converted once
+and kept; what it cannot take runs on TensorFlow with one line saying so."""
+
+import numpy as np
+import pytest
+from conftest import write_npz_dataset
+
+from pipeline import runtimes
+from pipeline.errors import PipelineError
+from pipeline.extract import ExtractionConfig, extract_features
+from pipeline.store import FeatureFile
+
+openvino = pytest.importorskip("openvino") if not __import__("os").environ.get("CI") else \
+    __import__("openvino")  # CI installs the extra: these tests must run there
+
+# Float32 on both sides; the engines sum in different orders. Features here range to about 6.
+ATOL, MIN_COSINE = 1e-3, 0.99999
+
+
+def tiny(dataset: str, cache, **kw) -> ExtractionConfig:
+    defaults = dict(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32,
+                    batch_size=8, cache_dir=str(cache), segment_rows=16)
+    return ExtractionConfig(dataset=dataset, **{**defaults, **kw})
+
+
+def _rows(path):
+    with FeatureFile(path) as ff:
+        return {s: ff.features(s)[()] for s in ("train", "test")}, ff.attrs["provenance"]
+
+
+def assert_close(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    # float16 maps: a float32 difference far below 1e-3 can round to the neighbouring float16,
+    # one step apart (0.0039 for values in 4..8), so the bound there is one float16 step.
+    atol = max(ATOL, float(np.spacing(np.abs(b).max().astype(np.float16)))) if b.dtype == np.float16 \
+        else ATOL
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    diff = float(np.abs(a - b).max())
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = (np.abs(a).max(1) == 0) & (np.abs(b).max(1) == 0)  # equal rows, no direction
+    cosine = float(np.where(both_zero, 1.0, (a * b).sum(1) / np.maximum(norms, 1e-30)).min())
+    assert diff <= atol and cosine >= MIN_COSINE, (diff, cosine)
+    return diff, cosine
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return write_npz_dataset(tmp_path / "d.npz", 40, 16)
+
+
+@pytest.mark.parametrize("mode", [dict(pooling="avg"), dict(pooling="max"),
+                                  dict(pooling="avg", layers=("block_3_expand_relu", "out_relu")),
+                                  dict(pooling="bottleneck", bottleneck_k=8),
+                                  dict(pooling="spatial", image_size=64)])
+def test_openvino_gives_tensorflows_features_in_every_mode(dataset, tmp_path, mode):
+    tf_rows, tf_prov = _rows(extract_features(tiny(dataset, tmp_path / "tf", runtime="tensorflow",
+                                                   **mode)).path)
+    ov = extract_features(tiny(dataset, tmp_path / "ov", runtime="openvino", **mode))
+    ov_rows, ov_prov = _rows(ov.path)
+    assert tf_prov["runtime"] == "tensorflow" and ov_prov["runtime"] == "openvino"
+    assert ov_prov["versions"]["openvino"] == openvino.__version__
+    for split in ("train", "test"):
+        assert ov_rows[split].dtype == tf_rows[split].dtype  # float16 maps stay float16
+        assert_close(ov_rows[split], tf_rows[split])
+
+
+def test_auto_is_openvino_on_a_cpu_and_the_runtime_is_not_a_key_part(dataset, tmp_path):
+    assert runtimes.choose("auto") == "openvino"
+    ov = extract_features(tiny(dataset, tmp_path / "a", runtime="auto"))
+    tf = extract_features(tiny(dataset, tmp_path / "b", runtime="tensorflow"))
+    assert ov.path.name == tf.path.name  # the same features, to float32 rounding: one key
+
+
+def test_the_converted_graph_is_kept_reused_and_rebuilt_when_damaged(dataset, tmp_path, monkeypatch,
+                                                                    caplog):
+    first = extract_features(tiny(dataset, tmp_path, runtime="openvino"))
+    [model_dir] = (tmp_path / ".models").iterdir()
+    assert sorted(p.name for p in model_dir.iterdir()) == ["manifest.json", "model.bin", "model.xml"]
+    reference = _rows(first.path)[0]
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again")
+
+    with monkeypatch.context() as m:
+        m.setattr(openvino, "convert_model", no_conversion)
+        again = extract_features(tiny(dataset, tmp_path, runtime="openvino"), rebuild=True)
+    rows = _rows(again.path)[0]
+    assert all(np.array_equal(rows[s], reference[s]) for s in rows)  # same runtime: same bits
+    blob = model_dir / "model.bin"
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])  # half-written weights
+    with caplog.at_level("WARNING", logger="pipeline"):
+        third = extract_features(tiny(dataset, tmp_path, runtime="openvino"), rebuild=True)
+    assert any("is damaged" in m and "converting again" in m for m in caplog.messages)
+    rows = _rows(third.path)[0]
+    assert all(np.array_equal(rows[s], reference[s]) for s in rows)
+
+
+def test_a_graph_openvino_cannot_convert_runs_on_tensorflow_and_says_so(dataset, tmp_path,
+                                                                       monkeypatch, caplog):
+    def cannot(*a, **k):
+        raise RuntimeError("unsupported operation FancyOp")
+
+    monkeypatch.setattr(openvino, "convert_model", cannot)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        result = extract_features(tiny(dataset, tmp_path / "ov", runtime="openvino"))
+    [line] = [m for m in caplog.messages if "cannot convert" in m]
+    assert "mobilenet_v2 avg" in line and "running on TensorFlow instead" in line
+    rows, prov = _rows(result.path)
+    assert prov["runtime"] == "tensorflow" and not list((tmp_path / "ov" / ".models").glob("*"))
+    reference = _rows(extract_features(tiny(dataset, tmp_path / "tf", runtime="tensorflow")).path)[0]
+    assert all(np.array_equal(rows[s], reference[s]) for s in rows)
+
+
+@pytest.mark.bad_input
+def test_a_missing_or_unknown_runtime_is_one_line(monkeypatch):
+    with pytest.raises(PipelineError, match="unknown runtime 'onnx'; use one of auto, tensorflow"):
+        runtimes.choose("onnx")
+    monkeypatch.setattr(runtimes, "installed", lambda name: name == "tensorflow")
+    with pytest.raises(PipelineError, match=r"--runtime openvino needs openvino: pip install '\.\[openvino"):
+        runtimes.choose("openvino")
+    assert runtimes.choose("auto") == "tensorflow"  # auto never needs what is missing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone, alpha", [("mobilenet", 0.25), ("mobilenet_v2", 0.35)])
+def test_openvino_matches_tensorflow_on_real_images_and_weights(cifar_mini, shared_weights, tmp_path,
+                                                                backbone, alpha):
+    spec = f"folder:{cifar_mini}"
+    layers = {"mobilenet": ("conv_pw_5_relu", "conv_pw_13_relu"),
+              "mobilenet_v2": ("block_6_expand_relu", "out_relu")}[backbone]
+    worst = []
+    for mode in (dict(pooling="avg"), dict(pooling="avg", layers=layers),
+                 dict(pooling="bottleneck", bottleneck_k=32), dict(pooling="spatial")):
+        rows = {}
+        for runtime in ("tensorflow", "openvino"):
+            config = ExtractionConfig(dataset=spec, backbone=backbone, alpha=alpha, limit=200,
+                                      batch_size=50, cache_dir=str(tmp_path / runtime), runtime=runtime,
+                                      **mode)
+            rows[runtime] = _rows(extract_features(config).path)[0]["test"]
+        worst.append((mode["pooling"], len(mode.get("layers", ())), *assert_close(
+            rows["openvino"], rows["tensorflow"])))
+    print(f"\n{backbone}@{alpha} (mode, layers, max abs diff, min cosine): {worst}")
