@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        log.handlers.clear()  # leave logging as we found it (main may run inside a test or app)
+        log.propagate, log.level = True, logging.NOTSET
 
 
 def _print_cause(exc: BaseException) -> None:

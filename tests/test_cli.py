@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import LEDGER, REPO
 
 from pipeline.cli import main
 
@@ -35,6 +35,7 @@ def test_bad_input_is_one_line_on_stderr_and_exit_code_2(tmp_path, args, message
     assert code == 2
     assert err.strip().count("\n") == 0 and err.startswith("error: ") and message in err
     assert "Traceback" not in err and not (tmp_path / "c").exists()
+    LEDGER["bad input end to end"] += 1
 
 
 def test_backbones_lists_the_registry(capsys):
@@ -78,6 +79,7 @@ def test_engine_ray_without_ray_installed_says_how_to_get_it(monkeypatch, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pip install '.[ray]'" in err[0]
     assert not any(tmp_path.iterdir())
+    LEDGER["bad input end to end"] += 1
 
 
 # ----------------------------------------------------------------------------- bad input, round two
@@ -95,6 +97,7 @@ def _one_line_error(capsys, args, message, *untouched):
     assert code == 2, err
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert _snapshot(*untouched) == before
+    LEDGER["bad input end to end"] += 1
     return err
 
 
@@ -114,6 +117,7 @@ def test_a_limit_that_is_not_positive_is_refused_before_any_work(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err
     assert not (tmp_path / "c").exists()
+    LEDGER["bad input end to end"] += 1
 
 
 @pytest.mark.bad_input

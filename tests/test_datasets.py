@@ -150,6 +150,9 @@ def test_image_folder_normalises_modes_and_sizes(tmp_path):
     assert (by_name["grey"] == 100).all()
     assert (by_name["deep"] == 40000 >> 8).all()  # 16-bit scaled, not clipped to 255
     assert abs(int(by_name["big"].mean()) - 10) <= 2
+    # RGBA (50, 50, 50) at alpha 50/255 over white: 50 * a + 255 * (1 - a) = 214.8
+    assert np.abs(by_name["rgba"].astype(int) - 215).max() <= 1
+    assert (by_name["pal"] == 3).all()  # a palette image becomes its colours
 
 
 @pytest.mark.bad_input

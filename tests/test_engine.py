@@ -299,9 +299,10 @@ def test_run_on_ray_gives_the_single_process_results(no_cluster, dataset, tmp_pa
     local, on_ray = _metrics(tmp_path / "local" / "results"), _metrics(tmp_path / "ray" / "results")
     assert set(on_ray) == {"logreg", "mlp"} == set(local)
     assert len(on_ray["logreg"]["sweep"]) >= 8  # the C sweep ran (through Ray's joblib backend)
-    for head in local:
-        assert on_ray[head]["best_params"] == local[head]["best_params"]
-        assert on_ray[head]["test_accuracy"] == pytest.approx(local[head]["test_accuracy"], abs=0.04)
+    for head in local:  # features equal to float32 rounding: the same choices, and at most
+        assert on_ray[head]["best_params"] == local[head]["best_params"]  # one test image apart
+        n_test = local[head]["n_test"]
+        assert abs(on_ray[head]["test_accuracy"] - local[head]["test_accuracy"]) * n_test <= 1 + 1e-9
     assert not ray.is_initialized()  # the engine shuts down the local instance it started
 
 

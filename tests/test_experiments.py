@@ -13,6 +13,7 @@ from conftest import LEDGER, REPO, audit_cache, make_images
 from pipeline import experiments
 from pipeline.errors import PipelineError
 from pipeline.experiments import load_experiment, run_experiment, train_one
+from pipeline.store import FeatureFile
 
 
 def _npz(path, seed):
@@ -58,16 +59,20 @@ def exp_key(tmp_path):
     return next(p.name for p in (tmp_path / "results").iterdir() if p.is_dir())
 
 
-def test_adding_a_head_trains_only_that_head(tmp_path, capsys):
+def test_adding_a_head_trains_only_that_head(tmp_path, capsys, caplog):
     run_experiment(load_experiment(_config(tmp_path)))
     features = _mtimes(tmp_path / "cache")
     logreg = (tmp_path / "results" / exp_key(tmp_path))
     logreg_metrics = next(logreg.glob("logreg*/metrics.json"))
     stamp = logreg_metrics.stat().st_mtime_ns
     capsys.readouterr()
-    run_experiment(load_experiment(_config(tmp_path, heads=("logreg", "mlp"))))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline"):
+        run_experiment(load_experiment(_config(tmp_path, heads=("logreg", "mlp"))))
     out = capsys.readouterr().out
-    assert "extract" not in out.split("cached)")[-1].split("[")[0]
+    assert "[cached  ]" in out and "logreg:cached, mlp:to train" in out
+    steps = [m for m in caplog.messages if m.startswith("[")]
+    assert len(steps) == 1 and steps[0].startswith("[1/1] mlp on ")  # no extraction step
     assert _mtimes(tmp_path / "cache") == features
     assert logreg_metrics.stat().st_mtime_ns == stamp
     assert next(logreg.glob("mlp*/metrics.json")).exists()
@@ -92,7 +97,8 @@ def test_dry_run_plans_without_writing(tmp_path, capsys):
     run_experiment(load_experiment(_config(tmp_path)), dry_run=True)
     out = capsys.readouterr().out
     assert "[missing ]" in out and "would extract 1 feature file(s) and train 1 head(s)" in out
-    assert not list((tmp_path / "cache").glob("*.h5")) if (tmp_path / "cache").exists() else True
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in (".npz", ".toml")]
+    assert written == []
 
 
 @pytest.mark.bad_input
@@ -113,9 +119,16 @@ def test_bad_experiment_files_get_one_line(tmp_path, text, message):
 
 
 def test_shipped_experiment_files_are_valid():
+    from pipeline.backbones import BACKBONES
+    from pipeline.datasets import KERAS_DATASETS, LOCAL_KINDS
+
     for name in ("default", "offline"):
         exp = load_experiment(str(REPO / "experiments" / f"{name}.toml"))
-        assert exp.heads and exp.backbones
+        assert exp.heads and exp.backbones and exp.features
+        assert all(b["name"] in BACKBONES for b in exp.backbones)
+        for d in exp.datasets:
+            source = d.get("source", d["name"])
+            assert source in KERAS_DATASETS or source.split(":", 1)[0] in LOCAL_KINDS, source
 
 
 def test_make_variables_override_the_grid(tmp_path):
@@ -140,7 +153,11 @@ def test_crash_while_writing_a_result_never_leaves_a_done_result(tmp_path, monke
     assert not list((tmp_path / "results").glob("*/logreg*/metrics.json"))
     monkeypatch.undo()
     status, out = train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")
-    assert status == "trained" and json.loads((out / "metrics.json").read_text())["test_accuracy"] >= 0
+    _, clean = train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "clean")
+    metrics, expected = (json.loads((d / "metrics.json").read_text()) for d in (out, clean))
+    assert status == "trained" and (out / "model.joblib").exists() and (out / "confusion.png").exists()
+    assert metrics["test_accuracy"] == expected["test_accuracy"]  # what an uncrashed run gives
+    assert not list((tmp_path / "results").rglob(".*tmp-*"))  # nothing half-written left
     LEDGER.update(["interrupted", "resumed"])
     assert train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")[0] == "up-to-date"
 
@@ -266,3 +283,57 @@ def test_head_fits_report_the_sweep_as_it_goes(tmp_path, blobs_file, caplog):
     sweep = [m for m in caplog.messages if "sweep:" in m]
     assert len(sweep) >= 2 and "best so far {'C':" in sweep[-1] and "validation" in sweep[-1]
     assert any(m.strip().startswith("refit {'C':") for m in caplog.messages)
+
+
+def test_a_result_is_stale_on_new_parameters_or_features_and_force_retrains(tmp_path, blobs_file):
+    from conftest import write_feature_file
+
+    results = tmp_path / "results"
+    assert train_one(blobs_file, "logreg", {"C": 1.0}, results_dir=results)[0] == "trained"
+    assert train_one(blobs_file, "logreg", {"C": 1.0}, results_dir=results)[0] == "up-to-date"
+    assert train_one(blobs_file, "logreg", {"C": 1.0}, results_dir=results, force=True)[0] == "trained"
+    assert train_one(blobs_file, "logreg", {"C": 0.5}, results_dir=results)[0] == "trained"
+    with FeatureFile(blobs_file) as ff:  # the same key, other rows: a new checksum
+        parts, X, y = ff.attrs["key_parts"], ff.features("train")[()], ff.labels("train")
+        X_test, y_test = ff.features("test")[()], ff.labels("test")
+    blobs_file.unlink()
+    again = write_feature_file(blobs_file.parent, X + 1.0, y, X_test, y_test, parts=parts)
+    assert again == blobs_file
+    status, out = train_one(blobs_file, "logreg", {"C": 1.0}, results_dir=results)
+    assert status == "trained"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for field in ("test_accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix",
+                  "predict_ms_per_image", "best_params", "sweep", "validation_accuracy",
+                  "fit_seconds", "n_train", "n_test", "features_key", "features_checksum",
+                  "features", "versions", "converged", "params"):
+        assert field in metrics, field
+    assert metrics["params"] == {"C": 1.0} and metrics["n_train"] == 600 and metrics["n_test"] == 300
+    assert len(metrics["confusion_matrix"]) == 3 and sum(map(sum, metrics["confusion_matrix"])) == 300
+
+
+def test_adding_a_backbone_extracts_only_its_features(tmp_path, caplog):
+    path = Path(_config(tmp_path))
+    run_experiment(load_experiment(str(path)), stage="features")
+    before = _mtimes(tmp_path / "cache")
+    path.write_text(path.read_text().replace(
+        "[[features]]", '[[backbones]]\nname = "mobilenet"\nalpha = 0.25\nweights = "none"\n'
+        "image_size = 32\n[[features]]", 1))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline"):
+        run_experiment(load_experiment(str(path)), stage="features")
+    steps = [m for m in caplog.messages if m.startswith("[")]
+    assert steps == ["[1/1] extract a / mobilenet@0.25 / avg"]
+    after = _mtimes(tmp_path / "cache")
+    assert {p: t for p, t in after.items() if p in before} == before  # nothing rewritten
+    assert len(list((tmp_path / "cache").glob("*.h5"))) == 2
+
+
+@pytest.mark.bad_input
+def test_train_refuses_a_feature_file_that_is_not_trustworthy(tmp_path, blobs_file):
+    import h5py
+
+    with h5py.File(blobs_file, "r+") as f:
+        f.attrs["complete"] = False  # e.g. written by a tool that stopped half way
+    with pytest.raises(PipelineError, match="cannot be used: not marked complete"):
+        train_one(blobs_file, "logreg", {}, results_dir=tmp_path / "results")
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("*.json"))

@@ -53,13 +53,22 @@ def test_same_inputs_give_the_same_numbers(blobs_file):
     assert results[0]["confusion_matrix"] == results[1]["confusion_matrix"]
 
 
-def test_standardisation_is_fitted_on_training_rows_only():
+def test_standardisation_is_fitted_on_training_rows_only(tmp_path):
+    """Through the real training path: test rows far from the training rows would move the
+    scaler's mean if they leaked into it."""
+    import joblib
+
+    from pipeline.experiments import train_one
+
     rng = np.random.default_rng(0)
-    X = rng.normal(5.0, 2.0, (200, 4))
-    y = np.arange(200) % 2
-    head = SweepClassifier(heads_module.LogisticRegression(), grid=[{"C": 1.0}]).fit(X, y)
-    scaler = head.model_.named_steps["scale"]
-    assert np.allclose(scaler.mean_, X.mean(0))  # refit on train + validation, never test
+    X_train, X_test = rng.normal(5.0, 2.0, (200, 4)), rng.normal(500.0, 2.0, (60, 4))
+    y_train, y_test = np.arange(200) % 2, np.arange(60) % 2
+    path = write_feature_file(tmp_path / "cache", X_train.astype(np.float32), y_train,
+                              X_test.astype(np.float32), y_test)
+    _, out = train_one(path, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")
+    scaler = joblib.load(out / "model.joblib").model_.named_steps["scale"]
+    assert np.allclose(scaler.mean_, X_train.mean(0), atol=1e-4)  # train + validation rows
+    assert np.abs(scaler.mean_ - np.concatenate([X_train, X_test]).mean(0)).min() > 50
 
 
 def test_rbf_svm_switches_to_the_approximation_for_large_n_and_says_so(monkeypatch):
@@ -102,7 +111,8 @@ def test_memory_budget_fails_early_naming_sgd_linear_or_limit(blobs_file):
     with FeatureFile(blobs_file) as ff:
         with pytest.raises(PipelineError, match="over the budget.*sgd_linear.*--limit"):
             load_features(ff, "logreg", memory_budget_gb=1e-6)
-        assert load_features(ff, "sgd_linear", memory_budget_gb=1e-6) is not None
+        streamed = load_features(ff, "sgd_linear", memory_budget_gb=1e-6)
+        assert not isinstance(streamed.X_train, np.ndarray) and streamed.X_train.shape == (600, 20)
 
 
 @pytest.mark.bad_input
@@ -189,6 +199,11 @@ def test_every_registered_head_builds_and_fits_with_its_defaults(name, tmp_path)
     head, _ = make_head(name)
     head.fit(X, y)
     assert (head.predict(X) == y).mean() > 0.9
+    again, _ = make_head(name)  # same inputs, same numbers: every head is seeded
+    again.fit(X, y)
+    assert np.array_equal(again.predict(X), head.predict(X))
+    assert again.best_params_ == head.best_params_
+    assert again.validation_score_ == head.validation_score_
     declared = set(HEADS[name].params)
     accepted = set(head.get_params()) | {"C", "gamma", "max_iter", "n_components"}
     assert declared <= accepted, declared - accepted
@@ -208,3 +223,41 @@ def test_parameters_are_checked_against_their_declared_ranges(name, params, mess
     with pytest.raises(PipelineError) as info:
         make_head(name, params)
     assert message in str(info.value)
+
+
+def test_linear_svm_takes_the_dual_solver_below_c_1e_2_and_the_primal_above(blobs_file):
+    head, _ = make_head("linear_svm")
+    assert all(g["dual"] == (g["C"] < 1e-2) for g in head.grid) and len(head.grid) == 6
+    data = _data(blobs_file)
+    head.fit(data.X_train, data.y_train)
+    assert all(row["dual"] == (row["C"] < 1e-2) for row in head.sweep_)
+    assert head.model_.named_steps["clf"].dual == (head.best_params_["C"] < 1e-2)
+
+
+def test_l2_normalisation_and_pca_are_steps_fitted_with_the_head(blobs_file):
+    data = _data(blobs_file)
+    head, _ = make_head("logreg", {"C": 1.0, "normalize": "l2", "pca": 3})
+    head.fit(data.X_train, data.y_train)
+    steps = head.model_.named_steps
+    assert list(steps) == ["flatten", "scale", "l2", "pca", "clf"]
+    assert steps["pca"].n_components_ == 3 and steps["clf"].coef_.shape == (3, 3)
+    scaled = steps["scale"].transform(data.X_test)
+    assert np.allclose(np.linalg.norm(steps["l2"].transform(scaled), axis=1), 1.0)
+
+
+def test_the_sweep_uses_at_most_max_sweep_rows_and_the_final_fit_all_rows():
+    rng = np.random.default_rng(0)
+    y = np.arange(1000) % 2
+    X = rng.normal(size=(1000, 5)) + y[:, None]
+    head, _ = make_head("logreg", {"max_sweep_rows": 100})
+    head.fit(X, y)
+    assert head.sweep_rows_ == 100
+    assert head.model_.named_steps["scale"].n_samples_seen_ == 1000
+
+
+def test_the_validation_split_is_a_stratified_tenth_of_the_training_rows():
+    y = np.repeat([0, 1, 2], [500, 300, 200])
+    fit_idx, val_idx = heads_module._validation_split(y, 0.1, seed=0)
+    assert len(val_idx) == 100 and not set(fit_idx) & set(val_idx)
+    assert list(np.bincount(y[val_idx])) == [50, 30, 20]
+    assert np.array_equal(val_idx, heads_module._validation_split(y, 0.1, seed=0)[1])

@@ -42,14 +42,37 @@ def test_no_results_says_what_to_do(tmp_path):
     assert "train heads first" in lines[0]
 
 
-def test_confusion_plot_is_written(tmp_path):
-    plot_confusion([[5, 1], [0, 6]], ["a", "b"], "t", tmp_path / "c.png")
+def test_confusion_plot_shows_the_row_normalised_matrix(tmp_path):
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    real = plt.Figure.savefig
+
+    def keep(fig, path, **kw):
+        [ax, _] = fig.axes  # the matrix and its colour bar
+        captured["image"] = ax.images[0].get_array()
+        captured["cells"] = [t.get_text() for t in ax.texts]
+        captured["labels"] = [t.get_text() for t in ax.get_xticklabels()]
+        real(fig, path, **kw)
+
+    plt.Figure.savefig = keep
+    try:
+        plot_confusion([[5, 1], [0, 6]], ["a", "b"], "t", tmp_path / "c.png")
+    finally:
+        plt.Figure.savefig = real
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert captured["image"].tolist() == [[5 / 6, 1 / 6], [0.0, 1.0]]
+    assert captured["cells"] == ["5", "1", "0", "6"] and captured["labels"] == ["a", "b"]
 
 
 def test_markdown_table_has_a_row_per_result(tmp_path):
     _result(tmp_path, "k1", "logreg", 0.8)
-    assert len(markdown_table(collect_results(tmp_path)).strip().splitlines()) == 3
+    _result(tmp_path, "k1", "mlp", 0.75)
+    header, rule, *rows = markdown_table(collect_results(tmp_path)).strip().splitlines()
+    assert header.startswith("| dataset | backbone") and rule.count("---") == 10
+    assert rows == ["| cifar10 | mobilenet_v2@0.35 | avg | logreg | 80.00% **best** | 79.00% | 1.0 | "
+                    "0.010 | 1280 | 100 |", "| cifar10 | mobilenet_v2@0.35 | avg | mlp | 75.00% | "
+                    "74.00% | 1.0 | 0.010 | 1280 | 100 |"]
 
 
 def test_titles_and_labels_tell_layers_and_widths_apart():

@@ -229,3 +229,24 @@ def test_a_damaged_chunk_fails_every_read_and_verify_names_it(tmp_path):
     assert problem.startswith("train: rows 0-") and "fails its checksum" in problem
     with FeatureFile(path) as ff, pytest.raises(OSError):
         ff.features("train")[()]
+
+
+def test_a_file_written_before_chunk_checksums_is_still_read_and_said_to_have_none(tmp_path, capsys):
+    from pipeline.cli import main
+
+    path = _file(tmp_path)
+    with h5py.File(path, "r+") as f:  # rewrite as the older format did: lzf, no Fletcher-32
+        for split in ("train", "test"):
+            data = f[f"{split}/features"][()]
+            attrs = dict(f[f"{split}/features"].attrs)
+            del f[f"{split}/features"]
+            d = f.create_dataset(f"{split}/features", data=data, chunks=True, compression="lzf")
+            d.attrs.update(attrs)
+        del f.attrs["chunk_checksums"]
+    assert check_file(path, full=True) is None
+    with FeatureFile(path) as ff:
+        assert np.array_equal(ff.features("train")[()], _features()[0][:200])
+    assert main(["ls", "--cache-dir", str(path.parent)]) == 0
+    assert "no chunk checksums: an older file" in capsys.readouterr().out
+    assert main(["verify", "--cache-dir", str(path.parent)]) == 0
+    assert "verified  " in capsys.readouterr().out
