@@ -500,7 +500,7 @@ class ScanIndex:
 
     def recall(self, item: _ImageFile) -> bool:
         """Fill ``item`` from the index if its file is unchanged since it was recorded."""
-        rel = str(item.path.relative_to(self.root))
+        rel = self._relative(item.path)
         entry = self.old.get(rel)
         try:
             signature = self._signature(item.path)
@@ -519,8 +519,12 @@ class ScanIndex:
             signature = self._signature(item.path)
         except OSError:
             return
-        self.new[str(item.path.relative_to(self.root))] = [*signature, item.digest.hex(),
-                                                            list(item.size), item.error]
+        self.new[self._relative(item.path)] = [*signature, item.digest.hex(), list(item.size),
+                                               item.error]
+
+    def _relative(self, path: Path) -> str:
+        """The index's name for ``path`` (under the root; faster than ``Path.relative_to``)."""
+        return str(path)[len(str(self.root)) + 1:]
 
     def save(self) -> None:
         """Write the index if anything changed (best effort: a read-only cache just rescans)."""
@@ -544,9 +548,13 @@ def _list_class_dirs(root: Path) -> list[Path]:
 
 
 def _list_images(class_dir: Path) -> list[Path]:
-    return sorted(p for p in class_dir.rglob("*")
-                  if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files under ``class_dir``, in path order (as ``sorted(Path)`` orders them, part
+    by part). Strings, not Path objects, while walking: a no-op rerun lists every file."""
+    found = []
+    for folder, _, names in os.walk(class_dir, followlinks=True):
+        found += [os.path.join(folder, n) for n in names if not n.startswith(".")
+                  and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    return [Path(p) for p in sorted(found, key=lambda p: p.split(os.sep)) if os.path.isfile(p)]
 
 
 def _folder_classes(spec: str, root: Path, split_roots: dict[str, Path]
