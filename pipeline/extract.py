@@ -209,10 +209,10 @@ class FeatureModel:
         """Run the graph on runtime ``name`` (``auto`` chooses); the converted graph is kept in
         ``folder``. A graph the runtime cannot take runs on TensorFlow, with one line saying
         so. Returns the runtime that will run."""
-        name = runtimes.choose(name)
-        if name == "openvino" and precision != "float32":
-            log.warning("%s: OpenVINO runs float32 here; --precision %s runs on TensorFlow",
-                        label, precision)
+        requested, name = name, runtimes.choose(name)
+        if name == "openvino" and precision != "float32":  # a warning only if asked for by name
+            (log.warning if requested == "openvino" else log.info)(
+                "%s: OpenVINO runs float32 here; --precision %s runs on TensorFlow", label, precision)
             name = "tensorflow"
         if name == "openvino":
             try:

@@ -40,10 +40,10 @@ FORMAT = "pipeline.features"
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 COMPRESSIONS = ("auto", "none", "gzip", "lzf")
-# Measured on real features (bench store): pooled float32 vectors shrink to 0.67-0.87 of their
-# size with shuffle + gzip, at several times the write and read cost; float16 spatial maps
-# (ReLU outputs, many zeros) shrink to 0.30. So "auto" compresses maps only. Every features
-# dataset carries HDF5's per-chunk Fletcher-32 checksum: a damaged chunk fails on any read.
+# Measured (make bench-cache): pooled float32 vectors shrink to 0.66 of their size with
+# shuffle + gzip, but write at 48 MB/s against 1,431 without; float16 spatial maps (ReLU
+# outputs, many zeros) shrink to 0.35. So "auto" compresses maps only. Every features dataset
+# carries HDF5's per-chunk Fletcher-32 checksum: a damaged chunk fails on any read.
 _NAME = re.compile(r"^(?P<stem>.+)-(?P<key>[0-9a-f]{16})$")
 log = logging.getLogger(__name__)
 
