@@ -238,7 +238,8 @@ def bench_heads(out: str | None = None, features: str | None = None,
                                 "extract one (e.g. make features CONFIG=experiments/offline.toml) "
                                 "or pass --features FILE")
         features = str(min(candidates, key=lambda p: p.stat().st_size))
-    report = {"what": "head fit cost", "features": features, "machine": _machine(None), "runs": []}
+    report = {"what": "head fit cost", "features": features, "machine": _machine(None),
+              "commit": _commit(), "runs": []}
     with FeatureFile(features) as ff:
         for head in heads:
             data = load_features(ff, head)

@@ -297,24 +297,43 @@ class Conv1x1MLP(ClassifierMixin, BaseEstimator):
 class StreamingLinear(ClassifierMixin, BaseEstimator):
     """Linear head trained with ``partial_fit`` over row blocks: features never all in RAM.
 
-    ``X`` may be an h5py dataset; it is read block by block (two passes per epoch at most).
+    ``X`` may be an h5py dataset, read a piece at a time. Files come sorted by class (an image
+    folder is), and SGD fed one class after another forgets the others (41.7% against
+    logreg's 74.0% on 45,000 CIFAR-10 rows before this): so each epoch visits the pieces in
+    a new random order, ``shuffle_pieces`` at a time, their rows shuffled together (a buffer
+    of at most ``buffer_mb``). Standardisation uses statistics streamed over the training
+    rows; SGD is averaged with a constant step (``eta0``); ``alpha`` (unless given) and the
+    number of epochs are chosen on the validation rows. Measured on those 45,000 rows (in
+    memory, one run each): constant steps of 0.01 with averaging reached 73.2-73.4% validation
+    accuracy over alpha 3e-4..3e-3, sklearn's default "optimal" schedule 72.8-73.3%.
     """
 
-    def __init__(self, loss: str = "log_loss", alpha: float = 1e-4, block_rows: int = 4096,
-                 max_epochs: int = 20, patience: int = 3, validation_fraction: float = 0.1,
+    ALPHAS = (1e-4, 3e-4, 1e-3, 3e-3)
+
+    def __init__(self, loss: str = "log_loss", alpha: float | None = None, block_rows: int = 256,
+                 shuffle_pieces: int = 64, buffer_mb: int = 256, eta0: float = 0.01,
+                 max_epochs: int = 30, patience: int = 5, validation_fraction: float = 0.1,
                  max_validation_rows: int = 10_000, random_state: int = 0):
         self.loss = loss
         self.alpha = alpha
+        self.eta0 = eta0
         self.block_rows = block_rows
+        self.shuffle_pieces = shuffle_pieces
+        self.buffer_mb = buffer_mb
         self.max_epochs = max_epochs
         self.patience = patience
         self.validation_fraction = validation_fraction
         self.max_validation_rows = max_validation_rows
         self.random_state = random_state
 
-    def _blocks(self, X, mask):
-        for lo in range(0, X.shape[0], self.block_rows):
-            rows = _flatten(np.asarray(X[lo:lo + self.block_rows]))
+    def _piece_rows(self, X) -> int:
+        row_bytes = 4 * int(np.prod(X.shape[1:]))
+        return max(16, min(self.block_rows, (self.buffer_mb << 20) // (self.shuffle_pieces * row_bytes)))
+
+    def _blocks(self, X, mask, starts=None):
+        step = self._piece_rows(X)
+        for lo in (range(0, X.shape[0], step) if starts is None else starts):
+            rows = _flatten(np.asarray(X[lo:lo + step]))
             yield rows[mask[lo:lo + len(rows)]], lo, len(rows)
 
     def fit(self, X, y):
@@ -328,20 +347,42 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
             self.scaler_.partial_fit(rows)
         Xv = self.scaler_.transform(np.concatenate([r for r, _, _ in self._blocks(X, val)]))
         yv = y[val]
-        clf = SGDClassifier(loss=self.loss, alpha=self.alpha, random_state=self.random_state)
+        starts = np.arange(0, X.shape[0], self._piece_rows(X))
 
-        def epoch() -> None:
-            for rows, lo, n in self._blocks(X, ~val):
-                yb = y[lo:lo + n][~val[lo:lo + n]]
-                clf.partial_fit(self.scaler_.transform(rows), yb, classes=self.classes_)
+        def epoch(clf, order: np.random.Generator, held_out: np.ndarray = val) -> None:
+            shuffled = order.permutation(starts)
+            for at in range(0, len(shuffled), self.shuffle_pieces):
+                pieces = list(self._blocks(X, ~held_out, shuffled[at:at + self.shuffle_pieces]))
+                rows = np.concatenate([r for r, _, _ in pieces])
+                labels = np.concatenate([y[lo:lo + n][~held_out[lo:lo + n]] for _, lo, n in pieces])
+                mix = order.permutation(len(rows))
+                clf.partial_fit(self.scaler_.transform(rows[mix]), labels[mix], classes=self.classes_)
 
-        best, best_score, self.history_ = _fit_with_patience(
-            clf, epoch, lambda: float(accuracy_score(yv, clf.predict(Xv))),
-            self.max_epochs, self.patience)
-        self.model_ = best
-        self.best_params_ = {"epochs": int(np.argmax(self.history_)) + 1, "alpha": self.alpha,
-                             "loss": self.loss}
-        self.validation_score_ = best_score
+        self.sweep_ = []
+        best = None
+        for alpha in ([self.alpha] if self.alpha is not None else self.ALPHAS):
+            clf = SGDClassifier(loss=self.loss, alpha=alpha, average=True, learning_rate="constant",
+                                eta0=self.eta0, random_state=self.random_state)
+            order = np.random.default_rng(self.random_state)
+            model, score, history = _fit_with_patience(
+                clf, lambda c=clf, o=order: epoch(c, o),
+                lambda c=clf: float(accuracy_score(yv, c.predict(Xv))), self.max_epochs, self.patience)
+            self.sweep_.append({"alpha": alpha, "epochs": int(np.argmax(history)) + 1,
+                                "val_accuracy": score})
+            log.info("  sgd_linear: alpha %g, %d epoch(s), validation %.2f%%", alpha,
+                     len(history), 100 * score)
+            if best is None or score > best[1]:
+                best = (model, score, alpha, history)
+        _, self.validation_score_, alpha, self.history_ = best
+        epochs = int(np.argmax(self.history_)) + 1
+        # Refit on every training row (validation rows included) for the chosen alpha and
+        # epochs, as the other heads refit on train + validation.
+        self.model_ = SGDClassifier(loss=self.loss, alpha=alpha, average=True, learning_rate="constant",
+                                    eta0=self.eta0, random_state=self.random_state)
+        order, everything = np.random.default_rng(self.random_state), np.zeros(len(y), bool)
+        for _ in range(epochs):
+            epoch(self.model_, order, everything)
+        self.best_params_ = {"epochs": epochs, "alpha": alpha, "loss": self.loss}
         return self
 
     def predict(self, X):
@@ -482,6 +523,7 @@ HEADS = {
     "sgd_linear": HeadSpec(StreamingLinear, "streamed",
                            {"loss": OneOf(("log_loss", "hinge", "modified_huber", "squared_hinge")),
                             "alpha": Number(float, 0), "block_rows": COUNT, "max_epochs": COUNT,
+                            "shuffle_pieces": COUNT, "buffer_mb": COUNT, "eta0": POSITIVE,
                             "patience": COUNT, "validation_fraction": FRACTION,
                             "max_validation_rows": COUNT, "random_state": SEED},
                            "linear SGD streamed from disk, for features larger than memory"),

@@ -159,3 +159,9 @@ def h5dump_features(path: Path, split: str, out_dir: Path) -> np.ndarray:
     with h5py.File(path, "r") as f:
         dtype = f[f"{split}/features"].dtype
     return np.fromfile(out, dtype=dtype.newbyteorder("<"))
+
+
+@pytest.fixture
+def cifar_full() -> Path:
+    return require(SHARED / "data" / "cifar10",
+                   "the 52,000-image CIFAR-10 folder comes from ../shared/data (see ../shared/README.md)")
