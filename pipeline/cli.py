@@ -44,6 +44,10 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", action="append", default=[], dest="layers",
                    help="pool this layer instead of the last (repeat to concatenate layers)")
     p.add_argument("--bottleneck-k", type=int, default=32)
+    p.add_argument("--tta", default="none",
+                   help="none | flip: average each image's features with its mirror's (one more "
+                        "forward pass; a key part). Off for digits or text, where a mirror "
+                        "changes what the image shows")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=positive_int, default=None,
                    help="images per split (stratified, at least one per class)")
@@ -123,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a head on cached features")
     p.add_argument("--head", required=True, action="append", dest="heads")
-    p.add_argument("--features", nargs="*", default=None, help="feature files (default: all)")
+    p.add_argument("--features", nargs="*", default=None,
+                   help="feature files or their keys (default: every complete file)")
+    p.add_argument("--fuse", action="store_true",
+                   help="train on the --features files side by side (same dataset, no re-extraction)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="head parameter, e.g. --param C=1.0 (repeatable)")
     p.add_argument("--memory-budget-gb", type=float, default=None)
@@ -220,7 +227,7 @@ def cmd_extract(args) -> int:
         bottleneck_k=args.bottleneck_k, batch_size=args.batch_size, limit=args.limit,
         precision=args.precision, compression=args.compression, skip_bad=args.skip_bad,
         cache_dir=args.cache_dir, segment_rows=args.segment_rows, rescan=args.rescan,
-        runtime=args.runtime)
+        runtime=args.runtime, tta=args.tta)
     engine = _engine(args)
     if engine is None:
         extract_features(config, rebuild=args.rebuild)
@@ -329,7 +336,7 @@ def cmd_train(args) -> int:
 
     train_heads(args.heads, features=args.features, cache_dir=args.cache_dir,
                 results_dir=args.results_dir, params=args.param,
-                memory_budget_gb=args.memory_budget_gb, force=args.force)
+                memory_budget_gb=args.memory_budget_gb, force=args.force, fuse=args.fuse)
     return 0
 
 

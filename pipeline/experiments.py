@@ -8,6 +8,7 @@ rerun does only the work whose inputs changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,15 @@ import numpy as np
 from pipeline.datasets import KERAS_DATASETS, Dataset, keras_dataset_is_local, load_dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import MODES, ExtractionConfig, extract_features
-from pipeline.heads import HEADS, SPATIAL_HEADS, check_params, evaluate, load_features, make_head
+from pipeline.heads import (
+    HEADS,
+    SPATIAL_HEADS,
+    check_params,
+    evaluate,
+    load_features,
+    load_fused_features,
+    make_head,
+)
 from pipeline.reports import compare, plot_confusion, result_title
 from pipeline.store import FeatureFile, FeatureStore, check_file, file_lock, reading
 
@@ -91,39 +100,68 @@ def head_is_current(result_dir: Path, checksum: str, params: dict) -> bool:
     return m.get("features_checksum") == checksum and m.get("params") == params
 
 
-def train_one(feature_path: Path, head: str, params: dict | None = None, *,
+def _features_summary(ff: FeatureFile) -> dict:
+    """What a result says about the features it was fitted on (copied from the file)."""
+    parts, prov = ff.attrs["key_parts"], ff.attrs.get("provenance", {})
+    return {"dataset": parts["dataset"], "backbone": parts["backbone"], "alpha": parts.get("alpha"),
+            "mode": parts["mode"], "layers": parts.get("layers", []),
+            "image_size": parts.get("image_size"), "tta": parts.get("tta", "none"),
+            "width": int(np.prod(prov.get("feature_shape", [0])))}
+
+
+def _identity(files: list[FeatureFile]) -> tuple[dict, str]:
+    """(key parts naming the result folder, checksum the result is current for). A fusion's
+    checksum covers every file's, so re-extracting any one of them makes the result stale."""
+    if len(files) == 1:
+        return files[0].attrs["key_parts"], files[0].checksum()
+    parts = {"dataset": files[0].attrs["key_parts"]["dataset"], "backbone": "fusion",
+             "mode": f"{len(files)}files", "files": [ff.key for ff in files]}
+    checksum = hashlib.sha256("".join(ff.checksum() for ff in files).encode()).hexdigest()
+    return parts, checksum
+
+
+def train_one(feature_path: Path | list[Path], head: str, params: dict | None = None, *,
               results_dir: str | Path = "results", memory_budget_gb: float | None = None,
               force: bool = False) -> tuple[str, Path]:
-    """Fit one head on one feature file and write model, metrics.json and confusion.png."""
+    """Fit one head on one feature file (or on several side by side: a fusion) and write
+    model, metrics.json and confusion.png."""
     params = dict(params or {})
     check_params(head, params)
     check_results_dir(results_dir)
-    with FeatureFile(feature_path) as ff:
-        checksum = ff.checksum()
-        out = result_dir(results_dir, ff.attrs["key_parts"], head, params)
+    paths = [Path(feature_path)] if isinstance(feature_path, (str, Path)) else list(feature_path)
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(FeatureFile(p)) for p in paths]
+        parts, checksum = _identity(files)
+        out = result_dir(results_dir, parts, head, params)
         out.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(out.parent / f".{out.name}.lock"):
-            legacy = _legacy_result_dir(results_dir, ff.key, head, params)
-            if not out.exists() and head_is_current(legacy, checksum, params):
+            legacy = _legacy_result_dir(results_dir, files[0].key, head, params)
+            if len(files) == 1 and not out.exists() and head_is_current(legacy, checksum, params):
                 os.replace(legacy, out)  # same result, now under its readable name
                 if not any(legacy.parent.iterdir()):
                     legacy.parent.rmdir()
             if not force and head_is_current(out, checksum, params):
                 log.info("up to date: %s", out)
                 return "up-to-date", out
-            with reading(ff.path):  # the streaming head reads rows during fit and predict
-                data = load_features(ff, head, memory_budget_gb=memory_budget_gb)
-                model, note = make_head(head, params, n_train=len(data.y_train))
-                if note:
-                    log.info(note)
-                log.info("training %s on %s (%s train rows) ...", head, ff.path.name,
-                         f"{len(data.y_train):,}")
-                t0 = time.perf_counter()
-                model.fit(data.X_train, data.y_train)
-                fit_seconds = time.perf_counter() - t0
-                metrics = evaluate(model, data.X_test, data.y_test, data.classes)
-            parts = ff.attrs["key_parts"]
-            prov = ff.attrs.get("provenance", {})
+            for ff in files:  # the streaming head reads rows during fit and predict
+                stack.enter_context(reading(ff.path))
+            if len(files) == 1:
+                data = load_features(files[0], head, memory_budget_gb=memory_budget_gb)
+            else:
+                data = load_fused_features(files, head, memory_budget_gb=memory_budget_gb)
+            model, note = make_head(head, params, n_train=len(data.y_train))
+            if note:
+                log.info(note)
+            log.info("training %s on %s (%s train rows) ...", head,
+                     " + ".join(ff.path.name for ff in files), f"{len(data.y_train):,}")
+            t0 = time.perf_counter()
+            model.fit(data.X_train, data.y_train)
+            fit_seconds = time.perf_counter() - t0
+            metrics = evaluate(model, data.X_test, data.y_test, data.classes)
+            summaries = [_features_summary(ff) for ff in files]
+            features = summaries[0] if len(files) == 1 else {
+                "dataset": summaries[0]["dataset"], "fused": summaries,
+                "width": sum(f["width"] for f in summaries)}
             metrics.update({
                 "head": head, "head_ran": "rbf_svm_approx" if note else head, "note": note,
                 "params": params, "best_params": _jsonable(getattr(model, "best_params_", {})),
@@ -133,14 +171,13 @@ def train_one(feature_path: Path, head: str, params: dict | None = None, *,
                 "validation_accuracy": getattr(model, "validation_score_", None),
                 "sweep_rows": getattr(model, "sweep_rows_", None),
                 "fit_seconds": fit_seconds, "n_train": len(data.y_train),
-                "n_test": len(data.y_test), "features_file": str(ff.path),
-                "features_key": ff.key, "features_checksum": checksum,
-                "features": {"dataset": parts["dataset"], "backbone": parts["backbone"],
-                             "alpha": parts.get("alpha"), "mode": parts["mode"],
-                             "layers": parts.get("layers", []),
-                             "image_size": parts.get("image_size"),
-                             "width": int(np.prod(prov.get("feature_shape", [0])))},
-                "versions": {**prov.get("versions", {}), "python": platform.python_version()},
+                "n_test": len(data.y_test), "features_file": str(files[0].path),
+                "features_key": files[0].key, "features_checksum": checksum,
+                "features_files": [{"path": str(ff.path), "key": ff.key, "checksum": ff.checksum()}
+                                   for ff in files],
+                "features": features,
+                "versions": {**files[0].attrs.get("provenance", {}).get("versions", {}),
+                             "python": platform.python_version()},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             })
             _write_result(out, model, metrics, data.classes)
@@ -179,17 +216,22 @@ def _write_result(out: Path, model, metrics: dict, classes: list[str]) -> None:
 def train_heads(heads: list[str], *, features: list[str] | None = None,
                 cache_dir: str = "features_cache", results_dir: str = "results",
                 params: list[str] | None = None, memory_budget_gb: float | None = None,
-                force: bool = False) -> None:
-    """``pipeline train``: each head on each given (or every complete) feature file."""
+                force: bool = False, fuse: bool = False) -> None:
+    """``pipeline train``: each head on each given (or every complete) feature file, or with
+    ``fuse`` on the given files side by side."""
     parsed = _parse_params(params or [])
     for head in heads:
         check_params(head, parsed)
     check_results_dir(results_dir)
-    files = [Path(f) for f in features] if features else FeatureStore(cache_dir).complete_files()
+    store = FeatureStore(cache_dir)
+    files = [store.find(f) for f in features] if features else store.complete_files()
     if not files:
         raise PipelineError(f"no complete feature files in {cache_dir}/; extract features first "
                             "(python -m pipeline extract ... or make features)")
-    for path in files:
+    if fuse and len(files) < 2:
+        raise PipelineError("--fuse needs at least two feature files: --features A B (paths, "
+                            "or keys as `python -m pipeline ls` prints them)")
+    for path in [files] if fuse else files:
         for head in heads:
             train_one(path, head, parsed, results_dir=results_dir,
                       memory_budget_gb=memory_budget_gb, force=force)
@@ -210,14 +252,16 @@ class Experiment:
     source: str = ""
     rescan: bool = False  # read every image file again instead of trusting the scan index
     runtime: str = "auto"  # what runs the backbones: auto | tensorflow | openvino
+    fusions: list[dict] = field(default_factory=list)  # heads on several feature files at once
 
 
 _TOP_KEYS = {"datasets", "backbones", "features", "heads", "cache_dir", "results_dir",
-             "batch_size", "limit", "description", "runtime"}
+             "batch_size", "limit", "description", "runtime", "fusions"}
 _ENTRY_KEYS = {
     "datasets": {"name", "source", "limit", "skip_bad"},
     "backbones": {"name", "alpha", "weights", "image_size", "batch_size", "precision"},
-    "features": {"mode", "layers", "k", "backbones", "datasets", "heads", "compression"},
+    "features": {"name", "mode", "layers", "k", "backbones", "datasets", "heads", "compression",
+                 "tta"},
     "heads": {"name", "params", "modes"},
 }
 
@@ -226,8 +270,8 @@ def _check_types(path: str, section: str, entry: dict) -> None:
     types = {"name": str, "source": str, "limit": int, "skip_bad": bool, "alpha": (int, float),
              "weights": str, "image_size": int, "batch_size": int, "precision": str,
              "mode": str, "layers": list, "k": int, "backbones": list, "datasets": list,
-             "compression": str,
-             "params": dict, "modes": list, "heads": list}
+             "compression": str, "tta": str,
+             "params": dict, "modes": list, "heads": list, "features": list}
     for key, value in entry.items():
         if not isinstance(value, types[key]) or isinstance(value, bool) != (types[key] is bool):
             raise PipelineError(f"{path}: [{section}] {key} = {value!r} should be "
@@ -279,11 +323,16 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
     for key in ("limit", "batch_size"):
         if key in raw:
             _check_types(path, "top level", {key: raw[key]})
+    fusions = raw.get("fusions", [])
+    if not isinstance(fusions, list):
+        raise PipelineError(f"{path}: fusions must be [[fusions]] entries")
+    for entry in fusions:
+        _check_fusion(path, entry, raw)
     exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=raw["features"],
                      heads=raw["heads"], cache_dir=raw.get("cache_dir", "features_cache"),
                      results_dir=raw.get("results_dir", "results"),
                      batch_size=raw.get("batch_size", 64), limit=raw.get("limit"), source=path,
-                     runtime=raw.get("runtime", "auto"))
+                     runtime=raw.get("runtime", "auto"), fusions=fusions)
     if datasets:
         known = {d["name"]: d for d in exp.datasets}
         exp.datasets = [known.get(n, {"name": n, "source": n}) for n in datasets.split()]
@@ -301,6 +350,35 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
     return exp
 
 
+_FUSION_KEYS = {"name", "features", "datasets", "heads"}
+
+
+def _check_fusion(path: str, entry: dict, raw: dict) -> None:
+    """A [[fusions]] entry names at least two "BACKBONE/FEATURES" parts of the grid, where
+    FEATURES is a [[features]] entry's ``name`` (its mode when it has none)."""
+    where = f"{path}: [[fusions]] {entry.get('name', '')}".rstrip()
+    bad = set(entry) - _FUSION_KEYS
+    if bad:
+        raise PipelineError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; "
+                            f"allowed: {', '.join(sorted(_FUSION_KEYS))}")
+    _check_types(path, "fusions", {k: v for k, v in entry.items() if k != "features"})
+    parts = entry.get("features")
+    if not isinstance(parts, list) or len(parts) < 2 or not all(isinstance(p, str) for p in parts):
+        raise PipelineError(f"{where}: features = [\"BACKBONE/FEATURES\", ...] must name at "
+                            "least two feature files, e.g. [\"mobilenet/avg\", \"mobilenet_v2/avg\"]")
+    backbones = {b["name"] for b in raw["backbones"]}
+    for part in parts:
+        backbone, _, name = part.partition("/")
+        matches = [f for f in raw["features"] if f.get("name", f["mode"]) == name]
+        if backbone not in backbones or len(matches) != 1:
+            raise PipelineError(
+                f"{where}: {part!r} names no single feature file; write BACKBONE/FEATURES with a "
+                f"backbone of [[backbones]] ({', '.join(sorted(backbones))}) and the name (or mode) "
+                "of one [[features]] entry (give entries distinct `name`s)")
+    for head in entry.get("heads", []):
+        check_params(head, {})
+
+
 @dataclass
 class Job:
     config: ExtractionConfig
@@ -309,6 +387,24 @@ class Job:
     heads: list[dict] = field(default_factory=list)
     path: Path | None = None
     state: str = "missing"  # missing | partial | cached | damaged | download
+    names: tuple[str, str, str] = ("", "", "")  # dataset, backbone, features entry in the TOML
+
+
+@dataclass
+class FusionJob:
+    """Heads trained on several feature files of one dataset side by side."""
+
+    label: str
+    parts: list[Job]
+    heads: list[dict]
+
+    @property
+    def state(self) -> str:
+        return "cached" if all(j.state == "cached" for j in self.parts) else "missing"
+
+    @property
+    def paths(self) -> list[Path]:
+        return [j.path for j in self.parts]
 
 
 def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
@@ -324,7 +420,8 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
         source = d.get("source", d["name"])
         if not fetch and source in KERAS_DATASETS and not keras_dataset_is_local(source):
             jobs += [Job(None, None, f"{d['name']} / {b['name']} / {f['mode']}  (dataset not "
-                     "available locally: would download it)", [], None, "download")
+                     "available locally: would download it)", [], None, "download",
+                         (d["name"], b["name"], f.get("name", f["mode"])))
                      for b in exp.backbones for f in exp.features if _applies(f, d, b)]
             continue
         dataset = load_dataset(source, limit=limit, skip_bad=d.get("skip_bad", False),
@@ -340,7 +437,7 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                     batch_size=b.get("batch_size", exp.batch_size), limit=limit,
                     precision=b.get("precision", "float32"),
                     compression=f.get("compression", "auto"), skip_bad=d.get("skip_bad", False),
-                    cache_dir=exp.cache_dir, runtime=exp.runtime)
+                    cache_dir=exp.cache_dir, runtime=exp.runtime, tta=f.get("tta", "none"))
                 config.validate()
                 parts = config.key_parts(dataset)
                 path = store.path_for(parts)
@@ -354,10 +451,38 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                          and (not h.get("modes") or f["mode"] in h["modes"])
                          and (not f.get("heads") or h["name"] in f["heads"])]
                 layers = f"[{len(config.layers)} layers]" if config.layers else ""
+                layers += "+flip" if config.tta == "flip" else ""
                 label = (f"{d['name']} / {b['name']}{'@' + str(b['alpha']) if b.get('alpha') else ''}"
                          f" / {f['mode']}{layers}")
-                jobs.append(Job(config, dataset, label, heads, path, state))
+                jobs.append(Job(config, dataset, label, heads, path, state,
+                                (d["name"], b["name"], f.get("name", f["mode"]))))
     return jobs
+
+
+def plan_fusions(exp: Experiment, jobs: list[Job]) -> list[FusionJob]:
+    """The [[fusions]] of the grid, one per dataset its parts are all extracted for."""
+    fused = []
+    for entry in exp.fusions:
+        heads = [h for h in exp.heads if HEADS[h["name"]].takes != "spatial"
+                 and (not entry.get("heads") or h["name"] in entry["heads"])]
+        for d in exp.datasets:
+            if entry.get("datasets") and d["name"] not in entry["datasets"]:
+                continue
+            parts = []
+            for part in entry["features"]:
+                backbone, _, name = part.partition("/")
+                found = [j for j in jobs if j.names == (d["name"], backbone, name)]
+                if not found:
+                    if entry.get("datasets"):
+                        raise PipelineError(f"[[fusions]] {part!r} is not extracted for dataset "
+                                            f"{d['name']!r} (see that entry's backbones/datasets)")
+                    break
+                parts.append(found[0])
+            else:
+                label = f"{d['name']} / fusion: " + " + ".join(
+                    j.label.split(" / ", 1)[1] for j in parts)
+                fused.append(FusionJob(label, parts, heads))
+    return fused
 
 
 def _applies(features: dict, dataset: dict, backbone: dict) -> bool:
@@ -386,6 +511,17 @@ def _head_states(job: Job, results_dir: str) -> dict[tuple, str]:
     return states
 
 
+def _fusion_head_states(job: FusionJob, results_dir: str) -> dict[tuple, str]:
+    if job.state != "cached":
+        return {_head_key(job, h): "after extraction" for h in job.heads}
+    with contextlib.ExitStack() as stack:
+        parts, checksum = _identity([stack.enter_context(FeatureFile(p)) for p in job.paths])
+    return {_head_key(job, h): "cached" if head_is_current(
+                result_dir(results_dir, parts, h["name"], h.get("params", {})), checksum,
+                h.get("params", {})) else "to train"
+            for h in job.heads}
+
+
 def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False,
                    extract=extract_features, map_calls=None, scan_map=None) -> int:
     """Plan, then extract what is missing and train what is stale.
@@ -398,7 +534,10 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     if not dry_run and stage in ("heads", "all"):
         check_results_dir(exp.results_dir)
     jobs = plan(exp, fetch=not dry_run, scan_map=scan_map)
+    fusions = plan_fusions(exp, jobs)
     head_states = {k: v for j in jobs for k, v in _head_states(j, exp.results_dir).items()}
+    for fj in fusions:
+        head_states.update(_fusion_head_states(fj, exp.results_dir))
     extract_todo = [j for j in jobs if j.state != "cached"] if stage in ("features", "all") else []
     runnable = {"all": ("to train", "after extraction"), "heads": ("to train",)}.get(stage, ())
     heads_todo = sum(s in runnable for s in head_states.values())
@@ -406,7 +545,7 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     cached_heads = sum(s == "cached" for s in head_states.values())
     print(f"experiment {exp.source}: {len(jobs)} feature files ({cached_files} cached), "
           f"{len(head_states)} head results ({cached_heads} cached)")
-    for j in jobs:
+    for j in [*jobs, *fusions]:
         heads = ", ".join(f"{h['name']}:{head_states[_head_key(j, h)]}" for h in j.heads)
         print(f"  [{j.state:8}] {j.label}  heads: {heads or '-'}")
     if dry_run:
@@ -430,7 +569,7 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
         job.path, job.state = result.path, "cached"
     if stage in ("heads", "all"):
         calls = []
-        for job in jobs:
+        for job in [*jobs, *fusions]:  # fusions last: their parts are extracted by then
             if job.state != "cached":
                 log.warning("skipping heads on %s: features not extracted (make features)",
                             job.label)
@@ -439,7 +578,8 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
                 if head_states[_head_key(job, h)] == "cached":
                     continue
                 step += 1
-                calls.append({"feature_path": job.path, "head": h["name"],
+                path = job.paths if isinstance(job, FusionJob) else job.path
+                calls.append({"feature_path": path, "head": h["name"],
                               "params": h.get("params", {}), "results_dir": exp.results_dir})
                 if map_calls is None:
                     log.info("[%d/%d] %s on %s", step, steps, h["name"], job.label)

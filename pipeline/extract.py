@@ -28,6 +28,7 @@ from pipeline.store import FeatureStore, PartialEntry, check_file
 
 EXTRACTOR_VERSION = 1
 MODES = ("avg", "max", "bottleneck", "spatial")
+TTAS = ("none", "flip")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class ExtractionConfig:
     segment_rows: int | None = None  # rows per resumable segment; default about 8 MiB
     rescan: bool = False  # read every image file again instead of trusting the scan index
     runtime: str = "auto"  # auto | tensorflow | openvino: which engine runs the graph
+    tta: str = "none"  # flip: average each image's features with its mirror's (not for digits)
 
     def validate(self) -> None:
         spec = bb.get_spec(self.backbone)
@@ -68,6 +70,8 @@ class ExtractionConfig:
             raise PipelineError("--batch-size and --image-size must be positive")
         if self.bottleneck_k < 1:
             raise PipelineError("--bottleneck-k must be positive")
+        if self.tta not in TTAS:
+            raise PipelineError(f"unknown --tta {self.tta!r}; use one of {', '.join(TTAS)}")
         runtimes.choose(self.runtime)  # an unknown or missing runtime fails before any work
 
     def model_key(self, image_shape: tuple[int, int, int]) -> dict:
@@ -76,7 +80,11 @@ class ExtractionConfig:
                 "weights": bb.weights_identity(self.weights),
                 "image_size": self.image_size or bb.get_spec(self.backbone).input_size,
                 "layers": list(self.layers), "mode": self.pooling, "input": list(image_shape),
-                "extractor_version": EXTRACTOR_VERSION}
+                "extractor_version": EXTRACTOR_VERSION, **self._tta_part()}
+
+    def _tta_part(self) -> dict:
+        # Only a flip is recorded, so every key written before the option existed still holds.
+        return {"tta": self.tta} if self.tta != "none" else {}
 
     def key_parts(self, dataset: Dataset) -> dict:
         """Everything the features depend on: change any part and a new file is written."""
@@ -88,6 +96,7 @@ class ExtractionConfig:
             "image_size": self.image_size or spec.input_size,
             "layers": list(self.layers), "mode": self.pooling,
             "precision": self.precision, "extractor_version": EXTRACTOR_VERSION,
+            **self._tta_part(),
         }
         if self.pooling == "bottleneck":
             parts["bottleneck"] = {"k": self.bottleneck_k, "fit_images": self.bottleneck_fit_images,
@@ -176,7 +185,7 @@ class FeatureModel:
                                     f"{list(config.layers)}; its last layers are: {names}") from None
             backbone = keras.Model(backbone.inputs, outputs)
         self.backbone = backbone
-        self.mode = config.pooling
+        self.mode, self.tta = config.pooling, config.tta
         self.preprocess = bb.preprocess_input(config.backbone)
         self.projection = None  # (mean, components) for the bottleneck mode
         self.runtime, self.runner = "tensorflow", None
@@ -194,6 +203,23 @@ class FeatureModel:
 
     def _features_graph(self, images, mean, components):
         tf = self._tf
+        if self.tta == "flip":  # the images and their mirrors as one batch: one graph, 2x work
+            n = tf.shape(images)[0]
+            both = self._view_features(tf.concat([images, tf.reverse(images, axis=[2])], 0),
+                                       mean, components)
+            plain, mirrored = both[:n], both[n:]
+            if len(both.shape) == 4:  # a map: put the mirror's columns back in place first
+                mirrored = tf.reverse(mirrored, axis=[2])
+            features = (plain + mirrored) / 2
+        else:
+            features = self._view_features(images, mean, components)
+        if self.mode == "bottleneck":
+            return tf.reshape(features, (tf.shape(features)[0], -1))
+        return features
+
+    def _view_features(self, images, mean, components):
+        """Pooled vectors, or a map (spatial; bottleneck before flattening) for one view."""
+        tf = self._tf
         maps = self._maps_graph(images)
         if self.mode in ("avg", "max"):
             pool = tf.reduce_mean if self.mode == "avg" else tf.reduce_max
@@ -201,8 +227,7 @@ class FeatureModel:
         last = maps[-1]
         if self.mode == "spatial":  # cast to float16 on the host (see __call__)
             return last
-        projected = tf.tensordot(last - mean, components, axes=[[3], [0]])  # the 1x1 conv
-        return tf.reshape(projected, (tf.shape(projected)[0], -1))
+        return tf.tensordot(last - mean, components, axes=[[3], [0]])  # the 1x1 conv
 
     def use_runtime(self, name: str, folder: Path, label: str, precision: str = "float32",
                     threads: int | None = None) -> str:

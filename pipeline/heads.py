@@ -37,7 +37,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import SVC, LinearSVC
 
 from pipeline.errors import PipelineError
-from pipeline.store import FeatureFile
+from pipeline.store import SPLITS, FeatureFile
 
 EXACT_RBF_LIMIT = 20_000  # exact SVC costs O(n^2) memory and O(n^2..n^3) time beyond this
 NYSTROEM_COMPONENTS = 1000
@@ -609,6 +609,42 @@ def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None 
     else:
         X_train, X_test = _read_checked(ff, "train"), _read_checked(ff, "test")
     return FeatureSet(X_train, y_train, X_test, y_test, ff.classes)
+
+
+def load_fused_features(files: list[FeatureFile], head: str, *,
+                        memory_budget_gb: float | None = None) -> FeatureSet:
+    """Several feature files of one dataset side by side: row i of each is the same image.
+
+    Rows are matched by the dataset fingerprint (same images, same order) and checked by
+    their labels, so two files that merely have the same length are never glued together.
+    """
+    first = files[0]
+    if HEADS[head].takes == "spatial":
+        raise PipelineError(f"head {head!r} needs spatial maps; fusion gives vectors")
+    for ff in files:
+        if ff.features("train").ndim != 2:
+            raise PipelineError(f"{ff.path.name} holds spatial maps; fusion takes vectors "
+                                "(avg, max or bottleneck features)")
+        for what, mine, theirs in (
+                ("dataset fingerprints", ff.attrs["key_parts"].get("fingerprint"),
+                 first.attrs["key_parts"].get("fingerprint")),
+                ("classes", ff.classes, first.classes),
+                ("skipped images", ff.skipped_files(), first.skipped_files()),
+                *((f"{s} labels", ff.labels(s).tolist(), first.labels(s).tolist()) for s in SPLITS)):
+            if mine != theirs:
+                raise PipelineError(f"cannot fuse {first.path.name} and {ff.path.name}: their "
+                                    f"{what} differ, so their rows are not the same images; "
+                                    "fuse files extracted from the same dataset (and --limit)")
+    width = sum(ff.features("train").shape[1] for ff in files)
+    budget = (memory_budget_gb * 2**30 if memory_budget_gb else 0.5 * available_memory_bytes())
+    rows = first.features("train").shape[0] + first.features("test").shape[0]
+    if rows * width * 4 * 3 > budget:
+        raise PipelineError(f"fusing {len(files)} files needs about "
+                            f"{rows * width * 12 / 2**30:.1f} GiB in memory, over the budget of "
+                            f"{budget / 2**30:.1f} GiB; fuse fewer files or pass --memory-budget-gb")
+    X_train, X_test = (np.concatenate([_read_checked(ff, s) for ff in files], axis=1)
+                       for s in SPLITS)
+    return FeatureSet(X_train, first.labels("train"), X_test, first.labels("test"), first.classes)
 
 
 def _read_checked(ff: FeatureFile, split: str) -> np.ndarray:

@@ -329,3 +329,53 @@ def test_ls_says_what_it_has_not_read_and_verify_reads_it(blobs_file, capsys):
     assert out.startswith("complete (not verified)") and "every read checksummed" in out
     assert main(["verify", "--cache-dir", str(blobs_file.parent)]) == 0
     assert capsys.readouterr().out.startswith(f"verified  {blobs_file.name}")
+
+
+def _blobs_pair(tmp_path, shuffle_labels=False, fingerprint="same"):
+    """Two 20-d feature files of one synthetic dataset (unless told otherwise)."""
+    from sklearn.datasets import make_blobs
+
+    from conftest import write_feature_file
+
+    X, y = make_blobs(900, n_features=40, centers=3, cluster_std=6.0, random_state=0)
+    X = X.astype(np.float32)
+    files = []
+    for half in (0, 1):
+        labels = np.roll(y, 1) if shuffle_labels and half else y
+        parts = {"dataset": "synthetic", "fingerprint": fingerprint if not half else "same",
+                 "backbone": f"b{half}", "mode": "avg"}
+        cols = X[:, 20 * half:20 * (half + 1)]
+        files.append(write_feature_file(tmp_path / "cache", cols[:600], labels[:600], cols[600:],
+                                        labels[600:], parts=parts))
+    return files
+
+
+def test_train_fuse_takes_files_by_key_and_fits_their_columns_side_by_side(tmp_path, capsys):
+    a, b = _blobs_pair(tmp_path)
+    results = tmp_path / "results"
+    keys = [p.stem.rsplit("-", 1)[1] for p in (a, b)]
+    assert main(["train", "--head", "logreg", "--fuse", "--features", *keys, "--cache-dir",
+                 str(tmp_path / "cache"), "--results-dir", str(results)]) == 0
+    [metrics] = results.glob("synthetic-fusion-2files-*/logreg/metrics.json")
+    m = json.loads(metrics.read_text())
+    assert [f["key"] for f in m["features_files"]] == keys and m["features"]["width"] == 40
+    assert main(["compare", "--results-dir", str(results)]) == 0
+    assert "| synthetic | b0 + b1 | avg + avg | logreg |" in (results / "compare.md").read_text()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case, message", [
+    ("other dataset", "their dataset fingerprints differ"),
+    ("other row order", "their train labels differ"),
+    ("one file", "--fuse needs at least two feature files"),
+])
+def test_fusing_files_whose_rows_are_not_the_same_images_is_one_line(tmp_path, capsys, case,
+                                                                       message):
+    files = _blobs_pair(tmp_path, shuffle_labels=case == "other row order",
+                        fingerprint="other" if case == "other dataset" else "same")
+    results = tmp_path / "results"
+    chosen = files[:1] if case == "one file" else files
+    _one_line_error(capsys, ["train", "--head", "logreg", "--fuse", "--features",
+                             *map(str, chosen), "--results-dir", str(results)], message,
+                    tmp_path / "cache")
+    assert not list(results.rglob("metrics.json"))

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from conftest import LEDGER, REPO, audit_cache, make_images
 from pipeline import experiments
 from pipeline.errors import PipelineError
 from pipeline.experiments import load_experiment, run_experiment, train_one
-from pipeline.store import FeatureFile
+from pipeline.store import FeatureFile, check_file
 
 
 def _npz(path, seed):
@@ -337,3 +338,88 @@ def test_train_refuses_a_feature_file_that_is_not_trustworthy(tmp_path, blobs_fi
     with pytest.raises(PipelineError, match="cannot be used: not marked complete"):
         train_one(blobs_file, "logreg", {}, results_dir=tmp_path / "results")
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("*.json"))
+
+
+def _fusion_config(tmp_path, extra=""):
+    path = Path(_config(tmp_path))
+    text = path.read_text().replace('[[features]]\nmode = "avg"\n', "[[features]]\nmode = \"avg\"\n"
+                                    "[[features]]\nmode = \"max\"\n")
+    text += ('[[fusions]]\nfeatures = ["mobilenet_v2/avg", "mobilenet_v2/max"]\n'
+             'heads = ["logreg"]\n' + extra)
+    path.write_text(text)
+    return str(path)
+
+
+def _fusion_metrics(tmp_path):
+    [path] = (tmp_path / "results").glob("*-fusion-2files-*/logreg*/metrics.json")
+    return path, json.loads(path.read_text())
+
+
+def test_a_fusion_trains_on_two_cached_files_side_by_side_and_records_both(tmp_path, capsys):
+    import joblib
+
+    run_experiment(load_experiment(_fusion_config(tmp_path)))
+    files = sorted((tmp_path / "cache").glob("*.h5"))
+    assert len(files) == 2  # the fusion extracted nothing of its own
+    metrics_path, m = _fusion_metrics(tmp_path)
+    by_mode = {}
+    for f in files:
+        with FeatureFile(f) as ff:
+            by_mode[ff.attrs["key_parts"]["mode"]] = (ff.key, ff.checksum(), ff.features("test")[()],
+                                                      ff.labels("test"))
+    avg, mx = by_mode["avg"], by_mode["max"]
+    assert [(r["key"], r["checksum"]) for r in m["features_files"]] == [avg[:2], mx[:2]]
+    assert m["features"]["width"] == 2 * 1280 and [f["mode"] for f in m["features"]["fused"]] == [
+        "avg", "max"]
+    # The saved model takes [avg | max] rows: its accuracy on them is the one reported.
+    model = joblib.load(metrics_path.parent / "model.joblib")
+    accuracy = float((model.predict(np.hstack([avg[2], mx[2]])) == avg[3]).mean())
+    assert accuracy == m["test_accuracy"]
+    capsys.readouterr()
+    run_experiment(load_experiment(_fusion_config(tmp_path)))
+    out = capsys.readouterr().out
+    assert "fusion: mobilenet_v2@0.35 / avg + mobilenet_v2@0.35 / max  heads: logreg:cached" in out
+    assert "nothing to do" in out
+
+
+def test_a_fusion_goes_stale_when_one_of_its_files_changes(tmp_path, capsys, caplog):
+    import hashlib
+
+    import h5py
+
+    run_experiment(load_experiment(_fusion_config(tmp_path)))
+    _, before = _fusion_metrics(tmp_path)
+    [max_file] = [f for f in (tmp_path / "cache").glob("*.h5") if "-max-" in f.name]
+    with h5py.File(max_file, "r+") as f:  # as if re-extracted to different numbers
+        dset = f["train/features"]
+        dset[...] = dset[()] * 2
+        dset.attrs["sha256"] = hashlib.sha256(np.ascontiguousarray(dset[()]).tobytes()).hexdigest()
+    assert check_file(max_file, full=True) is None
+    capsys.readouterr()
+    with caplog.at_level("INFO", logger="pipeline"):
+        run_experiment(load_experiment(_fusion_config(tmp_path)))
+    out = capsys.readouterr().out
+    assert "/ max  heads: logreg:cached" not in out and "/ avg  heads: logreg:cached" in out
+    assert "fusion: mobilenet_v2@0.35 / avg + mobilenet_v2@0.35 / max  heads: logreg:to train" in out
+    steps = [m for m in caplog.messages if m.startswith("[")]
+    assert len(steps) == 2 and "fusion" in steps[1]  # the max file's own head, then the fusion
+    _, after = _fusion_metrics(tmp_path)
+    assert after["features_checksum"] != before["features_checksum"]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("fusion, message", [
+    ('[[fusions]]\nfeatures = ["mobilenet_v2/avg"]\n', "must name at least two feature files"),
+    ('[[fusions]]\nfeatures = ["mobilenet_v2/avg", "resnet50/avg"]\n',
+     "'resnet50/avg' names no single feature file"),
+    ('[[fusions]]\nfeatures = ["mobilenet_v2/avg", "mobilenet_v2/bottleneck"]\n',
+     "'mobilenet_v2/bottleneck' names no single feature file"),
+    ('[[fusions]]\nfeatures = ["mobilenet_v2/avg", "mobilenet_v2/max"]\nfiles = 2\n',
+     "unknown key(s) files"),
+])
+def test_a_fusion_naming_what_the_grid_lacks_is_one_line(tmp_path, fusion, message):
+    path = Path(_fusion_config(tmp_path))
+    text = path.read_text()
+    path.write_text(text[:text.index("[[fusions]]")] + fusion)
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        load_experiment(str(path))

@@ -541,3 +541,45 @@ def test_rebuild_keeps_the_old_file_until_the_new_one_is_published(npz_dataset, 
     rebuilt = extract_features(tiny(npz_dataset, tmp_path), rebuild=True)
     assert rebuilt.path == path and rebuilt.status == "resumed"  # the rebuild's rows were kept
     LEDGER.update(["interrupted", "resumed"])
+
+
+@pytest.mark.parametrize("mode, runtime", [("avg", "tensorflow"), ("max", "tensorflow"),
+                                           ("bottleneck", "tensorflow"), ("spatial", "tensorflow"),
+                                           ("avg", "openvino"), ("spatial", "openvino")])
+def test_tta_flip_averages_each_image_with_its_mirror(npz_dataset, tmp_path, mode, runtime):
+    from pipeline.datasets import load_dataset
+    from pipeline.extract import FeatureModel
+
+    ds = load_dataset(npz_dataset)
+    images = ds.splits["train"].load(np.arange(12))
+    # ResNet50: random MobileNets give activations near 1e-11, which float16 maps round to 0.
+    config = dict(backbone="resnet50", alpha=None, pooling=mode, image_size=64)
+    plain = FeatureModel(tiny(npz_dataset, tmp_path, **config), images.shape[1:])
+    flip = FeatureModel(tiny(npz_dataset, tmp_path, **config, tta="flip"), images.shape[1:])
+    if runtime != "tensorflow":
+        assert flip.use_runtime(runtime, tmp_path / "converted", "test") == runtime
+    if mode == "bottleneck":  # any fixed projection: the flip must commute with it
+        rng = np.random.default_rng(0)
+        plain.projection = flip.projection = (rng.normal(size=2048), rng.normal(size=(2048, 4)))
+    mirrored = plain(images[:, :, ::-1])
+    if mode in ("spatial", "bottleneck"):  # a map's columns go back where they came from
+        mirrored = mirrored.reshape(len(images), 2, 2, -1)[:, :, ::-1].reshape(mirrored.shape)
+    expected = (plain(images).astype(np.float32) + mirrored.astype(np.float32)) / 2
+    got = flip(images)
+    assert got.dtype == plain(images).dtype and got.shape == expected.shape
+    scale = np.abs(expected).max()
+    tolerance = (2e-3 if mode == "spatial" else 1e-5) * scale  # float16 maps; float32 rounding
+    assert scale > 0.1 and np.abs(got.astype(np.float32) - expected).max() <= tolerance
+    assert np.abs(got - plain(images)).max() > 100 * tolerance  # the mirror made a difference
+
+
+def test_tta_flip_is_a_key_part_and_none_leaves_old_keys_alone(npz_dataset, tmp_path):
+    from pipeline.datasets import load_dataset
+
+    ds = load_dataset(npz_dataset)
+    none, flip = (tiny(npz_dataset, tmp_path, tta=t).key_parts(ds) for t in ("none", "flip"))
+    assert "tta" not in none and flip == {**none, "tta": "flip"}
+    path = extract_features(tiny(npz_dataset, tmp_path, tta="flip")).path
+    assert path != extract_features(tiny(npz_dataset, tmp_path)).path
+    with pytest.raises(PipelineError, match="unknown --tta 'rotate'; use one of none, flip"):
+        tiny(npz_dataset, tmp_path, tta="rotate").validate()
