@@ -333,9 +333,8 @@ def test_ls_says_what_it_has_not_read_and_verify_reads_it(blobs_file, capsys):
 
 def _blobs_pair(tmp_path, shuffle_labels=False, fingerprint="same"):
     """Two 20-d feature files of one synthetic dataset (unless told otherwise)."""
-    from sklearn.datasets import make_blobs
-
     from conftest import write_feature_file
+    from sklearn.datasets import make_blobs
 
     X, y = make_blobs(900, n_features=40, centers=3, cluster_std=6.0, random_state=0)
     X = X.astype(np.float32)
