@@ -35,7 +35,7 @@ from pipeline.heads import (
     load_fused_features,
     make_head,
 )
-from pipeline.reports import compare, plot_confusion, result_title
+from pipeline.reports import compare, head_label, plot_confusion, result_title
 from pipeline.store import FeatureFile, FeatureStore, check_file, file_lock, reading
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "default.toml"
@@ -339,8 +339,9 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
     if backbones:
         known = {b["name"]: b for b in exp.backbones}
         exp.backbones = [known.get(n, {"name": n}) for n in backbones.split()]
-    if heads:
-        exp.heads = [{"name": n} for n in heads.split()]
+    if heads:  # entries of the file keep their params; other names run with defaults
+        exp.heads = [h for n in heads.split()
+                     for h in ([e for e in exp.heads if e["name"] == n] or [{"name": n}])]
         for h in exp.heads:
             check_params(h["name"], {})
     if limit is not None:
@@ -544,9 +545,10 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     cached_files = sum(j.state == "cached" for j in jobs)
     cached_heads = sum(s == "cached" for s in head_states.values())
     print(f"experiment {exp.source}: {len(jobs)} feature files ({cached_files} cached), "
-          f"{len(head_states)} head results ({cached_heads} cached)")
+          f"{len(fusions)} fusions, {len(head_states)} head results ({cached_heads} cached)")
     for j in [*jobs, *fusions]:
-        heads = ", ".join(f"{h['name']}:{head_states[_head_key(j, h)]}" for h in j.heads)
+        heads = ", ".join(f"{head_label({'head': h['name'], 'params': h.get('params')})}:"
+                          f"{head_states[_head_key(j, h)]}" for h in j.heads)
         print(f"  [{j.state:8}] {j.label}  heads: {heads or '-'}")
     if dry_run:
         print(f"dry run: would extract {len(extract_todo)} feature file(s) and train "

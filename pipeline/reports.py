@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-COLUMNS = ["dataset", "backbone", "mode", "head", "test_accuracy", "macro_f1", "fit_seconds",
-           "predict_ms_per_image", "feature_width", "n_train"]
+COLUMNS = ["dataset", "backbone", "mode", "head", "validation_accuracy", "test_accuracy", "macro_f1",
+           "fit_seconds", "predict_ms_per_image", "feature_width", "n_train"]
 
 
 def _pyplot():
@@ -75,6 +75,13 @@ def result_title(metrics: dict) -> str:
             f"{100 * metrics['test_accuracy']:.2f}%")
 
 
+def head_label(metrics: dict) -> str:
+    """``mlp`` or ``mlp(alpha=0.001,hidden=512)``: two settings of one head stay apart."""
+    params = metrics.get("params") or {}
+    head = metrics.get("head_ran", metrics.get("head", "?"))
+    return head + (f"({','.join(f'{k}={v}' for k, v in sorted(params.items()))})" if params else "")
+
+
 def collect_results(results_dir: str | Path) -> list[dict]:
     """One row per (feature file, head) with a complete metrics.json."""
     rows = []
@@ -87,7 +94,8 @@ def collect_results(results_dir: str | Path) -> list[dict]:
         backbone, mode = feature_labels(features)
         rows.append({
             "dataset": features.get("dataset", "?"), "backbone": backbone, "mode": mode,
-            "head": m.get("head_ran", m.get("head")), "test_accuracy": m["test_accuracy"],
+            "head": head_label(m), "validation_accuracy": m.get("validation_accuracy"),
+            "test_accuracy": m["test_accuracy"],
             "macro_f1": m["macro_f1"], "fit_seconds": m["fit_seconds"],
             "predict_ms_per_image": m["predict_ms_per_image"],
             "feature_width": features.get("width"), "n_train": m.get("n_train"),
@@ -97,12 +105,16 @@ def collect_results(results_dir: str | Path) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """Every result; per dataset, the one a user would pick (best validation accuracy: test
+    accuracy is for reporting, never for choosing) is marked **best**."""
     best = _best_per_dataset(rows)
-    lines = ["| dataset | backbone | features | head | test acc | macro-F1 | fit s | "
-             "predict ms/img | width | n train |", "|" + "---|" * 10]
+    lines = ["| dataset | backbone | features | head | val acc | test acc | macro-F1 | fit s | "
+             "predict ms/img | width | n train |", "|" + "---|" * 11]
     for r in rows:
         mark = " **best**" if id(r) in best else ""
+        val = r.get("validation_accuracy")
         lines.append(f"| {r['dataset']} | {r['backbone']} | {r['mode']} | {r['head']} | "
+                     f"{'-' if val is None else f'{100 * val:.2f}%'} | "
                      f"{100 * r['test_accuracy']:.2f}%{mark} | {100 * r['macro_f1']:.2f}% | "
                      f"{r['fit_seconds']:.1f} | {r['predict_ms_per_image']:.3f} | "
                      f"{r['feature_width']} | {r['n_train']} |")
@@ -112,7 +124,10 @@ def markdown_table(rows: list[dict]) -> str:
 def _best_per_dataset(rows: list[dict]) -> set[int]:
     best: dict[str, dict] = {}
     for r in rows:
-        if r["dataset"] not in best or r["test_accuracy"] > best[r["dataset"]]["test_accuracy"]:
+        if r.get("validation_accuracy") is None:
+            continue
+        if (r["dataset"] not in best
+                or r["validation_accuracy"] > best[r["dataset"]]["validation_accuracy"]):
             best[r["dataset"]] = r
     return {id(r) for r in best.values()}
 

@@ -71,7 +71,7 @@ def test_adding_a_head_trains_only_that_head(tmp_path, capsys, caplog):
     with caplog.at_level("INFO", logger="pipeline"):
         run_experiment(load_experiment(_config(tmp_path, heads=("logreg", "mlp"))))
     out = capsys.readouterr().out
-    assert "[cached  ]" in out and "logreg:cached, mlp:to train" in out
+    assert "[cached  ]" in out and "logreg(C=1.0):cached, mlp(max_epochs=5):to train" in out
     steps = [m for m in caplog.messages if m.startswith("[")]
     assert len(steps) == 1 and steps[0].startswith("[1/1] mlp on ")  # no extraction step
     assert _mtimes(tmp_path / "cache") == features
@@ -378,7 +378,7 @@ def test_a_fusion_trains_on_two_cached_files_side_by_side_and_records_both(tmp_p
     capsys.readouterr()
     run_experiment(load_experiment(_fusion_config(tmp_path)))
     out = capsys.readouterr().out
-    assert "fusion: mobilenet_v2@0.35 / avg + mobilenet_v2@0.35 / max  heads: logreg:cached" in out
+    assert "fusion: mobilenet_v2@0.35 / avg + mobilenet_v2@0.35 / max  heads: logreg(C=1.0):cached" in out
     assert "nothing to do" in out
 
 
@@ -399,8 +399,8 @@ def test_a_fusion_goes_stale_when_one_of_its_files_changes(tmp_path, capsys, cap
     with caplog.at_level("INFO", logger="pipeline"):
         run_experiment(load_experiment(_fusion_config(tmp_path)))
     out = capsys.readouterr().out
-    assert "/ max  heads: logreg:cached" not in out and "/ avg  heads: logreg:cached" in out
-    assert "fusion: mobilenet_v2@0.35 / avg + mobilenet_v2@0.35 / max  heads: logreg:to train" in out
+    assert "/ max  heads: logreg:cached" not in out and "/ avg  heads: logreg(C=1.0):cached" in out
+    assert "fusion: mobilenet_v2@0.35 / avg + mobilenet_v2@0.35 / max  heads: logreg(C=1.0):to train" in out
     steps = [m for m in caplog.messages if m.startswith("[")]
     assert len(steps) == 2 and "fusion" in steps[1]  # the max file's own head, then the fusion
     _, after = _fusion_metrics(tmp_path)

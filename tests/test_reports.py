@@ -4,11 +4,13 @@ import json
 from pipeline.reports import collect_results, compare, markdown_table, plot_confusion
 
 
-def _result(root, key, head, acc, dataset="cifar10", fit=1.0):
+def _result(root, key, head, acc, dataset="cifar10", fit=1.0, val=None, params=None):
     out = root / key / head
     out.mkdir(parents=True)
     (out / "metrics.json").write_text(json.dumps({
-        "head": head, "head_ran": head, "test_accuracy": acc, "macro_f1": acc - 0.01,
+        "head": head, "head_ran": head, "params": params or {},
+        "validation_accuracy": acc if val is None else val, "test_accuracy": acc,
+        "macro_f1": acc - 0.01,
         "fit_seconds": fit, "predict_ms_per_image": 0.01, "n_train": 100,
         "features": {"dataset": dataset, "backbone": "mobilenet_v2", "alpha": 0.35,
                      "mode": "avg", "layers": [], "width": 1280}}))
@@ -69,10 +71,18 @@ def test_markdown_table_has_a_row_per_result(tmp_path):
     _result(tmp_path, "k1", "logreg", 0.8)
     _result(tmp_path, "k1", "mlp", 0.75)
     header, rule, *rows = markdown_table(collect_results(tmp_path)).strip().splitlines()
-    assert header.startswith("| dataset | backbone") and rule.count("---") == 10
-    assert rows == ["| cifar10 | mobilenet_v2@0.35 | avg | logreg | 80.00% **best** | 79.00% | 1.0 | "
-                    "0.010 | 1280 | 100 |", "| cifar10 | mobilenet_v2@0.35 | avg | mlp | 75.00% | "
-                    "74.00% | 1.0 | 0.010 | 1280 | 100 |"]
+    assert header.startswith("| dataset | backbone") and rule.count("---") == 11
+    assert rows == ["| cifar10 | mobilenet_v2@0.35 | avg | logreg | 80.00% | 80.00% **best** | "
+                    "79.00% | 1.0 | 0.010 | 1280 | 100 |", "| cifar10 | mobilenet_v2@0.35 | avg | "
+                    "mlp | 75.00% | 75.00% | 74.00% | 1.0 | 0.010 | 1280 | 100 |"]
+
+
+def test_best_is_chosen_on_validation_never_on_test(tmp_path):
+    _result(tmp_path, "k1", "logreg", 0.80, val=0.78)
+    _result(tmp_path, "k1", "mlp", 0.82, val=0.77, params={"hidden": 512, "alpha": 0.001})
+    table = markdown_table(collect_results(tmp_path))
+    assert "| logreg | 78.00% | 80.00% **best** |" in table
+    assert "| mlp(alpha=0.001,hidden=512) | 77.00% | 82.00% |" in table
 
 
 def test_titles_and_labels_tell_layers_and_widths_apart():
