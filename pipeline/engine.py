@@ -121,26 +121,64 @@ class ShardExtractor:
                 "host": provenance["host"]}
 
 
-def _run_shards(actors: list, todo: list[tuple[str, int, int]], shards: ShardSet, key: str,
-                projection, progress: Progress) -> list[dict]:
-    """Keep every actor busy with the next shard until all are done; on any failure the
+def _run_shards(new_actor, actors: list, todo: list[tuple[str, int, int]], shards: ShardSet,
+                key: str, projection, progress: Progress) -> tuple[list[dict], int]:
+    """Keep every actor busy with the next shard until all are done. A worker that is lost
+    (its process killed, its node gone) costs only the shard it was on: that shard goes back
+    in the queue, and a new actor takes the lost one's place where the cluster has room.
+    Returns each shard's stats and how many shards were redone. On any other failure the
     running shards are stopped (the finished ones stay on disk)."""
     pending, running, free, stats = list(todo), {}, list(actors), []
+    alive, redone, replacements = list(actors), 0, 2 * len(actors)
     try:
         while pending or running:
             while pending and free:
-                split, lo, hi = pending.pop(0)
+                task = pending.pop(0)
                 actor = free.pop()
-                running[actor.extract.remote(split, lo, hi, str(shards.path), key, projection)] = actor
+                ref = actor.extract.remote(*task, str(shards.path), key, projection)
+                running[ref] = (actor, task)
             ready, _ = ray.wait(list(running), num_returns=1)
-            free.append(running.pop(ready[0]))
-            stats.append(_get(ready[0]))
+            actor, task = running.pop(ready[0])
+            try:
+                stats.append(_get(ready[0], lost_worker=True))
+            except WorkerLost as exc:
+                redone += 1
+                pending.insert(0, task)
+                alive.remove(actor)
+                ray.kill(actor)
+                log.warning("a worker was lost (%s); shard %s rows %d-%d goes back in the queue",
+                            exc, *task)
+                if not alive or new_actor.has_room():
+                    if replacements == 0:
+                        raise PipelineError(
+                            f"Ray workers keep dying ({exc}); the complete shards are kept: "
+                            "rerun the same command to do the rest") from None
+                    replacements -= 1
+                    alive.append(new_actor())
+                    free.append(alive[-1])
+                continue
+            free.append(actor)
             progress.update(stats[-1]["rows"])
     finally:  # killing the actors also stops their running shards (on a failure)
         progress.close()
-        for actor in actors:
+        for actor in alive:
             ray.kill(actor)
-    return stats
+    return stats, redone
+
+
+class _ActorFactory:
+    """Starts one more ``ShardExtractor`` like the others, and says whether one would fit."""
+
+    def __init__(self, args: tuple, gpus: float):
+        self.args, self.gpus = args, gpus
+        self.options = ShardExtractor.options(num_cpus=1, num_gpus=gpus)
+
+    def __call__(self):
+        return self.options.remote(*self.args)
+
+    def has_room(self) -> bool:
+        free = ray.available_resources()
+        return free.get("CPU", 0) >= 1 and free.get("GPU", 0) >= self.gpus
 
 
 def _prefetched(load, batches: list, depth: int = 2):
@@ -228,12 +266,11 @@ class RayEngine:
             log.info("resuming: %d shard(s) already complete, %d to extract", done_before, len(todo))
         needs_fit = config.pooling == "bottleneck" and shards.load_array("bottleneck_mean") is None
         n_actors = max(1, min(actors_wanted, len(todo) or int(needs_fit)))
-        actor = ShardExtractor.options(num_cpus=1, num_gpus=gpus, max_restarts=3, max_task_retries=3)
         # The driver's dataset goes to the actors through the object store, once: nothing is
         # scanned again, and each image file is checked against its sha256 when it is read.
         data_ref = ray.put(dataset) if todo or needs_fit else None
-        actors = ([actor.remote(config, data_ref, threads, decode_threads)
-                   for _ in range(n_actors)] if todo or needs_fit else [])
+        new_actor = _ActorFactory((config, data_ref, threads, decode_threads), gpus)
+        actors = [new_actor() for _ in range(n_actors)] if todo or needs_fit else []
         projection, extra = None, {}
         if config.pooling == "bottleneck":
             if needs_fit:
@@ -246,7 +283,8 @@ class RayEngine:
         total = sum(hi - lo for _, lo, hi in todo)
         progress = Progress(f"{dataset.spec} ({len(todo)} shards on {n_actors} actors)", total)
         t_extract = time.monotonic()
-        stats = _run_shards(actors, todo, shards, cache_key(parts), projection, progress)
+        stats, redone = _run_shards(new_actor, actors, todo, shards, cache_key(parts), projection,
+                                    progress)
         seconds = time.monotonic() - t_extract
         rate = total / seconds if seconds > 0 and total else 0.0
         with h5py.File(shards.files("train")[0], "r") as f:  # what a worker computed, and how
@@ -254,6 +292,7 @@ class RayEngine:
             worker = json.loads(f.attrs["provenance"])
         engine = {"name": "ray", "ray": ray.__version__, "address": self.address or "local",
                   "actors": n_actors, "gpus_per_actor": gpus, "shards_this_run": len(todo),
+                  "shards_redone": redone,
                   "shard_count": sum(len(shards.files(s)) for s in SPLITS),
                   "layout": self.layout, "hosts": sorted({s["host"] for s in stats})}
         provenance = extraction_provenance(
@@ -291,18 +330,25 @@ def _with_ray_joblib(fn, call: dict):
         return fn(**call)
 
 
-def _get(ref):
-    """ray.get, with our one-line errors passed through from the worker."""
+class WorkerLost(Exception):
+    """A Ray worker process (or its node) went away while it held a task."""
+
+
+def _get(ref, lost_worker: bool = False):
+    """ray.get, with our one-line errors passed through from the worker; with ``lost_worker``
+    a worker that died raises ``WorkerLost`` (the caller redoes its task) instead."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         if isinstance(getattr(exc, "cause", None), PipelineError):
             raise PipelineError(str(exc.cause)) from None
         raise
-    except ray.exceptions.ActorDiedError as exc:
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError) as exc:
         text = str(exc)
         if "PipelineError: " in text:  # raised while the actor was being built (e.g. data check)
             raise PipelineError(text.split("PipelineError: ", 1)[1].splitlines()[0]) from None
-        raise PipelineError(f"a Ray worker died and its retries are spent "
-                            f"({str(exc).splitlines()[0][:160]}); the complete shards are kept: "
-                            "rerun the same command to do the rest") from None
+        if lost_worker:
+            raise WorkerLost(f"{type(exc).__name__}: {text.splitlines()[0][:120]}") from None
+        raise PipelineError(f"a Ray worker died ({text.splitlines()[0][:160]}); the complete "
+                            "shards are kept: rerun the same command to do the rest") from None

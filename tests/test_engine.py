@@ -3,10 +3,12 @@ published as a virtual dataset or a merged file that readers cannot tell apart."
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -270,6 +272,107 @@ def test_killing_the_driver_keeps_finished_shards_and_the_rerun_does_the_rest(no
     single = extract_features(config.__class__(**{**config.__dict__,
                                                   "cache_dir": str(tmp_path / "single")}))
     _assert_same(_rows(result.path), _rows(single.path))
+
+
+def _shard_workers() -> dict[int, int]:
+    """{pid: parent pid} of every Ray worker process busy extracting a shard right now (Ray
+    titles a worker after the method it runs)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if title.startswith(b"ray::ShardExtractor.extract"):
+            found[int(entry)] = parent
+    return found
+
+
+def _when_mid_run(cache, act, pick=lambda workers: next(iter(workers), None), timeout=600):
+    """In a thread: once a shard is finished and ``pick`` finds a worker busy with another,
+    call ``act(pid)``. Returns the thread and what it saw (the finished shards' mtimes, pid);
+    setting ``seen["stop"]`` ends the watch."""
+    import threading
+
+    seen = {}
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not seen.get("stop"):
+            done = list(Path(cache).glob("*.shards/*/r*.h5"))
+            pid = pick(_shard_workers()) if done else None
+            if pid is not None:
+                seen["kept"] = {p: p.stat().st_mtime_ns for p in done}
+                seen["pid"] = pid
+                act(pid)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, seen
+
+
+def _check_only_the_lost_shard_was_redone(result, seen, dataset, tmp_path, caplog):
+    assert "pid" in seen, "no worker was caught mid-shard"
+    engine = result.info["engine"]
+    assert engine["shards_redone"] == 1  # the one shard the lost worker held, nothing else
+    assert sum("goes back in the queue" in m for m in caplog.messages) == 1
+    assert engine["shard_count"] == engine["shards_this_run"]  # each range published once
+    assert all(p.stat().st_mtime_ns == t for p, t in seen["kept"].items())  # not redone
+    assert result.info["images_this_run"] == 100
+    [lost] = [m for m in caplog.messages if "goes back in the queue" in m]
+    split, lo, hi = re.search(r"shard (\w+) rows (\d+)-(\d+)", lost).groups()
+    [redone] = Path(tmp_path).glob(f"*.shards/{split}/r{int(lo):010d}-*.h5")
+    with h5py.File(redone) as f:  # finished by a live worker, not the lost one
+        assert json.loads(f.attrs["provenance"])["pid"] != seen["pid"]
+        assert len(f["features"]) == int(hi) - int(lo)
+    single = extract_features(tiny(dataset, tmp_path / "single", image_size=96,
+                                   runtime="tensorflow"))
+    _assert_same(_rows(result.path), _rows(single.path))
+    LEDGER["interrupted"] += 1
+    LEDGER["resumed"] += 1
+    audit_cache(tmp_path)
+
+
+@pytest.mark.reliability
+def test_a_worker_killed_mid_shard_costs_only_that_shard(cluster, dataset, tmp_path, caplog):
+    thread, seen = _when_mid_run(tmp_path, lambda pid: os.kill(pid, signal.SIGKILL))
+    with caplog.at_level("INFO", logger="pipeline"), RayEngine(shards=10) as engine:
+        result = engine.extract(tiny(dataset, tmp_path, image_size=96, runtime="tensorflow"))
+    seen["stop"] = True
+    thread.join()
+    _check_only_the_lost_shard_was_redone(result, seen, dataset, tmp_path, caplog)
+
+
+@pytest.mark.reliability
+def test_a_node_removed_mid_run_costs_only_its_shard(no_cluster, dataset, tmp_path, caplog):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
+                                                            "include_dashboard": False})
+    node = cluster.add_node(num_cpus=1)
+    raylet = node.all_processes["raylet"][0].process.pid
+    try:
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        cluster.wait_for_nodes()
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        thread, seen = _when_mid_run(  # a worker of the second node, busy with a shard
+            tmp_path, lambda pid: cluster.remove_node(node),
+            pick=lambda workers: next((p for p, parent in workers.items() if parent == raylet), None))
+        with caplog.at_level("INFO", logger="pipeline"), RayEngine(shards=10) as engine:
+            result = engine.extract(tiny(dataset, tmp_path, image_size=96, runtime="tensorflow"))
+        seen["stop"] = True
+        thread.join()
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 1
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert result.info["engine"]["actors"] == 2
+    _check_only_the_lost_shard_was_redone(result, seen, dataset, tmp_path, caplog)
 
 
 def _experiment(tmp_path, dataset, name):
