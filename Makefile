@@ -1,6 +1,6 @@
 # Make drives the pipeline; the pipeline itself decides what is stale (see README, "Caching").
 # Variables: CONFIG=FILE  DATASETS="a b"  BACKBONES="a b"  HEADS="a b"  LIMIT=N  GPU=1  RAY=1  FORCE=1
-#            RUNTIME=auto|tensorflow|openvino (what runs the backbone)
+#            RUNTIME=auto|tensorflow|openvino|onnxruntime (what runs the backbone)
 #            ENGINE=ray (run on a Ray cluster; installs Ray)  ADDRESS=auto|ray://HOST:PORT
 
 PYTHON   ?= python3
@@ -9,9 +9,10 @@ PY       := $(VENV)/bin/python
 CONFIG   ?= experiments/default.toml
 BENCH_ALPHA ?= 0.35  # bench-ray
 comma    := ,
-# On a CPU machine the fastest runtime measured here, OpenVINO, comes with the install.
-EXTRAS   := $(if $(GPU),gpu,cpu$(comma)openvino),dev$(if $(RAY)$(ENGINE),$(comma)ray)
-TEST_EXTRAS := $(if $(GPU),gpu,cpu$(comma)openvino),dev,ray  # the tests cover Ray and OpenVINO too
+# On a CPU machine both CPU runtimes come with the install; `auto` runs the faster one.
+CPU_RUNTIMES := openvino$(comma)onnx
+EXTRAS   := $(if $(GPU),gpu,cpu$(comma)$(CPU_RUNTIMES)),dev$(if $(RAY)$(ENGINE),$(comma)ray)
+TEST_EXTRAS := $(if $(GPU),gpu,cpu$(comma)$(CPU_RUNTIMES)),dev,ray  # the tests cover Ray too
 
 # Offline machines: a writable copy of ../shared/keras becomes KERAS_HOME unless one is set.
 ifeq ($(KERAS_HOME),)

@@ -67,8 +67,9 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
     p.add_argument("--runtime", default=default,
-                   help="auto (OpenVINO on a CPU where installed, else TensorFlow) | tensorflow | "
-                        "openvino: what runs the backbone; float32 either way")
+                   help="auto (the fastest installed on a CPU: ONNX Runtime, then OpenVINO; else "
+                        "TensorFlow) | tensorflow | openvino | onnxruntime: what runs the "
+                        "backbone; float32 on every one")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:

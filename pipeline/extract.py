@@ -235,19 +235,30 @@ class FeatureModel:
         ``folder``. A graph the runtime cannot take runs on TensorFlow, with one line saying
         so. Returns the runtime that will run."""
         requested, name = name, runtimes.choose(name)
-        if name == "openvino" and precision != "float32":  # a warning only if asked for by name
-            (log.warning if requested == "openvino" else log.info)(
-                "%s: OpenVINO runs float32 here; --precision %s runs on TensorFlow", label, precision)
+        if name != "tensorflow" and precision != "float32":  # a warning if asked for by name
+            (log.warning if requested == name else log.info)(
+                "%s: %s runs float32 here; --precision %s runs on TensorFlow", label, name,
+                precision)
             name = "tensorflow"
-        if name == "openvino":
+        if name != "tensorflow":
             try:
-                converted = runtimes.load_or_convert(folder, lambda: self._features, label)
-                self.runner = runtimes.OpenVINORunner(converted, requests=1 if threads else 2,
-                                                      threads=threads)
+                converted = runtimes.load_or_convert(folder, lambda: self._features, label, name)
             except runtimes.ConversionError as exc:
                 log.warning("%s; running on TensorFlow instead", exc)
-                name = "tensorflow"
+                return self._on("tensorflow")
+            if name == "openvino":
+                self.runner = runtimes.OpenVINORunner(converted, requests=1 if threads else 2,
+                                                      threads=threads)
+            else:  # one session, one single-threaded run per core (one in all on a Ray actor)
+                cores = threads or runtimes.cpu_cores()
+                self.runner = runtimes.OnnxRunner(converted, workers=min(cores, 8),
+                                                  threads=max(1, cores // 8))
+        return self._on(name)
+
+    def _on(self, name: str) -> str:
         self.runtime = name
+        if name == "tensorflow":
+            self.runner = None
         return name
 
     def _inputs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -333,8 +344,9 @@ def runtime_info() -> dict:
     versions = {"python": platform.python_version(), "tensorflow": tf.__version__,
                 "keras": keras.__version__, "numpy": np.__version__,
                 "h5py": h5py.__version__, "scikit-learn": sklearn.__version__}
-    if "openvino" in sys.modules:
-        versions["openvino"] = sys.modules["openvino"].__version__
+    for runtime in ("openvino", "onnxruntime", "tf2onnx"):
+        if runtime in sys.modules:
+            versions[runtime] = sys.modules[runtime].__version__
     return {"versions": versions, "device": device}
 
 

@@ -1,14 +1,13 @@
-"""Inference runtimes: the frozen feature graph run by TensorFlow or by OpenVINO.
+"""Inference runtimes: the frozen feature graph run by TensorFlow, OpenVINO or ONNX Runtime.
 
 The Keras model stays the source of truth: ``extract.FeatureModel`` builds one graph (uint8
 input, in-graph resize, ``preprocess_input``, the backbone, pooling or projection) as a
-``tf.function``; OpenVINO converts that very graph once per model (``convert_model``) and the
-result is kept in the cache folder, written whole or not at all, so later runs load it
-instead of converting again. Inference is float32 (``INFERENCE_PRECISION_HINT=f32``):
-OpenVINO would otherwise pick bf16 on CPUs that have it, and bf16 features are not the same
-features. Measured on a 2-core CPU (``make bench-extract``): OpenVINO with two requests in
-flight ran MobileNet 0.25 and MobileNetV2 0.35 1.88x and 2.09x faster than TensorFlow on the
-same graph, inside our extraction loop.
+``tf.function``; OpenVINO (``convert_model``) or tf2onnx (an ONNX export for ONNX Runtime)
+converts that very graph once per model, and the result is kept in the cache folder, written
+whole or not at all, so later runs load it instead of converting again. Inference is float32
+on every runtime (OpenVINO is told ``INFERENCE_PRECISION_HINT=f32``: it would otherwise pick
+bf16 on CPUs that have it, and bf16 features are not the same features). Speeds are in
+``bench_results/extract.json`` (``make bench-extract``).
 
 This module sits on the ground floor: it imports nothing of ours but the error type.
 """
@@ -23,35 +22,50 @@ import os
 import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import PipelineError
 
-RUNTIMES = ("auto", "tensorflow", "openvino")
+RUNTIMES = ("auto", "tensorflow", "openvino", "onnxruntime")
+EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA]'
+# What ``auto`` prefers on a CPU, fastest first, as measured side by side in one run of
+# ``make bench-extract`` (bench_results/extract.json).
+CPU_PREFERENCE = ("onnxruntime", "openvino")
 log = logging.getLogger(__name__)
 
 
 def installed(name: str) -> bool:
+    if name == "onnxruntime":  # exporting the graph needs tf2onnx as well
+        return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "tf2onnx"))
     return name == "tensorflow" or importlib.util.find_spec(name) is not None
 
 
 def choose(name: str) -> str:
-    """The runtime that will run: ``auto`` is OpenVINO on a CPU where it is installed (the
-    faster one measured here), TensorFlow on an NVIDIA GPU or when OpenVINO is missing."""
+    """The runtime that will run: ``auto`` is the fastest installed CPU runtime on a CPU,
+    TensorFlow on an NVIDIA GPU or when none is installed."""
     if name not in RUNTIMES:
         raise PipelineError(f"unknown runtime {name!r}; use one of {', '.join(RUNTIMES)}")
     if name == "auto":
-        gpu = os.path.exists("/proc/driver/nvidia/version")
-        return "openvino" if installed("openvino") and not gpu else "tensorflow"
+        if os.path.exists("/proc/driver/nvidia/version"):
+            return "tensorflow"
+        return next((r for r in CPU_PREFERENCE if installed(r)), "tensorflow")
     if not installed(name):
-        raise PipelineError(f"--runtime {name} needs {name}: pip install '.[{name}]' "
+        raise PipelineError(f"--runtime {name} needs {name}: pip install '.[{EXTRAS[name]}]' "
                             "(make install adds it on a CPU machine)")
     return name
 
 
-# ----------------------------------------------------------------------------- OpenVINO
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- converted graphs
 
 def _files_digest(folder: Path) -> str:
     h = hashlib.sha256()
@@ -61,18 +75,44 @@ def _files_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def load_or_convert(folder: Path, convert, label: str):
-    """The converted OpenVINO model in ``folder``, converting it with ``convert()`` (which
-    returns a ``tf.function``) when it is missing or damaged. The folder is written under a
-    temporary name and renamed whole, with a checksum of its files; a half-written or
-    damaged one is removed and converted again, never used."""
+def _openvino_format():
     import openvino as ov
 
+    def save(model, folder: Path) -> None:
+        ov.save_model(model, folder / "model.xml", compress_to_fp16=False)  # float32 weights
+
+    return (lambda fn: ov.convert_model(fn), save,
+            lambda folder: ov.Core().read_model(folder / "model.xml"), ov.__version__)
+
+
+def _onnx_format():
+    import onnxruntime
+    import tf2onnx
+
+    def export(fn) -> bytes:
+        proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=17)
+        return proto.SerializeToString()
+
+    return (export, lambda model, folder: (folder / "model.onnx").write_bytes(model),
+            lambda folder: (folder / "model.onnx").read_bytes(),
+            f"onnxruntime {onnxruntime.__version__}, tf2onnx {tf2onnx.__version__}")
+
+
+_FORMATS = {"openvino": _openvino_format, "onnxruntime": _onnx_format}
+
+
+def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"):
+    """The graph converted for ``runtime``, kept in ``folder/<runtime>/``; ``convert()``
+    returns the ``tf.function`` to convert when it is missing or damaged. The folder is
+    written under a temporary name and renamed whole, with a checksum of its files; a
+    half-written or damaged one is removed and converted again, never used."""
+    export, save, load, version = _FORMATS[runtime]()
+    folder = folder / runtime
     manifest = folder / "manifest.json"
     if manifest.exists():
         try:
             if json.loads(manifest.read_text())["sha256"] == _files_digest(folder):
-                return ov.Core().read_model(folder / "model.xml")
+                return load(folder)
             raise ValueError("its files do not match their checksum")
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             log.warning("converted model %s is damaged (%s); converting again", folder, exc)
@@ -80,15 +120,15 @@ def load_or_convert(folder: Path, convert, label: str):
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model = ov.convert_model(convert())
-    except Exception as exc:  # OpenVINO raises many types; the caller falls back
-        raise ConversionError(f"OpenVINO cannot convert {label} "
+        model = export(convert())
+    except Exception as exc:  # converters raise many types; the caller falls back
+        raise ConversionError(f"{runtime} cannot convert {label} "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from exc
     try:
         tmp.mkdir(parents=True)
-        ov.save_model(model, tmp / "model.xml", compress_to_fp16=False)  # keep float32 weights
+        save(model, tmp)
         (tmp / "manifest.json").write_text(json.dumps({"sha256": _files_digest(tmp),
-                                                       "openvino": ov.__version__}))
+                                                       "converter": version}))
         os.replace(tmp, folder)
     except (OSError, RuntimeError) as exc:  # a read-only or full disk (OpenVINO raises
         log.debug("converted model not kept (%s)", exc)  # RuntimeError): use it, keep nothing
@@ -98,7 +138,7 @@ def load_or_convert(folder: Path, convert, label: str):
 
 
 class ConversionError(Exception):
-    """A graph OpenVINO cannot take: extraction falls back to TensorFlow and says so."""
+    """A graph a runtime cannot take: extraction falls back to TensorFlow and says so."""
 
 
 class OpenVINORunner:
@@ -138,3 +178,35 @@ class OpenVINORunner:
         out = request.get_output_tensor(0).data.copy()
         free.append(request)
         return out
+
+
+class OnnxRunner:
+    """An exported feature graph in one ONNX Runtime session (float32 on the CPU), called
+    from ``workers`` threads on alternate batches, each run on ``threads`` cores: on 2 cores,
+    2 x 1 beat 1 x 2 (the issue's measurements; ``make bench-extract`` compares)."""
+
+    def __init__(self, model: bytes, workers: int = 2, threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.workers = max(1, workers)
+
+    def __call__(self, images: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+        feed = {"images": np.ascontiguousarray(images), "mean": mean, "components": components}
+        return self.session.run(None, {name: feed[name] for name in self.names})[0]
+
+    def map(self, batches: Iterable[np.ndarray], mean: np.ndarray,
+            components: np.ndarray) -> Iterator[np.ndarray]:
+        """Features of each batch, in order, with up to ``workers`` running at once."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            running: deque = deque()
+            for images in batches:
+                if len(running) >= self.workers:
+                    yield running.popleft().result()
+                running.append(pool.submit(self, images, mean, components))
+            while running:
+                yield running.popleft().result()

@@ -1,5 +1,5 @@
-"""Runtimes: OpenVINO runs the very graph TensorFlow runs, to float32 rounding, converted once
-and kept; what it cannot take runs on TensorFlow with one line saying so."""
+"""Runtimes: OpenVINO and ONNX Runtime run the very graph TensorFlow runs, to float32 rounding,
+converted once and kept; what they cannot take runs on TensorFlow with one line saying so."""
 
 import numpy as np
 import pytest
@@ -10,8 +10,14 @@ from pipeline.errors import PipelineError
 from pipeline.extract import ExtractionConfig, extract_features
 from pipeline.store import FeatureFile
 
-openvino = pytest.importorskip("openvino") if not __import__("os").environ.get("CI") else \
-    __import__("openvino")  # CI installs the extra: these tests must run there
+if __import__("os").environ.get("CI"):  # CI installs the extras: these tests must run there
+    import openvino
+    import tf2onnx
+else:
+    openvino = pytest.importorskip("openvino")
+    tf2onnx = pytest.importorskip("tf2onnx")
+    pytest.importorskip("onnxruntime")
+CONVERTED = ("openvino", "onnxruntime")
 
 # Float32 on both sides; the engines sum in different orders. Features here range to about 6.
 ATOL, MIN_COSINE = 1e-3, 0.99999
@@ -51,61 +57,76 @@ def dataset(tmp_path):
                                   dict(pooling="avg", layers=("block_3_expand_relu", "out_relu")),
                                   dict(pooling="bottleneck", bottleneck_k=8),
                                   dict(pooling="spatial", image_size=64)])
-def test_openvino_gives_tensorflows_features_in_every_mode(dataset, tmp_path, mode):
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_each_runtime_gives_tensorflows_features_in_every_mode(dataset, tmp_path, mode, runtime):
     tf_rows, tf_prov = _rows(extract_features(tiny(dataset, tmp_path / "tf", runtime="tensorflow",
                                                    **mode)).path)
-    ov = extract_features(tiny(dataset, tmp_path / "ov", runtime="openvino", **mode))
+    ov = extract_features(tiny(dataset, tmp_path / "ov", runtime=runtime, **mode))
     ov_rows, ov_prov = _rows(ov.path)
-    assert tf_prov["runtime"] == "tensorflow" and ov_prov["runtime"] == "openvino"
-    assert ov_prov["versions"]["openvino"] == openvino.__version__
+    assert tf_prov["runtime"] == "tensorflow" and ov_prov["runtime"] == runtime
+    assert ov_prov["versions"][runtime] == __import__(runtime).__version__
     for split in ("train", "test"):
         assert ov_rows[split].dtype == tf_rows[split].dtype  # float16 maps stay float16
         assert_close(ov_rows[split], tf_rows[split])
 
 
-def test_auto_is_openvino_on_a_cpu_and_the_runtime_is_not_a_key_part(dataset, tmp_path):
-    assert runtimes.choose("auto") == "openvino"
+def test_auto_is_the_first_installed_cpu_runtime_and_the_runtime_is_not_a_key_part(
+        dataset, tmp_path, monkeypatch):
+    assert runtimes.CPU_PREFERENCE == ("onnxruntime", "openvino")  # bench_results/extract.json
+    assert runtimes.choose("auto") == "onnxruntime"
+    with monkeypatch.context() as m:
+        m.setattr(runtimes, "installed", lambda name: name != "onnxruntime")
+        assert runtimes.choose("auto") == "openvino"
     ov = extract_features(tiny(dataset, tmp_path / "a", runtime="auto"))
     tf = extract_features(tiny(dataset, tmp_path / "b", runtime="tensorflow"))
     assert ov.path.name == tf.path.name  # the same features, to float32 rounding: one key
 
 
+def _no_conversion(monkeypatch, runtime, error):
+    def fail(*a, **k):
+        raise error
+
+    if runtime == "openvino":
+        monkeypatch.setattr(openvino, "convert_model", fail)
+    else:
+        monkeypatch.setattr(tf2onnx.convert, "from_function", fail)
+
+
+@pytest.mark.parametrize("runtime, files, blob", [
+    ("openvino", ["manifest.json", "model.bin", "model.xml"], "model.bin"),
+    ("onnxruntime", ["manifest.json", "model.onnx"], "model.onnx")])
 def test_the_converted_graph_is_kept_reused_and_rebuilt_when_damaged(dataset, tmp_path, monkeypatch,
-                                                                    caplog):
-    first = extract_features(tiny(dataset, tmp_path, runtime="openvino"))
+                                                                    caplog, runtime, files, blob):
+    first = extract_features(tiny(dataset, tmp_path, runtime=runtime))
     [model_dir] = (tmp_path / ".models").iterdir()
-    assert sorted(p.name for p in model_dir.iterdir()) == ["manifest.json", "model.bin", "model.xml"]
+    assert sorted(p.name for p in (model_dir / runtime).iterdir()) == files
     reference = _rows(first.path)[0]
-
-    def no_conversion(*a, **k):
-        raise AssertionError("converted again")
-
     with monkeypatch.context() as m:
-        m.setattr(openvino, "convert_model", no_conversion)
-        again = extract_features(tiny(dataset, tmp_path, runtime="openvino"), rebuild=True)
+        _no_conversion(m, runtime, AssertionError("converted again"))
+        again = extract_features(tiny(dataset, tmp_path, runtime=runtime), rebuild=True)
     rows = _rows(again.path)[0]
     assert all(np.array_equal(rows[s], reference[s]) for s in rows)  # same runtime: same bits
-    blob = model_dir / "model.bin"
-    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])  # half-written weights
+    damaged = model_dir / runtime / blob
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # half-written
     with caplog.at_level("WARNING", logger="pipeline"):
-        third = extract_features(tiny(dataset, tmp_path, runtime="openvino"), rebuild=True)
+        third = extract_features(tiny(dataset, tmp_path, runtime=runtime), rebuild=True)
     assert any("is damaged" in m and "converting again" in m for m in caplog.messages)
     rows = _rows(third.path)[0]
     assert all(np.array_equal(rows[s], reference[s]) for s in rows)
 
 
-def test_a_graph_openvino_cannot_convert_runs_on_tensorflow_and_says_so(dataset, tmp_path,
-                                                                       monkeypatch, caplog):
-    def cannot(*a, **k):
-        raise RuntimeError("unsupported operation FancyOp")
-
-    monkeypatch.setattr(openvino, "convert_model", cannot)
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_a_graph_a_runtime_cannot_convert_runs_on_tensorflow_and_says_so(dataset, tmp_path,
+                                                                        monkeypatch, caplog,
+                                                                        runtime):
+    _no_conversion(monkeypatch, runtime, RuntimeError("unsupported operation FancyOp"))
     with caplog.at_level("WARNING", logger="pipeline"):
-        result = extract_features(tiny(dataset, tmp_path / "ov", runtime="openvino"))
+        result = extract_features(tiny(dataset, tmp_path / "ov", runtime=runtime))
     [line] = [m for m in caplog.messages if "cannot convert" in m]
-    assert "mobilenet_v2 avg" in line and "running on TensorFlow instead" in line
+    assert f"{runtime} cannot convert mobilenet_v2 avg" in line
+    assert "FancyOp" in line and "running on TensorFlow instead" in line
     rows, prov = _rows(result.path)
-    assert prov["runtime"] == "tensorflow" and not list((tmp_path / "ov" / ".models").glob("*"))
+    assert prov["runtime"] == "tensorflow" and not list((tmp_path / "ov" / ".models").rglob("*.*"))
     reference = _rows(extract_features(tiny(dataset, tmp_path / "tf", runtime="tensorflow")).path)[0]
     assert all(np.array_equal(rows[s], reference[s]) for s in rows)
 
@@ -117,12 +138,15 @@ def test_a_missing_or_unknown_runtime_is_one_line(monkeypatch):
     monkeypatch.setattr(runtimes, "installed", lambda name: name == "tensorflow")
     with pytest.raises(PipelineError, match=r"--runtime openvino needs openvino: pip install '\.\[openvino"):
         runtimes.choose("openvino")
+    with pytest.raises(PipelineError, match=r"--runtime onnxruntime needs onnxruntime: pip install "
+                                            r"'\.\[onnx\]'"):
+        runtimes.choose("onnxruntime")
     assert runtimes.choose("auto") == "tensorflow"  # auto never needs what is missing
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone, alpha", [("mobilenet", 0.25), ("mobilenet_v2", 0.35)])
-def test_openvino_matches_tensorflow_on_real_images_and_weights(cifar_mini, shared_weights, tmp_path,
+def test_each_runtime_matches_tensorflow_on_real_images_and_weights(cifar_mini, shared_weights, tmp_path,
                                                                 backbone, alpha):
     spec = f"folder:{cifar_mini}"
     layers = {"mobilenet": ("conv_pw_5_relu", "conv_pw_13_relu"),
@@ -131,11 +155,11 @@ def test_openvino_matches_tensorflow_on_real_images_and_weights(cifar_mini, shar
     for mode in (dict(pooling="avg"), dict(pooling="avg", layers=layers),
                  dict(pooling="bottleneck", bottleneck_k=32), dict(pooling="spatial")):
         rows = {}
-        for runtime in ("tensorflow", "openvino"):
+        for runtime in ("tensorflow", *CONVERTED):
             config = ExtractionConfig(dataset=spec, backbone=backbone, alpha=alpha, limit=200,
                                       batch_size=50, cache_dir=str(tmp_path / runtime), runtime=runtime,
                                       **mode)
             rows[runtime] = _rows(extract_features(config).path)[0]["test"]
-        worst.append((mode["pooling"], len(mode.get("layers", ())), *assert_close(
-            rows["openvino"], rows["tensorflow"])))
-    print(f"\n{backbone}@{alpha} (mode, layers, max abs diff, min cosine): {worst}")
+        worst += [(runtime, mode["pooling"], len(mode.get("layers", ())),
+                   *assert_close(rows[runtime], rows["tensorflow"])) for runtime in CONVERTED]
+    print(f"\n{backbone}@{alpha} (runtime, mode, layers, max abs diff, min cosine): {worst}")
