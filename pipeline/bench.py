@@ -166,9 +166,10 @@ def _extract_summary(runs: list[dict], auto: str) -> list[dict]:
             "peak_rss_fraction_of_naive": ours["peak_rss_mib"] / naive["peak_rss_mib"],
             "in_loop_fraction_of_raw_engine": (ours["in_loop_images_per_second"]
                                                / raw["in_loop_images_per_second"]) if raw else None,
-            "openvino_over_tensorflow_in_loop": (
-                by["ours:openvino"]["in_loop_images_per_second"]
-                / by["ours:tensorflow"]["in_loop_images_per_second"]) if "ours:openvino" in by else None,
+            "in_loop_over_tensorflow": {
+                m.split(":")[1]: r["in_loop_images_per_second"]
+                / by["ours:tensorflow"]["in_loop_images_per_second"]
+                for m, r in by.items() if m.startswith("ours:") and m != "ours:tensorflow"},
         })
     return out
 

@@ -67,7 +67,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
     p.add_argument("--runtime", default=default,
-                   help="auto (the fastest installed on a CPU: ONNX Runtime, then OpenVINO; else "
+                   help="auto (on a CPU: OpenVINO, else ONNX Runtime, where installed; else "
                         "TensorFlow) | tensorflow | openvino | onnxruntime: what runs the "
                         "backbone; float32 on every one")
 

@@ -450,7 +450,7 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                 heads = [h for h in exp.heads
                          if (h["name"] in SPATIAL_HEADS) == spatial
                          and (not h.get("modes") or f["mode"] in h["modes"])
-                         and (not f.get("heads") or h["name"] in f["heads"])]
+                         and ("heads" not in f or h["name"] in f["heads"])]
                 layers = f"[{len(config.layers)} layers]" if config.layers else ""
                 layers += "+flip" if config.tta == "flip" else ""
                 label = (f"{d['name']} / {b['name']}{'@' + str(b['alpha']) if b.get('alpha') else ''}"
@@ -465,7 +465,7 @@ def plan_fusions(exp: Experiment, jobs: list[Job]) -> list[FusionJob]:
     fused = []
     for entry in exp.fusions:
         heads = [h for h in exp.heads if HEADS[h["name"]].takes != "spatial"
-                 and (not entry.get("heads") or h["name"] in entry["heads"])]
+                 and ("heads" not in entry or h["name"] in entry["heads"])]
         for d in exp.datasets:
             if entry.get("datasets") and d["name"] not in entry["datasets"]:
                 continue

@@ -31,9 +31,10 @@ from pipeline.errors import PipelineError
 
 RUNTIMES = ("auto", "tensorflow", "openvino", "onnxruntime")
 EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA]'
-# What ``auto`` prefers on a CPU, fastest first, as measured side by side in one run of
-# ``make bench-extract`` (bench_results/extract.json).
-CPU_PREFERENCE = ("onnxruntime", "openvino")
+# What ``auto`` prefers on a CPU, fastest first. OpenVINO is first because it is what our
+# last side-by-side run of ``make bench-extract`` measured (bench_results/extract.json);
+# ONNX Runtime came later and has not been benchmarked in our loop yet.
+CPU_PREFERENCE = ("openvino", "onnxruntime")
 log = logging.getLogger(__name__)
 
 
@@ -182,8 +183,8 @@ class OpenVINORunner:
 
 class OnnxRunner:
     """An exported feature graph in one ONNX Runtime session (float32 on the CPU), called
-    from ``workers`` threads on alternate batches, each run on ``threads`` cores: on 2 cores,
-    2 x 1 beat 1 x 2 (the issue's measurements; ``make bench-extract`` compares)."""
+    from ``workers`` threads on alternate batches, each run on ``threads`` cores (on 2 cores
+    2 x 1 beat 1 x 2 in the measurements reported in issue #11)."""
 
     def __init__(self, model: bytes, workers: int = 2, threads: int = 1):
         import onnxruntime as ort

@@ -423,3 +423,18 @@ def test_a_fusion_naming_what_the_grid_lacks_is_one_line(tmp_path, fusion, messa
     path.write_text(text[:text.index("[[fusions]]")] + fusion)
     with pytest.raises(PipelineError, match=re.escape(message)):
         load_experiment(str(path))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "experiments").glob("*.toml")))
+def test_every_shipped_experiment_file_loads(name):
+    exp = load_experiment(str(REPO / "experiments" / name))
+    assert exp.datasets and exp.backbones and exp.features and exp.heads
+
+
+def test_an_empty_heads_list_means_no_heads_on_that_entry_and_fusions_still_run(tmp_path, capsys):
+    path = Path(_fusion_config(tmp_path))
+    path.write_text(path.read_text().replace('mode = "max"\n', 'mode = "max"\nheads = []\n'))
+    run_experiment(load_experiment(str(path)))
+    out = capsys.readouterr().out
+    assert "/ max  heads: -" in out and "/ avg  heads: logreg(C=1.0)" in out
+    assert len(list((tmp_path / "results").glob("*/logreg*/metrics.json"))) == 2  # avg, fusion

@@ -72,11 +72,11 @@ def test_each_runtime_gives_tensorflows_features_in_every_mode(dataset, tmp_path
 
 def test_auto_is_the_first_installed_cpu_runtime_and_the_runtime_is_not_a_key_part(
         dataset, tmp_path, monkeypatch):
-    assert runtimes.CPU_PREFERENCE == ("onnxruntime", "openvino")  # bench_results/extract.json
-    assert runtimes.choose("auto") == "onnxruntime"
+    assert runtimes.CPU_PREFERENCE == ("openvino", "onnxruntime")  # bench_results/extract.json
+    assert runtimes.choose("auto") == "openvino"
     with monkeypatch.context() as m:
-        m.setattr(runtimes, "installed", lambda name: name != "onnxruntime")
-        assert runtimes.choose("auto") == "openvino"
+        m.setattr(runtimes, "installed", lambda name: name != "openvino")
+        assert runtimes.choose("auto") == "onnxruntime"
     ov = extract_features(tiny(dataset, tmp_path / "a", runtime="auto"))
     tf = extract_features(tiny(dataset, tmp_path / "b", runtime="tensorflow"))
     assert ov.path.name == tf.path.name  # the same features, to float32 rounding: one key
@@ -163,3 +163,4 @@ def test_each_runtime_matches_tensorflow_on_real_images_and_weights(cifar_mini, 
         worst += [(runtime, mode["pooling"], len(mode.get("layers", ())),
                    *assert_close(rows[runtime], rows["tensorflow"])) for runtime in CONVERTED]
     print(f"\n{backbone}@{alpha} (runtime, mode, layers, max abs diff, min cosine): {worst}")
+
