@@ -67,7 +67,7 @@ def test_changing_a_key_part_writes_a_new_file_and_leaves_the_old(npz_dataset, t
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
+@pytest.mark.parametrize("runtime", ["tensorflow", "openvino", "onnxruntime"])
 def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, monkeypatch, caplog,
                                                        runtime):
     if not runtimes.installed(runtime):
