@@ -31,9 +31,10 @@ from pipeline.errors import PipelineError
 
 RUNTIMES = ("auto", "tensorflow", "openvino", "onnxruntime")
 EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA]'
-# What ``auto`` prefers on a CPU, fastest first. OpenVINO is first because it is what our
-# last side-by-side run of ``make bench-extract`` measured (bench_results/extract.json);
-# ONNX Runtime came later and has not been benchmarked in our loop yet.
+# What ``auto`` prefers on a CPU. In one side-by-side run of ``make bench-extract``
+# (bench_results/extract.json) ONNX Runtime was the faster on the MobileNets (1.87x and 1.06x
+# OpenVINO in our loop) but the slower on ResNet50, with 4x OpenVINO's memory there: OpenVINO
+# stays first until a per-model rule is measured.
 CPU_PREFERENCE = ("openvino", "onnxruntime")
 log = logging.getLogger(__name__)
 
