@@ -1,11 +1,12 @@
 """Scale-out on Ray: sharded extraction on a pool of backbone actors, head fits as Ray tasks.
 
-Only ``--engine ray`` imports this module (and so Ray). Each split is cut into shards (row
-ranges on whole batches, so every image sees the same batch as in a single-process run);
-actors, one per GPU (or per CPU slot without GPUs), each build the backbone once and write
-one HDF5 shard per task. A finalize step publishes one logical feature file: a virtual
-dataset over the shards or a merged copy. Shards are published whole or not at all, so a
-lost worker or a killed driver costs only the unfinished shards, and a rerun does only those.
+Only ``--engine ray`` imports this module (and so Ray). Extraction is ``extract_features``'
+one flow with a ``RayRunner`` as the place the shards run: actors, one per GPU (or per CPU
+slot without GPUs), each build the backbone once and write one HDF5 shard per task, the same
+shard files a single process writes. The flow then publishes one logical feature file: a
+virtual dataset over the shards (``--layout vds``) or a merged copy. Shards are written whole
+or not at all, so a lost worker or a killed driver costs only the unfinished shards, and a
+rerun does only those.
 
 Every node must see the cache and results folders, and image folders, at the same paths (a
 shared filesystem). Actors get the driver's dataset through Ray's object store (arrays, or
@@ -15,22 +16,15 @@ sha256 as they read it, so a node that sees other bytes stops with a clear error
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import socket
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import ray
 
-from pipeline.datasets import SPLITS, Dataset
+from pipeline.datasets import Dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import (
     ExtractionConfig,
@@ -38,29 +32,13 @@ from pipeline.extract import (
     FeatureModel,
     Progress,
     extract_features,
-    extraction_provenance,
+    extract_shards,
     fit_bottleneck,
-    report_skipped,
-    runtime_info,
+    worker_provenance,
 )
-from pipeline.store import LAYOUTS, FeatureStore, ShardSet, cache_key
+from pipeline.store import LAYOUTS, FeatureStore, ShardSet
 
 log = logging.getLogger(__name__)
-
-
-def shard_ranges(n: int, shards: int, batch_size: int,
-                 gaps: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
-    """Cut rows 0..n into about ``shards`` ranges on batch boundaries, kept to ``gaps``."""
-    size = -(-max(n, 1) // max(shards, 1))
-    size = -(-size // batch_size) * batch_size
-    out = []
-    for lo, hi in gaps if gaps is not None else [(0, n)]:
-        at = lo
-        while at < hi:
-            stop = min(hi, (at // size + 1) * size)
-            out.append((at, stop))
-            at = stop
-    return out
 
 
 def _absolute(config: ExtractionConfig) -> ExtractionConfig:
@@ -102,27 +80,21 @@ class ShardExtractor:
                               c.batch_size, c.seed)
 
     def extract(self, split: str, start: int, stop: int, shards_path: str, key: str,
-                projection) -> dict:
+                projection, compression: str) -> dict:
         t0 = time.monotonic()
         self.model.projection = projection
-        data, bs = self.dataset.splits[split], self.config.batch_size
-        batches = [np.arange(lo, min(lo + bs, stop)) for lo in range(start, stop, bs)]
-        features = np.concatenate(list(self.model.map(
-            _prefetched(data.load, batches, self.decode_threads))))
-        seconds = time.monotonic() - t0
-        provenance = {"config": asdict(self.config), "rows": [start, stop], **runtime_info(),
-                      "runtime": self.runtime,
-                      "host": socket.gethostname(), "pid": os.getpid(),
-                      "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        ShardSet(Path(shards_path)).write(split, start, features, key=key,
-                                          attrs={"provenance": provenance},
-                                          compression=self.config.compression)
-        return {"split": split, "rows": stop - start, "seconds": seconds,
+        provenance = worker_provenance(self.config, self.runtime)
+        extract_shards(self.model, ShardSet(Path(shards_path)), split, self.dataset.splits[split],
+                       [(start, stop)], batch_size=self.config.batch_size, key=key,
+                       provenance=provenance, compression=compression,
+                       decode_threads=self.decode_threads)
+        return {"split": split, "rows": stop - start, "seconds": time.monotonic() - t0,
                 "host": provenance["host"]}
 
 
 def _run_shards(new_actor, actors: list, todo: list[tuple[str, int, int]], shards: ShardSet,
-                key: str, projection, progress: Progress) -> tuple[list[dict], int]:
+                key: str, projection, compression: str,
+                progress: Progress) -> tuple[list[dict], int]:
     """Keep every actor busy with the next shard until all are done. A worker that is lost
     (its process killed, its node gone) costs only the shard it was on: that shard goes back
     in the queue, and a new actor takes the lost one's place where the cluster has room.
@@ -135,7 +107,7 @@ def _run_shards(new_actor, actors: list, todo: list[tuple[str, int, int]], shard
             while pending and free:
                 task = pending.pop(0)
                 actor = free.pop()
-                ref = actor.extract.remote(*task, str(shards.path), key, projection)
+                ref = actor.extract.remote(*task, str(shards.path), key, projection, compression)
                 running[ref] = (actor, task)
             ready, _ = ray.wait(list(running), num_returns=1)
             actor, task = running.pop(ready[0])
@@ -160,7 +132,6 @@ def _run_shards(new_actor, actors: list, todo: list[tuple[str, int, int]], shard
             free.append(actor)
             progress.update(stats[-1]["rows"])
     finally:  # killing the actors also stops their running shards (on a failure)
-        progress.close()
         for actor in alive:
             ray.kill(actor)
     return stats, redone
@@ -169,11 +140,13 @@ def _run_shards(new_actor, actors: list, todo: list[tuple[str, int, int]], shard
 class _ActorFactory:
     """Starts one more ``ShardExtractor`` like the others, and says whether one would fit."""
 
-    def __init__(self, args: tuple, gpus: float):
-        self.args, self.gpus = args, gpus
+    def __init__(self, args, gpus: float):
+        self.args, self.gpus = args, gpus  # args: made on the first start (the object store put)
         self.options = ShardExtractor.options(num_cpus=1, num_gpus=gpus)
 
     def __call__(self):
+        if callable(self.args):
+            self.args = self.args()
         return self.options.remote(*self.args)
 
     def has_room(self) -> bool:
@@ -181,15 +154,52 @@ class _ActorFactory:
         return free.get("CPU", 0) >= 1 and free.get("GPU", 0) >= self.gpus
 
 
-def _prefetched(load, batches: list, depth: int = 2):
-    """``load(b)`` for each batch, decoding up to ``depth`` ahead in threads while the model runs."""
-    with ThreadPoolExecutor(depth) as pool:
-        queued = deque(pool.submit(load, b) for b in batches[:depth])
-        for b in batches[depth:]:
-            yield queued.popleft().result()
-            queued.append(pool.submit(load, b))
-        while queued:
-            yield queued.popleft().result()
+class RayRunner:
+    """Extraction on a pool of ``ShardExtractor`` actors (``extract.LocalRunner``'s contract):
+    actors start when there is work, each builds the backbone once and writes whole shards."""
+
+    name = "ray"
+
+    def __init__(self, engine: RayEngine):
+        self.engine, self.layout = engine, engine.layout
+        self.actors: list = []
+
+    def start(self, config: ExtractionConfig, dataset: Dataset, store: FeatureStore,
+              runtime: str) -> None:
+        self.config, self.dataset = replace(config, runtime=runtime), dataset
+        self.wanted, gpus, threads, decode_threads = self.engine.slots()
+        # The driver's dataset goes to the actors through the object store, once (when there
+        # is work): nothing is scanned again, each image file is checked against its sha256.
+        self.new_actor = _ActorFactory(
+            lambda: (self.config, ray.put(dataset), threads, decode_threads), gpus)
+
+    def _actors(self, n: int) -> list:
+        while len(self.actors) < n:
+            self.actors.append(self.new_actor())
+        return self.actors
+
+    def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:
+        return _get(self._actors(1)[0].fit_bottleneck.remote())
+
+    def shard_rows(self, n: int, projection) -> int:
+        """About four shards per actor (or ``--shards`` in all) per split: work stays balanced."""
+        return -(-n // (self.engine.shards or 4 * self.wanted))
+
+    def run(self, todo: list[tuple[str, int, int]], shards: ShardSet, key: str, projection,
+            progress: Progress) -> dict:
+        actors, self.actors = self._actors(max(1, min(self.wanted, len(todo)))), []
+        log.info("%d shard(s) on %d actor(s)", len(todo), len(actors))
+        compression = self.config.compression if self.layout == "vds" else "none"
+        stats, redone = _run_shards(self.new_actor, actors, todo, shards, key, projection,
+                                    compression, progress)  # which stops the actors in the end
+        return {"ray": ray.__version__, "address": self.engine.address or "local",
+                "actors": len(actors), "gpus_per_actor": self.new_actor.gpus,
+                "shards_redone": redone, "hosts": sorted({s["host"] for s in stats})}
+
+    def stop(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
 
 class RayEngine:
@@ -222,7 +232,7 @@ class RayEngine:
         if self._started:
             ray.shutdown()
 
-    def _slots(self) -> tuple[int, float, int, int]:
+    def slots(self) -> tuple[int, float, int, int]:
         """(actors, GPUs per actor, TensorFlow threads, decode threads per actor): one actor per
         GPU, decoding with the CPU cores that come with its GPU; else one single-threaded actor
         per CPU."""
@@ -234,9 +244,8 @@ class RayEngine:
     def extract(self, config: ExtractionConfig, *, rebuild: bool = False,
                 dataset: Dataset | None = None) -> ExtractionResult:
         """``extract_features`` on the cluster: the same file, the same rows, shard by shard."""
-        config.validate()
         return extract_features(_absolute(config), rebuild=rebuild, dataset=dataset,
-                                extract_locked=self._extract_locked, scan_map=self.scan_map)
+                                runner=RayRunner(self), scan_map=self.scan_map)
 
     def scan_map(self, fn, items: list, chunk: int = 500) -> list:
         """``fn`` over ``items`` as Ray tasks of ``chunk`` items each, results in order: the
@@ -245,69 +254,6 @@ class RayEngine:
         refs = [task.remote(fn, items[lo:lo + chunk]) for lo in range(0, len(items), chunk)]
         log.info("scanning %s file(s) as %d cluster task(s)", f"{len(items):,}", len(refs))
         return [result for ref in refs for result in _get(ref)]
-
-    def _extract_locked(self, config: ExtractionConfig, dataset: Dataset, parts: dict,
-                        store: FeatureStore, t0: float, rebuild: bool) -> ExtractionResult:
-        shards = store.shards_for(parts)
-        final = store.path_for(parts)
-        if rebuild and (final.exists() or shards.path.exists()):
-            # A virtual file reads its shards: both go, then both are rebuilt.
-            final.unlink(missing_ok=True)
-            shutil.rmtree(shards.path, ignore_errors=True)
-            log.info("rebuild: removed %s and its shards", final.name)
-        actors_wanted, gpus, threads, decode_threads = self._slots()
-        n_shards = self.shards or 4 * actors_wanted
-        todo = [(s, lo, hi) for s in SPLITS
-                for lo, hi in shard_ranges(len(dataset.splits[s]), n_shards, config.batch_size,
-                                           shards.missing(s, len(dataset.splits[s])))]
-        done_before = sum(len(shards.files(s)) for s in SPLITS)
-        resumed = done_before > 0
-        if resumed:
-            log.info("resuming: %d shard(s) already complete, %d to extract", done_before, len(todo))
-        needs_fit = config.pooling == "bottleneck" and shards.load_array("bottleneck_mean") is None
-        n_actors = max(1, min(actors_wanted, len(todo) or int(needs_fit)))
-        # The driver's dataset goes to the actors through the object store, once: nothing is
-        # scanned again, and each image file is checked against its sha256 when it is read.
-        data_ref = ray.put(dataset) if todo or needs_fit else None
-        new_actor = _ActorFactory((config, data_ref, threads, decode_threads), gpus)
-        actors = [new_actor() for _ in range(n_actors)] if todo or needs_fit else []
-        projection, extra = None, {}
-        if config.pooling == "bottleneck":
-            if needs_fit:
-                mean, comps = _get(actors[0].fit_bottleneck.remote())
-                shards.save_array("bottleneck_mean", mean)
-                shards.save_array("bottleneck_components", comps)
-            projection = (shards.load_array("bottleneck_mean"),
-                          shards.load_array("bottleneck_components"))
-            extra = {"bottleneck/mean": projection[0], "bottleneck/components": projection[1]}
-        total = sum(hi - lo for _, lo, hi in todo)
-        progress = Progress(f"{dataset.spec} ({len(todo)} shards on {n_actors} actors)", total)
-        t_extract = time.monotonic()
-        stats, redone = _run_shards(new_actor, actors, todo, shards, cache_key(parts), projection,
-                                    progress)
-        seconds = time.monotonic() - t_extract
-        rate = total / seconds if seconds > 0 and total else 0.0
-        with h5py.File(shards.files("train")[0], "r") as f:  # what a worker computed, and how
-            feature_shape, feature_dtype = list(f["features"].shape[1:]), str(f["features"].dtype)
-            worker = json.loads(f.attrs["provenance"])
-        engine = {"name": "ray", "ray": ray.__version__, "address": self.address or "local",
-                  "actors": n_actors, "gpus_per_actor": gpus, "shards_this_run": len(todo),
-                  "shards_redone": redone,
-                  "shard_count": sum(len(shards.files(s)) for s in SPLITS),
-                  "layout": self.layout, "hosts": sorted({s["host"] for s in stats})}
-        provenance = extraction_provenance(
-            config, dataset, feature_shape, feature_dtype, seconds, total, resumed, engine=engine,
-            versions={**worker["versions"], "ray": ray.__version__}, device=worker["device"],
-            runtime=worker.get("runtime", "tensorflow"))
-        path = store.publish_shards(shards, parts, classes=dataset.classes,
-                                    labels={s: dataset.splits[s].labels for s in SPLITS},
-                                    attrs={"provenance": provenance}, layout=self.layout,
-                                    compression=config.compression, extra=extra)
-        log.info("wrote %s (%s; %s images in %.1f s, %s img/s on %d actors)", path, self.layout,
-                 f"{total:,}", seconds, f"{rate:,.1f}", n_actors)
-        report_skipped(dataset, path)
-        return ExtractionResult(path, "resumed" if resumed else "created", time.monotonic() - t0,
-                                rate, provenance)
 
     # head fits and anything else ------------------------------------------------------
     def map(self, fn, calls: list[dict]) -> list:

@@ -445,7 +445,7 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                 if path.exists():
                     state = "cached" if check_file(path) is None else "damaged"
                 else:
-                    state = "partial" if store.partial_for(parts).path.exists() else "missing"
+                    state = "partial" if store.shards_for(parts).path.exists() else "missing"
                 spatial = f["mode"] == "spatial"
                 heads = [h for h in exp.heads
                          if (h["name"] in SPATIAL_HEADS) == spatial

@@ -2,19 +2,28 @@
 
 uint8 batches go to the device as they are; casting, resizing to the backbone's input and
 its own preprocessing happen inside the graph, so the dataset is never upscaled in host
-memory. A ``tf.data`` pipeline prefetches the next batches while the model runs, and a writer
-thread saves finished segments while the model runs on.
+memory. The next batches decode in threads while the model runs, and a writer thread saves
+each finished shard (a row range, see ``store.ShardSet``) while the model runs on.
+
+One flow does every extraction (``extract_features``): find what is cached or half done, fit
+the bottleneck, extract the missing shards, publish one file. Where the shards are extracted
+is a runner: ``LocalRunner`` (this process, the default) or the Ray engine's actor pool.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import queue
+import shutil
+import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,9 +31,9 @@ import numpy as np
 
 from pipeline import backbones as bb
 from pipeline import runtimes
-from pipeline.datasets import SPLITS, Dataset, load_dataset, stratified_subset
+from pipeline.datasets import SPLITS, Dataset, Split, load_dataset, stratified_subset
 from pipeline.errors import PipelineError
-from pipeline.store import FeatureStore, PartialEntry, check_file
+from pipeline.store import FeatureStore, ShardSet, cache_key, check_file
 
 EXTRACTOR_VERSION = 1
 MODES = ("avg", "max", "bottleneck", "spatial")
@@ -350,6 +359,12 @@ def runtime_info() -> dict:
     return {"versions": versions, "device": device}
 
 
+def worker_provenance(config: ExtractionConfig, runtime: str) -> dict:
+    """What each shard records about the process that computed it."""
+    return {"config": asdict(config), **runtime_info(), "runtime": runtime,
+            "host": socket.gethostname(), "pid": os.getpid()}
+
+
 def extraction_provenance(config: ExtractionConfig, dataset: Dataset, feature_shape, feature_dtype,
                           seconds: float, images: int, resumed: bool, **more) -> dict:
     """What a feature file records about how it was made (``more``: versions, device, ...)."""
@@ -365,71 +380,135 @@ def extraction_provenance(config: ExtractionConfig, dataset: Dataset, feature_sh
     }
 
 
-def _run_split(model: FeatureModel, partial: PartialEntry, split_name: str, dataset: Dataset,
-               batch_size: int, segment_rows: int) -> int:
-    """Extract one split from where the partial entry stopped; returns images processed."""
-    import tensorflow as tf
+def shard_ranges(n: int, rows: int, batch_size: int,
+                 gaps: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """Cut rows 0..n into shards of about ``rows`` rows on batch boundaries, kept to ``gaps``
+    (shards start at multiples of their size: every image sees the batch it would see in an
+    uninterrupted run, whatever ran before)."""
+    size = -(-max(rows, 1) // batch_size) * batch_size
+    out = []
+    for lo, hi in gaps if gaps is not None else [(0, n)]:
+        at = lo
+        while at < hi:
+            stop = min(hi, (at // size + 1) * size)
+            out.append((at, stop))
+            at = stop
+    return out
 
-    split = dataset.splits[split_name]
-    partial.discard_after(split_name)
-    start = partial.rows_done(split_name)
-    if start >= len(split):
-        return 0
-    h, w, c = split.image_shape
-    failures: list[BaseException] = []
 
-    def batches():
-        try:
-            yield from split.batches(batch_size, start)
-        except Exception as exc:  # tf.data would bury it in its own error: keep ours, stop here
-            failures.append(exc)
+def prefetched(load, batches: list, depth: int = 2) -> Iterator[np.ndarray]:
+    """``load(b)`` for each batch, decoding up to ``depth`` ahead in threads while the model runs."""
+    with ThreadPoolExecutor(depth) as pool:
+        queued = deque(pool.submit(load, b) for b in batches[:depth])
+        for b in batches[depth:]:
+            yield queued.popleft().result()
+            queued.append(pool.submit(load, b))
+        while queued:
+            yield queued.popleft().result()
 
-    source = tf.data.Dataset.from_generator(
-        batches,
-        output_signature=tf.TensorSpec((None, h, w, c), tf.uint8)).prefetch(2)
+
+def extract_shards(model: FeatureModel, shards: ShardSet, split_name: str, split: Split,
+                   ranges: list[tuple[int, int]], *, batch_size: int, key: str, provenance: dict,
+                   compression: str, progress: Progress | None = None,
+                   decode_threads: int = 2) -> None:
+    """Extract rows [lo, hi) of each range into one shard each: the next batches decode in
+    threads while the model runs, and a writer thread writes each finished shard meanwhile."""
+    batches = [(lo, np.arange(b, min(b + batch_size, hi)))
+               for lo, hi in ranges for b in range(lo, hi, batch_size)]
     writes: queue.Queue = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
 
     def writer() -> None:
         while (item := writes.get()) is not None:
             if not errors:
+                start, block = item
                 try:
-                    partial.write_segment(split_name, *item)
+                    shards.write(split_name, start, block, key=key, compression=compression,
+                                 attrs={"provenance": {**provenance, "rows": [start, start + len(block)],
+                                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
                 except BaseException as exc:  # reported by the main thread
                     errors.append(exc)
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
-    progress = Progress(f"{dataset.spec} {split_name}", len(split), start)
-    pending, pending_start = [], start
+    pending: list[np.ndarray] = []
+    ends, start = dict(ranges), None
     try:
-        for features in model.map(source):
+        images = prefetched(split.load, [idx for _, idx in batches], decode_threads)
+        for (start, idx), features in zip(batches, model.map(images)):
             pending.append(features)
-            progress.update(len(features))
-            if sum(len(p) for p in pending) >= segment_rows:
-                block = np.concatenate(pending)
-                writes.put((pending_start, block))
-                pending_start, pending = pending_start + len(block), []
+            if progress:
+                progress.update(len(features))
+            if idx[-1] + 1 == ends[start]:  # the shard's last batch
+                writes.put((start, np.concatenate(pending)))
+                pending = []
             if errors:
                 break
+    except BaseException:  # an unreadable image, Ctrl-C: keep the whole batches done before it
         if pending and not errors:
-            writes.put((pending_start, np.concatenate(pending)))
+            writes.put((start, np.concatenate(pending)))
+        raise
     finally:
         writes.put(None)
         thread.join()
-        progress.close()
-    if errors or failures:
-        raise (errors or failures)[0]  # the rows extracted before it are kept for the rerun
-    return len(split) - start
+    if errors:
+        raise errors[0]  # the shards written before it are kept for the rerun
+
+
+class LocalRunner:
+    """Extraction in this process: shard after shard, merged into one file when all are done."""
+
+    name, layout = "local", "merge"
+
+    def start(self, config: ExtractionConfig, dataset: Dataset, store: FeatureStore,
+              runtime: str) -> None:
+        """Build the model: everything that can fail on bad options (alpha, image size, layers,
+        weights file, bottleneck k) fails here, before any work folder exists."""
+        self.config, self.dataset = config, dataset
+        image_shape = dataset.splits["train"].image_shape
+        self.model = FeatureModel(config, image_shape)
+        if config.pooling == "bottleneck":
+            check_bottleneck_k(self.model, config.bottleneck_k)
+        self.runtime = self.model.use_runtime(
+            runtime, store.model_dir(config.model_key(image_shape)),
+            f"{config.backbone} {config.pooling}", config.precision)
+
+    def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:
+        c = self.config
+        return fit_bottleneck(self.model, self.dataset, c.bottleneck_k, c.bottleneck_fit_images,
+                              c.batch_size, c.seed)
+
+    def shard_rows(self, n: int, projection) -> int:
+        """``segment_rows``, or about 8 MiB of features: resume loses at most one shard."""
+        if self.config.segment_rows:
+            return self.config.segment_rows
+        self.model.projection = projection
+        row = self.model(self.dataset.splits["train"].load(np.arange(1)))
+        return max(self.config.batch_size, (8 << 20) // max(row[0].nbytes, 1))
+
+    def run(self, todo: list[tuple[str, int, int]], shards: ShardSet, key: str, projection,
+            progress: Progress) -> dict:
+        self.model.projection = projection
+        provenance = worker_provenance(self.config, self.runtime)
+        for split in SPLITS:
+            ranges = [(lo, hi) for s, lo, hi in todo if s == split]
+            if ranges:
+                extract_shards(self.model, shards, split, self.dataset.splits[split], ranges,
+                               batch_size=self.config.batch_size, key=key, provenance=provenance,
+                               compression="none", progress=progress)  # merged, then compressed
+        return {}
+
+    def stop(self) -> None:
+        pass
 
 
 def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
-                     dataset: Dataset | None = None, extract_locked=None,
+                     dataset: Dataset | None = None, runner=None,
                      scan_map=None) -> ExtractionResult:
     """Extract (or resume, or find cached) the features ``config`` names.
 
-    ``extract_locked`` does the work once the key is locked: in this process by default; the
-    Ray engine passes its sharded version (and ``scan_map``, which scans image folders as
+    ``runner`` is where the shards are extracted: ``LocalRunner()`` (this process) by default;
+    the Ray engine passes its actor pool (and ``scan_map``, which scans image folders as
     cluster tasks).
     """
     t0 = time.monotonic()
@@ -445,7 +524,7 @@ def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
     with store.lock(parts):
         if not rebuild and (done := cached_result(final, t0, waited=True)):
             return done
-        return (extract_locked or _extract_locked)(config, dataset, parts, store, t0, rebuild)
+        return _extract_locked(config, dataset, parts, store, t0, rebuild, runner or LocalRunner())
 
 
 def cached_result(final: Path, t0: float, waited: bool = False) -> ExtractionResult | None:
@@ -471,54 +550,64 @@ def report_skipped(dataset: Dataset, path: Path) -> None:
 
 
 def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, store: FeatureStore,
-                    t0: float, rebuild: bool) -> ExtractionResult:
+                    t0: float, rebuild: bool, runner) -> ExtractionResult:
     import h5py
 
-    # Everything that can fail on bad options (alpha, image size, layers, weights file,
-    # bottleneck k) fails here, before any work folder exists.
-    image_shape = dataset.splits["train"].image_shape
-    model = FeatureModel(config, image_shape)
-    if config.pooling == "bottleneck":
-        check_bottleneck_k(model, config.bottleneck_k)
-    partial = store.partial_for(parts)
-    resumed = any(partial.rows_done(s) for s in SPLITS)
+    shards, final = store.shards_for(parts), store.path_for(parts)
+    sizes = {s: len(dataset.splits[s]) for s in SPLITS}
+    # A rebuild keeps the old file until the new one is published, and resumes its own work
+    # in progress; but a virtual file's shards are its rows, so rebuilding one starts over.
+    start_over = rebuild and final.exists() and store.reads_shards(final)
+    done = {} if start_over else {s: n for s in SPLITS if (n := shards.rows_done(s))}
     runtime = config.runtime
-    if resumed:
-        log.info("resuming: %s", ", ".join(f"{s} {partial.rows_done(s):,}/{len(dataset.splits[s]):,}"
-                                            for s in SPLITS))
-        started_with = partial.load_array("runtime")  # finish on the runtime the rows came from
-        if started_with is not None and runtimes.installed(str(started_with[0])):
-            runtime = str(started_with[0])
-    runtime = model.use_runtime(runtime, store.model_dir(config.model_key(image_shape)),
-                                f"{config.backbone} {config.pooling}", config.precision)
-    partial.save_array("runtime", np.array([runtime]))
-    extra = {}
-    if config.pooling == "bottleneck":
-        mean, comps = partial.load_array("bottleneck_mean"), partial.load_array("bottleneck_components")
-        if mean is None or comps is None:
-            mean, comps = fit_bottleneck(model, dataset, config.bottleneck_k,
-                                         config.bottleneck_fit_images, config.batch_size, config.seed)
-            partial.save_array("bottleneck_mean", mean)
-            partial.save_array("bottleneck_components", comps)
-        model.projection = (mean, comps)
-        extra = {"bottleneck/mean": mean, "bottleneck/components": comps}
-    row = model(dataset.splits["train"].load(np.arange(1)))
-    row_bytes = row[0].nbytes
-    segment_rows = config.segment_rows or max(config.batch_size, (8 << 20) // max(row_bytes, 1))
-    t_extract = time.monotonic()
-    images = sum(_run_split(model, partial, s, dataset, config.batch_size, segment_rows)
-                 for s in SPLITS)
-    seconds = time.monotonic() - t_extract
+    if done:  # finish on the runtime the rows came from
+        started_with = shards.first_shard()[2].get("runtime", "tensorflow")
+        runtime = started_with if runtimes.installed(started_with) else runtime
+    runner.start(config, dataset, store, runtime)
+    try:
+        if start_over:
+            final.unlink()
+            shutil.rmtree(shards.path, ignore_errors=True)
+            log.info("rebuild: removed %s and its shards", final.name)
+        if done:
+            log.info("resuming: %s", ", ".join(f"{s} {done.get(s, 0):,}/{sizes[s]:,}" for s in SPLITS))
+        projection, extra = None, {}
+        if config.pooling == "bottleneck":
+            projection = (shards.load_array("bottleneck_mean"),
+                          shards.load_array("bottleneck_components"))
+            if projection[0] is None or projection[1] is None:
+                projection = runner.fit_bottleneck()
+                shards.save_array("bottleneck_mean", projection[0])
+                shards.save_array("bottleneck_components", projection[1])
+            extra = {"bottleneck/mean": projection[0], "bottleneck/components": projection[1]}
+        gaps = {s: shards.missing(s, sizes[s]) for s in SPLITS}
+        todo = [(s, lo, hi) for s in SPLITS if gaps[s]
+                for lo, hi in shard_ranges(sizes[s], runner.shard_rows(sizes[s], projection),
+                                           config.batch_size, gaps[s])]
+        images = sum(hi - lo for _, lo, hi in todo)
+        progress = Progress(dataset.spec, images)
+        t_extract = time.monotonic()
+        try:
+            engine = runner.run(todo, shards, cache_key(parts), projection, progress) if todo else {}
+        finally:
+            progress.close()
+        seconds = time.monotonic() - t_extract
+    finally:
+        runner.stop()
     rate = images / seconds if seconds > 0 else 0.0
-    provenance = extraction_provenance(config, dataset, row.shape[1:], row.dtype, seconds, images,
-                                       resumed, runtime=runtime, **runtime_info())
+    feature_shape, feature_dtype, worker = shards.first_shard()  # what a worker computed, and how
+    engine = {"name": runner.name, "layout": runner.layout, "shards_this_run": len(todo),
+              "shard_count": sum(len(shards.files(s)) for s in SPLITS), **engine}
+    provenance = extraction_provenance(
+        config, dataset, feature_shape, feature_dtype, seconds, images, bool(done), engine=engine,
+        versions=worker["versions"], device=worker["device"], runtime=worker["runtime"])
     if dataset.skipped:
         extra["skipped_files"] = np.array(dataset.skipped, dtype=h5py.string_dtype())
-    path = store.publish(partial, parts, classes=dataset.classes,
+    path = store.publish(shards, parts, classes=dataset.classes,
                          labels={s: dataset.splits[s].labels for s in SPLITS},
-                         attrs={"provenance": provenance}, compression=config.compression,
-                         extra=extra)
+                         attrs={"provenance": provenance}, layout=runner.layout,
+                         compression=config.compression, extra=extra)
     log.info("wrote %s (%s images in %.1f s, %s img/s)", path, f"{images:,}", seconds, f"{rate:,.1f}")
     report_skipped(dataset, path)
-    return ExtractionResult(path, "resumed" if resumed else "created", time.monotonic() - t0,
+    return ExtractionResult(path, "resumed" if done else "created", time.monotonic() - t0,
                             rate, provenance)

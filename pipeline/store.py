@@ -1,11 +1,11 @@
 """The feature cache: one HDF5 file per cache key, published only when complete.
 
-Work in progress lives in ``<name>.partial/``, a folder of row segments (``.npy``) each
-written to a temporary name and renamed into place: a segment is there whole or not at all,
-so a run killed at any moment resumes from the last complete segment. (An HDF5 file being
-written is not crash-consistent: a kill during a metadata update can leave it unreadable.)
-``publish`` assembles the segments into ``<name>.h5.tmp``, checks it (row counts, no
-NaN/Inf), stores a sha256 per split and renames it to ``<name>.h5``.
+Work in progress lives in ``<name>.shards/<split>/``: HDF5 shard files, each covering a row
+range, written to a temporary name and renamed into place when complete, so a shard is there
+whole or not at all and a run killed at any moment (one process or a Ray worker) resumes by
+extracting only the row ranges no complete shard covers. ``publish`` makes one file of them:
+``<name>.h5.tmp`` is written (a merged copy, or a virtual dataset over the shards), checked
+(row counts, no NaN/Inf), given a sha256 per split and renamed to ``<name>.h5``.
 
 A file is trusted only when its format tag, its completeness flag, its row counts and its
 key (the hash of the key parts stored in it must equal the key in its name) all agree.
@@ -143,59 +143,6 @@ def _disk_error(exc: OSError, where: Path) -> PipelineError:
     return PipelineError(f"cannot write {where}: {exc}")
 
 
-@dataclass
-class _WorkFolder:
-    """Work in progress of one entry: a folder that also keeps small arrays (the bottleneck)."""
-
-    path: Path
-
-    def save_array(self, name: str, array: np.ndarray) -> None:
-        _write_npy_atomic(self.path / f"{name}.npy", array)
-
-    def load_array(self, name: str) -> np.ndarray | None:
-        path = self.path / f"{name}.npy"
-        return np.load(path) if path.exists() else None
-
-
-@dataclass
-class PartialEntry(_WorkFolder):
-    """Segments of one entry in progress; rows are appended in order, segment by segment."""
-
-    def segments(self, split: str) -> list[Path]:
-        """Complete segments forming a contiguous run of rows from 0, in order."""
-        folder = self.path / split
-        if not folder.is_dir():
-            return []
-        found = sorted(folder.glob("r*.npy"))
-        run, expected = [], 0
-        for seg in found:
-            start, stop = (int(x) for x in seg.stem[1:].split("-"))
-            if start != expected:
-                break
-            run.append(seg)
-            expected = stop
-        return run
-
-    def rows_done(self, split: str) -> int:
-        segs = self.segments(split)
-        return int(segs[-1].stem.split("-")[1]) if segs else 0
-
-    def discard_after(self, split: str) -> None:
-        """Remove segments not in the contiguous run (left behind by an interrupted run)."""
-        keep = set(self.segments(split))
-        for seg in (self.path / split).glob("r*"):
-            if seg not in keep:
-                seg.unlink()
-
-    def write_segment(self, split: str, start: int, features: np.ndarray) -> None:
-        _write_npy_atomic(self.path / split / f"r{start:010d}-{start + len(features):010d}.npy",
-                          features)
-
-    def read_split(self, split: str) -> Iterator[np.ndarray]:
-        for seg in self.segments(split):
-            yield np.load(seg)
-
-
 def filters(compression: str, row_shape: tuple) -> dict:
     """h5py dataset options for ``compression``: only filters built into the HDF5 library
     (shuffle, gzip, Fletcher-32) unless ``lzf`` (h5py's own) is asked for by name."""
@@ -244,13 +191,23 @@ def shard_range(path: Path) -> tuple[int, int]:
 
 
 @dataclass
-class ShardSet(_WorkFolder):
-    """Shard files of one entry, written by independent workers (``<name>.shards/<split>/``).
+class ShardSet:
+    """Work in progress of one entry (``<name>.shards/``): shard files per split, written by
+    this process or by Ray workers, and small arrays such as the bottleneck's projection.
 
     Each shard covers a row range and is an HDF5 file written to a temporary name and renamed
-    when complete, so a lost worker leaves no half shard. Resuming extracts only the row
-    ranges no complete shard covers, whatever shard count the earlier run used.
+    when complete, so a killed run or a lost worker leaves no half shard. Resuming extracts
+    only the row ranges no complete shard covers, whatever shard size the earlier run used.
     """
+
+    path: Path
+
+    def save_array(self, name: str, array: np.ndarray) -> None:
+        _write_npy_atomic(self.path / f"{name}.npy", array)
+
+    def load_array(self, name: str) -> np.ndarray | None:
+        path = self.path / f"{name}.npy"
+        return np.load(path) if path.exists() else None
 
     def shard_path(self, split: str, start: int, stop: int) -> Path:
         return self.path / split / f"r{start:010d}-{stop:010d}.h5"
@@ -267,6 +224,19 @@ class ShardSet(_WorkFolder):
                 out.append(path)
                 covered = stop
         return out
+
+    def rows_done(self, split: str) -> int:
+        return sum(stop - start for start, stop in map(shard_range, self.files(split)))
+
+    def first_shard(self) -> tuple[tuple, np.dtype, dict] | None:
+        """(row shape, dtype, provenance) of the first complete shard: what a worker computed
+        and how (None before any shard is complete)."""
+        for split in SPLITS:
+            for path in self.files(split)[:1]:
+                with h5py.File(path, "r") as f:
+                    features = f["features"]
+                    return features.shape[1:], features.dtype, json.loads(f.attrs["provenance"])
+        return None
 
     def missing(self, split: str, n: int) -> list[tuple[int, int]]:
         """Row ranges of ``split`` (of ``n`` rows) that no complete shard covers."""
@@ -287,7 +257,7 @@ class ShardSet(_WorkFolder):
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         with _whole_or_nothing(tmp, final):
             final.parent.mkdir(parents=True, exist_ok=True)
-            _check_space(final, features.nbytes + (1 << 20))
+            _check_space(final, features.nbytes + (64 << 10))
             with h5py.File(tmp, "w") as f:
                 _write_attrs(f, {"format": SHARD_FORMAT, "key": key, "split": split,
                                  "start": start, **attrs})
@@ -393,11 +363,16 @@ class FeatureStore:
     def path_for(self, parts: dict) -> Path:
         return self.cache_dir / f"{self.name_for(parts)}.h5"
 
-    def partial_for(self, parts: dict) -> PartialEntry:
-        return PartialEntry(self.cache_dir / f"{self.name_for(parts)}.partial")
-
     def shards_for(self, parts: dict) -> ShardSet:
         return ShardSet(self.cache_dir / f"{self.name_for(parts)}.shards")
+
+    @staticmethod
+    def reads_shards(path: Path) -> bool:
+        """Whether ``path`` is a virtual dataset over its shards (or cannot be read to tell)."""
+        try:
+            return read_attrs(path).get("layout") == "vds"
+        except (OSError, KeyError, ValueError):
+            return True
 
     # locking ----------------------------------------------------------------------------
     def lock(self, parts: dict, *, wait: bool = True) -> contextlib.AbstractContextManager:
@@ -409,24 +384,11 @@ class FeatureStore:
         return file_lock(self.cache_dir / ".locks" / f"{self.name_for(parts)}.lock", wait=wait)
 
     # publishing -------------------------------------------------------------------------
-    def publish(self, partial: PartialEntry, parts: dict, *, classes: list[str],
-                labels: dict[str, np.ndarray], attrs: dict, compression: str = "auto",
-                extra: dict[str, np.ndarray] | None = None) -> Path:
-        """Assemble the segments into one checked HDF5 file and rename it into place."""
-        need = sum(seg.stat().st_size for s in SPLITS for seg in partial.segments(s)) + (1 << 20)
-
-        def write(group: h5py.Group, split: str, n: int) -> None:
-            _copy_blocks(group, partial.read_split(split), n, compression)
-
-        final = self._publish(parts, classes, labels, attrs, extra or {}, write, need, compression)
-        shutil.rmtree(partial.path, ignore_errors=True)
-        return final
-
-    def publish_shards(self, shards: ShardSet, parts: dict, *, classes: list[str],
-                       labels: dict[str, np.ndarray], attrs: dict, layout: str = "vds",
-                       compression: str = "auto", extra: dict[str, np.ndarray] | None = None) -> Path:
-        """One logical file over the shard files: an HDF5 virtual dataset mapping them
-        (``layout="vds"``; the shards stay beside it) or a merged copy (``"merge"``)."""
+    def publish(self, shards: ShardSet, parts: dict, *, classes: list[str],
+                labels: dict[str, np.ndarray], attrs: dict, layout: str = "merge",
+                compression: str = "auto", extra: dict[str, np.ndarray] | None = None) -> Path:
+        """One checked file of the complete shards: a merged copy (``layout="merge"``; the
+        shards go) or an HDF5 virtual dataset mapping them (``"vds"``; they stay beside it)."""
         if layout not in LAYOUTS:
             raise PipelineError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
         for split in SPLITS:
@@ -508,11 +470,9 @@ class FeatureStore:
                 problem = check_file(path)
                 out.append(EntryStatus(path, _key_of(path), "corrupt" if problem else "complete",
                                        problem or "", read_attrs(path) if not problem else {}))
-            elif path.suffix == ".partial" and path.is_dir():
-                entry = PartialEntry(path)
-                rows = {s: entry.rows_done(s) for s in SPLITS}
-                out.append(EntryStatus(path, _key_of(path), "partial",
-                                       ", ".join(f"{s} {r} rows" for s, r in rows.items()), {}))
+            elif path.suffix == ".partial" and path.is_dir():  # segments, as this tool wrote them before
+                out.append(EntryStatus(path, _key_of(path), "partial", "an older version's work "
+                                       "in progress, which this one does not resume: delete it", {}))
             elif path.suffix == ".shards" and path.is_dir() and not path.with_suffix(".h5").exists():
                 shards = ShardSet(path)
                 done = {s: len(shards.files(s)) for s in SPLITS}

@@ -82,20 +82,19 @@ def npz_dataset(tmp_path) -> str:
 
 def write_feature_file(cache_dir: Path, X_train, y_train, X_test, y_test, classes=None,
                        parts: dict | None = None) -> Path:
-    """A complete feature file written through the real store (segments, then publish)."""
-    from pipeline.store import FeatureStore
+    """A complete feature file written through the real store (shards, then publish)."""
+    from pipeline.store import FeatureStore, cache_key
 
     store = FeatureStore(cache_dir)
     parts = parts or {"dataset": "synthetic", "backbone": "none", "mode": "avg",
                       "n": len(y_train), "d": list(X_train.shape[1:]),
                       "seed": float(np.asarray(X_train).ravel()[0])}
-    partial = store.partial_for(parts)
-    partial.path.mkdir(parents=True, exist_ok=True)
+    shards, key = store.shards_for(parts), cache_key(parts)
     for split, X in (("train", X_train), ("test", X_test)):
         for lo in range(0, len(X), 100):
-            partial.write_segment(split, lo, np.asarray(X[lo:lo + 100]))
+            shards.write(split, lo, np.asarray(X[lo:lo + 100]), key=key, attrs={}, compression="none")
     classes = classes or [f"c{i}" for i in range(int(max(y_train.max(), y_test.max())) + 1)]
-    return store.publish(partial, parts, classes=classes,
+    return store.publish(shards, parts, classes=classes,
                          labels={"train": np.asarray(y_train), "test": np.asarray(y_test)},
                          attrs={"provenance": {"feature_shape": list(X_train.shape[1:])}})
 

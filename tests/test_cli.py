@@ -260,14 +260,14 @@ def test_sigterm_during_extraction_gets_the_interrupt_message_and_keeps_the_work
                              "--cache-dir", str(cache)], cwd=REPO, env=os.environ,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(cache.glob("*.partial/train/r*.npy")) and time.monotonic() < deadline:
+    while not list(cache.glob("*.shards/train/r*.h5")) and time.monotonic() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == ("terminated: partial work is kept; rerun the same "
                                             "command to resume")
-    assert list(cache.glob("*.partial/train/r*.npy")) and not list(cache.glob("*.h5"))
+    assert list(cache.glob("*.shards/train/r*.h5")) and not list(cache.glob("*.h5"))
     assert not list((cache / ".locks").iterdir())
 
 

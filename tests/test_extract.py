@@ -12,8 +12,8 @@ from conftest import LEDGER, REPO, audit_cache, make_images
 
 from pipeline import runtimes
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractionConfig, extract_features
-from pipeline.store import FeatureFile, PartialEntry, check_file
+from pipeline.extract import ExtractionConfig, extract_features, shard_ranges
+from pipeline.store import FeatureFile, ShardSet, check_file
 
 
 def tiny(dataset: str, cache: Path, **kw) -> ExtractionConfig:
@@ -66,6 +66,14 @@ def test_changing_a_key_part_writes_a_new_file_and_leaves_the_old(npz_dataset, t
     assert np.abs(a - b).max() > 0.1 * np.abs(a).max()  # a 2x2 map: max differs from mean
 
 
+def test_shards_are_whole_batches_and_cover_only_the_gaps():
+    assert shard_ranges(70, 24, 8) == [(0, 24), (24, 48), (48, 70)]
+    assert shard_ranges(70, 20, 8) == [(0, 24), (24, 48), (48, 70)]  # rounded up to batches
+    assert shard_ranges(70, 24, 8, gaps=[(24, 48)]) == [(24, 48)]
+    assert shard_ranges(100, 34, 8, gaps=[(10, 60)]) == [(10, 40), (40, 60)]
+    assert all(lo % 8 == 0 for lo, _ in shard_ranges(1000, 143, 8))
+
+
 @pytest.mark.reliability
 @pytest.mark.parametrize("runtime", ["tensorflow", "openvino", "onnxruntime"])
 def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, monkeypatch, caplog,
@@ -73,18 +81,18 @@ def test_interrupted_run_resumes_to_identical_features(npz_dataset, tmp_path, mo
     if not runtimes.installed(runtime):
         pytest.skip(f"{runtime} is not installed (make install adds it)")
     reference = _features(extract_features(tiny(npz_dataset, tmp_path / "ref", runtime=runtime)).path)
-    real_write, calls = PartialEntry.write_segment, []
+    real_write, calls = ShardSet.write, []
 
-    def crash_on_third(self, split, start, features):
+    def crash_on_third(self, split, start, features, **kw):
         calls.append(start)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # as if killed between segments
-        real_write(self, split, start, features)
+            raise KeyboardInterrupt  # as if killed between shards
+        return real_write(self, split, start, features, **kw)
 
-    monkeypatch.setattr(PartialEntry, "write_segment", crash_on_third)
+    monkeypatch.setattr(ShardSet, "write", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         extract_features(tiny(npz_dataset, tmp_path / "run", runtime=runtime))
-    monkeypatch.setattr(PartialEntry, "write_segment", real_write)
+    monkeypatch.setattr(ShardSet, "write", real_write)
     caplog.clear()
     with caplog.at_level("INFO", logger="pipeline"):
         result = extract_features(tiny(npz_dataset, tmp_path / "run", runtime=runtime))
@@ -228,8 +236,8 @@ def test_an_image_changed_mid_run_stops_with_our_message_and_keeps_the_rows_done
     with pytest.raises(PipelineError, match="9.png changed after the dataset was scanned"):
         extract_features(tiny(spec, tmp_path / "cache"), dataset=scanned)
     assert not list((tmp_path / "cache").glob("*.h5"))
-    partial = next((tmp_path / "cache").glob("*.partial"))
-    assert PartialEntry(partial).rows_done("train") > 0  # the rows before it, for the rerun
+    shards = next((tmp_path / "cache").glob("*.shards"))
+    assert ShardSet(shards).rows_done("train") > 0  # the rows before it, for the rerun
 
 
 # ----------------------------------------------------------------------------- processes
@@ -255,7 +263,7 @@ def bigger_npz(tmp_path):
 
 @pytest.mark.reliability
 def test_kill_9_at_many_points_then_resume_is_bit_identical(bigger_npz, tmp_path):
-    """Real SIGKILLs during extraction (after 0, 2, 5 and 9 segments of 16 rows), each rerun
+    """Real SIGKILLs during extraction (after 0, 2, 5 and 9 shards of 16 rows), each rerun
     resuming from what the last one left; the final run must have resumed (kept rows) and
     equal an uninterrupted run bit for bit."""
     small = ("--segment-rows", "16")
@@ -264,20 +272,20 @@ def test_kill_9_at_many_points_then_resume_is_bit_identical(bigger_npz, tmp_path
     reference = _features(next((tmp_path / "ref").glob("*.h5")))
     cache = tmp_path / "killed"
     kills, kept = 0, []
-    for segments in (0, 2, 5, 9):
+    for shards in (0, 2, 5, 9):
         proc = _cli(*_cli_args(bigger_npz, cache, *small))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and \
-                len(list(cache.glob("*.partial/*/r*.npy"))) < segments + sum(kept[-1:]):
+                len(list(cache.glob("*.shards/*/r*.h5"))) < shards + sum(kept[-1:]):
             time.sleep(0.02)
-        if segments == 0:
+        if shards == 0:
             time.sleep(3.0)  # during start-up: TensorFlow loading, the model being built
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
         assert not list(cache.glob("*.h5")), "the run finished before its kill"
-        kept.append(len(list(cache.glob("*.partial/*/r*.npy"))))
+        kept.append(len(list(cache.glob("*.shards/*/r*.h5"))))
     assert kept[-1] > 0 and kept == sorted(kept)  # work piled up across the kills
     final = _cli(*_cli_args(bigger_npz, cache, *small))
     out, err = final.communicate(timeout=300)
@@ -300,14 +308,14 @@ def test_kill_during_publish_leaves_a_tmp_file_that_is_never_trusted(bigger_npz,
     assert proc.wait(timeout=300) == 0
     final = next(tmp_path.glob("*.h5"))
     reference = _features(final)
-    # Rebuild the state a kill during publish leaves: segments kept, a half-written .h5.tmp.
+    # Rebuild the state a kill during publish leaves: shards kept, a half-written .h5.tmp.
     final.rename(final.with_name(final.name + ".tmp"))
     tmp = final.with_name(final.name + ".tmp")
     tmp.write_bytes(tmp.read_bytes()[:2000])
     again = _cli(*_cli_args(bigger_npz, tmp_path))
     assert again.wait(timeout=300) == 0
     assert all(np.array_equal(a, b) for a, b in zip(reference, _features(final)))
-    LEDGER.update(["interrupted", "bit-identical"])  # publish had removed the segments:
+    LEDGER.update(["interrupted", "bit-identical"])  # publish had removed the shards:
     # the rerun extracted afresh (nothing to resume) and must not trust the half file
     audit_cache(tmp_path)
 
@@ -358,9 +366,9 @@ def test_full_disk_keeps_partial_work_and_resumes(bigger_npz, tmp_path):
     assert proc.returncode == 2, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "no space left" in lines[0] and "rerun" in lines[0]
-    partial = next(tmp_path.glob("*.partial"))
-    done = PartialEntry(partial).rows_done("train")
-    assert done == 400  # every segment landed; only the big final file did not fit
+    shards = next(tmp_path.glob("*.shards"))
+    done = ShardSet(shards).rows_done("train")
+    assert done == 400  # every shard landed; only the big final file did not fit
     again = _cli(*args)
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err

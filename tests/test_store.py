@@ -88,17 +88,17 @@ def test_nan_features_are_refused_at_publish(tmp_path):
     assert not list(tmp_path.glob("*.h5"))
 
 
-def test_partial_entry_resumes_only_from_contiguous_segments(tmp_path):
-    entry = FeatureStore(tmp_path).partial_for({"dataset": "d", "backbone": "b", "mode": "avg"})
-    X, _ = _features(30)
-    entry.write_segment("train", 0, X[:10])
-    entry.write_segment("train", 10, X[10:20])
-    entry.write_segment("train", 25, X[25:30])  # a gap: rows 20-25 never landed
-    (entry.path / "train" / "r0000000020-0000000025.tmp").write_bytes(b"half")
-    assert entry.rows_done("train") == 20
-    entry.discard_after("train")
-    assert sorted(p.name for p in (entry.path / "train").iterdir()) == [
-        "r0000000000-0000000010.npy", "r0000000010-0000000020.npy"]
+def test_resume_covers_only_the_rows_no_complete_shard_holds(tmp_path):
+    shards = FeatureStore(tmp_path).shards_for({"dataset": "d", "backbone": "b", "mode": "avg"})
+    X, _ = _features(40)
+    for lo, hi in ((0, 10), (10, 20), (25, 30)):
+        shards.write("train", lo, X[lo:hi], key="k", attrs={})
+    (shards.path / "train" / ".r0000000020-0000000025.h5.tmp-1").write_bytes(b"half")
+    unfinished = shards.shard_path("train", 30, 35)
+    unfinished.write_bytes(shards.shard_path("train", 25, 30).read_bytes()[:1000])  # cut short
+    assert shards.missing("train", 40) == [(20, 25), (30, 40)]
+    assert shards.rows_done("train") == 25 and shards.missing("test", 5) == [(0, 5)]
+    assert [next(shards.read_split("train"))[i].tolist() for i in (0, 9)] == [X[0].tolist(), X[9].tolist()]
 
 
 def _hold_lock(cache_dir, parts, seconds):
@@ -129,8 +129,8 @@ def test_entries_report_complete_partial_and_corrupt(tmp_path):
     store = FeatureStore(tmp_path / "cache")
     bad = tmp_path / "cache" / "broken-00000000000000ff.h5"
     bad.write_bytes(b"garbage")
-    store.partial_for({"dataset": "x", "backbone": "y", "mode": "avg"}).write_segment(
-        "train", 0, np.zeros((4, 2), np.float32))
+    store.shards_for({"dataset": "x", "backbone": "y", "mode": "avg"}).write(
+        "train", 0, np.zeros((4, 2), np.float32), key="k", attrs={})
     states = {e.path.name: e.state for e in store.entries()}
     assert states[good.name] == "complete" and states[bad.name] == "corrupt"
     assert "partial" in states.values()
@@ -191,10 +191,10 @@ def test_features_carry_chunk_checksums_and_only_built_in_filters(tmp_path, comp
     X, y = _features()
     store = FeatureStore(tmp_path)
     parts = {"dataset": "d", "backbone": "b", "mode": "avg"}
-    partial = store.partial_for(parts)
-    partial.write_segment("train", 0, X[:200])
-    partial.write_segment("test", 0, X[200:])
-    path = store.publish(partial, parts, classes=["c0", "c1", "c2"], compression=compression,
+    shards = store.shards_for(parts)
+    shards.write("train", 0, X[:200], key="k", attrs={})
+    shards.write("test", 0, X[200:], key="k", attrs={})
+    path = store.publish(shards, parts, classes=["c0", "c1", "c2"], compression=compression,
                          labels={"train": y[:200], "test": y[200:]}, attrs={})
     with h5py.File(path, "r") as f:
         d = f["train/features"]
