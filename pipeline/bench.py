@@ -226,16 +226,16 @@ def bench_heads(out: str | None = None, features: str | None = None,
 
     from pipeline.datasets import stratified_subset
     from pipeline.heads import evaluate, load_features, make_head
-    from pipeline.store import FeatureFile, FeatureStore
+    from pipeline.store import DEFAULT_CACHE_DIR, FeatureFile, FeatureStore
 
     if features is None:
         candidates = []
-        for path in FeatureStore("features_cache").complete_files():
+        for path in FeatureStore().complete_files():
             with FeatureFile(path) as ff:
                 if ff.features("train").shape[0] >= min_rows:
                     candidates.append(path)
         if not candidates:
-            raise PipelineError(f"no feature file with {min_rows:,}+ training rows in features_cache/; "
+            raise PipelineError(f"no feature file with {min_rows:,}+ training rows in {DEFAULT_CACHE_DIR}/; "
                                 "extract one (e.g. make features CONFIG=experiments/offline.toml) "
                                 "or pass --features FILE")
         features = str(min(candidates, key=lambda p: p.stat().st_size))
@@ -338,7 +338,7 @@ def bench_cache(out: str | None = None, folder: str | None = None) -> dict:
         # Maps compress by their zeros: real weights where Keras can find them (KERAS_HOME).
         weights = "imagenet" if os.environ.get("KERAS_HOME") else "none"
         maps = [*args[:5], f"folder:{SHARED_CIFAR}", *args[6:10], "--weights", weights,
-                "--image-size", "224", "--pooling", "spatial", "--limit", "500", "--cache-dir", cache]
+                "--image-size", "224", "--mode", "spatial", "--limit", "500", "--cache-dir", cache]
         proc = subprocess.run(maps, capture_output=True, text=True)
         if proc.returncode:
             raise PipelineError(f"bench cache: extract failed: {proc.stderr.strip()[-300:]}")

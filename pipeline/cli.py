@@ -14,9 +14,11 @@ import os
 import signal
 import sys
 import traceback
+from dataclasses import MISSING
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.store import DEFAULT_CACHE_DIR
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
 log = logging.getLogger("pipeline")
@@ -32,44 +34,47 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
+    return value
+
+
+def _add_option(p: argparse.ArgumentParser, name: str, **override) -> None:
+    """The flag of extraction option ``name``, made from its one declaration
+    (``extract.ExtractionConfig``); its old spellings are flags too."""
+    from pipeline.extract import option_fields, option_type
+
+    f, (kind, _) = option_fields()[name], option_type(name)
+    meta = f.metadata
+    flags = [meta["flag"] or f"--{name.replace('_', '-')}",
+             *(f"--{alias.replace('_', '-')}" for alias in meta["aliases"])]
+    kw = {"dest": name, "help": meta["help"], "default": f.default}
+    if kind is bool:
+        kw["action"] = "store_true"
+    elif kind is tuple:
+        kw.update(action="append", default=[])
+    else:
+        kw["type"] = {int: positive_int, float: positive_float}.get(kind, str) \
+            if meta["positive"] else kind
+        if meta["choices"]:
+            kw["choices"] = meta["choices"]
+    if f.default is MISSING:
+        kw.update(required=True, default=None)
+    p.add_argument(*flags, **{**kw, **override})
+
+
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True,
-                   help="cifar10 | cifar100 | fashion_mnist | mnist | folder:PATH | idx:PATH | "
-                        "cifar:PATH | npz:PATH")
-    p.add_argument("--backbone", default="mobilenet_v2")
-    p.add_argument("--pooling", default="avg", help="avg | max | bottleneck | spatial")
-    p.add_argument("--alpha", type=float, default=None, help="width multiplier (MobileNets)")
-    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a weights file")
-    p.add_argument("--image-size", type=int, default=None, help="model input size (default: native)")
-    p.add_argument("--layer", action="append", default=[], dest="layers",
-                   help="pool this layer instead of the last (repeat to concatenate layers)")
-    p.add_argument("--bottleneck-k", type=int, default=32)
-    p.add_argument("--tta", default="none",
-                   help="none | flip: average each image's features with its mirror's (one more "
-                        "forward pass; a key part). Off for digits or text, where a mirror "
-                        "changes what the image shows")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="images per split (stratified, at least one per class)")
-    p.add_argument("--precision", default="float32", help="float32 | mixed_float16 | mixed_bfloat16")
-    p.add_argument("--compression", default="auto",
-                   help="auto (gzip for spatial maps, none for vectors) | none | gzip | lzf "
-                        "(lzf is h5py's own filter: other HDF5 readers cannot open it)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip undecodable images (counted in a warning, listed in the file)")
+    from pipeline.extract import option_fields
+
+    for name, f in option_fields().items():
+        if f.metadata["flag"] is not None:
+            _add_option(p, name)
     p.add_argument("--rebuild", action="store_true", help="replace a damaged or existing file")
-    p.add_argument("--rescan", action="store_true",
-                   help="read every image file again instead of trusting the scan index")
-    _add_runtime_arg(p)
-    p.add_argument("--segment-rows", type=int, default=None,
-                   help="rows per resumable segment (default: about 8 MiB)")
-
-
-def _add_runtime_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    p.add_argument("--runtime", default=default,
-                   help="auto (on a CPU: OpenVINO, else ONNX Runtime, where installed; else "
-                        "TensorFlow) | tensorflow | openvino | onnxruntime: what runs the "
-                        "backbone; float32 on every one")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -106,7 +111,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="pipeline", description=__doc__.splitlines()[0])
     common = OneLineParser(add_help=False)
-    common.add_argument("--cache-dir", default="features_cache", help="feature cache folder")
+    common.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="feature cache folder")
     common.add_argument("--results-dir", default="results", help="head results folder")
     common.add_argument("-v", "--verbose", action="store_true", help="more messages")
     common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -146,10 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=None, help="space-separated override of the grid's datasets")
     p.add_argument("--backbones", default=None, help="space-separated override of the backbones")
     p.add_argument("--heads", default=None, help="space-separated override of the heads")
-    p.add_argument("--limit", type=positive_int, default=None, help="images per split")
-    p.add_argument("--rescan", action="store_true",
-                   help="read every image file again instead of trusting the scan index")
-    _add_runtime_arg(p, default=None)
+    for name in ("limit", "rescan", "runtime"):  # over the experiment file's
+        _add_option(p, name, default=None)
     _add_engine_args(p)
 
     p = sub.add_parser("bench", help="benchmarks, JSON results")
@@ -220,15 +223,10 @@ def _print_cause(exc: BaseException) -> None:
 
 
 def cmd_extract(args) -> int:
-    from pipeline.extract import ExtractionConfig, extract_features
+    from pipeline.extract import ExtractionConfig, extract_features, option_fields
 
-    config = ExtractionConfig(
-        dataset=args.dataset, backbone=args.backbone, pooling=args.pooling, alpha=args.alpha,
-        weights=args.weights, image_size=args.image_size, layers=tuple(args.layers),
-        bottleneck_k=args.bottleneck_k, batch_size=args.batch_size, limit=args.limit,
-        precision=args.precision, compression=args.compression, skip_bad=args.skip_bad,
-        cache_dir=args.cache_dir, segment_rows=args.segment_rows, rescan=args.rescan,
-        runtime=args.runtime, tta=args.tta)
+    config = ExtractionConfig(**{name: getattr(args, name) for name in option_fields()
+                                 if name != "seed"})
     engine = _engine(args)
     if engine is None:
         extract_features(config, rebuild=args.rebuild)
@@ -353,9 +351,8 @@ def cmd_run(args) -> int:
 
     experiment = load_experiment(args.config, datasets=args.datasets, backbones=args.backbones,
                                  heads=args.heads, limit=args.limit)
-    experiment.rescan = args.rescan
-    if args.runtime:
-        experiment.runtime = args.runtime
+    experiment.options.update({name: getattr(args, name) for name in ("rescan", "runtime")
+                               if getattr(args, name) is not None})
     engine = None if args.dry_run else _engine(args)
     if engine is None:
         return run_experiment(experiment, stage=args.stage, dry_run=args.dry_run)

@@ -71,7 +71,7 @@ class ShardExtractor:
         self.model = FeatureModel(config, shape)
         self.runtime = self.model.use_runtime(  # the driver's choice, on every actor
             config.runtime, FeatureStore(config.cache_dir).model_dir(config.model_key(shape)),
-            f"{config.backbone} {config.pooling}", config.precision, threads=threads or None)
+            f"{config.backbone} {config.mode}", config.precision, threads=threads or None)
         self.decode_threads = decode_threads
 
     def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:

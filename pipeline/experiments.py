@@ -25,7 +25,13 @@ import numpy as np
 
 from pipeline.datasets import KERAS_DATASETS, Dataset, keras_dataset_is_local, load_dataset
 from pipeline.errors import PipelineError
-from pipeline.extract import MODES, ExtractionConfig, extract_features
+from pipeline.extract import (
+    MODES,
+    ExtractionConfig,
+    extract_features,
+    option_fields,
+    option_problem,
+)
 from pipeline.heads import (
     HEADS,
     SPATIAL_HEADS,
@@ -36,7 +42,14 @@ from pipeline.heads import (
     make_head,
 )
 from pipeline.reports import compare, head_label, plot_confusion, result_title
-from pipeline.store import FeatureFile, FeatureStore, check_file, file_lock, reading
+from pipeline.store import (
+    DEFAULT_CACHE_DIR,
+    FeatureFile,
+    FeatureStore,
+    check_file,
+    file_lock,
+    reading,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "default.toml"
 log = logging.getLogger(__name__)
@@ -214,7 +227,7 @@ def _write_result(out: Path, model, metrics: dict, classes: list[str]) -> None:
 
 
 def train_heads(heads: list[str], *, features: list[str] | None = None,
-                cache_dir: str = "features_cache", results_dir: str = "results",
+                cache_dir: str = DEFAULT_CACHE_DIR, results_dir: str = "results",
                 params: list[str] | None = None, memory_budget_gb: float | None = None,
                 force: bool = False, fuse: bool = False) -> None:
     """``pipeline train``: each head on each given (or every complete) feature file, or with
@@ -245,42 +258,59 @@ class Experiment:
     backbones: list[dict]
     features: list[dict]
     heads: list[dict]
-    cache_dir: str = "features_cache"
+    options: dict = field(default_factory=dict)  # top-level extraction options (cache_dir, ...)
     results_dir: str = "results"
-    batch_size: int = 64
-    limit: int | None = None
     source: str = ""
-    rescan: bool = False  # read every image file again instead of trusting the scan index
-    runtime: str = "auto"  # what runs the backbones: auto | tensorflow | openvino
     fusions: list[dict] = field(default_factory=list)  # heads on several feature files at once
 
+    @property
+    def cache_dir(self) -> str:
+        return self.options.get("cache_dir", DEFAULT_CACHE_DIR)
 
-_TOP_KEYS = {"datasets", "backbones", "features", "heads", "cache_dir", "results_dir",
-             "batch_size", "limit", "description", "runtime", "fusions"}
-_ENTRY_KEYS = {
-    "datasets": {"name", "source", "limit", "skip_bad"},
-    "backbones": {"name", "alpha", "weights", "image_size", "batch_size", "precision"},
-    "features": {"name", "mode", "layers", "k", "backbones", "datasets", "heads", "compression",
-                 "tta"},
-    "heads": {"name", "params", "modes"},
+    @property
+    def limit(self) -> int | None:
+        return self.options.get("limit")
+
+
+# The grid's own keys, beside the extraction options each place takes (``option``'s ``where``).
+_GRID_KEYS = {
+    "top": {"datasets": list, "backbones": list, "features": list, "heads": list,
+            "fusions": list, "results_dir": str, "description": str},
+    "datasets": {"name": str},
+    "backbones": {},
+    "features": {"name": str, "backbones": list, "datasets": list, "heads": list},
+    "heads": {"name": str, "params": dict, "modes": list},
 }
 
 
-def _check_types(path: str, section: str, entry: dict) -> None:
-    types = {"name": str, "source": str, "limit": int, "skip_bad": bool, "alpha": (int, float),
-             "weights": str, "image_size": int, "batch_size": int, "precision": str,
-             "mode": str, "layers": list, "k": int, "backbones": list, "datasets": list,
-             "compression": str, "tta": str,
-             "params": dict, "modes": list, "heads": list, "features": list}
+def _option_keys(place: str) -> dict[str, str]:
+    """{key in the file: option name} of the extraction options ``place`` may set, with their
+    old spellings."""
+    return {k: f.name for f in option_fields().values() if place in f.metadata["where"]
+            for k in (f.metadata["key"] or f.name, *f.metadata["aliases"])}
+
+
+def _check_entry(path: str, place: str, entry: dict) -> None:
+    """Known keys only, each of its declared type and range: one line naming the mistake."""
+    where = "top level" if place == "top" else f"[[{place}]]"
+    grid, options = _GRID_KEYS[place], _option_keys(place)
+    bad = set(entry) - set(grid) - set(options)
+    if bad:
+        raise PipelineError(f"{path}: {where} unknown key(s) {', '.join(sorted(bad))}; "
+                            f"allowed: {', '.join(sorted({*grid, *options}))}")
     for key, value in entry.items():
-        if not isinstance(value, types[key]) or isinstance(value, bool) != (types[key] is bool):
-            raise PipelineError(f"{path}: [{section}] {key} = {value!r} should be "
-                                f"{getattr(types[key], '__name__', 'a number')}")
-        if key in _POSITIVE_KEYS and value <= 0:
-            raise PipelineError(f"{path}: [{section}] {key} = {value!r} must be a positive number")
+        if key in options:
+            problem = option_problem(options[key], value)
+        else:
+            problem = None if isinstance(value, grid[key]) else f"should be {grid[key].__name__}"
+        if problem:
+            raise PipelineError(f"{path}: {where} {key} = {value!r}: {problem}")
 
 
-_POSITIVE_KEYS = {"limit", "batch_size", "image_size", "k", "alpha"}
+def _options(place: str, entry: dict) -> dict:
+    """The extraction options an entry (or the top level) sets, by option name."""
+    keys = _option_keys(place)
+    return {keys[k]: v for k, v in entry.items() if k in keys}
 
 
 def load_experiment(path: str | None = None, *, datasets: str | None = None,
@@ -294,24 +324,19 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
         raise PipelineError(f"experiment file {path!r} not found; see experiments/*.toml") from None
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"experiment file {path}: not valid TOML ({exc})") from None
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        raise PipelineError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
-                            f"allowed: {', '.join(sorted(_TOP_KEYS))}")
-    for section, allowed in _ENTRY_KEYS.items():
+    _check_entry(path, "top", raw)
+    for section in ("datasets", "backbones", "features", "heads"):
         entries = raw.get(section, [])
-        if not isinstance(entries, list) or not entries:
+        if not entries or not all(isinstance(e, dict) for e in entries):
             raise PipelineError(f"{path}: [[{section}]] must list at least one entry")
         for entry in entries:
-            bad = set(entry) - allowed
-            if bad:
-                raise PipelineError(f"{path}: [[{section}]] unknown key(s) {', '.join(sorted(bad))}; "
-                                    f"allowed: {', '.join(sorted(allowed))}")
-            _check_types(path, section, entry)
+            _check_entry(path, section, entry)
+            if "name" not in entry and section != "features":
+                raise PipelineError(f"{path}: [[{section}]] entry without a name: {entry}")
     for entry in raw["features"]:
-        if entry.get("mode") not in MODES:
-            raise PipelineError(f"{path}: [[features]] mode = {entry.get('mode')!r}; "
-                                f"use one of {', '.join(MODES)}")
+        if "mode" not in entry and "pooling" not in entry:
+            raise PipelineError(f"{path}: [[features]] entry without a mode; use one of "
+                                f"{', '.join(MODES)}")
     for entry in raw["heads"]:
         if entry.get("name") not in HEADS:
             raise PipelineError(f"{path}: [[heads]] name = {entry.get('name')!r}; "
@@ -320,19 +345,13 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
             check_params(entry["name"], entry.get("params", {}))
         except PipelineError as exc:
             raise PipelineError(f"{path}: [[heads]] {exc}") from None
-    for key in ("limit", "batch_size"):
-        if key in raw:
-            _check_types(path, "top level", {key: raw[key]})
+    features = [{**f, "mode": f.get("mode", f.get("pooling"))} for f in raw["features"]]
     fusions = raw.get("fusions", [])
-    if not isinstance(fusions, list):
-        raise PipelineError(f"{path}: fusions must be [[fusions]] entries")
     for entry in fusions:
-        _check_fusion(path, entry, raw)
-    exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=raw["features"],
-                     heads=raw["heads"], cache_dir=raw.get("cache_dir", "features_cache"),
-                     results_dir=raw.get("results_dir", "results"),
-                     batch_size=raw.get("batch_size", 64), limit=raw.get("limit"), source=path,
-                     runtime=raw.get("runtime", "auto"), fusions=fusions)
+        _check_fusion(path, entry, {**raw, "features": features})
+    exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=features,
+                     heads=raw["heads"], options=_options("top", raw),
+                     results_dir=raw.get("results_dir", "results"), source=path, fusions=fusions)
     if datasets:
         known = {d["name"]: d for d in exp.datasets}
         exp.datasets = [known.get(n, {"name": n, "source": n}) for n in datasets.split()]
@@ -347,7 +366,7 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
     if limit is not None:
         if limit < 1:
             raise PipelineError(f"--limit {limit}: give a positive number of images per split")
-        exp.limit = limit
+        exp.options["limit"] = limit
     return exp
 
 
@@ -362,7 +381,9 @@ def _check_fusion(path: str, entry: dict, raw: dict) -> None:
     if bad:
         raise PipelineError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; "
                             f"allowed: {', '.join(sorted(_FUSION_KEYS))}")
-    _check_types(path, "fusions", {k: v for k, v in entry.items() if k != "features"})
+    for key in ("datasets", "heads"):
+        if not isinstance(entry.get(key, []), list):
+            raise PipelineError(f"{where}: {key} = {entry[key]!r}: should be a list of names")
     parts = entry.get("features")
     if not isinstance(parts, list) or len(parts) < 2 or not all(isinstance(p, str) for p in parts):
         raise PipelineError(f"{where}: features = [\"BACKBONE/FEATURES\", ...] must name at "
@@ -417,7 +438,6 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
     jobs = []
     store = FeatureStore(exp.cache_dir)
     for d in exp.datasets:
-        limit = d.get("limit", exp.limit) or None
         source = d.get("source", d["name"])
         if not fetch and source in KERAS_DATASETS and not keras_dataset_is_local(source):
             jobs += [Job(None, None, f"{d['name']} / {b['name']} / {f['mode']}  (dataset not "
@@ -425,21 +445,19 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                          (d["name"], b["name"], f.get("name", f["mode"])))
                      for b in exp.backbones for f in exp.features if _applies(f, d, b)]
             continue
-        dataset = load_dataset(source, limit=limit, skip_bad=d.get("skip_bad", False),
-                               scan_index=store.scan_dir, rescan=exp.rescan, scan_map=scan_map)
+        dataset = None
         for b in exp.backbones:
             for f in exp.features:
                 if not _applies(f, d, b):
                     continue
-                config = ExtractionConfig(
-                    dataset=source, backbone=b["name"], pooling=f["mode"], alpha=b.get("alpha"),
-                    weights=b.get("weights", "imagenet"), image_size=b.get("image_size"),
-                    layers=tuple(f.get("layers", ())), bottleneck_k=f.get("k", 32),
-                    batch_size=b.get("batch_size", exp.batch_size), limit=limit,
-                    precision=b.get("precision", "float32"),
-                    compression=f.get("compression", "auto"), skip_bad=d.get("skip_bad", False),
-                    cache_dir=exp.cache_dir, runtime=exp.runtime, tta=f.get("tta", "none"))
+                config = ExtractionConfig(**{"dataset": d["name"], **exp.options,
+                                             **_options("datasets", d), **_options("backbones", b),
+                                             **_options("features", f)})
                 config.validate()
+                dataset = dataset or load_dataset(
+                    config.dataset, limit=config.limit, skip_bad=config.skip_bad,
+                    seed=config.seed, scan_index=store.scan_dir, rescan=config.rescan,
+                    scan_map=scan_map)
                 parts = config.key_parts(dataset)
                 path = store.path_for(parts)
                 if path.exists():

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,62 +33,107 @@ from pipeline import backbones as bb
 from pipeline import runtimes
 from pipeline.datasets import SPLITS, Dataset, Split, load_dataset, stratified_subset
 from pipeline.errors import PipelineError
-from pipeline.store import FeatureStore, ShardSet, cache_key, check_file
+from pipeline.store import (
+    COMPRESSIONS,
+    DEFAULT_CACHE_DIR,
+    FeatureStore,
+    ShardSet,
+    cache_key,
+    check_file,
+)
 
 EXTRACTOR_VERSION = 1
-MODES = ("avg", "max", "bottleneck", "spatial")
+MODES = ("avg", "max", "bottleneck", "spatial")  # what a feature file holds: the key's "mode"
 TTAS = ("none", "flip")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 log = logging.getLogger(__name__)
 
 
+def option(default=MISSING, help: str = "", *, where: tuple[str, ...] = (),
+           choices: tuple = (), positive: bool = False, flag: str | None = "",
+           aliases: tuple[str, ...] = (), key: str = ""):
+    """An ``ExtractionConfig`` field, declared once with what the command line and experiment
+    files need: ``where`` it may be set in an experiment file (``datasets`` / ``backbones`` /
+    ``features`` entries, ``top`` level) and under which ``key`` there (default: its name);
+    its ``flag`` (default ``--field-name``; None: not an ``extract`` flag); ``aliases``: older
+    spellings, accepted for one release."""
+    return field(default=default, metadata={
+        "help": help, "where": where, "choices": tuple(choices), "positive": positive,
+        "flag": flag, "aliases": aliases, "key": key})
+
+
 @dataclass
 class ExtractionConfig:
-    dataset: str
-    backbone: str = "mobilenet_v2"
-    pooling: str = "avg"  # avg | max | bottleneck | spatial
-    alpha: float | None = None
-    weights: str = "imagenet"
-    image_size: int | None = None  # default: the backbone's native size
-    layers: tuple[str, ...] = ()  # pool these layers' outputs (concatenated) instead of the last
-    bottleneck_k: int = 32
-    bottleneck_fit_images: int = 2000
-    batch_size: int = 64
-    limit: int | None = None
-    precision: str = "float32"
-    compression: str = "auto"
-    skip_bad: bool = False
-    cache_dir: str = "features_cache"
-    seed: int = 0
-    segment_rows: int | None = None  # rows per resumable segment; default about 8 MiB
-    rescan: bool = False  # read every image file again instead of trusting the scan index
-    runtime: str = "auto"  # auto | tensorflow | openvino: which engine runs the graph
-    tta: str = "none"  # flip: average each image's features with its mirror's (not for digits)
+    """Every extraction option: ``cli`` makes its flags from these fields, ``experiments``
+    its file checks and grid, ``validate`` checks them; key parts are ``key_parts``."""
+
+    dataset: str = option(help="cifar10 | cifar100 | fashion_mnist | mnist | folder:PATH | "
+                          "idx:PATH | cifar:PATH | npz:PATH", where=("datasets",), key="source")
+    backbone: str = option("mobilenet_v2", "a name `python -m pipeline backbones` lists",
+                           where=("backbones",), key="name")
+    mode: str = option("avg", "global average or max pooling of the last map, a 1x1 bottleneck "
+                       "of it (PCA on training maps), or the map itself", where=("features",),
+                       choices=MODES, aliases=("pooling",))
+    alpha: float | None = option(None, "width multiplier (MobileNets)", where=("backbones",),
+                                 positive=True)
+    weights: str = option("imagenet", "imagenet | none | PATH to a weights file",
+                          where=("backbones",))
+    image_size: int | None = option(None, "model input size (default: the backbone's native)",
+                                    where=("backbones",), positive=True)
+    layers: tuple[str, ...] = option((), "pool this layer instead of the last (repeat to "
+                                     "concatenate layers)", where=("features",), flag="--layer")
+    bottleneck_k: int = option(32, "channels the bottleneck keeps", where=("features",),
+                               positive=True, aliases=("k",))
+    bottleneck_fit_images: int = option(2000, "training images the bottleneck is fitted on",
+                                        where=("features",), positive=True)
+    batch_size: int = option(64, "images per batch", where=("backbones", "top"), positive=True)
+    limit: int | None = option(None, "images per split (stratified, at least one per class)",
+                               where=("datasets", "top"), positive=True)
+    precision: str = option("float32", "mixed precision runs on TensorFlow (a key part)",
+                            where=("backbones",), choices=PRECISIONS)
+    compression: str = option("auto", "auto (gzip for spatial maps, none for vectors) | none | "
+                              "gzip | lzf (h5py's own filter: other HDF5 readers cannot open it)",
+                              where=("features",), choices=COMPRESSIONS)
+    skip_bad: bool = option(False, "skip undecodable images (counted in a warning, listed in "
+                            "the file)", where=("datasets",))
+    cache_dir: str = option(DEFAULT_CACHE_DIR, "feature cache folder", where=("top",),
+                            flag=None)  # a flag of every command
+    seed: int = option(0, "seed of --limit's subset and the bottleneck's fitting images",
+                       flag=None)
+    shard_rows: int | None = option(None, "rows per resumable shard (default: about 8 MiB)",
+                                    positive=True, aliases=("segment_rows",))
+    rescan: bool = option(False, "read every image file again instead of trusting the scan "
+                          "index")
+    runtime: str = option("auto", "what runs the backbone, float32 on every one: auto (on a "
+                          "CPU: OpenVINO, else ONNX Runtime, where installed; else TensorFlow) | "
+                          "tensorflow | openvino | onnxruntime", where=("top",),
+                          choices=runtimes.RUNTIMES)
+    tta: str = option("none", "flip: average each image's features with its mirror's (one "
+                      "more forward pass; a key part). Off for digits or text, where a mirror "
+                      "changes what the image shows", where=("features",), choices=TTAS)
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers)
 
     def validate(self) -> None:
+        """Every option's type and range, then what depends on the backbone (one line each)."""
+        for f in fields(self):
+            problem = option_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise PipelineError(f"{f.name} = {getattr(self, f.name)!r}: {problem}")
         spec = bb.get_spec(self.backbone)
-        if self.pooling not in MODES:
-            raise PipelineError(f"unknown feature mode {self.pooling!r}; use one of {', '.join(MODES)}")
-        if self.precision not in PRECISIONS:
-            raise PipelineError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if self.alpha is not None and not spec.has_alpha:
             raise PipelineError(f"backbone {self.backbone!r} takes no alpha; only the MobileNets do")
-        if self.layers and self.pooling not in ("avg", "max"):
-            raise PipelineError("--layer works with --pooling avg or max")
-        if self.batch_size < 1 or (self.image_size is not None and self.image_size < 1):
-            raise PipelineError("--batch-size and --image-size must be positive")
-        if self.bottleneck_k < 1:
-            raise PipelineError("--bottleneck-k must be positive")
-        if self.tta not in TTAS:
-            raise PipelineError(f"unknown --tta {self.tta!r}; use one of {', '.join(TTAS)}")
-        runtimes.choose(self.runtime)  # an unknown or missing runtime fails before any work
+        if self.layers and self.mode not in ("avg", "max"):
+            raise PipelineError("layers (--layer) work with mode avg or max")
+        runtimes.choose(self.runtime)  # a runtime that is not installed fails before any work
 
     def model_key(self, image_shape: tuple[int, int, int]) -> dict:
         """What a converted graph depends on (not the data): its cache folder's key."""
         return {"backbone": self.backbone, "alpha": self.alpha,
                 "weights": bb.weights_identity(self.weights),
                 "image_size": self.image_size or bb.get_spec(self.backbone).input_size,
-                "layers": list(self.layers), "mode": self.pooling, "input": list(image_shape),
+                "layers": list(self.layers), "mode": self.mode, "input": list(image_shape),
                 "extractor_version": EXTRACTOR_VERSION, **self._tta_part()}
 
     def _tta_part(self) -> dict:
@@ -103,14 +148,48 @@ class ExtractionConfig:
             "backbone": self.backbone, "alpha": self.alpha,
             "weights": bb.weights_identity(self.weights),
             "image_size": self.image_size or spec.input_size,
-            "layers": list(self.layers), "mode": self.pooling,
+            "layers": list(self.layers), "mode": self.mode,
             "precision": self.precision, "extractor_version": EXTRACTOR_VERSION,
             **self._tta_part(),
         }
-        if self.pooling == "bottleneck":
+        if self.mode == "bottleneck":
             parts["bottleneck"] = {"k": self.bottleneck_k, "fit_images": self.bottleneck_fit_images,
                                    "seed": self.seed, "method": "pca"}
         return parts
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def option_fields() -> dict[str, Field]:
+    """The declared options by name (see ``option``)."""
+    return {f.name: f for f in fields(ExtractionConfig)}
+
+
+def option_type(name: str) -> tuple[type, bool]:
+    """(str | int | float | bool | tuple, whether None is allowed) of option ``name``."""
+    text = str(option_fields()[name].type)
+    base = text.split(" | ")[0]
+    return (tuple if base.startswith("tuple") else _TYPES[base]), "None" in text
+
+
+def option_problem(name: str, value) -> str | None:
+    """What is wrong with ``value`` for option ``name`` (None if nothing): one check for the
+    command line, experiment files and the Python API."""
+    meta, (kind, optional) = option_fields()[name].metadata, option_type(name)
+    if value is None:
+        return None if optional else "a value is required"
+    if kind is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return None if ok else "should be a list of names"
+    if isinstance(value, bool) != (kind is bool) or not isinstance(
+            value, (int, float) if kind is float else kind):
+        return f"should be {'a number' if kind is float else kind.__name__}"
+    if meta["choices"] and value not in meta["choices"]:
+        return f"use one of {', '.join(meta['choices'])}"
+    if meta["positive"] and value <= 0:
+        return "must be a positive number"
+    return None
 
 
 def dataset_label(spec: str) -> str:
@@ -194,7 +273,7 @@ class FeatureModel:
                                     f"{list(config.layers)}; its last layers are: {names}") from None
             backbone = keras.Model(backbone.inputs, outputs)
         self.backbone = backbone
-        self.mode, self.tta = config.pooling, config.tta
+        self.mode, self.tta = config.mode, config.tta
         self.preprocess = bb.preprocess_input(config.backbone)
         self.projection = None  # (mean, components) for the bottleneck mode
         self.runtime, self.runner = "tensorflow", None
@@ -467,11 +546,11 @@ class LocalRunner:
         self.config, self.dataset = config, dataset
         image_shape = dataset.splits["train"].image_shape
         self.model = FeatureModel(config, image_shape)
-        if config.pooling == "bottleneck":
+        if config.mode == "bottleneck":
             check_bottleneck_k(self.model, config.bottleneck_k)
         self.runtime = self.model.use_runtime(
             runtime, store.model_dir(config.model_key(image_shape)),
-            f"{config.backbone} {config.pooling}", config.precision)
+            f"{config.backbone} {config.mode}", config.precision)
 
     def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:
         c = self.config
@@ -479,9 +558,9 @@ class LocalRunner:
                               c.batch_size, c.seed)
 
     def shard_rows(self, n: int, projection) -> int:
-        """``segment_rows``, or about 8 MiB of features: resume loses at most one shard."""
-        if self.config.segment_rows:
-            return self.config.segment_rows
+        """``shard_rows``, or about 8 MiB of features: resume loses at most one shard."""
+        if self.config.shard_rows:
+            return self.config.shard_rows
         self.model.projection = projection
         row = self.model(self.dataset.splits["train"].load(np.arange(1)))
         return max(self.config.batch_size, (8 << 20) // max(row[0].nbytes, 1))
@@ -572,7 +651,7 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
         if done:
             log.info("resuming: %s", ", ".join(f"{s} {done.get(s, 0):,}/{sizes[s]:,}" for s in SPLITS))
         projection, extra = None, {}
-        if config.pooling == "bottleneck":
+        if config.mode == "bottleneck":
             projection = (shards.load_array("bottleneck_mean"),
                           shards.load_array("bottleneck_components"))
             if projection[0] is None or projection[1] is None:

@@ -259,7 +259,7 @@ class Conv1x1MLP(ClassifierMixin, BaseEstimator):
 
         if X.ndim != 4:
             raise PipelineError(f"conv1x1_mlp needs spatial features (n, h, w, C), got shape "
-                                f"{X.shape}; extract with --pooling spatial")
+                                f"{X.shape}; extract with --mode spatial")
         keras.utils.set_random_seed(self.random_state)
         fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state)
         self.classes_ = np.unique(y)
@@ -590,7 +590,7 @@ def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None 
     spatial = len(shape) == 4
     if head in SPATIAL_HEADS and not spatial:
         raise PipelineError(f"head {head!r} needs spatial features; {ff.path.name} holds "
-                            f"{shape[1:]} vectors (extract with --pooling spatial)")
+                            f"{shape[1:]} vectors (extract with --mode spatial)")
     y_train, y_test = ff.labels("train"), ff.labels("test")
     if len(np.unique(y_train)) < 2:
         raise PipelineError(f"{ff.path.name}: the training split has a single class; "

@@ -36,6 +36,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 
+DEFAULT_CACHE_DIR = "features_cache"
 FORMAT = "pipeline.features"
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -342,7 +343,7 @@ class EntryStatus:
 class FeatureStore:
     """The cache folder: maps key parts to files, locks writers, publishes complete files."""
 
-    def __init__(self, cache_dir: str | os.PathLike = "features_cache"):
+    def __init__(self, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR):
         self.cache_dir = Path(cache_dir)
 
     # names ------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def run_cli(*args):
     (["extract", "--dataset", "imagenet22k"], "unknown dataset 'imagenet22k'"),
     (["extract", "--dataset", "folder:/no/such/dir"], "does not exist"),
     (["extract", "--dataset", "mnist", "--backbone", "alexnet"], "unknown backbone 'alexnet'"),
-    (["extract", "--dataset", "mnist", "--pooling", "median"], "unknown feature mode 'median'"),
+    (["extract", "--dataset", "mnist", "--mode", "median"], "invalid choice: 'median'"),
+    (["extract", "--dataset", "mnist", "--pooling", "median"], "invalid choice: 'median'"),
     (["train", "--head", "xgboost"], "unknown head 'xgboost'"),
     (["run", "--config", "/no/such.toml"], "experiment file '/no/such.toml' not found"),
 ])
@@ -164,7 +165,7 @@ def test_a_results_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, blobs_f
 @pytest.mark.parametrize("extra, message", [
     (["--image-size", "31"], "cannot be built with input 31x31"),
     (["--layer", "no_such"], "has no layer named in ['no_such']"),
-    (["--pooling", "bottleneck", "--bottleneck-k", "100000"], "exceeds the 1280 channels"),
+    (["--pooling", "bottleneck", "--bottleneck-k", "100000"], "exceeds the 1280 channels"),  # old flag
     (["--weights", "GARBAGE"], "GARBAGE"),
 ])
 def test_bad_model_options_leave_no_work_folder_and_no_lock(tmp_path, npz_dataset, capsys, extra,
@@ -256,7 +257,7 @@ def test_sigterm_during_extraction_gets_the_interrupt_message_and_keeps_the_work
     cache = tmp_path / "c"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--dataset",
                              f"npz:{tmp_path / 'd.npz'}", "--backbone", "mobilenet_v2", "--alpha",
-                             "0.35", "--weights", "none", "--image-size", "96", "--segment-rows", "64",
+                             "0.35", "--weights", "none", "--image-size", "96", "--shard-rows", "64",
                              "--cache-dir", str(cache)], cwd=REPO, env=os.environ,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

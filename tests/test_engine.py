@@ -110,7 +110,7 @@ def test_sharded_extraction_equals_the_single_process_one(cluster, dataset, tmp_
 
 def test_the_bottleneck_is_fitted_once_on_the_cluster_and_applied_to_every_shard(cluster, dataset,
                                                                                  tmp_path):
-    config = dict(pooling="bottleneck", bottleneck_k=4, bottleneck_fit_images=40)
+    config = dict(mode="bottleneck", bottleneck_k=4, bottleneck_fit_images=40)
     single = extract_features(tiny(dataset, tmp_path / "single", **config))
     with RayEngine(shards=3) as engine:
         result = engine.extract(tiny(dataset, tmp_path / "ray", **config))

@@ -102,13 +102,62 @@ def test_dry_run_plans_without_writing(tmp_path, capsys):
     assert written == []
 
 
+def test_an_option_has_one_name_on_the_command_line_in_experiment_files_and_in_python(tmp_path):
+    """Every extraction option set away from its default, once as flags and once as an
+    experiment file, gives the same ExtractionConfig; the old spellings give it too."""
+    from pipeline.cli import build_parser
+    from pipeline.extract import ExtractionConfig
+
+    npz = tmp_path / "a.npz"
+    _npz(npz, seed=1)
+    want = ExtractionConfig(
+        dataset=f"npz:{npz}", backbone="mobilenet", mode="bottleneck", alpha=0.25,
+        weights="none", image_size=40, bottleneck_k=8, bottleneck_fit_images=30, batch_size=6,
+        limit=12, precision="mixed_float16", compression="gzip", skip_bad=True,
+        cache_dir=str(tmp_path / "c"), runtime="tensorflow", tta="flip")
+    args = build_parser().parse_args([
+        "extract", "--dataset", f"npz:{npz}", "--backbone", "mobilenet", "--pooling", "bottleneck",
+        "--alpha", "0.25", "--weights", "none", "--image-size", "40", "--bottleneck-k", "8",
+        "--bottleneck-fit-images", "30", "--batch-size", "6", "--limit", "12",
+        "--precision", "mixed_float16", "--compression", "gzip", "--skip-bad",
+        "--cache-dir", str(tmp_path / "c"), "--runtime", "tensorflow", "--tta", "flip"])
+    from_flags = ExtractionConfig(**{f: getattr(args, f) for f in vars(want) if f != "seed"})
+    (tmp_path / "grid.toml").write_text(f"""
+cache_dir = "{tmp_path / 'c'}"
+runtime = "tensorflow"
+batch_size = 64
+[[datasets]]
+name = "a"
+source = "npz:{npz}"
+limit = 12
+skip_bad = true
+[[backbones]]
+name = "mobilenet"
+alpha = 0.25
+weights = "none"
+image_size = 40
+batch_size = 6
+precision = "mixed_float16"
+[[features]]
+mode = "bottleneck"
+k = 8
+bottleneck_fit_images = 30
+compression = "gzip"
+tta = "flip"
+[[heads]]
+name = "logreg"
+""")
+    [job] = experiments.plan(load_experiment(str(tmp_path / "grid.toml")))
+    assert from_flags == want and job.config == want  # the entry's batch_size beats the top's
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("text, message", [
     ('colour = "red"\n', "unknown key\\(s\\) colour"),
-    ('[[datasets]]\nname = 3\n', "name = 3 should be str"),
-    ('[[datasets]]\nname = "x"\nlimit = "ten"\n', "limit = 'ten' should be int"),
+    ('[[datasets]]\nname = 3\n', "name = 3: should be str"),
+    ('[[datasets]]\nname = "x"\nlimit = "ten"\n', "limit = 'ten': should be int"),
     ('[[datasets]]\nname = "x"\n[[backbones]]\nname = "vgg16"\n[[features]]\nmode = "mean"\n'
-     '[[heads]]\nname = "logreg"\n', "mode = 'mean'; use one of avg"),
+     '[[heads]]\nname = "logreg"\n', "mode = 'mean': use one of avg"),
     ('[[datasets]]\nname = "x"\n[[backbones]]\nname = "vgg16"\n[[features]]\nmode = "avg"\n'
      '[[heads]]\nname = "knn"\n', "name = 'knn'; use one of logreg"),
     ("datasets = [\n", "not valid TOML"),
@@ -260,8 +309,8 @@ def test_results_in_the_old_key_only_folders_are_moved_not_retrained(tmp_path):
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("line, message", [
-    ("limit = 0", "limit = 0 must be a positive number"),
-    ("batch_size = -4", "batch_size = -4 must be a positive number"),
+    ("limit = 0", "limit = 0: must be a positive number"),
+    ("batch_size = -4", "batch_size = -4: must be a positive number"),
 ])
 def test_experiment_numbers_must_be_positive(tmp_path, line, message):
     path = Path(_config(tmp_path))

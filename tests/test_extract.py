@@ -19,7 +19,7 @@ from pipeline.store import FeatureFile, ShardSet, check_file
 def tiny(dataset: str, cache: Path, **kw) -> ExtractionConfig:
     """MobileNetV2 alpha 0.35, random weights, 32x32 input: seconds on a CPU."""
     defaults = dict(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32,
-                    batch_size=8, cache_dir=str(cache), segment_rows=16)
+                    batch_size=8, cache_dir=str(cache), shard_rows=16)
     return ExtractionConfig(dataset=dataset, **{**defaults, **kw})
 
 
@@ -59,7 +59,7 @@ def test_same_command_again_is_a_fast_no_op(npz_dataset, tmp_path, caplog):
 def test_changing_a_key_part_writes_a_new_file_and_leaves_the_old(npz_dataset, tmp_path):
     avg = extract_features(tiny(npz_dataset, tmp_path, image_size=64)).path
     mtime = avg.stat().st_mtime_ns
-    mx = extract_features(tiny(npz_dataset, tmp_path, image_size=64, pooling="max")).path
+    mx = extract_features(tiny(npz_dataset, tmp_path, image_size=64, mode="max")).path
     bigger = extract_features(tiny(npz_dataset, tmp_path, image_size=96)).path
     assert len({avg, mx, bigger}) == 3 and avg.stat().st_mtime_ns == mtime
     a, b = _features(avg)[0], _features(mx)[0]
@@ -112,7 +112,7 @@ def test_layers_are_pooled_and_concatenated(npz_dataset, tmp_path):
 
 
 def test_bottleneck_is_a_pca_of_training_maps_stored_in_the_file(npz_dataset, tmp_path):
-    config = tiny(npz_dataset, tmp_path, pooling="bottleneck", bottleneck_k=4, image_size=64)
+    config = tiny(npz_dataset, tmp_path, mode="bottleneck", bottleneck_k=4, image_size=64)
     path = extract_features(config).path
     with h5py.File(path) as f:
         comps, mean = f["bottleneck/components"][()], f["bottleneck/mean"][()]
@@ -147,7 +147,7 @@ def test_mixed_precision_gives_float32_features_close_to_full_precision_under_it
 
 
 def test_spatial_mode_keeps_the_map_in_float16(npz_dataset, tmp_path):
-    X, _ = _features(extract_features(tiny(npz_dataset, tmp_path, pooling="spatial", image_size=64)).path)
+    X, _ = _features(extract_features(tiny(npz_dataset, tmp_path, mode="spatial", image_size=64)).path)
     assert X.shape == (48, 2, 2, 1280) and X.dtype == np.float16
 
 
@@ -170,10 +170,10 @@ def test_resizing_happens_in_the_graph_for_grey_28px_images(tmp_path):
 @pytest.mark.bad_input
 @pytest.mark.parametrize("kw, message", [
     ({"backbone": "resnet51"}, "unknown backbone 'resnet51'; valid: mobilenet, mobilenet_v2"),
-    ({"pooling": "median"}, "unknown feature mode 'median'; use one of avg, max, bottleneck"),
+    ({"mode": "median"}, "mode = 'median': use one of avg, max, bottleneck"),
     ({"backbone": "resnet50", "alpha": 0.5}, "takes no alpha"),
     ({"image_size": 8}, "cannot be built with input 8x8"),
-    ({"precision": "int4"}, "unknown precision"),
+    ({"precision": "int4"}, "precision = 'int4': use one of float32"),
 ])
 def test_bad_options_get_one_clear_line(npz_dataset, tmp_path, kw, message):
     with pytest.raises(PipelineError, match=message):
@@ -266,7 +266,7 @@ def test_kill_9_at_many_points_then_resume_is_bit_identical(bigger_npz, tmp_path
     """Real SIGKILLs during extraction (after 0, 2, 5 and 9 shards of 16 rows), each rerun
     resuming from what the last one left; the final run must have resumed (kept rows) and
     equal an uninterrupted run bit for bit."""
-    small = ("--segment-rows", "16")
+    small = ("--shard-rows", "16")
     ref = _cli(*_cli_args(bigger_npz, tmp_path / "ref", *small))
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     reference = _features(next((tmp_path / "ref").glob("*.h5")))
@@ -360,7 +360,7 @@ def test_full_disk_keeps_partial_work_and_resumes(bigger_npz, tmp_path):
     def small_files():  # every file this process writes is capped at 200 KiB
         resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, 200 * 1024))
 
-    args = _cli_args(bigger_npz, tmp_path, "--compression", "none", "--segment-rows", "20")
+    args = _cli_args(bigger_npz, tmp_path, "--compression", "none", "--shard-rows", "20")
     proc = _cli(*args, preexec_fn=small_files)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
@@ -373,7 +373,7 @@ def test_full_disk_keeps_partial_work_and_resumes(bigger_npz, tmp_path):
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert "resuming: train 400/400" in err
-    ref = _cli(*_cli_args(bigger_npz, tmp_path / "ref", "--compression", "none", "--segment-rows", "20"))
+    ref = _cli(*_cli_args(bigger_npz, tmp_path / "ref", "--compression", "none", "--shard-rows", "20"))
     assert ref.wait(timeout=300) == 0
     resumed = _features(next(tmp_path.glob("*.h5")))
     reference = _features(next((tmp_path / "ref").glob("*.h5")))
@@ -484,12 +484,12 @@ def test_features_equal_the_plain_keras_path_on_real_images(cifar_mini, shared_w
     plain = keras.Model(base.input, [base.get_layer(name).output for name in layers])
     x = tf.image.resize(arrays["test"].astype(np.float32), (224, 224)).numpy()
     mid, last = plain.predict(keras.applications.mobilenet.preprocess_input(x), verbose=0)
-    avg, _ = ours(pooling="avg")
+    avg, _ = ours(mode="avg")
     np.testing.assert_allclose(avg, last.mean(axis=(1, 2)), atol=1e-4)
-    multi, _ = ours(pooling="avg", layers=layers)
+    multi, _ = ours(mode="avg", layers=layers)
     np.testing.assert_allclose(multi, np.concatenate([mid.mean(axis=(1, 2)), last.mean(axis=(1, 2))],
                                                      axis=1), atol=1e-4)
-    projected, projection = ours(pooling="bottleneck", bottleneck_k=16)
+    projected, projection = ours(mode="bottleneck", bottleneck_k=16)
     expected = ((last - projection["mean"]) @ projection["components"]).reshape(len(last), -1)
     np.testing.assert_allclose(projected, expected, atol=1e-3)
 
@@ -509,13 +509,13 @@ def test_every_key_part_changes_the_key_and_nothing_else_does(npz_dataset, tmp_p
         return cache_key(config.key_parts(dataset))
 
     changes = {"alpha": dict(alpha=0.5), "image size": dict(image_size=64),
-               "layers": dict(layers=("block_3_expand_relu",)), "mode": dict(pooling="max"),
-               "bottleneck k": dict(pooling="bottleneck", bottleneck_k=8),
+               "layers": dict(layers=("block_3_expand_relu",)), "mode": dict(mode="max"),
+               "bottleneck k": dict(mode="bottleneck", bottleneck_k=8),
                "weights": dict(weights="none"), "precision": dict(precision="mixed_float16"),
                "backbone": dict(backbone="mobilenet")}
     keys = {name: key(replace(base, **kw)) for name, kw in changes.items()}
     assert len(set(keys.values()) | {key(base)}) == len(changes) + 1
-    assert key(replace(base, pooling="bottleneck", bottleneck_k=16)) != keys["bottleneck k"]
+    assert key(replace(base, mode="bottleneck", bottleneck_k=16)) != keys["bottleneck k"]
     before = key(base)
     (tmp_path / "w.h5").write_bytes(b"weights two")  # the same path, other bytes
     assert key(base) != before
@@ -523,7 +523,7 @@ def test_every_key_part_changes_the_key_and_nothing_else_does(npz_dataset, tmp_p
     monkeypatch.setattr(extract, "EXTRACTOR_VERSION", extract.EXTRACTOR_VERSION + 1)
     assert key(base) != before
     monkeypatch.undo()
-    same = dict(batch_size=3, compression="gzip", cache_dir=str(tmp_path / "other"), segment_rows=5,
+    same = dict(batch_size=3, compression="gzip", cache_dir=str(tmp_path / "other"), shard_rows=5,
                 rescan=True, runtime="tensorflow", limit=None)
     assert all(key(replace(base, **{k: v})) == before for k, v in same.items())
 
@@ -561,7 +561,7 @@ def test_tta_flip_averages_each_image_with_its_mirror(npz_dataset, tmp_path, mod
     ds = load_dataset(npz_dataset)
     images = ds.splits["train"].load(np.arange(12))
     # ResNet50: random MobileNets give activations near 1e-11, which float16 maps round to 0.
-    config = dict(backbone="resnet50", alpha=None, pooling=mode, image_size=64)
+    config = dict(backbone="resnet50", alpha=None, mode=mode, image_size=64)
     plain = FeatureModel(tiny(npz_dataset, tmp_path, **config), images.shape[1:])
     flip = FeatureModel(tiny(npz_dataset, tmp_path, **config, tta="flip"), images.shape[1:])
     if runtime != "tensorflow":
@@ -589,5 +589,5 @@ def test_tta_flip_is_a_key_part_and_none_leaves_old_keys_alone(npz_dataset, tmp_
     assert "tta" not in none and flip == {**none, "tta": "flip"}
     path = extract_features(tiny(npz_dataset, tmp_path, tta="flip")).path
     assert path != extract_features(tiny(npz_dataset, tmp_path)).path
-    with pytest.raises(PipelineError, match="unknown --tta 'rotate'; use one of none, flip"):
+    with pytest.raises(PipelineError, match="tta = 'rotate': use one of none, flip"):
         tiny(npz_dataset, tmp_path, tta="rotate").validate()

@@ -94,7 +94,7 @@ def test_conv1x1_mlp_on_spatial_maps(tmp_path):
 
 @pytest.mark.bad_input
 def test_spatial_head_on_pooled_features_is_refused(blobs_file):
-    with pytest.raises(PipelineError, match="needs spatial features.*--pooling spatial"):
+    with pytest.raises(PipelineError, match="needs spatial features.*--mode spatial"):
         _data(blobs_file, "conv1x1_mlp")
 
 

@@ -25,7 +25,7 @@ ATOL, MIN_COSINE = 1e-3, 0.99999
 
 def tiny(dataset: str, cache, **kw) -> ExtractionConfig:
     defaults = dict(backbone="mobilenet_v2", alpha=0.35, weights="none", image_size=32,
-                    batch_size=8, cache_dir=str(cache), segment_rows=16)
+                    batch_size=8, cache_dir=str(cache), shard_rows=16)
     return ExtractionConfig(dataset=dataset, **{**defaults, **kw})
 
 
@@ -53,10 +53,10 @@ def dataset(tmp_path):
     return write_npz_dataset(tmp_path / "d.npz", 40, 16)
 
 
-@pytest.mark.parametrize("mode", [dict(pooling="avg"), dict(pooling="max"),
-                                  dict(pooling="avg", layers=("block_3_expand_relu", "out_relu")),
-                                  dict(pooling="bottleneck", bottleneck_k=8),
-                                  dict(pooling="spatial", image_size=64)])
+@pytest.mark.parametrize("mode", [dict(mode="avg"), dict(mode="max"),
+                                  dict(mode="avg", layers=("block_3_expand_relu", "out_relu")),
+                                  dict(mode="bottleneck", bottleneck_k=8),
+                                  dict(mode="spatial", image_size=64)])
 @pytest.mark.parametrize("runtime", CONVERTED)
 def test_each_runtime_gives_tensorflows_features_in_every_mode(dataset, tmp_path, mode, runtime):
     tf_rows, tf_prov = _rows(extract_features(tiny(dataset, tmp_path / "tf", runtime="tensorflow",
@@ -152,15 +152,15 @@ def test_each_runtime_matches_tensorflow_on_real_images_and_weights(cifar_mini, 
     layers = {"mobilenet": ("conv_pw_5_relu", "conv_pw_13_relu"),
               "mobilenet_v2": ("block_6_expand_relu", "out_relu")}[backbone]
     worst = []
-    for mode in (dict(pooling="avg"), dict(pooling="avg", layers=layers),
-                 dict(pooling="bottleneck", bottleneck_k=32), dict(pooling="spatial")):
+    for mode in (dict(mode="avg"), dict(mode="avg", layers=layers),
+                 dict(mode="bottleneck", bottleneck_k=32), dict(mode="spatial")):
         rows = {}
         for runtime in ("tensorflow", *CONVERTED):
             config = ExtractionConfig(dataset=spec, backbone=backbone, alpha=alpha, limit=200,
                                       batch_size=50, cache_dir=str(tmp_path / runtime), runtime=runtime,
                                       **mode)
             rows[runtime] = _rows(extract_features(config).path)[0]["test"]
-        worst += [(runtime, mode["pooling"], len(mode.get("layers", ())),
+        worst += [(runtime, mode["mode"], len(mode.get("layers", ())),
                    *assert_close(rows[runtime], rows["tensorflow"])) for runtime in CONVERTED]
     print(f"\n{backbone}@{alpha} (runtime, mode, layers, max abs diff, min cosine): {worst}")
 
