@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import SPLITS
 from pipeline.errors import PipelineError
 
-SPLITS = ("train", "test")
 KERAS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")
-LOCAL_KINDS = ("folder", "idx", "cifar", "npz")
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -97,6 +96,36 @@ class Dataset:
         return self._fingerprint
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """A dataset spec, parsed once: a ``keras.datasets`` name, or ``KIND:PATH``."""
+
+    spec: str
+    kind: str  # "keras", or a key of LOCAL_KINDS
+    path: Path | None = None
+
+    @property
+    def label(self) -> str:
+        """A short, path-independent name: the content fingerprint, not the path, identifies
+        the data (the cache key holds both)."""
+        return self.spec if self.path is None else f"{self.kind}:{self.path.resolve().name}"
+
+    def absolute(self) -> str:
+        """The spec as any process reads it, whatever its working folder."""
+        return self.spec if self.path is None else f"{self.kind}:{self.path.resolve()}"
+
+
+def parse_dataset(spec: str) -> DatasetSource:
+    if spec in KERAS_DATASETS:
+        return DatasetSource(spec, "keras")
+    kind, colon, path = spec.partition(":")
+    if colon and kind in LOCAL_KINDS:
+        return DatasetSource(spec, kind, Path(path).expanduser())
+    raise PipelineError(
+        f"unknown dataset {spec!r}; use one of {', '.join(KERAS_DATASETS)} "
+        f"or a local source {', '.join(k + ':PATH' for k in LOCAL_KINDS)}")
+
+
 def load_dataset(spec: str, *, limit: int | None = None, skip_bad: bool = False,
                  test_fraction: float = 0.2, seed: int = 0, scan_index: Path | None = None,
                  rescan: bool = False, scan_workers: int | None = None,
@@ -107,27 +136,17 @@ def load_dataset(spec: str, *, limit: int | None = None, skip_bad: bool = False,
     decode check), so a rerun reads only new or changed files; ``rescan`` reads them all.
     ``scan_map(fn, items)``, where given, runs the scan elsewhere (the Ray engine's tasks).
     """
-    if spec in KERAS_DATASETS:
+    source = parse_dataset(spec)
+    if source.kind == "keras":
         arrays, classes = _load_keras_dataset(spec)
         dataset = _from_arrays(spec, arrays, classes)
-    elif ":" in spec and spec.split(":", 1)[0] in LOCAL_KINDS:
-        kind, raw_path = spec.split(":", 1)
-        path = Path(raw_path).expanduser()
-        if not path.exists():
-            raise PipelineError(f"dataset {spec!r}: path {str(path)!r} does not exist; "
-                                f"check the path after '{kind}:'")
-        if kind == "folder":
-            index = ScanIndex(scan_index, path, rescan=rescan) if scan_index else None
-            dataset = _load_image_folder(spec, path, skip_bad, test_fraction, seed, index,
-                                         scan_workers, scan_map)
-        else:
-            loader = {"idx": _load_idx, "cifar": _load_cifar_batches, "npz": _load_npz}[kind]
-            arrays, classes = loader(spec, path)
-            dataset = _from_arrays(spec, arrays, classes)
     else:
-        raise PipelineError(
-            f"unknown dataset {spec!r}; use one of {', '.join(KERAS_DATASETS)} "
-            f"or a local source {', '.join(k + ':PATH' for k in LOCAL_KINDS)}")
+        if not source.path.exists():
+            raise PipelineError(f"dataset {spec!r}: path {str(source.path)!r} does not exist; "
+                                f"check the path after '{source.kind}:'")
+        dataset = LOCAL_KINDS[source.kind](
+            spec, source.path, skip_bad=skip_bad, test_fraction=test_fraction, seed=seed,
+            scan_index=scan_index, rescan=rescan, workers=scan_workers, scan_map=scan_map)
     if limit is not None:
         dataset = _limit(dataset, limit, seed)
     return dataset
@@ -594,12 +613,13 @@ def _warn_duplicates(spec: str, files: dict[str, list[_ImageFile]]) -> None:
                     spec, len(twins), twins[0][0], twins[0][1])
 
 
-def _load_image_folder(spec: str, root: Path, skip_bad: bool, test_fraction: float,
-                       seed: int, index: ScanIndex | None = None,
+def _load_image_folder(spec: str, root: Path, *, skip_bad: bool, test_fraction: float,
+                       seed: int, scan_index: Path | None = None, rescan: bool = False,
                        workers: int | None = None, scan_map: Callable | None = None) -> Dataset:
     if not root.is_dir():
         raise PipelineError(f"dataset {spec!r}: {root} is not a folder")
     root = root.resolve()  # absolute paths: the dataset can be handed to other processes
+    index = ScanIndex(scan_index, root, rescan=rescan) if scan_index else None
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     split_roots = {s: root / s for s in SPLITS} if has_splits else {"all": root}
     classes, found = _folder_classes(spec, root, split_roots)
@@ -673,6 +693,23 @@ def _folder_split(items: list[_ImageFile], size: tuple[int, int]) -> Split:
 
 
 # ----------------------------------------------------------------------------- subsets
+
+def _arrays(loader: Callable) -> Callable:
+    """An array source as a dataset loader (the image-folder options do not apply)."""
+    def load(spec: str, path: Path, **_) -> Dataset:
+        arrays, classes = loader(spec, path)
+        return _from_arrays(spec, arrays, classes)
+    return load
+
+
+# Local sources, ``KIND:PATH``: one row per kind (``load(spec, path, **options) -> Dataset``).
+LOCAL_KINDS = {
+    "folder": _load_image_folder,  # CLASS/IMAGE files, or train/ and test/ with CLASS/ inside
+    "idx": _arrays(_load_idx),     # MNIST-layout IDX files, gzipped or not
+    "cifar": _arrays(_load_cifar_batches),  # CIFAR-10/100 python batches
+    "npz": _arrays(_load_npz),     # x_train, y_train, x_test, y_test
+}
+
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Sorted indices of a seeded, stratified subset of ``n`` rows (all rows if n >= len)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from pipeline.datasets import Dataset
+from pipeline.datasets import Dataset, parse_dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import (
     ExtractionConfig,
@@ -43,10 +43,7 @@ log = logging.getLogger(__name__)
 
 def _absolute(config: ExtractionConfig) -> ExtractionConfig:
     """Paths as every worker must read them (a worker's working folder is not the driver's)."""
-    dataset = config.dataset
-    if ":" in dataset:
-        kind, path = dataset.split(":", 1)
-        dataset = f"{kind}:{Path(path).expanduser().resolve()}"
+    dataset = parse_dataset(config.dataset).absolute()
     weights = config.weights
     if weights not in ("imagenet", "none") and Path(weights).expanduser().exists():
         weights = str(Path(weights).expanduser().resolve())

@@ -12,9 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import platform
-import shutil
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
+from pipeline import results
 from pipeline.datasets import KERAS_DATASETS, Dataset, keras_dataset_is_local, load_dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import (
@@ -42,12 +41,17 @@ from pipeline.heads import (
     make_head,
 )
 from pipeline.reports import compare, head_label, plot_confusion, result_title
+from pipeline.results import (
+    DEFAULT_RESULTS_DIR,
+    check_results_dir,
+    legacy_result_dir,
+    result_dir,
+)
 from pipeline.store import (
     DEFAULT_CACHE_DIR,
     FeatureFile,
     FeatureStore,
     check_file,
-    file_lock,
     reading,
 )
 
@@ -56,13 +60,6 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- one head
-
-def _head_dir_name(head: str, params: dict) -> str:
-    if not params:
-        return head
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{head}-{digest}"
-
 
 def _parse_params(items: list[str]) -> dict:
     params = {}
@@ -75,42 +72,6 @@ def _parse_params(items: list[str]) -> dict:
         except json.JSONDecodeError:
             params[name] = value
     return params
-
-
-def check_results_dir(results_dir: str | Path) -> Path:
-    """The results folder exists (or is made) and takes files; else one line naming it."""
-    path = Path(results_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except (FileExistsError, NotADirectoryError):
-        raise PipelineError(f"--results-dir {str(path)!r} is not a folder (a file is in the way); "
-                            "choose another --results-dir") from None
-    except OSError as exc:
-        raise PipelineError(f"cannot write to --results-dir {str(path)!r} ({exc.strerror}); "
-                            "choose a writable --results-dir") from None
-    return path
-
-
-def result_dir(results_dir: str | Path, key_parts: dict, head: str, params: dict) -> Path:
-    """``results/<dataset>-<backbone>-<mode>-<key>/<head>[-<params hash>]/``: the feature
-    file's own name, so a folder says what it holds."""
-    return Path(results_dir) / FeatureStore().name_for(key_parts) / _head_dir_name(head, params)
-
-
-def _legacy_result_dir(results_dir: str | Path, key: str, head: str, params: dict) -> Path:
-    """Where results lived before folders had readable names (``results/<key>/...``)."""
-    return Path(results_dir) / key / _head_dir_name(head, params)
-
-
-def head_is_current(result_dir: Path, checksum: str, params: dict) -> bool:
-    try:
-        m = json.loads((result_dir / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return m.get("features_checksum") == checksum and m.get("params") == params
 
 
 def _features_summary(ff: FeatureFile) -> dict:
@@ -134,7 +95,7 @@ def _identity(files: list[FeatureFile]) -> tuple[dict, str]:
 
 
 def train_one(feature_path: Path | list[Path], head: str, params: dict | None = None, *,
-              results_dir: str | Path = "results", memory_budget_gb: float | None = None,
+              results_dir: str | Path = DEFAULT_RESULTS_DIR, memory_budget_gb: float | None = None,
               force: bool = False) -> tuple[str, Path]:
     """Fit one head on one feature file (or on several side by side: a fusion) and write
     model, metrics.json and confusion.png."""
@@ -146,14 +107,10 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
         files = [stack.enter_context(FeatureFile(p)) for p in paths]
         parts, checksum = _identity(files)
         out = result_dir(results_dir, parts, head, params)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(out.parent / f".{out.name}.lock"):
-            legacy = _legacy_result_dir(results_dir, files[0].key, head, params)
-            if len(files) == 1 and not out.exists() and head_is_current(legacy, checksum, params):
-                os.replace(legacy, out)  # same result, now under its readable name
-                if not any(legacy.parent.iterdir()):
-                    legacy.parent.rmdir()
-            if not force and head_is_current(out, checksum, params):
+        legacy = legacy_result_dir(results_dir, files[0].key, head, params) \
+            if len(files) == 1 else None
+        with results.locked(out, legacy, checksum, params):
+            if not force and results.is_current(out, checksum, params):
                 log.info("up to date: %s", out)
                 return "up-to-date", out
             for ff in files:  # the streaming head reads rows during fit and predict
@@ -204,30 +161,21 @@ def _jsonable(value):
 
 
 def _write_result(out: Path, model, metrics: dict, classes: list[str]) -> None:
-    """Write into a temporary folder, then rename: a half-written result is never taken as done."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if hasattr(model, "model_") and type(model.model_).__module__.startswith("keras"):
-        model.model_.save(tmp / "model.keras")
-        keras_model, model.model_ = model.model_, None
-        joblib.dump(model, tmp / "model.joblib")  # the wrapper (classes, params); net in .keras
-        model.model_ = keras_model
-    else:
-        joblib.dump(model, tmp / "model.joblib")
-    plot_confusion(metrics["confusion_matrix"], classes, result_title(metrics), tmp / "confusion.png")
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    with results.writing(out) as tmp:
+        if hasattr(model, "model_") and type(model.model_).__module__.startswith("keras"):
+            model.model_.save(tmp / "model.keras")
+            keras_model, model.model_ = model.model_, None
+            joblib.dump(model, tmp / "model.joblib")  # the wrapper (classes, params); net in .keras
+            model.model_ = keras_model
+        else:
+            joblib.dump(model, tmp / "model.joblib")
+        plot_confusion(metrics["confusion_matrix"], classes, result_title(metrics),
+                       tmp / "confusion.png")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 def train_heads(heads: list[str], *, features: list[str] | None = None,
-                cache_dir: str = DEFAULT_CACHE_DIR, results_dir: str = "results",
+                cache_dir: str = DEFAULT_CACHE_DIR, results_dir: str = DEFAULT_RESULTS_DIR,
                 params: list[str] | None = None, memory_budget_gb: float | None = None,
                 force: bool = False, fuse: bool = False) -> None:
     """``pipeline train``: each head on each given (or every complete) feature file, or with
@@ -259,7 +207,7 @@ class Experiment:
     features: list[dict]
     heads: list[dict]
     options: dict = field(default_factory=dict)  # top-level extraction options (cache_dir, ...)
-    results_dir: str = "results"
+    results_dir: str = DEFAULT_RESULTS_DIR
     source: str = ""
     fusions: list[dict] = field(default_factory=list)  # heads on several feature files at once
 
@@ -351,7 +299,7 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
         _check_fusion(path, entry, {**raw, "features": features})
     exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=features,
                      heads=raw["heads"], options=_options("top", raw),
-                     results_dir=raw.get("results_dir", "results"), source=path, fusions=fusions)
+                     results_dir=raw.get("results_dir", DEFAULT_RESULTS_DIR), source=path, fusions=fusions)
     if datasets:
         known = {d["name"]: d for d in exp.datasets}
         exp.datasets = [known.get(n, {"name": n, "source": n}) for n in datasets.split()]
@@ -523,9 +471,9 @@ def _head_states(job: Job, results_dir: str) -> dict[tuple, str]:
     states = {}
     for h in job.heads:
         params = h.get("params", {})
-        current = any(head_is_current(out, checksum, params) for out in (
+        current = any(results.is_current(out, checksum, params) for out in (
             result_dir(results_dir, parts, h["name"], params),
-            _legacy_result_dir(results_dir, key, h["name"], params)))
+            legacy_result_dir(results_dir, key, h["name"], params)))
         states[_head_key(job, h)] = "cached" if current else "to train"
     return states
 
@@ -535,7 +483,7 @@ def _fusion_head_states(job: FusionJob, results_dir: str) -> dict[tuple, str]:
         return {_head_key(job, h): "after extraction" for h in job.heads}
     with contextlib.ExitStack() as stack:
         parts, checksum = _identity([stack.enter_context(FeatureFile(p)) for p in job.paths])
-    return {_head_key(job, h): "cached" if head_is_current(
+    return {_head_key(job, h): "cached" if results.is_current(
                 result_dir(results_dir, parts, h["name"], h.get("params", {})), checksum,
                 h.get("params", {})) else "to train"
             for h in job.heads}

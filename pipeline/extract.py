@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import SPLITS, runtimes
 from pipeline import backbones as bb
-from pipeline import runtimes
-from pipeline.datasets import SPLITS, Dataset, Split, load_dataset, stratified_subset
+from pipeline.datasets import Dataset, Split, load_dataset, parse_dataset, stratified_subset
 from pipeline.errors import PipelineError
 from pipeline.store import (
     COMPRESSIONS,
@@ -144,7 +144,7 @@ class ExtractionConfig:
         """Everything the features depend on: change any part and a new file is written."""
         spec = bb.get_spec(self.backbone)
         parts = {
-            "dataset": dataset_label(self.dataset), "fingerprint": dataset.fingerprint,
+            "dataset": parse_dataset(self.dataset).label, "fingerprint": dataset.fingerprint,
             "backbone": self.backbone, "alpha": self.alpha,
             "weights": bb.weights_identity(self.weights),
             "image_size": self.image_size or spec.input_size,
@@ -190,14 +190,6 @@ def option_problem(name: str, value) -> str | None:
     if meta["positive"] and value <= 0:
         return "must be a positive number"
     return None
-
-
-def dataset_label(spec: str) -> str:
-    """A short, path-independent name: the content fingerprint, not the path, identifies data."""
-    if ":" in spec:
-        kind, path = spec.split(":", 1)
-        return f"{kind}:{Path(path).expanduser().resolve().name}"
-    return spec
 
 
 @dataclass

@@ -36,8 +36,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from pipeline import SPLITS
 from pipeline.errors import PipelineError
-from pipeline.store import SPLITS, FeatureFile
+from pipeline.store import FeatureFile
 
 EXACT_RBF_LIMIT = 20_000  # exact SVC costs O(n^2) memory and O(n^2..n^3) time beyond this
 NYSTROEM_COMPONENTS = 1000

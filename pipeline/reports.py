@@ -1,16 +1,17 @@
 """Reports: confusion plots per result, and the compare table and plot across results.
 
-Results live in ``results/<cache key>/<head>/metrics.json``; this module only reads them
-(and the feature files' provenance copied into them) and draws.
+It reads results through ``pipeline.results`` (which owns their layout): their metrics and
+the feature files' provenance copied into them; it only draws and tabulates.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
+
+from pipeline import results
 
 COLUMNS = ["dataset", "backbone", "mode", "head", "validation_accuracy", "test_accuracy", "macro_f1",
            "fit_seconds", "predict_ms_per_image", "feature_width", "n_train"]
@@ -85,11 +86,7 @@ def head_label(metrics: dict) -> str:
 def collect_results(results_dir: str | Path) -> list[dict]:
     """One row per (feature file, head) with a complete metrics.json."""
     rows = []
-    for metrics_path in sorted(Path(results_dir).glob("*/*/metrics.json")):
-        try:
-            m = json.loads(metrics_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # never written completely: results are renamed into place when done
+    for m in results.collect(results_dir):
         features = m.get("features", {})
         backbone, mode = feature_labels(features)
         rows.append({

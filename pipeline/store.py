@@ -34,12 +34,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline import SPLITS
 from pipeline.errors import PipelineError
 
 DEFAULT_CACHE_DIR = "features_cache"
 FORMAT = "pipeline.features"
 FORMAT_VERSION = 1
-SPLITS = ("train", "test")
 COMPRESSIONS = ("auto", "none", "gzip", "lzf")
 # Measured (make bench-cache): pooled float32 vectors shrink to 0.66 of their size with
 # shuffle + gzip, but write at 48 MB/s against 1,431 without; float16 spatial maps (ReLU

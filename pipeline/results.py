@@ -1,0 +1,112 @@
+"""Head results on disk: the one module that knows their layout.
+
+``results/<feature file name>/<head>[-<params hash>]/`` holds ``metrics.json``, the fitted
+model and ``confusion.png``; the folder is named after the feature file (``FeatureStore``'s
+name: dataset, backbone, mode and key), so it says what it holds. A result is current when its
+metrics name the same feature checksum and head parameters. Results are written into a
+temporary folder and renamed into place under a lock, so a half-written one is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.store import FeatureStore, file_lock
+
+DEFAULT_RESULTS_DIR = "results"
+
+
+def check_results_dir(results_dir: str | Path) -> Path:
+    """The results folder exists (or is made) and takes files; else one line naming it."""
+    path = Path(results_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise PipelineError(f"--results-dir {str(path)!r} is not a folder (a file is in the way); "
+                            "choose another --results-dir") from None
+    except OSError as exc:
+        raise PipelineError(f"cannot write to --results-dir {str(path)!r} ({exc.strerror}); "
+                            "choose a writable --results-dir") from None
+    return path
+
+
+def _head_dir_name(head: str, params: dict) -> str:
+    if not params:
+        return head
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{head}-{digest}"
+
+
+def result_dir(results_dir: str | Path, key_parts: dict, head: str, params: dict) -> Path:
+    """``results/<dataset>-<backbone>-<mode>-<key>/<head>[-<params hash>]/``."""
+    return Path(results_dir) / FeatureStore().name_for(key_parts) / _head_dir_name(head, params)
+
+
+def legacy_result_dir(results_dir: str | Path, key: str, head: str, params: dict) -> Path:
+    """Where results lived before folders had readable names (``results/<key>/...``)."""
+    return Path(results_dir) / key / _head_dir_name(head, params)
+
+
+def is_current(out: Path, checksum: str, params: dict) -> bool:
+    try:
+        m = json.loads((out / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return m.get("features_checksum") == checksum and m.get("params") == params
+
+
+@contextmanager
+def locked(out: Path, legacy: Path | None = None, checksum: str = "",
+           params: dict | None = None) -> Iterator[None]:
+    """One writer per result folder; a current result found at its ``legacy`` place moves to
+    ``out`` first (same result, now under its readable name)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if legacy is not None and not out.exists() and is_current(legacy, checksum, params or {}):
+            os.replace(legacy, out)
+            if not any(legacy.parent.iterdir()):
+                legacy.parent.rmdir()
+        yield
+
+
+@contextmanager
+def writing(out: Path) -> Iterator[Path]:
+    """A temporary folder to fill; it replaces ``out`` when the block ends, and goes away if
+    the block fails: a half-written result is never taken as done."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def collect(results_dir: str | Path) -> list[dict]:
+    """The metrics of every complete result (a folder being written has no metrics.json at
+    its place yet)."""
+    found = []
+    for path in sorted(Path(results_dir).glob("*/*/metrics.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found
