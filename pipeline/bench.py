@@ -21,7 +21,8 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
+# The shared data beside the checkout (``make bench`` runs from the repository root).
+SHARED_CIFAR = Path("..", "shared", "data", "cifar10-mini")
 
 
 def _images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -94,12 +95,17 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
             "peak_rss_mib": _peak_rss_mib()}
 
 
+def _worker_main() -> None:
+    """A worker process's entry: ``_worker``'s arguments as JSON in argv[1]."""
+    print("RESULT", json.dumps(_worker(**json.loads(sys.argv[1]))))
+
+
 def _run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, size: int) -> dict:
-    code = ("import json, sys; from pipeline.bench import _worker; "
-            f"print('RESULT', json.dumps(_worker({method!r}, {npz!r}, {backbone!r}, {alpha!r}, "
-            f"{batch_size}, {size})))")
-    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
+    args = dict(method=method, npz=npz, backbone=backbone, alpha=alpha, batch_size=batch_size,
+                size=size)
+    proc = subprocess.run([sys.executable, "-c", "from pipeline.bench import _worker_main; "
+                           "_worker_main()", json.dumps(args)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if proc.returncode != 0 or "RESULT" not in proc.stdout:
         raise PipelineError(f"benchmark worker {method} failed (status {proc.returncode})")
     result = json.loads(proc.stdout.split("RESULT", 1)[1])

@@ -55,7 +55,7 @@ from pipeline.store import (
     reading,
 )
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "default.toml"
+DEFAULT_CONFIG = Path("experiments", "default.toml")  # in the project folder, as make has it
 log = logging.getLogger(__name__)
 
 
@@ -269,7 +269,8 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
     try:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise PipelineError(f"experiment file {path!r} not found; see experiments/*.toml") from None
+        raise PipelineError(f"experiment file {path!r} not found; run from the project folder "
+                            "(experiments/*.toml) or pass --config FILE") from None
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"experiment file {path}: not valid TOML ({exc})") from None
     _check_entry(path, "top", raw)
