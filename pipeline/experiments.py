@@ -83,15 +83,14 @@ def _features_summary(ff: FeatureFile) -> dict:
             "width": int(np.prod(prov.get("feature_shape", [0])))}
 
 
-def _identity(files: list[FeatureFile]) -> tuple[dict, str]:
+def _identity(files: list[FeatureFile], checksums: list[str]) -> tuple[dict, str]:
     """(key parts naming the result folder, checksum the result is current for). A fusion's
     checksum covers every file's, so re-extracting any one of them makes the result stale."""
     if len(files) == 1:
-        return files[0].attrs["key_parts"], files[0].checksum()
+        return files[0].attrs["key_parts"], checksums[0]
     parts = {"dataset": files[0].attrs["key_parts"]["dataset"], "backbone": "fusion",
              "mode": f"{len(files)}files", "files": [ff.key for ff in files]}
-    checksum = hashlib.sha256("".join(ff.checksum() for ff in files).encode()).hexdigest()
-    return parts, checksum
+    return parts, hashlib.sha256("".join(checksums).encode()).hexdigest()
 
 
 def train_one(feature_path: Path | list[Path], head: str, params: dict | None = None, *,
@@ -105,7 +104,8 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
     paths = [Path(feature_path)] if isinstance(feature_path, (str, Path)) else list(feature_path)
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(FeatureFile(p)) for p in paths]
-        parts, checksum = _identity(files)
+        checksums = [ff.checksum() for ff in files]
+        parts, checksum = _identity(files, checksums)
         out = result_dir(results_dir, parts, head, params)
         legacy = legacy_result_dir(results_dir, files[0].key, head, params) \
             if len(files) == 1 else None
@@ -143,8 +143,8 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                 "fit_seconds": fit_seconds, "n_train": len(data.y_train),
                 "n_test": len(data.y_test), "features_file": str(files[0].path),
                 "features_key": files[0].key, "features_checksum": checksum,
-                "features_files": [{"path": str(ff.path), "key": ff.key, "checksum": ff.checksum()}
-                                   for ff in files],
+                "features_files": [{"path": str(ff.path), "key": ff.key, "checksum": c}
+                                   for ff, c in zip(files, checksums)],
                 "features": features,
                 "versions": {**files[0].attrs.get("provenance", {}).get("versions", {}),
                              "python": platform.python_version()},
@@ -483,7 +483,8 @@ def _fusion_head_states(job: FusionJob, results_dir: str) -> dict[tuple, str]:
     if job.state != "cached":
         return {_head_key(job, h): "after extraction" for h in job.heads}
     with contextlib.ExitStack() as stack:
-        parts, checksum = _identity([stack.enter_context(FeatureFile(p)) for p in job.paths])
+        files = [stack.enter_context(FeatureFile(p)) for p in job.paths]
+        parts, checksum = _identity(files, [ff.checksum() for ff in files])
     return {_head_key(job, h): "cached" if results.is_current(
                 result_dir(results_dir, parts, h["name"], h.get("params", {})), checksum,
                 h.get("params", {})) else "to train"

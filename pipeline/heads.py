@@ -337,6 +337,11 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
             rows = _flatten(np.asarray(X[lo:lo + step]))
             yield rows[mask[lo:lo + len(rows)]], lo, len(rows)
 
+    def _sgd(self, alpha: float) -> SGDClassifier:
+        """The model the sweep tries and the refit trains: one definition for both."""
+        return SGDClassifier(loss=self.loss, alpha=alpha, average=True, learning_rate="constant",
+                             eta0=self.eta0, random_state=self.random_state)
+
     def fit(self, X, y):
         rng = np.random.default_rng(self.random_state)
         n_val = min(max(int(self.validation_fraction * len(y)), 1), self.max_validation_rows)
@@ -362,8 +367,7 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
         self.sweep_ = []
         best = None
         for alpha in ([self.alpha] if self.alpha is not None else self.ALPHAS):
-            clf = SGDClassifier(loss=self.loss, alpha=alpha, average=True, learning_rate="constant",
-                                eta0=self.eta0, random_state=self.random_state)
+            clf = self._sgd(alpha)
             order = np.random.default_rng(self.random_state)
             model, score, history = _fit_with_patience(
                 clf, lambda c=clf, o=order: epoch(c, o),
@@ -378,8 +382,7 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
         epochs = int(np.argmax(self.history_)) + 1
         # Refit on every training row (validation rows included) for the chosen alpha and
         # epochs, as the other heads refit on train + validation.
-        self.model_ = SGDClassifier(loss=self.loss, alpha=alpha, average=True, learning_rate="constant",
-                                    eta0=self.eta0, random_state=self.random_state)
+        self.model_ = self._sgd(alpha)
         order, everything = np.random.default_rng(self.random_state), np.zeros(len(y), bool)
         for _ in range(epochs):
             epoch(self.model_, order, everything)
@@ -584,6 +587,11 @@ def available_memory_bytes() -> int:
         return 8 << 30
 
 
+def _memory_budget(gb: float | None) -> float:
+    """Bytes features may take in memory: ``gb`` if given, else half of what is free now."""
+    return gb * 2**30 if gb else 0.5 * available_memory_bytes()
+
+
 def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None = None
                   ) -> FeatureSet:
     """Read a feature file for ``head``, refusing early what would not fit the memory budget."""
@@ -596,7 +604,7 @@ def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None 
     if len(np.unique(y_train)) < 2:
         raise PipelineError(f"{ff.path.name}: the training split has a single class; "
                             "a classifier needs at least two")
-    budget = (memory_budget_gb * 2**30 if memory_budget_gb else 0.5 * available_memory_bytes())
+    budget = _memory_budget(memory_budget_gb)
     rows = shape[0] + ff.features("test").shape[0]
     # Vectors become float32 with a scaled and a split copy; spatial maps stay float16 (2 copies).
     need = rows * int(np.prod(shape[1:])) * (2 * 2 if spatial else 4 * 3)
@@ -637,7 +645,7 @@ def load_fused_features(files: list[FeatureFile], head: str, *,
                                     f"{what} differ, so their rows are not the same images; "
                                     "fuse files extracted from the same dataset (and --limit)")
     width = sum(ff.features("train").shape[1] for ff in files)
-    budget = (memory_budget_gb * 2**30 if memory_budget_gb else 0.5 * available_memory_bytes())
+    budget = _memory_budget(memory_budget_gb)
     rows = first.features("train").shape[0] + first.features("test").shape[0]
     if rows * width * 4 * 3 > budget:
         raise PipelineError(f"fusing {len(files)} files needs about "

@@ -72,7 +72,7 @@ def result_title(metrics: dict) -> str:
     features = metrics["features"]
     backbone, mode = feature_labels(features)
     size = f" {features['image_size']}px" if features.get("image_size") else ""
-    return (f"{features['dataset']} {backbone} {mode}{size} + {metrics['head_ran']}: "
+    return (f"{features['dataset']} {backbone} {mode}{size} + {head_label(metrics)}: "
             f"{100 * metrics['test_accuracy']:.2f}%")
 
 
