@@ -9,8 +9,8 @@ PY       := $(VENV)/bin/python
 CONFIG   ?= experiments/default.toml
 BENCH_ALPHA ?= 0.35  # bench-ray
 comma    := ,
-# On a CPU machine both CPU runtimes come with the install: `auto` runs OpenVINO (measured
-# faster than TensorFlow here), `RUNTIME=onnxruntime` runs ONNX Runtime.
+# On a CPU machine both CPU runtimes come with the install: `auto` runs ONNX Runtime for the
+# MobileNets and OpenVINO for the others (measured fastest here: docs/benchmarks.md).
 CPU_RUNTIMES := openvino$(comma)onnx
 EXTRAS   := $(if $(GPU),gpu,cpu$(comma)$(CPU_RUNTIMES)),dev$(if $(RAY)$(ENGINE),$(comma)ray)
 TEST_EXTRAS := $(if $(GPU),gpu,cpu$(comma)$(CPU_RUNTIMES)),dev,ray  # the tests cover Ray too

@@ -134,7 +134,8 @@ def bench_extract(out: str | None = None, sizes: list[int] | None = None,
                       "per runtime vs each runtime's raw engine",
               "image_size": size, "batch_size": batch_size, "commit": _commit(),
               "weights": "none (same compute as imagenet)", "compression": "none",
-              "auto_runtime": runtimes.choose("auto"), "machine": _machine(None), "runs": []}
+              "auto_runtime": {b: runtimes.choose("auto", b) for b, _, _ in models},
+              "machine": _machine(None), "runs": []}
     for backbone, alpha, fixed_n in models:
         for n in ([fixed_n] if fixed_n else sizes):
             x, y, source = _images(n)
@@ -160,11 +161,12 @@ def bench_extract(out: str | None = None, sizes: list[int] | None = None,
     return report
 
 
-def _extract_summary(runs: list[dict], auto: str) -> list[dict]:
+def _extract_summary(runs: list[dict], autos: dict[str, str]) -> list[dict]:
     """Per model and N: ours (auto runtime) against naive, and against its raw engine."""
     out = []
     for key in dict.fromkeys((r["backbone"], r["alpha"], r["n"]) for r in runs):
         by = {r["method"]: r for r in runs if (r["backbone"], r["alpha"], r["n"]) == key}
+        auto = autos[key[0]]
         ours, naive, raw = by.get(f"ours:{auto}"), by["naive"], by.get(f"raw:{auto}")
         out.append({
             "backbone": key[0], "alpha": key[1], "n": key[2], "runtime": auto,

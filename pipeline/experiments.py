@@ -301,6 +301,12 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
     exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=features,
                      heads=raw["heads"], options=_options("top", raw),
                      results_dir=raw.get("results_dir", DEFAULT_RESULTS_DIR), source=path, fusions=fusions)
+    return _override(exp, datasets, backbones, heads, limit)
+
+
+def _override(exp: Experiment, datasets: str | None, backbones: str | None, heads: str | None,
+              limit: int | None) -> Experiment:
+    """make's DATASETS, BACKBONES, HEADS and LIMIT over the file's grid."""
     if datasets:
         known = {d["name"]: d for d in exp.datasets}
         exp.datasets = [known.get(n, {"name": n, "source": n}) for n in datasets.split()]

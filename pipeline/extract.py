@@ -105,7 +105,8 @@ class ExtractionConfig:
     rescan: bool = option(False, "read every image file again instead of trusting the scan "
                           "index")
     runtime: str = option("auto", "what runs the backbone, float32 on every one: auto (on a "
-                          "CPU: OpenVINO, else ONNX Runtime, where installed; else TensorFlow) | "
+                          "CPU: ONNX Runtime for the MobileNets, OpenVINO for the others, where installed; "
+                          "else TensorFlow) | "
                           "tensorflow | openvino | onnxruntime", where=("top",),
                           choices=runtimes.RUNTIMES)
     tta: str = option("none", "flip: average each image's features with its mirror's (one "
@@ -264,7 +265,7 @@ class FeatureModel:
                 raise PipelineError(f"backbone {config.backbone!r} has no layer named in "
                                     f"{list(config.layers)}; its last layers are: {names}") from None
             backbone = keras.Model(backbone.inputs, outputs)
-        self.backbone = backbone
+        self.backbone, self.backbone_name = backbone, config.backbone
         self.mode, self.tta = config.mode, config.tta
         self.preprocess = bb.preprocess_input(config.backbone)
         self.projection = None  # (mean, components) for the bottleneck mode
@@ -314,7 +315,7 @@ class FeatureModel:
         """Run the graph on runtime ``name`` (``auto`` chooses); the converted graph is kept in
         ``folder``. A graph the runtime cannot take runs on TensorFlow, with one line saying
         so. Returns the runtime that will run."""
-        requested, name = name, runtimes.choose(name)
+        requested, name = name, runtimes.choose(name, self.backbone_name)
         if name != "tensorflow" and precision != "float32":  # a warning if asked for by name
             (log.warning if requested == name else log.info)(
                 "%s: %s runs float32 here; --precision %s runs on TensorFlow", label, name,

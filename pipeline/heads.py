@@ -105,7 +105,8 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
     """Pick hyper-parameters on a validation split, then refit on all rows.
 
     ``grid`` is a list of parameter dicts for the final step; ``refine`` names a log-scale
-    parameter to refine around the best with half-decade steps.
+    parameter to refine around the best with half-decade steps. With its defaults it is a
+    standardised logistic regression, fitted once (no grid).
     """
 
     def __init__(self, estimator=None, grid=None, refine: str | None = None,
@@ -122,7 +123,7 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def _pipeline(self, params: dict) -> Pipeline:
-        clf = clone(self.estimator).set_params(**params)
+        clf = clone(self.estimator_).set_params(**params)
         return Pipeline(preprocessing(self.normalize, self.pca, self.random_state) + [("clf", clf)])
 
     def _score_chain(self, chain: list[dict], X, y, fit_idx, val_idx) -> list[tuple[float, bool]]:
@@ -139,8 +140,11 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
         return scores
 
     def fit(self, X, y):
+        self.estimator_ = self.estimator if self.estimator is not None else \
+            LogisticRegression(max_iter=1000)
+        grid = list(self.grid) if self.grid else [{}]
         fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state)
-        if len(fit_idx) > self.max_sweep_rows and len(self.grid) > 1:
+        if len(fit_idx) > self.max_sweep_rows and len(grid) > 1:
             # Selection on a stratified subsample bounds the sweep's cost; the final model
             # is still refit on every training row.
             fit_idx, _ = train_test_split(fit_idx, train_size=self.max_sweep_rows,
@@ -153,7 +157,7 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
         # Warm-startable estimators run the grid as n_jobs contiguous chains (a high C starts
         # from the lower C's fit). The others (SVMs, whose cost climbs steeply with C) go up
         # the grid n_jobs settings at a time and stop once past the validation peak.
-        warm = "warm_start" in self.estimator.get_params()
+        warm = "warm_start" in self.estimator_.get_params()
 
         def sweep(candidates: list[dict], stop_past_peak: bool) -> None:
             todo = [c for c in candidates if repr(sorted(c.items())) not in tried]
@@ -179,9 +183,9 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
 
         self.sweep_, self.skipped_ = [], []
         t0 = time.perf_counter()
-        sweep(list(self.grid), stop_past_peak=True)
+        sweep(grid, stop_past_peak=True)
         best = max(self.sweep_, key=lambda r: r["val_accuracy"])
-        if self.refine and len(self.grid) > 1:
+        if self.refine and len(grid) > 1:
             base = _setting(best)
             sweep([{**base, self.refine: base[self.refine] * f} for f in (10 ** -0.5, 10 ** 0.5)],
                   stop_past_peak=False)

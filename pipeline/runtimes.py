@@ -31,11 +31,14 @@ from pipeline.errors import PipelineError
 
 RUNTIMES = ("auto", "tensorflow", "openvino", "onnxruntime")
 EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA]'
-# What ``auto`` prefers on a CPU. In one side-by-side run of ``make bench-extract``
-# (bench_results/extract.json) ONNX Runtime was the faster on the MobileNets (1.87x and 1.06x
-# OpenVINO in our loop) but the slower on ResNet50, with 4x OpenVINO's memory there: OpenVINO
-# stays first until a per-model rule is measured.
+# What ``auto`` prefers on a CPU, per backbone where measured. In two side-by-side runs of
+# ``make bench-extract`` (bench_results/extract.json) ONNX Runtime ran the MobileNets faster
+# than OpenVINO as whole processes (latest: 4.09x and 4.34x the naive way, against 3.54x and
+# 3.46x) but ResNet50 at half OpenVINO's speed and four times its memory: so ONNX Runtime
+# first for the MobileNets, OpenVINO first for every other backbone (unmeasured ones too).
 CPU_PREFERENCE = ("openvino", "onnxruntime")
+CPU_PREFERENCE_BY_BACKBONE = {"mobilenet": ("onnxruntime", "openvino"),
+                              "mobilenet_v2": ("onnxruntime", "openvino")}
 log = logging.getLogger(__name__)
 
 
@@ -45,15 +48,16 @@ def installed(name: str) -> bool:
     return name == "tensorflow" or importlib.util.find_spec(name) is not None
 
 
-def choose(name: str) -> str:
-    """The runtime that will run: ``auto`` is the fastest installed CPU runtime on a CPU,
-    TensorFlow on an NVIDIA GPU or when none is installed."""
+def choose(name: str, backbone: str = "") -> str:
+    """The runtime that will run: ``auto`` is the fastest installed CPU runtime measured for
+    ``backbone`` on a CPU, TensorFlow on an NVIDIA GPU or when none is installed."""
     if name not in RUNTIMES:
         raise PipelineError(f"unknown runtime {name!r}; use one of {', '.join(RUNTIMES)}")
     if name == "auto":
         if os.path.exists("/proc/driver/nvidia/version"):
             return "tensorflow"
-        return next((r for r in CPU_PREFERENCE if installed(r)), "tensorflow")
+        preference = CPU_PREFERENCE_BY_BACKBONE.get(backbone, CPU_PREFERENCE)
+        return next((r for r in preference if installed(r)), "tensorflow")
     if not installed(name):
         raise PipelineError(f"--runtime {name} needs {name}: pip install '.[{EXTRAS[name]}]' "
                             "(make install adds it on a CPU machine)")

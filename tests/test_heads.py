@@ -209,6 +209,13 @@ def test_every_registered_head_builds_and_fits_with_its_defaults(name, tmp_path)
     assert declared <= accepted, declared - accepted
 
 
+def test_a_sweep_classifier_with_its_defaults_is_a_plain_logistic_regression(blobs_file):
+    data = _data(blobs_file)
+    head = SweepClassifier().fit(data.X_train, data.y_train)
+    assert head.score(data.X_test, data.y_test) > 0.9
+    assert len(head.sweep_) == 1 and head.best_params_ == {}  # one setting: nothing swept
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("name, params, message", [
     ("logreg", {"C": "abc"}, "C='abc' must be a number > 0"),
