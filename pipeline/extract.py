@@ -49,69 +49,73 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 log = logging.getLogger(__name__)
 
 
-def option(default=MISSING, help: str = "", *, where: tuple[str, ...] = (),
-           choices: tuple = (), positive: bool = False, flag: str | None = "",
-           aliases: tuple[str, ...] = (), key: str = ""):
+def option(default=MISSING, help: str = "", *, key_part: bool = False,
+           where: tuple[str, ...] = (), choices: tuple = (), positive: bool = False,
+           flag: str | None = "", aliases: tuple[str, ...] = (), key: str = ""):
     """An ``ExtractionConfig`` field, declared once with what the command line and experiment
-    files need: ``where`` it may be set in an experiment file (``datasets`` / ``backbones`` /
+    files need: whether it is a ``key_part`` (the features depend on it: ``key_parts`` records
+    it), ``where`` it may be set in an experiment file (``datasets`` / ``backbones`` /
     ``features`` entries, ``top`` level) and under which ``key`` there (default: its name);
     its ``flag`` (default ``--field-name``; None: not an ``extract`` flag); ``aliases``: older
     spellings, accepted for one release."""
     return field(default=default, metadata={
-        "help": help, "where": where, "choices": tuple(choices), "positive": positive,
-        "flag": flag, "aliases": aliases, "key": key})
+        "help": help, "key_part": key_part, "where": where, "choices": tuple(choices),
+        "positive": positive, "flag": flag, "aliases": aliases, "key": key})
 
 
 @dataclass
 class ExtractionConfig:
     """Every extraction option: ``cli`` makes its flags from these fields, ``experiments``
-    its file checks and grid, ``validate`` checks them; key parts are ``key_parts``."""
+    its file checks and grid, ``validate`` checks them. ``key_parts`` records those declared
+    ``key_part`` (the bottleneck's and the seed in bottleneck mode; ``limit`` and ``skip_bad``
+    through the dataset's fingerprint), and a test holds the two together."""
 
-    dataset: str = option(help="cifar10 | cifar100 | fashion_mnist | mnist | folder:PATH | "
-                          "idx:PATH | cifar:PATH | npz:PATH", where=("datasets",), key="source")
+    dataset: str = option(
+        help="cifar10 | cifar100 | fashion_mnist | mnist | folder:PATH | idx:PATH | cifar:PATH | "
+        "npz:PATH", key_part=True, where=("datasets",), key="source")  # + its fingerprint
     backbone: str = option("mobilenet_v2", "a name `python -m pipeline backbones` lists",
-                           where=("backbones",), key="name")
+                           key_part=True, where=("backbones",), key="name")
     mode: str = option("avg", "global average or max pooling of the last map, a 1x1 bottleneck "
-                       "of it (PCA on training maps), or the map itself", where=("features",),
-                       choices=MODES, aliases=("pooling",))
-    alpha: float | None = option(None, "width multiplier (MobileNets)", where=("backbones",),
-                                 positive=True)
-    weights: str = option("imagenet", "imagenet | none | PATH to a weights file",
-                          where=("backbones",))
+                       "of it (PCA on training maps), or the map itself", key_part=True,
+                       where=("features",), choices=MODES, aliases=("pooling",))
+    alpha: float | None = option(None, "width multiplier (MobileNets)", key_part=True,
+                                 where=("backbones",), positive=True)
+    weights: str = option("imagenet", "imagenet | none | PATH to a weights file", key_part=True,
+                          where=("backbones",))  # a file by its content
     image_size: int | None = option(None, "model input size (default: the backbone's native)",
-                                    where=("backbones",), positive=True)
+                                    key_part=True, where=("backbones",), positive=True)
     layers: tuple[str, ...] = option((), "pool this layer instead of the last (repeat to "
-                                     "concatenate layers)", where=("features",), flag="--layer")
-    bottleneck_k: int = option(32, "channels the bottleneck keeps", where=("features",),
-                               positive=True, aliases=("k",))
+                                     "concatenate layers)", key_part=True, where=("features",),
+                                     flag="--layer")
+    bottleneck_k: int = option(32, "channels the bottleneck keeps", key_part=True,
+                               where=("features",), positive=True, aliases=("k",))
     bottleneck_fit_images: int = option(2000, "training images the bottleneck is fitted on",
-                                        where=("features",), positive=True)
+                                        key_part=True, where=("features",), positive=True)
     batch_size: int = option(64, "images per batch", where=("backbones", "top"), positive=True)
     limit: int | None = option(None, "images per split (stratified, at least one per class)",
-                               where=("datasets", "top"), positive=True)
-    precision: str = option("float32", "mixed precision runs on TensorFlow (a key part)",
+                               where=("datasets", "top"), positive=True)  # in the fingerprint
+    precision: str = option("float32", "mixed precision runs on TensorFlow", key_part=True,
                             where=("backbones",), choices=PRECISIONS)
     compression: str = option("auto", "auto (gzip for spatial maps, none for vectors) | none | "
                               "gzip | lzf (h5py's own filter: other HDF5 readers cannot open it)",
                               where=("features",), choices=COMPRESSIONS)
     skip_bad: bool = option(False, "skip undecodable images (counted in a warning, listed in "
-                            "the file)", where=("datasets",))
+                            "the file)", where=("datasets",))  # what it skips: in the fingerprint
     cache_dir: str = option(DEFAULT_CACHE_DIR, "feature cache folder", where=("top",),
                             flag=None)  # a flag of every command
     seed: int = option(0, "seed of --limit's subset and the bottleneck's fitting images",
-                       flag=None)
+                       key_part=True, flag=None)
     shard_rows: int | None = option(None, "rows per resumable shard (default: about 8 MiB)",
                                     positive=True, aliases=("segment_rows",))
     rescan: bool = option(False, "read every image file again instead of trusting the scan "
                           "index")
     runtime: str = option("auto", "what runs the backbone, float32 on every one: auto (on a "
-                          "CPU: ONNX Runtime for the MobileNets, OpenVINO for the others, where installed; "
-                          "else TensorFlow) | "
-                          "tensorflow | openvino | onnxruntime", where=("top",),
-                          choices=runtimes.RUNTIMES)
+                          "CPU: ONNX Runtime for the MobileNets, OpenVINO for the others, where "
+                          "installed; else TensorFlow) | tensorflow | openvino | onnxruntime",
+                          where=("top",), choices=runtimes.RUNTIMES)
     tta: str = option("none", "flip: average each image's features with its mirror's (one "
-                      "more forward pass; a key part). Off for digits or text, where a mirror "
-                      "changes what the image shows", where=("features",), choices=TTAS)
+                      "more forward pass). Off for digits or text, where a mirror changes what "
+                      "the image shows", key_part=True, where=("features",), choices=TTAS)
 
     def __post_init__(self):
         self.layers = tuple(self.layers)

@@ -528,6 +528,29 @@ def test_every_key_part_changes_the_key_and_nothing_else_does(npz_dataset, tmp_p
     assert all(key(replace(base, **{k: v})) == before for k, v in same.items())
 
 
+def test_the_options_declared_key_parts_are_the_ones_that_change_the_key(npz_dataset, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.datasets import load_dataset
+    from pipeline.extract import option_fields
+    from pipeline.store import cache_key
+
+    dataset = load_dataset(npz_dataset)
+    base = tiny(npz_dataset, tmp_path, mode="bottleneck", bottleneck_k=4)
+    other = {"backbone": "mobilenet", "mode": "avg", "alpha": 0.5, "weights": "imagenet",
+             "image_size": 64, "layers": ("block_3_expand_relu",), "bottleneck_k": 8,
+             "bottleneck_fit_images": 99, "batch_size": 3, "limit": 5,
+             "precision": "mixed_float16", "compression": "gzip", "skip_bad": True,
+             "cache_dir": str(tmp_path / "other"), "seed": 1, "shard_rows": 5, "rescan": True,
+             "runtime": "tensorflow", "tta": "flip"}
+    declared = {name for name, f in option_fields().items() if f.metadata["key_part"]}
+    assert set(other) == set(option_fields()) - {"dataset"}  # a new option needs a row here
+    changes_key = {name for name, value in other.items()
+                   if cache_key(replace(base, **{name: value}).key_parts(dataset))
+                   != cache_key(base.key_parts(dataset))}
+    assert changes_key == declared - {"dataset"}  # the dataset: its label and fingerprint
+
+
 @pytest.mark.reliability
 def test_rebuild_keeps_the_old_file_until_the_new_one_is_published(npz_dataset, tmp_path,
                                                                    monkeypatch):
