@@ -18,6 +18,7 @@ from dataclasses import MISSING
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.results import DEFAULT_RESULTS_DIR
 from pipeline.store import DEFAULT_CACHE_DIR
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="pipeline", description=__doc__.splitlines()[0])
     common = OneLineParser(add_help=False)
     common.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="feature cache folder")
-    common.add_argument("--results-dir", default="results", help="head results folder")
+    common.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="head results folder")
     common.add_argument("-v", "--verbose", action="store_true", help="more messages")
     common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     common.add_argument("--debug", action="store_true",
@@ -226,7 +227,7 @@ def cmd_extract(args) -> int:
     from pipeline.extract import ExtractionConfig, extract_features, option_fields
 
     config = ExtractionConfig(**{name: getattr(args, name) for name in option_fields()
-                                 if name != "seed"})
+                                 if hasattr(args, name)})  # all but the seed have flags
     engine = _engine(args)
     if engine is None:
         extract_features(config, rebuild=args.rebuild)

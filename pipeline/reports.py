@@ -181,7 +181,7 @@ def _label_without_overlap(ax, points: list[dict], fontsize: float = 6) -> None:
                     arrowprops={"arrowstyle": "-", "lw": 0.4, "alpha": 0.5} if moved else None)
 
 
-def compare(results_dir: str | Path = "results", *, out=print) -> list[dict]:
+def compare(results_dir: str | Path = results.DEFAULT_RESULTS_DIR, *, out=print) -> list[dict]:
     """Print the table (best per dataset marked) and write compare.csv/.md/.png."""
     results_dir = Path(results_dir)
     rows = collect_results(results_dir)
