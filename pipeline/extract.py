@@ -12,6 +12,7 @@ is a runner: ``LocalRunner`` (this process, the default) or the Ray engine's act
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -166,8 +167,9 @@ class ExtractionConfig:
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
+@functools.cache
 def option_fields() -> dict[str, Field]:
-    """The declared options by name (see ``option``)."""
+    """The declared options by name (see ``option``); the same dict every call."""
     return {f.name: f for f in fields(ExtractionConfig)}
 
 
@@ -540,7 +542,7 @@ class LocalRunner:
               runtime: str) -> None:
         """Build the model: everything that can fail on bad options (alpha, image size, layers,
         weights file, bottleneck k) fails here, before any work folder exists."""
-        self.config, self.dataset = config, dataset
+        self.config, self.dataset, self._row_bytes = config, dataset, None
         image_shape = dataset.splits["train"].image_shape
         self.model = FeatureModel(config, image_shape)
         if config.mode == "bottleneck":
@@ -558,9 +560,10 @@ class LocalRunner:
         """``shard_rows``, or about 8 MiB of features: resume loses at most one shard."""
         if self.config.shard_rows:
             return self.config.shard_rows
-        self.model.projection = projection
-        row = self.model(self.dataset.splits["train"].load(np.arange(1)))
-        return max(self.config.batch_size, (8 << 20) // max(row[0].nbytes, 1))
+        if self._row_bytes is None:  # one image through the model, once for both splits
+            self.model.projection = projection
+            self._row_bytes = self.model(self.dataset.splits["train"].load(np.arange(1)))[0].nbytes
+        return max(self.config.batch_size, (8 << 20) // max(self._row_bytes, 1))
 
     def run(self, todo: list[tuple[str, int, int]], shards: ShardSet, key: str, projection,
             progress: Progress) -> dict:
