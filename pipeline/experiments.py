@@ -255,6 +255,14 @@ def _check_entry(path: str, place: str, entry: dict) -> None:
             raise PipelineError(f"{path}: {where} {key} = {value!r}: {problem}")
 
 
+def _renamed(place: str, entry: dict) -> dict:
+    """The entry with old spellings of option keys under their current key (``pooling`` ->
+    ``mode``, ``k`` -> ``bottleneck_k``): the grid reads current names only."""
+    current = {alias: f.metadata["key"] or f.name for f in option_fields().values()
+               if place in f.metadata["where"] for alias in f.metadata["aliases"]}
+    return {current.get(k, k): v for k, v in entry.items()}
+
+
 def _options(place: str, entry: dict) -> dict:
     """The extraction options an entry (or the top level) sets, by option name."""
     keys = _option_keys(place)
@@ -274,6 +282,7 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"experiment file {path}: not valid TOML ({exc})") from None
     _check_entry(path, "top", raw)
+    raw = _renamed("top", raw)
     for section in ("datasets", "backbones", "features", "heads"):
         entries = raw.get(section, [])
         if not entries or not all(isinstance(e, dict) for e in entries):
@@ -282,8 +291,9 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
             _check_entry(path, section, entry)
             if "name" not in entry and section != "features":
                 raise PipelineError(f"{path}: [[{section}]] entry without a name: {entry}")
+        raw[section] = [_renamed(section, entry) for entry in entries]
     for entry in raw["features"]:
-        if "mode" not in entry and "pooling" not in entry:
+        if "mode" not in entry:
             raise PipelineError(f"{path}: [[features]] entry without a mode; use one of "
                                 f"{', '.join(MODES)}")
     for entry in raw["heads"]:
@@ -294,11 +304,10 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
             check_params(entry["name"], entry.get("params", {}))
         except PipelineError as exc:
             raise PipelineError(f"{path}: [[heads]] {exc}") from None
-    features = [{**f, "mode": f.get("mode", f.get("pooling"))} for f in raw["features"]]
     fusions = raw.get("fusions", [])
     for entry in fusions:
-        _check_fusion(path, entry, {**raw, "features": features})
-    exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=features,
+        _check_fusion(path, entry, raw)
+    exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=raw["features"],
                      heads=raw["heads"], options=_options("top", raw),
                      results_dir=raw.get("results_dir", DEFAULT_RESULTS_DIR), source=path, fusions=fusions)
     return _override(exp, datasets, backbones, heads, limit)
