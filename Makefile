@@ -33,7 +33,7 @@ RUN_ARGS := --config $(CONFIG) \
 	$(if $(ADDRESS),--address $(ADDRESS))
 
 .PHONY: install install-test features heads compare all dry-run test test-fast reliability bench \
-	bench-extract bench-heads bench-ray bench-cache lint clean-heads clean-features
+	bench-extract bench-conversions bench-heads bench-ray bench-cache lint clean-heads clean-features
 
 install: $(VENV)/.installed-$(EXTRAS) $(KERAS_SETUP)
 
@@ -75,10 +75,13 @@ test-fast: install-test
 reliability: install-test
 	$(PY) -m pytest -q -m "reliability or bad_input"
 
-bench: bench-extract bench-heads bench-ray bench-cache
+bench: bench-extract bench-conversions bench-heads bench-ray bench-cache
 
 bench-extract: install   # MobileNet 0.25, MobileNetV2 0.35 (N = 8,000), ResNet50 (N = 400) at 224
 	$(PY) -m pipeline bench extract --out bench_results/extract.json
+
+bench-conversions: install   # every registered backbone on each CPU runtime (about an hour)
+	$(PY) -m pipeline bench conversions --out bench_results/conversions.json
 
 bench-heads: install
 	$(PY) -m pipeline bench heads --out bench_results/heads.json

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,10 +47,10 @@ def _peak_rss_mib() -> float:
 
 
 def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_size: int,
-            size: int) -> dict:
-    """One measured run: ``naive``, ``ours:RUNTIME`` (the extract command's code path),
-    ``raw:RUNTIME`` (the same converted graph fed from memory in a tight loop) or
-    ``ray:WORKERS:SHARDS``."""
+            size: int, cache: str) -> dict:
+    """One measured run: ``naive``, ``ours:RUNTIME`` (the extract command's code path; with
+    ``:kept``, on the graph an earlier run converted into ``cache``), ``raw:RUNTIME`` (the
+    same converted graph fed from memory in a tight loop) or ``ray:WORKERS:SHARDS``."""
     data = np.load(npz)
     x = data["x_train"]
     t0 = time.perf_counter()
@@ -68,41 +69,44 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
     else:
         from pipeline.extract import ExtractionConfig, FeatureModel, extract_features
 
-        with tempfile.TemporaryDirectory() as cache:
-            runtime = method.split(":")[1] if method.startswith(("ours:", "raw:")) else "auto"
-            config = ExtractionConfig(dataset=f"npz:{npz}", backbone=backbone, alpha=alpha,
-                                      weights="none", image_size=size, batch_size=batch_size,
-                                      cache_dir=cache, compression="none", runtime=runtime)
-            if method.startswith("raw:"):
-                model = FeatureModel(config, x.shape[1:])
-                model.use_runtime(runtime, Path(cache) / "model", backbone)
-                batches = [x[lo:lo + batch_size] for lo in range(0, len(x), batch_size)]
-                t1 = time.perf_counter()
-                rows = sum(len(f) for f in model.map(batches))
-                result["extract_seconds"] = time.perf_counter() - t1
-            else:
-                if method.startswith("ray:"):  # ray:WORKERS:SHARDS
-                    from pipeline.engine import RayEngine
+        runtime = method.split(":")[1] if method.startswith(("ours:", "raw:")) else "auto"
+        config = ExtractionConfig(dataset=f"npz:{npz}", backbone=backbone, alpha=alpha,
+                                  weights="none", image_size=size, batch_size=batch_size,
+                                  cache_dir=cache, compression="none", runtime=runtime)
+        if method.startswith("raw:"):
+            model = FeatureModel(config, x.shape[1:])
+            model.use_runtime(runtime, Path(cache) / "model", backbone)
+            batches = [x[lo:lo + batch_size] for lo in range(0, len(x), batch_size)]
+            t1 = time.perf_counter()
+            rows = sum(len(f) for f in model.map(batches))
+            result["extract_seconds"] = time.perf_counter() - t1
+        else:
+            if method.startswith("ray:"):  # ray:WORKERS:SHARDS
+                from pipeline.engine import RayEngine
 
-                    workers, shards = (int(v) for v in method.split(":")[1:])
-                    with RayEngine(num_cpus=workers, shards=shards) as engine:
-                        done = engine.extract(config)
-                else:
-                    done = extract_features(config)
-                rows = sum(done.info["dataset_splits"].values())
-                result.update(extract_seconds=done.info["wall_seconds"], runtime=done.info["runtime"])
+                workers, shards = (int(v) for v in method.split(":")[1:])
+                with RayEngine(num_cpus=workers, shards=shards) as engine:
+                    done = engine.extract(config)
+            else:
+                done = extract_features(config)
+            rows = sum(done.info["dataset_splits"].values())
+            result.update(extract_seconds=done.info["wall_seconds"], runtime=done.info["runtime"])
+        result["tensorflow_imported"] = "tensorflow" in sys.modules
     return {"rows": int(rows), "seconds": time.perf_counter() - t0, **result,
             "peak_rss_mib": _peak_rss_mib()}
 
 
 def _worker_main() -> None:
-    """A worker process's entry: ``_worker``'s arguments as JSON in argv[1]."""
-    print("RESULT", json.dumps(_worker(**json.loads(sys.argv[1]))))
+    """A worker process's entry: the worker's name and its arguments as JSON in argv[1]."""
+    args = json.loads(sys.argv[1])
+    worker = {"extract": _worker, "conversion": _conversion_worker}[args.pop("worker", "extract")]
+    print("RESULT", json.dumps(worker(**args)))
 
 
-def _run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, size: int) -> dict:
+def _run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, size: int,
+                cache: str) -> dict:
     args = dict(method=method, npz=npz, backbone=backbone, alpha=alpha, batch_size=batch_size,
-                size=size)
+                size=size, cache=cache)
     proc = subprocess.run([sys.executable, "-c", "from pipeline.bench import _worker_main; "
                            "_worker_main()", json.dumps(args)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -115,6 +119,111 @@ def _run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, si
     return result
 
 
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM starts again from VmRSS
+        f.write("5")
+
+
+def _conversion_worker(backbone: str, npz: str, cache: str, converted: list[str]) -> dict:
+    """One backbone at its native size: TensorFlow's features of a few real images, then each
+    converted runtime's, as ``extract`` computes them (falling back if it cannot convert)."""
+    import logging.handlers
+
+    from pipeline.extract import ExtractionConfig, FeatureModel
+
+    warnings = logging.handlers.BufferingHandler(100)  # a fallback's one line
+    logging.getLogger("pipeline").addHandler(warnings)
+    x = np.load(npz)["x_train"]
+    t0 = time.perf_counter()
+    config = ExtractionConfig(dataset=f"npz:{npz}", backbone=backbone, weights="none",
+                              cache_dir=cache)
+    model = FeatureModel(config, x.shape[1:])
+    reference = model(x).astype(np.float64)
+    result: dict = {"tensorflow": {"seconds": time.perf_counter() - t0,
+                                   "peak_rss_mib": _peak_rss_mib(),
+                                   "feature_shape": list(reference.shape[1:]),
+                                   "max_abs_feature": float(np.abs(reference).max())}}
+    for runtime in converted:
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        ran = model.use_runtime(runtime, Path(cache) / "model", f"{backbone} avg")
+        seconds = time.perf_counter() - t0
+        features = model(x).astype(np.float64)
+        norms = np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1)
+        result[runtime] = {
+            "converted": ran == runtime, "convert_and_load_seconds": seconds,
+            "peak_rss_mib": _peak_rss_mib(),  # the process's peak during this conversion
+            "max_abs_diff": float(np.abs(features - reference).max()),
+            "min_cosine": float(((features * reference).sum(1) / np.maximum(norms, 1e-30)).min())}
+        if ran != runtime:
+            result[runtime]["warning"] = warnings.buffer[-1].getMessage() if warnings.buffer else ""
+    return result
+
+
+def bench_conversions(out: str | None = None, backbones: list[str] | None = None,
+                      images: int = 16, max_rss_gib: float = 12.0, timeout: float = 900) -> dict:
+    """Every registered backbone (``weights none``, native input size, ``avg``): does each
+    installed runtime convert it, how long, how much memory, and do its features match
+    TensorFlow's on ``images`` real images? One fresh process per backbone, stopped past
+    ``max_rss_gib`` or ``timeout`` seconds (recorded as such)."""
+    from pipeline import runtimes
+    from pipeline.backbones import BACKBONES
+
+    converted = [r for r in ("openvino", "onnxruntime") if runtimes.installed(r)]
+    x, y, source = _images(images)
+    report = {"what": "conversion of every registered backbone (mode avg, weights none, native "
+                      "input size, uint8 32x32 input resized in the graph)",
+              "images": f"{images} {source}", "commit": _commit(), "machine": _machine(None),
+              "matches_when": "max_abs_diff <= 1e-3 * max(1, max_abs_feature) and "
+                              "min_cosine >= 0.99999",
+              "limits": {"peak_rss_gib": max_rss_gib, "seconds": timeout}, "backbones": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = str(Path(tmp) / "images.npz")
+        np.savez(npz, x_train=x, y_train=y, x_test=x[:1], y_test=y[:1])
+        for backbone in backbones or list(BACKBONES):
+            print(f"bench conversions: {backbone} ...", flush=True)
+            args = dict(worker="conversion", backbone=backbone, npz=npz,
+                        cache=str(Path(tmp, backbone)), converted=converted)
+            r = _watched_worker(args, max_rss_gib, timeout)
+            for runtime in converted:
+                if runtime in r:
+                    row = r[runtime]
+                    row["matches"] = bool(row["max_abs_diff"] <= 1e-3 * max(
+                        1.0, r["tensorflow"]["max_abs_feature"]) and row["min_cosine"] >= 0.99999)
+            print("  " + json.dumps(r), flush=True)
+            report["backbones"][backbone] = r
+            shutil.rmtree(Path(tmp, backbone), ignore_errors=True)
+    rows = report["backbones"].values()
+    report["summary"] = {
+        r: {"converted_and_matching": sum(bool(b.get(r, {}).get("converted") and b[r]["matches"])
+                                          for b in rows),
+            "of": len(report["backbones"])} for r in converted}
+    _write(report, out or "bench_results/conversions.json")
+    return report
+
+
+def _watched_worker(args: dict, max_rss_gib: float, timeout: float) -> dict:
+    """Run a worker, stopping it past ``max_rss_gib`` of RSS or ``timeout`` seconds."""
+    proc = subprocess.Popen([sys.executable, "-c", "from pipeline.bench import _worker_main; "
+                             "_worker_main()", json.dumps(args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stopped, t0 = None, time.monotonic()
+    while proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                rss = int(next(line for line in f if line.startswith("VmRSS")).split()[1]) << 10
+        except (OSError, StopIteration):
+            continue
+        if rss > max_rss_gib * 2**30 or time.monotonic() - t0 > timeout:
+            stopped = f"stopped at {rss / 2**30:.1f} GiB after {time.monotonic() - t0:.0f} s"
+            proc.kill()
+    output = proc.stdout.read()
+    if stopped or proc.returncode != 0 or "RESULT" not in output:
+        return {"error": stopped or f"worker failed (status {proc.returncode})"}
+    return json.loads(output.split("RESULT", 1)[1])
+
+
 # (backbone, alpha, N or None for the --sizes): the two offline ImageNet models, and a
 # compute-bound one the offline weights do not cover (random weights: the same compute).
 BENCH_MODELS = (("mobilenet", 0.25, None), ("mobilenet_v2", 0.35, None), ("resnet50", None, 400))
@@ -123,13 +232,17 @@ BENCH_MODELS = (("mobilenet", 0.25, None), ("mobilenet_v2", 0.35, None), ("resne
 def bench_extract(out: str | None = None, sizes: list[int] | None = None,
                   models=BENCH_MODELS, batch_size: int = 64, size: int = 224) -> dict:
     """Side by side, one fresh process each, on the same images: the naive way, our extract
-    on each installed runtime, and each runtime's raw engine (the same converted graph fed
-    from memory in a tight loop). Whole-process images/s include start-up and model build."""
+    on each installed runtime (for a converted one: first converting the graph, then again on
+    the graph kept from that run, new features), and each runtime's raw engine (the same
+    converted graph fed from memory in a tight loop). Whole-process images/s include start-up
+    and model build or load."""
     from pipeline import runtimes
 
     sizes = sizes or [8000]
     installed = [r for r in runtimes.RUNTIMES[1:] if runtimes.installed(r)]
-    methods = ["naive", *[f"ours:{r}" for r in installed], *[f"raw:{r}" for r in installed]]
+    methods = ["naive", *[f"ours:{r}" for r in installed],
+               *[f"ours:{r}:kept" for r in installed if r != "tensorflow"],
+               *[f"raw:{r}" for r in installed]]
     report = {"what": "extraction: naive (upscale all in RAM + model.predict) vs our extract "
                       "per runtime vs each runtime's raw engine",
               "image_size": size, "batch_size": batch_size, "commit": _commit(),
@@ -147,8 +260,13 @@ def bench_extract(out: str | None = None, sizes: list[int] | None = None,
                 np.savez(Path(tmp) / "all.npz", x_train=x, y_train=y, x_test=x[:1], y_test=y[:1])
                 for method in methods:
                     path = npz if method.startswith("ours") else str(Path(tmp) / "all.npz")
+                    cache = Path(tmp, method.removesuffix(":kept").replace(":", "-"))
+                    if method.endswith(":kept"):  # the features go; the converted graph stays
+                        for old in cache.iterdir():
+                            if old.name != ".models":
+                                shutil.rmtree(old) if old.is_dir() else old.unlink()
                     print(f"bench extract: {backbone}@{alpha} {method}, N={n} ...", flush=True)
-                    r = _run_worker(method, path, backbone, alpha, batch_size, size)
+                    r = _run_worker(method, path, backbone, alpha, batch_size, size, str(cache))
                     r.update({"backbone": backbone, "alpha": alpha, "method": method, "n": n,
                               "images": source})
                     print(f"  {r['images_per_second']:.1f} img/s whole process"
@@ -168,16 +286,22 @@ def _extract_summary(runs: list[dict], autos: dict[str, str]) -> list[dict]:
         by = {r["method"]: r for r in runs if (r["backbone"], r["alpha"], r["n"]) == key}
         auto = autos[key[0]]
         ours, naive, raw = by.get(f"ours:{auto}"), by["naive"], by.get(f"raw:{auto}")
+        kept = by.get(f"ours:{auto}:kept", ours)  # TensorFlow converts nothing
         out.append({
             "backbone": key[0], "alpha": key[1], "n": key[2], "runtime": auto,
             "whole_process_speedup_vs_naive": ours["images_per_second"] / naive["images_per_second"],
             "peak_rss_fraction_of_naive": ours["peak_rss_mib"] / naive["peak_rss_mib"],
+            "converted_graph_kept": {
+                "whole_process_speedup_vs_naive": kept["images_per_second"]
+                / naive["images_per_second"],
+                "peak_rss_fraction_of_naive": kept["peak_rss_mib"] / naive["peak_rss_mib"]},
             "in_loop_fraction_of_raw_engine": (ours["in_loop_images_per_second"]
                                                / raw["in_loop_images_per_second"]) if raw else None,
             "in_loop_over_tensorflow": {
                 m.split(":")[1]: r["in_loop_images_per_second"]
                 / by["ours:tensorflow"]["in_loop_images_per_second"]
-                for m, r in by.items() if m.startswith("ours:") and m != "ours:tensorflow"},
+                for m, r in by.items()
+                if m.startswith("ours:") and m != "ours:tensorflow" and not m.endswith(":kept")},
         })
     return out
 
@@ -209,7 +333,8 @@ def bench_ray(out: str | None = None, n: int = 2000, backbone: str = "mobilenet_
         np.savez(npz, x_train=x[: n // 2], y_train=y[: n // 2], x_test=x[n // 2:], y_test=y[n // 2:])
         for method in ("ours", f"ray:{workers}:{shards}"):
             print(f"bench ray: {method}, N={n} ...", flush=True)
-            r = _run_worker(method, npz, backbone, alpha, batch_size, size)
+            r = _run_worker(method, npz, backbone, alpha, batch_size, size,
+                            str(Path(tmp, method.split(":")[0])))
             r["method"] = "one process" if method == "ours" else f"ray, {workers} workers"
             r["extract_images_per_second"] = r["rows"] / r["extract_seconds"]
             print(f"  {r['images_per_second']:.1f} img/s end to end, "

@@ -157,14 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
 
     p = sub.add_parser("bench", help="benchmarks, JSON results")
-    p.add_argument("what", choices=("extract", "heads", "ray", "cache"))
+    p.add_argument("what", choices=("extract", "conversions", "heads", "ray", "cache"))
     p.add_argument("--folder", default=None, help="image folder (cache; default ../shared/data/cifar10)")
     p.add_argument("--out", default=None)
     p.add_argument("--sizes", default=None,
                    help="comma-separated dataset sizes (extract; ray takes the first)")
     p.add_argument("--features", default=None, help="feature file (heads)")
     p.add_argument("--backbone", default=None,
-                   help="backbone (extract: default MobileNet 0.25, MobileNetV2 0.35 and ResNet50)")
+                   help="backbone (extract: default MobileNet 0.25, MobileNetV2 0.35 and ResNet50;"
+                        " conversions: comma-separated, default all registered)")
     p.add_argument("--alpha", type=float, default=None, help="MobileNet width (extract)")
     return parser
 
@@ -372,6 +373,9 @@ def cmd_bench(args) -> int:
     if args.what == "extract":
         models = [(args.backbone, args.alpha, None)] if args.backbone else bench.BENCH_MODELS
         bench.bench_extract(out=args.out, sizes=sizes, models=models)
+    elif args.what == "conversions":
+        bench.bench_conversions(out=args.out,
+                                backbones=args.backbone.split(",") if args.backbone else None)
     elif args.what == "ray":
         bench.bench_ray(out=args.out, n=sizes[0] if sizes else 2000,
                         backbone=args.backbone or "mobilenet_v2",

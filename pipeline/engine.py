@@ -57,18 +57,13 @@ class ShardExtractor:
 
     def __init__(self, config: ExtractionConfig, dataset: Dataset, threads: int,
                  decode_threads: int = 2):
-        import tensorflow as tf
-
-        if threads:  # share a CPU node fairly between its actors
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
         self.config = config
         self.dataset = dataset  # the driver's: arrays, or image paths with their sha256
         shape = self.dataset.splits["train"].image_shape
-        self.model = FeatureModel(config, shape)
+        self.model = FeatureModel(config, shape, threads=threads or None)  # a fair share of the node
         self.runtime = self.model.use_runtime(  # the driver's choice, on every actor
             config.runtime, FeatureStore(config.cache_dir).model_dir(config.model_key(shape)),
-            f"{config.backbone} {config.mode}", config.precision, threads=threads or None)
+            f"{config.backbone} {config.mode}", config.precision)
         self.decode_threads = decode_threads
 
     def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:

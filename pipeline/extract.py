@@ -247,14 +247,30 @@ class Progress:
 # ----------------------------------------------------------------------------- the model
 
 class FeatureModel:
-    """uint8 batch -> features, with resize and preprocessing inside one compiled graph."""
+    """uint8 batch -> features, with resize and preprocessing inside one compiled graph.
 
-    def __init__(self, config: ExtractionConfig, image_shape: tuple[int, int, int]):
+    The Keras model is built on first use: a run on a converted graph kept from an earlier
+    run neither builds it nor imports TensorFlow (seconds and about half a GiB at start-up).
+    ``threads`` caps TensorFlow's threads (a Ray actor's share of its node)."""
+
+    def __init__(self, config: ExtractionConfig, image_shape: tuple[int, int, int],
+                 threads: int | None = None):
+        self.config, self.image_shape, self.threads = config, tuple(image_shape), threads
+        self.size = config.image_size or bb.get_spec(config.backbone).input_size
+        self.backbone_name, self.mode, self.tta = config.backbone, config.mode, config.tta
+        self.projection = None  # (mean, components) for the bottleneck mode
+        self.runtime, self.runner = "tensorflow", None
+
+    @functools.cached_property
+    def backbone(self):
+        """The frozen Keras model, its outputs the chosen ``layers`` (default: the last map)."""
         import keras
         import tensorflow as tf
 
-        spec = bb.get_spec(config.backbone)
-        self.size = config.image_size or spec.input_size
+        if self.threads:
+            tf.config.threading.set_intra_op_parallelism_threads(self.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        config = self.config
         policy = keras.config.dtype_policy()
         if config.precision != "float32":
             keras.config.set_dtype_policy(config.precision)
@@ -263,33 +279,43 @@ class FeatureModel:
                                          alpha=config.alpha, input_size=self.size)
         finally:
             keras.config.set_dtype_policy(policy)
-        if config.layers:
-            try:
-                outputs = [backbone.get_layer(name).output for name in config.layers]
-            except ValueError:
-                names = ", ".join(layer.name for layer in backbone.layers[-12:])
-                raise PipelineError(f"backbone {config.backbone!r} has no layer named in "
-                                    f"{list(config.layers)}; its last layers are: {names}") from None
-            backbone = keras.Model(backbone.inputs, outputs)
-        self.backbone, self.backbone_name = backbone, config.backbone
-        self.mode, self.tta = config.mode, config.tta
-        self.preprocess = bb.preprocess_input(config.backbone)
-        self.projection = None  # (mean, components) for the bottleneck mode
-        self.runtime, self.runner = "tensorflow", None
-        self._tf = tf
-        images = tf.TensorSpec((None, *image_shape), tf.uint8)
-        self._maps = tf.function(self._maps_graph, input_signature=[images])
-        self._features = tf.function(self._features_graph, input_signature=[
-            images, tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None, None), tf.float32)])
+        if not config.layers:
+            return backbone
+        try:
+            outputs = [backbone.get_layer(name).output for name in config.layers]
+        except ValueError:
+            names = ", ".join(layer.name for layer in backbone.layers[-12:])
+            raise PipelineError(f"backbone {config.backbone!r} has no layer named in "
+                                f"{list(config.layers)}; its last layers are: {names}") from None
+        return keras.Model(backbone.inputs, outputs)
+
+    @functools.cached_property
+    def _maps(self):
+        import tensorflow as tf
+
+        self.backbone  # noqa: B018 - built before tracing: bad options fail with our message
+        return tf.function(self._maps_graph,
+                           input_signature=[tf.TensorSpec((None, *self.image_shape), tf.uint8)])
+
+    @functools.cached_property
+    def _features(self):
+        import tensorflow as tf
+
+        self.backbone  # noqa: B018
+        return tf.function(self._features_graph, input_signature=[
+            tf.TensorSpec((None, *self.image_shape), tf.uint8),
+            tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None, None), tf.float32)])
 
     def _maps_graph(self, images):
-        tf = self._tf
+        import tensorflow as tf
+
         x = tf.image.resize(tf.cast(images, tf.float32), (self.size, self.size))
-        maps = self.backbone(self.preprocess(x), training=False)
+        maps = self.backbone(bb.preprocess_input(self.backbone_name)(x), training=False)
         return [tf.cast(m, tf.float32) for m in (maps if isinstance(maps, list) else [maps])]
 
     def _features_graph(self, images, mean, components):
-        tf = self._tf
+        import tensorflow as tf
+
         if self.tta == "flip":  # the images and their mirrors as one batch: one graph, 2x work
             n = tf.shape(images)[0]
             both = self._view_features(tf.concat([images, tf.reverse(images, axis=[2])], 0),
@@ -306,7 +332,8 @@ class FeatureModel:
 
     def _view_features(self, images, mean, components):
         """Pooled vectors, or a map (spatial; bottleneck before flattening) for one view."""
-        tf = self._tf
+        import tensorflow as tf
+
         maps = self._maps_graph(images)
         if self.mode in ("avg", "max"):
             pool = tf.reduce_mean if self.mode == "avg" else tf.reduce_max
@@ -316,11 +343,12 @@ class FeatureModel:
             return last
         return tf.tensordot(last - mean, components, axes=[[3], [0]])  # the 1x1 conv
 
-    def use_runtime(self, name: str, folder: Path, label: str, precision: str = "float32",
-                    threads: int | None = None) -> str:
+    def use_runtime(self, name: str, folder: Path, label: str, precision: str = "float32") -> str:
         """Run the graph on runtime ``name`` (``auto`` chooses); the converted graph is kept in
-        ``folder``. A graph the runtime cannot take runs on TensorFlow, with one line saying
-        so. Returns the runtime that will run."""
+        ``folder`` (loaded from there, the Keras model is never built). A graph the runtime
+        cannot take runs on TensorFlow, with one line saying so. Returns the runtime that will
+        run."""
+        threads = self.threads
         requested, name = name, runtimes.choose(name, self.backbone_name)
         if name != "tensorflow" and precision != "float32":  # a warning if asked for by name
             (log.warning if requested == name else log.info)(
@@ -346,6 +374,7 @@ class FeatureModel:
         self.runtime = name
         if name == "tensorflow":
             self.runner = None
+            self._features  # noqa: B018 - built now: bad options fail before any work starts
         return name
 
     def _inputs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -415,31 +444,45 @@ def fit_bottleneck(model: FeatureModel, dataset: Dataset, k: int, n_images: int,
 
 # ----------------------------------------------------------------------------- the loop
 
-def runtime_info() -> dict:
-    """Library versions and the device, for the provenance of what this process computes."""
-    import h5py
-    import keras
-    import sklearn
-    import tensorflow as tf
+def _version(module: str, *packages: str) -> str | None:
+    """A library's version: from the module if imported, else from its installed package
+    (importing TensorFlow only to read its version would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        device = f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
-    else:
-        device = f"CPU: {platform.processor() or platform.machine()}"
-    versions = {"python": platform.python_version(), "tensorflow": tf.__version__,
-                "keras": keras.__version__, "numpy": np.__version__,
-                "h5py": h5py.__version__, "scikit-learn": sklearn.__version__}
-    for runtime in ("openvino", "onnxruntime", "tf2onnx"):
-        if runtime in sys.modules:
-            versions[runtime] = sys.modules[runtime].__version__
+    if module in sys.modules:
+        return sys.modules[module].__version__
+    for package in packages or (module,):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            pass
+    return None
+
+
+def runtime_info(runtime: str = "tensorflow") -> dict:
+    """Library versions and the device, for the provenance of what this process computes.
+    A run on a converted graph need not import TensorFlow; OpenVINO and ONNX Runtime run here
+    on the CPU."""
+    device = f"CPU: {platform.processor() or platform.machine()}"
+    if runtime == "tensorflow":
+        import tensorflow as tf
+
+        if gpus := tf.config.list_physical_devices("GPU"):
+            details = tf.config.experimental.get_device_details(gpus[0])
+            device = f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
+    versions = {"python": platform.python_version(), "numpy": np.__version__,
+                "tensorflow": _version("tensorflow", "tensorflow", "tensorflow-cpu"),
+                "keras": _version("keras"), "h5py": _version("h5py"),
+                "scikit-learn": _version("sklearn", "scikit-learn")}
+    for name in ("openvino", "onnxruntime", "tf2onnx"):  # tf2onnx: when it converted here
+        if name in sys.modules:
+            versions[name] = sys.modules[name].__version__
     return {"versions": versions, "device": device}
 
 
 def worker_provenance(config: ExtractionConfig, runtime: str) -> dict:
     """What each shard records about the process that computed it."""
-    return {"config": asdict(config), **runtime_info(), "runtime": runtime,
+    return {"config": asdict(config), **runtime_info(runtime), "runtime": runtime,
             "host": socket.gethostname(), "pid": os.getpid()}
 
 
@@ -540,13 +583,13 @@ class LocalRunner:
 
     def start(self, config: ExtractionConfig, dataset: Dataset, store: FeatureStore,
               runtime: str) -> None:
-        """Build the model: everything that can fail on bad options (alpha, image size, layers,
-        weights file, bottleneck k) fails here, before any work folder exists."""
+        """Set up the model: bad options (alpha, image size, layers, weights file) fail here,
+        before any work folder exists, unless a converted graph kept for these very options
+        shows them good (then no Keras model is built); a bottleneck k too large fails when
+        the projection is fitted, also before any shard."""
         self.config, self.dataset, self._row_bytes = config, dataset, None
         image_shape = dataset.splits["train"].image_shape
         self.model = FeatureModel(config, image_shape)
-        if config.mode == "bottleneck":
-            check_bottleneck_k(self.model, config.bottleneck_k)
         self.runtime = self.model.use_runtime(
             runtime, store.model_dir(config.model_key(image_shape)),
             f"{config.backbone} {config.mode}", config.precision)

@@ -14,6 +14,7 @@ This module sits on the ground floor: it imports nothing of ours but the error t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -92,16 +93,46 @@ def _openvino_format():
 
 
 def _onnx_format():
+    from importlib.metadata import version
+
     import onnxruntime
-    import tf2onnx
 
     def export(fn) -> bytes:
-        proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=17)
-        return proto.SerializeToString()
+        import tf2onnx  # imports TensorFlow: only when there is something to convert
+
+        def onnx_bytes() -> bytes:
+            proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature,
+                                                     opset=17)
+            return proto.SerializeToString()
+
+        # tf2onnx copies the whole graph before each of its optimizer passes, to undo one that
+        # fails: most of a conversion's peak memory (ResNet50: 7.4 GiB with the copies, 4.2
+        # without; bench_results/conversions.json). So first without them; only if a pass
+        # fails, again with them.
+        try:
+            with _environ("TF2ONNX_CATCH_ERRORS", "FALSE"):
+                return onnx_bytes()
+        except Exception as exc:
+            log.debug("tf2onnx failed without its undo copies (%s); again with them", exc)
+            with _environ("TF2ONNX_CATCH_ERRORS", "TRUE"):
+                return onnx_bytes()
 
     return (export, lambda model, folder: (folder / "model.onnx").write_bytes(model),
             lambda folder: (folder / "model.onnx").read_bytes(),
-            f"onnxruntime {onnxruntime.__version__}, tf2onnx {tf2onnx.__version__}")
+            f"onnxruntime {onnxruntime.__version__}, tf2onnx {version('tf2onnx')}")
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 _FORMATS = {"openvino": _openvino_format, "onnxruntime": _onnx_format}
@@ -125,8 +156,9 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
         shutil.rmtree(folder, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    fn = convert()  # building the graph: bad options fail here with their own message
     try:
-        model = export(convert())
+        model = export(fn)
     except Exception as exc:  # converters raise many types; the caller falls back
         raise ConversionError(f"{runtime} cannot convert {label} "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from exc

@@ -1,16 +1,22 @@
 """Runtimes: OpenVINO and ONNX Runtime run the very graph TensorFlow runs, to float32 rounding,
 converted once and kept; what they cannot take runs on TensorFlow with one line saying so."""
 
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
 import numpy as np
 import pytest
-from conftest import write_npz_dataset
+from conftest import REPO, write_npz_dataset
 
 from pipeline import runtimes
 from pipeline.errors import PipelineError
 from pipeline.extract import ExtractionConfig, extract_features
 from pipeline.store import FeatureFile
 
-if __import__("os").environ.get("CI"):  # CI installs the extras: these tests must run there
+if os.environ.get("CI"):  # CI installs the extras: these tests must run there
     import openvino
     import tf2onnx
 else:
@@ -119,6 +125,40 @@ def test_the_converted_graph_is_kept_reused_and_rebuilt_when_damaged(dataset, tm
     assert any("is damaged" in m and "converting again" in m for m in caplog.messages)
     rows = _rows(third.path)[0]
     assert all(np.array_equal(rows[s], reference[s]) for s in rows)
+
+
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_a_kept_converted_graph_runs_without_keras_or_tensorflow(dataset, tmp_path, runtime):
+    extract_features(tiny(dataset, tmp_path, runtime=runtime))  # converts and keeps the graph
+    other = write_npz_dataset(tmp_path / "other.npz", 24, 16)  # new features, the same graph
+    config = {k: v for k, v in asdict(tiny(other, tmp_path, runtime=runtime)).items() if v != ()}
+    code = ("import json, sys; from pipeline.extract import ExtractionConfig, extract_features; "
+            "r = extract_features(ExtractionConfig(**json.loads(sys.argv[1]))); "
+            "print('RESULT', r.status, r.info['runtime'], "
+            "sorted({'tensorflow', 'keras'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True,
+                          text=True, cwd=REPO)
+    assert f"RESULT created {runtime} []" in proc.stdout, proc.stderr[-2000:]
+    rows = _rows(extract_features(tiny(other, tmp_path, runtime=runtime)).path)[0]  # cached now
+    reference = _rows(extract_features(tiny(other, tmp_path / "tf", runtime="tensorflow")).path)[0]
+    for split in rows:
+        assert_close(rows[split], reference[split])
+
+
+def test_the_onnx_export_runs_without_undo_copies_and_with_them_only_if_a_pass_fails(
+        dataset, tmp_path, monkeypatch):
+    real, seen = tf2onnx.convert.from_function, []
+
+    def a_pass_fails_without_undo(*args, **kwargs):
+        seen.append(os.environ.get("TF2ONNX_CATCH_ERRORS"))
+        if seen[-1] == "FALSE":
+            raise RuntimeError("a pass failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tf2onnx.convert, "from_function", a_pass_fails_without_undo)
+    result = extract_features(tiny(dataset, tmp_path, runtime="onnxruntime"))
+    assert result.info["runtime"] == "onnxruntime" and seen == ["FALSE", "TRUE"]
+    assert "TF2ONNX_CATCH_ERRORS" not in os.environ
 
 
 @pytest.mark.parametrize("runtime", CONVERTED)
