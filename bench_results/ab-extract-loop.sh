@@ -19,9 +19,10 @@ for round in 1 2; do
   for which in old new; do
     dir=$ROOT; [ $which = old ] && dir=/tmp/old
     (cd $dir && PYTHONPATH=$dir "$ROOT"/.venv/bin/python -c "
-import json, sys
+import inspect, sys, tempfile
 from pipeline.bench import _worker; import pipeline.extract as e; print(e.__file__, file=sys.stderr)
-r = _worker('ours:tensorflow', '$NPZ', 'mobilenet', 0.25, 64, 224)
+kept = {'cache': tempfile.mkdtemp()} if 'cache' in inspect.signature(_worker).parameters else {}
+r = _worker('ours:tensorflow', '$NPZ', 'mobilenet', 0.25, 64, 224, **kept)
 print('$which', round(r['rows']/r['seconds'],1), 'whole', round(r['rows']/r['extract_seconds'],1), 'in-loop')
 ")
   done

@@ -174,8 +174,8 @@ def bench_conversions(out: str | None = None, backbones: list[str] | None = None
     report = {"what": "conversion of every registered backbone (mode avg, weights none, native "
                       "input size, uint8 32x32 input resized in the graph)",
               "images": f"{images} {source}", "commit": _commit(), "machine": _machine(None),
-              "matches_when": "max_abs_diff <= 1e-3 * max(1, max_abs_feature) and "
-                              "min_cosine >= 0.99999",
+              "matches_when": "max_rel_diff (max_abs_diff / max_abs_feature) <= 2e-4 and "
+                              "min_cosine >= 0.99999 (the tests' 1e-3 on features to about 6)",
               "limits": {"peak_rss_gib": max_rss_gib, "seconds": timeout}, "backbones": {}}
     with tempfile.TemporaryDirectory() as tmp:
         npz = str(Path(tmp) / "images.npz")
@@ -186,10 +186,11 @@ def bench_conversions(out: str | None = None, backbones: list[str] | None = None
                         cache=str(Path(tmp, backbone)), converted=converted)
             r = _watched_worker(args, max_rss_gib, timeout)
             for runtime in converted:
-                if runtime in r:
+                if runtime in r:  # relative: random weights make some networks' features tiny
                     row = r[runtime]
-                    row["matches"] = bool(row["max_abs_diff"] <= 1e-3 * max(
-                        1.0, r["tensorflow"]["max_abs_feature"]) and row["min_cosine"] >= 0.99999)
+                    row["max_rel_diff"] = row["max_abs_diff"] / max(
+                        r["tensorflow"]["max_abs_feature"], 1e-30)
+                    row["matches"] = row["max_rel_diff"] <= 2e-4 and row["min_cosine"] >= 0.99999
             print("  " + json.dumps(r), flush=True)
             report["backbones"][backbone] = r
             shutil.rmtree(Path(tmp, backbone), ignore_errors=True)

@@ -106,15 +106,16 @@ def _onnx_format():
             return proto.SerializeToString()
 
         # tf2onnx copies the whole graph before each of its optimizer passes, to undo one that
-        # fails: most of a conversion's peak memory (ResNet50: 7.4 GiB with the copies, 4.2
-        # without; bench_results/conversions.json). So first without them; only if a pass
-        # fails, again with them.
+        # fails: most of its peak memory (bench_results/tf2onnx-undo-copies.txt). Setting
+        # TF2ONNX_CATCH_ERRORS turns the copies off, whatever its value (tf2onnx 1.17 compares
+        # the variable's name, not its value, with "TRUE"). So first without them; only if a
+        # pass fails, again with tf2onnx's default.
         try:
             with _environ("TF2ONNX_CATCH_ERRORS", "FALSE"):
                 return onnx_bytes()
         except Exception as exc:
             log.debug("tf2onnx failed without its undo copies (%s); again with them", exc)
-            with _environ("TF2ONNX_CATCH_ERRORS", "TRUE"):
+            with _environ("TF2ONNX_CATCH_ERRORS", None):
                 return onnx_bytes()
 
     return (export, lambda model, folder: (folder / "model.onnx").write_bytes(model),
@@ -123,15 +124,16 @@ def _onnx_format():
 
 
 @contextlib.contextmanager
-def _environ(name: str, value: str):
-    before = os.environ.get(name)
-    os.environ[name] = value
+def _environ(name: str, value: str | None):
+    """``os.environ[name]`` set to ``value`` (None: unset) for the block."""
+    before = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
+        os.environ.pop(name, None)
+        if before is not None:
             os.environ[name] = before
 
 
