@@ -126,7 +126,8 @@ def _reset_peak_rss() -> None:
 
 def _conversion_worker(backbone: str, npz: str, cache: str, converted: list[str]) -> dict:
     """One backbone at its native size: TensorFlow's features of a few real images, then each
-    converted runtime's, as ``extract`` computes them (falling back if it cannot convert)."""
+    converted runtime's, as ``extract`` computes them (falling back if it cannot convert).
+    Each part is printed when done: a part stopped for its memory leaves the earlier ones."""
     import logging.handlers
 
     from pipeline.extract import ExtractionConfig, FeatureModel
@@ -139,25 +140,34 @@ def _conversion_worker(backbone: str, npz: str, cache: str, converted: list[str]
                               cache_dir=cache)
     model = FeatureModel(config, x.shape[1:])
     reference = model(x).astype(np.float64)
-    result: dict = {"tensorflow": {"seconds": time.perf_counter() - t0,
-                                   "peak_rss_mib": _peak_rss_mib(),
-                                   "feature_shape": list(reference.shape[1:]),
-                                   "max_abs_feature": float(np.abs(reference).max())}}
+    scale = float(np.abs(reference).max())
+    _part("tensorflow", {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(),
+                         "feature_shape": list(reference.shape[1:]), "max_abs_feature": scale})
     for runtime in converted:
         _reset_peak_rss()
         t0 = time.perf_counter()
         ran = model.use_runtime(runtime, Path(cache) / "model", f"{backbone} avg")
-        seconds = time.perf_counter() - t0
-        features = model(x).astype(np.float64)
-        norms = np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1)
-        result[runtime] = {
-            "converted": ran == runtime, "convert_and_load_seconds": seconds,
-            "peak_rss_mib": _peak_rss_mib(),  # the process's peak during this conversion
-            "max_abs_diff": float(np.abs(features - reference).max()),
-            "min_cosine": float(((features * reference).sum(1) / np.maximum(norms, 1e-30)).min())}
+        row = {"converted": ran == runtime, "convert_and_load_seconds": time.perf_counter() - t0,
+               "peak_rss_mib": _peak_rss_mib()}  # the process's peak during this conversion
         if ran != runtime:
-            result[runtime]["warning"] = warnings.buffer[-1].getMessage() if warnings.buffer else ""
-    return result
+            row["warning"] = warnings.buffer[-1].getMessage() if warnings.buffer else ""
+        features = model(x).astype(np.float64)
+        row["max_abs_diff"] = float(np.abs(features - reference).max())
+        if scale == 0:  # random weights silence some networks: only the zeros can agree
+            row.update(matches=row["max_abs_diff"] == 0,
+                       note="TensorFlow's features are all zero with random weights")
+        else:
+            norms = np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1)
+            row["min_cosine"] = float(((features * reference).sum(1)
+                                       / np.maximum(norms, 1e-300)).min())
+            row["max_rel_diff"] = row["max_abs_diff"] / scale  # relative: some scales are tiny
+            row["matches"] = row["max_rel_diff"] <= 2e-4 and row["min_cosine"] >= 0.99999
+        _part(runtime, row)
+    return {}
+
+
+def _part(name: str, row: dict) -> None:
+    print("PART", json.dumps({name: row}), flush=True)
 
 
 def bench_conversions(out: str | None = None, backbones: list[str] | None = None,
@@ -176,6 +186,8 @@ def bench_conversions(out: str | None = None, backbones: list[str] | None = None
               "images": f"{images} {source}", "commit": _commit(), "machine": _machine(None),
               "matches_when": "max_rel_diff (max_abs_diff / max_abs_feature) <= 2e-4 and "
                               "min_cosine >= 0.99999 (the tests' 1e-3 on features to about 6)",
+              "peak_rss_mib": "the worker process's peak while that runtime converted and "
+                              "loaded the graph (the Keras model and TensorFlow included)",
               "limits": {"peak_rss_gib": max_rss_gib, "seconds": timeout}, "backbones": {}}
     with tempfile.TemporaryDirectory() as tmp:
         npz = str(Path(tmp) / "images.npz")
@@ -184,27 +196,31 @@ def bench_conversions(out: str | None = None, backbones: list[str] | None = None
             print(f"bench conversions: {backbone} ...", flush=True)
             args = dict(worker="conversion", backbone=backbone, npz=npz,
                         cache=str(Path(tmp, backbone)), converted=converted)
-            r = _watched_worker(args, max_rss_gib, timeout)
-            for runtime in converted:
-                if runtime in r:  # relative: random weights make some networks' features tiny
-                    row = r[runtime]
-                    row["max_rel_diff"] = row["max_abs_diff"] / max(
-                        r["tensorflow"]["max_abs_feature"], 1e-30)
-                    row["matches"] = row["max_rel_diff"] <= 2e-4 and row["min_cosine"] >= 0.99999
-            print("  " + json.dumps(r), flush=True)
-            report["backbones"][backbone] = r
+            parts, stopped = _watched_worker(args, max_rss_gib, timeout)
+            for name in ("tensorflow", *converted):
+                if name not in parts:  # the first part the worker did not finish
+                    parts[name] = {"error": stopped}
+                    break
+            print("  " + json.dumps(parts), flush=True)
+            report["backbones"][backbone] = parts
             shutil.rmtree(Path(tmp, backbone), ignore_errors=True)
     rows = report["backbones"].values()
-    report["summary"] = {
-        r: {"converted_and_matching": sum(bool(b.get(r, {}).get("converted") and b[r]["matches"])
-                                          for b in rows),
-            "of": len(report["backbones"])} for r in converted}
+    report["summary"] = {r: {
+        "converted_and_matching": sum(bool(b.get(r, {}).get("converted") and b[r]["matches"])
+                                      for b in rows),
+        "falls_back": [k for k, b in report["backbones"].items()
+                       if b.get(r, {}).get("converted") is False],
+        "not_matching": [k for k, b in report["backbones"].items()
+                         if b.get(r, {}).get("converted") and not b[r]["matches"]],
+        "not_finished": [k for k, b in report["backbones"].items() if "converted" not in b.get(r, {})],
+        "of": len(report["backbones"])} for r in converted}
     _write(report, out or "bench_results/conversions.json")
     return report
 
 
-def _watched_worker(args: dict, max_rss_gib: float, timeout: float) -> dict:
-    """Run a worker, stopping it past ``max_rss_gib`` of RSS or ``timeout`` seconds."""
+def _watched_worker(args: dict, max_rss_gib: float, timeout: float) -> tuple[dict, str | None]:
+    """A worker's parts, and why it stopped early (past ``max_rss_gib`` of RSS or ``timeout``
+    seconds: killed; or failed), None if it finished."""
     proc = subprocess.Popen([sys.executable, "-c", "from pipeline.bench import _worker_main; "
                              "_worker_main()", json.dumps(args)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -217,12 +233,14 @@ def _watched_worker(args: dict, max_rss_gib: float, timeout: float) -> dict:
         except (OSError, StopIteration):
             continue
         if rss > max_rss_gib * 2**30 or time.monotonic() - t0 > timeout:
-            stopped = f"stopped at {rss / 2**30:.1f} GiB after {time.monotonic() - t0:.0f} s"
+            stopped = f"stopped at {rss / 2**30:.1f} GiB RSS after {time.monotonic() - t0:.0f} s"
             proc.kill()
     output = proc.stdout.read()
-    if stopped or proc.returncode != 0 or "RESULT" not in output:
-        return {"error": stopped or f"worker failed (status {proc.returncode})"}
-    return json.loads(output.split("RESULT", 1)[1])
+    parts = {k: v for line in output.splitlines() if line.startswith("PART ")
+             for k, v in json.loads(line[5:]).items()}
+    if not stopped and (proc.returncode != 0 or "RESULT" not in output):
+        stopped = f"worker failed (status {proc.returncode})"
+    return parts, stopped
 
 
 # (backbone, alpha, N or None for the --sizes): the two offline ImageNet models, and a
