@@ -77,8 +77,8 @@ reliability: install-test
 
 bench: bench-extract bench-conversions bench-heads bench-ray bench-cache
 
-bench-extract: install   # MobileNet 0.25, MobileNetV2 0.35 (N = 8,000), ResNet50 (N = 400) at 224
-	$(PY) -m pipeline bench extract --out bench_results/extract.json
+bench-extract: install   # MobileNet 0.25, MobileNetV2 0.35 (N = 2,000 and 8,000), ResNet50 (N = 400) at 224
+	$(PY) -m pipeline bench extract --sizes 2000,8000 --out bench_results/extract.json
 
 bench-conversions: install   # every registered backbone on each CPU runtime (about an hour)
 	$(PY) -m pipeline bench conversions --out bench_results/conversions.json

@@ -348,7 +348,6 @@ class FeatureModel:
         ``folder`` (loaded from there, the Keras model is never built). A graph the runtime
         cannot take runs on TensorFlow, with one line saying so. Returns the runtime that will
         run."""
-        threads = self.threads
         requested, name = name, runtimes.choose(name, self.backbone_name)
         if name != "tensorflow" and precision != "float32":  # a warning if asked for by name
             (log.warning if requested == name else log.info)(
@@ -362,10 +361,10 @@ class FeatureModel:
                 log.warning("%s; running on TensorFlow instead", exc)
                 return self._on("tensorflow")
             if name == "openvino":
-                self.runner = runtimes.OpenVINORunner(converted, requests=1 if threads else 2,
-                                                      threads=threads)
+                self.runner = runtimes.OpenVINORunner(converted, requests=1 if self.threads else 2,
+                                                      threads=self.threads)
             else:  # one session, one single-threaded run per core (one in all on a Ray actor)
-                cores = threads or runtimes.cpu_cores()
+                cores = self.threads or runtimes.cpu_cores()
                 self.runner = runtimes.OnnxRunner(converted, workers=min(cores, 8),
                                                   threads=max(1, cores // 8))
         return self._on(name)

@@ -31,6 +31,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 
 RUNTIMES = ("auto", "tensorflow", "openvino", "onnxruntime")
+GRAPH_INPUTS = ("images", "mean", "components")  # the feature graph's arguments, by name
 EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA]'
 # What ``auto`` prefers on a CPU, per backbone where measured. In two side-by-side runs of
 # ``make bench-extract`` (bench_results/extract.json) ONNX Runtime ran the MobileNets faster
@@ -103,6 +104,10 @@ def _onnx_format():
         def onnx_bytes() -> bytes:
             proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature,
                                                      opset=17)
+            _freeze_captured_tensors(proto, fn)
+            unknown = [i.name for i in proto.graph.input if i.name not in GRAPH_INPUTS]
+            if unknown:
+                raise ValueError(f"the exported graph has inputs it cannot be fed: {unknown}")
             return proto.SerializeToString()
 
         # tf2onnx copies the whole graph before each of its optimizer passes, to undo one that
@@ -121,6 +126,22 @@ def _onnx_format():
     return (export, lambda model, folder: (folder / "model.onnx").write_bytes(model),
             lambda folder: (folder / "model.onnx").read_bytes(),
             f"onnxruntime {onnxruntime.__version__}, tf2onnx {version('tf2onnx')}")
+
+
+def _freeze_captured_tensors(proto, fn) -> None:
+    """tf2onnx leaves the constant tensors a graph captured from outside it (EfficientNet's
+    Normalization mean and variance) as graph inputs: make them the constants they are."""
+    from onnx import numpy_helper
+
+    concrete = fn.get_concrete_function(*fn.input_signature)
+    values = {inside.name: outside.numpy() for outside, inside in concrete.graph.captures
+              if hasattr(outside, "numpy") and outside.dtype.name != "resource"}
+    used = {name for node in proto.graph.node for name in node.input}
+    for graph_input in [i for i in proto.graph.input if i.name in values]:
+        proto.graph.input.remove(graph_input)
+        if graph_input.name in used:
+            proto.graph.initializer.append(numpy_helper.from_array(values[graph_input.name],
+                                                                   graph_input.name))
 
 
 @contextlib.contextmanager
@@ -236,7 +257,7 @@ class OnnxRunner:
         self.workers = max(1, workers)
 
     def __call__(self, images: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-        feed = {"images": np.ascontiguousarray(images), "mean": mean, "components": components}
+        feed = dict(zip(GRAPH_INPUTS, (np.ascontiguousarray(images), mean, components)))
         return self.session.run(None, {name: feed[name] for name in self.names})[0]
 
     def map(self, batches: Iterable[np.ndarray], mean: np.ndarray,

@@ -145,6 +145,19 @@ def test_a_kept_converted_graph_runs_without_keras_or_tensorflow(dataset, tmp_pa
         assert_close(rows[split], reference[split])
 
 
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_efficientnet_runs_on_each_runtime_and_matches_tensorflow(dataset, tmp_path, runtime):
+    # Its Normalization layer's mean and variance are tensors the graph captures from outside
+    # (not variables): tf2onnx exports them as graph inputs nobody feeds unless we freeze them.
+    config = dict(backbone="efficientnet_b0", alpha=None)
+    converted = extract_features(tiny(dataset, tmp_path / runtime, runtime=runtime, **config))
+    reference = extract_features(tiny(dataset, tmp_path / "tf", runtime="tensorflow", **config))
+    assert converted.info["runtime"] == runtime
+    rows, tf_rows = _rows(converted.path)[0], _rows(reference.path)[0]
+    for split in rows:
+        assert_close(rows[split], tf_rows[split])
+
+
 def test_the_onnx_export_runs_without_undo_copies_and_with_them_only_if_a_pass_fails(
         dataset, tmp_path, monkeypatch):
     real, seen = tf2onnx.convert.from_function, []
