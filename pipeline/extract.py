@@ -582,13 +582,15 @@ class LocalRunner:
 
     def start(self, config: ExtractionConfig, dataset: Dataset, store: FeatureStore,
               runtime: str) -> None:
-        """Set up the model: bad options (alpha, image size, layers, weights file) fail here,
-        before any work folder exists, unless a converted graph kept for these very options
-        shows them good (then no Keras model is built); a bottleneck k too large fails when
-        the projection is fitted, also before any shard."""
+        """Set up the model: bad options (alpha, image size, layers, weights file, bottleneck
+        k) fail here, before anything is written, unless a converted graph kept for these very
+        options shows them good (then no Keras model is built, but in the bottleneck mode,
+        whose k is checked against the map's channels)."""
         self.config, self.dataset, self._row_bytes = config, dataset, None
         image_shape = dataset.splits["train"].image_shape
         self.model = FeatureModel(config, image_shape)
+        if config.mode == "bottleneck":
+            check_bottleneck_k(self.model, config.bottleneck_k)
         self.runtime = self.model.use_runtime(
             runtime, store.model_dir(config.model_key(image_shape)),
             f"{config.backbone} {config.mode}", config.precision)
