@@ -117,11 +117,18 @@ def _onnx_format():
         # pass fails, again with tf2onnx's default.
         try:
             with _environ("TF2ONNX_CATCH_ERRORS", "FALSE"):
-                return onnx_bytes()
+                model = onnx_bytes()
         except Exception as exc:
             log.debug("tf2onnx failed without its undo copies (%s); again with them", exc)
             with _environ("TF2ONNX_CATCH_ERRORS", None):
-                return onnx_bytes()
+                model = onnx_bytes()
+        try:  # tf2onnx keeps what it cannot convert (ConvNeXt's XLA-compiled grouped
+            # convolutions stay TensorFlow calls): ONNX Runtime refuses such a graph on loading
+            onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ValueError("ONNX Runtime cannot load the export: "
+                             + str(exc).rsplit(", Error ", 1)[-1]) from None
+        return model
 
     return (export, lambda model, folder: (folder / "model.onnx").write_bytes(model),
             lambda folder: (folder / "model.onnx").read_bytes(),

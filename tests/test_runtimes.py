@@ -158,6 +158,21 @@ def test_efficientnet_runs_on_each_runtime_and_matches_tensorflow(dataset, tmp_p
         assert_close(rows[split], tf_rows[split])
 
 
+@pytest.mark.slow
+def test_an_export_onnx_runtime_cannot_load_runs_on_tensorflow_says_why_and_keeps_nothing(
+        dataset, tmp_path, caplog):
+    # ConvNeXt's grouped convolutions are XLA-compiled TensorFlow calls that tf2onnx keeps as
+    # they are: the export "succeeds" and ONNX Runtime refuses the graph (bench conversions).
+    config = dict(backbone="convnext_tiny", alpha=None)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        result = extract_features(tiny(dataset, tmp_path, runtime="onnxruntime", **config))
+    [line] = [m for m in caplog.messages if "cannot convert" in m]
+    assert "onnxruntime cannot convert convnext_tiny avg" in line
+    assert "No Op registered for StatefulPartitionedCall" in line and "on TensorFlow instead" in line
+    assert result.info["runtime"] == "tensorflow"
+    assert not list((tmp_path / ".models").rglob("*.*"))
+
+
 def test_the_onnx_export_runs_without_undo_copies_and_with_them_only_if_a_pass_fails(
         dataset, tmp_path, monkeypatch):
     real, seen = tf2onnx.convert.from_function, []
