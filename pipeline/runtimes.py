@@ -33,14 +33,17 @@ from pipeline.errors import PipelineError
 RUNTIMES = ("auto", "tensorflow", "openvino", "onnxruntime")
 GRAPH_INPUTS = ("images", "mean", "components")  # the feature graph's arguments, by name
 EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA]'
-# What ``auto`` prefers on a CPU, per backbone where measured. In two side-by-side runs of
+# What ``auto`` prefers on a CPU, per backbone where measured. In three side-by-side runs of
 # ``make bench-extract`` (bench_results/extract.json) ONNX Runtime ran the MobileNets faster
-# than OpenVINO as whole processes (latest: 4.09x and 4.34x the naive way, against 3.54x and
-# 3.46x) but ResNet50 at half OpenVINO's speed and four times its memory: so ONNX Runtime
-# first for the MobileNets, OpenVINO first for every other backbone (unmeasured ones too).
+# than OpenVINO, in the loop and as whole processes, but ResNet50 slower, with far more memory
+# to convert: so ONNX Runtime first for the MobileNets, OpenVINO first for the others
+# (unmeasured ones too), except the EfficientNets: OpenVINO's memory grows by about 1 GiB per
+# image of a batch on EfficientNetB5 (17.5 GiB for 16 images, TensorFlow 2.1 GiB;
+# bench_results/efficientnet-memory.txt), so they stay on TensorFlow.
 CPU_PREFERENCE = ("openvino", "onnxruntime")
 CPU_PREFERENCE_BY_BACKBONE = {"mobilenet": ("onnxruntime", "openvino"),
                               "mobilenet_v2": ("onnxruntime", "openvino")}
+CPU_PREFERENCE_BY_PREFIX = {"efficientnet": ("tensorflow",)}
 log = logging.getLogger(__name__)
 
 
@@ -51,14 +54,16 @@ def installed(name: str) -> bool:
 
 
 def choose(name: str, backbone: str = "") -> str:
-    """The runtime that will run: ``auto`` is the fastest installed CPU runtime measured for
-    ``backbone`` on a CPU, TensorFlow on an NVIDIA GPU or when none is installed."""
+    """The runtime that will run: ``auto`` is, on a CPU, the first installed of what measured
+    best for ``backbone`` (see above); TensorFlow on an NVIDIA GPU or when none is installed."""
     if name not in RUNTIMES:
         raise PipelineError(f"unknown runtime {name!r}; use one of {', '.join(RUNTIMES)}")
     if name == "auto":
         if os.path.exists("/proc/driver/nvidia/version"):
             return "tensorflow"
-        preference = CPU_PREFERENCE_BY_BACKBONE.get(backbone, CPU_PREFERENCE)
+        preference = next((p for prefix, p in CPU_PREFERENCE_BY_PREFIX.items()
+                           if backbone.startswith(prefix)),
+                          CPU_PREFERENCE_BY_BACKBONE.get(backbone, CPU_PREFERENCE))
         return next((r for r in preference if installed(r)), "tensorflow")
     if not installed(name):
         raise PipelineError(f"--runtime {name} needs {name}: pip install '.[{EXTRAS[name]}]' "

@@ -83,6 +83,9 @@ def test_auto_is_the_first_installed_cpu_runtime_and_the_runtime_is_not_a_key_pa
     assert runtimes.choose("auto", "mobilenet_v2") == runtimes.choose("auto", "mobilenet") \
         == "onnxruntime"
     assert runtimes.choose("auto", "resnet50") == runtimes.choose("auto") == "openvino"
+    # OpenVINO's memory on EfficientNets (bench_results/efficientnet-memory.txt)
+    assert runtimes.choose("auto", "efficientnet_b5") == runtimes.choose("auto", "efficientnet_v2_s") \
+        == "tensorflow"
     with monkeypatch.context() as m:
         m.setattr(runtimes, "installed", lambda name: name != "openvino")
         assert runtimes.choose("auto", "resnet50") == "onnxruntime"
