@@ -13,7 +13,7 @@ from conftest import REPO, write_npz_dataset
 
 from pipeline import runtimes
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractionConfig, extract_features
+from pipeline.extract import ExtractionConfig, FeatureModel, extract_features
 from pipeline.store import FeatureFile
 
 if os.environ.get("CI"):  # CI installs the extras: these tests must run there
@@ -159,6 +159,22 @@ def test_efficientnet_runs_on_each_runtime_and_matches_tensorflow(dataset, tmp_p
     rows, tf_rows = _rows(converted.path)[0], _rows(reference.path)[0]
     for split in rows:
         assert_close(rows[split], tf_rows[split])
+
+
+def test_efficientnets_normalization_constants_reach_the_onnx_graph(tmp_path):
+    # With weights "none" its mean is 0 and its variance 1: set others, so that a graph that
+    # lost them (or froze the defaults) would differ.
+    x = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)
+    models = [FeatureModel(tiny("npz:unused", tmp_path, backbone="efficientnet_b0", alpha=None),
+                           x.shape[1:]) for _ in range(2)]
+    norm = next(layer for layer in models[0].backbone.layers if type(layer).__name__ == "Normalization")
+    norm.adapt_mean.assign(np.array([0.3, 0.5, 0.7], np.float32))
+    norm.adapt_variance.assign(np.array([0.02, 0.05, 0.09], np.float32))
+    norm.finalize_state()
+    reference, default = models[0](x), models[1](x)
+    assert models[0].use_runtime("onnxruntime", tmp_path / "m", "efficientnet_b0 avg") == "onnxruntime"
+    diff, cosine = assert_close(models[0](x), reference)
+    assert np.abs(default - reference).max() > 100 * diff  # the constants change the features
 
 
 @pytest.mark.slow
