@@ -103,13 +103,17 @@ def _worker_main() -> None:
     print("RESULT", json.dumps(worker(**args)))
 
 
+def _worker_command(args: dict) -> list[str]:
+    """A fresh Python process running ``_worker_main`` on ``args``."""
+    return [sys.executable, "-c", "from pipeline.bench import _worker_main; _worker_main()",
+            json.dumps(args)]
+
+
 def _run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, size: int,
                 cache: str) -> dict:
     args = dict(method=method, npz=npz, backbone=backbone, alpha=alpha, batch_size=batch_size,
                 size=size, cache=cache)
-    proc = subprocess.run([sys.executable, "-c", "from pipeline.bench import _worker_main; "
-                           "_worker_main()", json.dumps(args)],
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.run(_worker_command(args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if proc.returncode != 0 or "RESULT" not in proc.stdout:
         raise PipelineError(f"benchmark worker {method} failed (status {proc.returncode})")
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
@@ -221,9 +225,8 @@ def bench_conversions(out: str | None = None, backbones: list[str] | None = None
 def _watched_worker(args: dict, max_rss_gib: float, timeout: float) -> tuple[dict, str | None]:
     """A worker's parts, and why it stopped early (past ``max_rss_gib`` of RSS or ``timeout``
     seconds: killed; or failed), None if it finished."""
-    proc = subprocess.Popen([sys.executable, "-c", "from pipeline.bench import _worker_main; "
-                             "_worker_main()", json.dumps(args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(_worker_command(args), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     stopped, t0 = None, time.monotonic()
     while proc.poll() is None:
         time.sleep(0.5)
