@@ -37,13 +37,13 @@ EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA
 # ``make bench-extract`` (bench_results/extract.json) ONNX Runtime ran the MobileNets faster
 # than OpenVINO, in the loop and as whole processes, but ResNet50 slower, with far more memory
 # to convert: so ONNX Runtime first for the MobileNets, OpenVINO first for the others
-# (unmeasured ones too), except the EfficientNets: OpenVINO's memory grows by about 1 GiB per
-# image of a batch on EfficientNetB5 (17.5 GiB for 16 images, TensorFlow 2.1 GiB;
-# bench_results/efficientnet-memory.txt), so they stay on TensorFlow.
+# (unmeasured ones too; EfficientNetB0: bench_results/extract-efficientnet.json).
 CPU_PREFERENCE = ("openvino", "onnxruntime")
 CPU_PREFERENCE_BY_BACKBONE = {"mobilenet": ("onnxruntime", "openvino"),
                               "mobilenet_v2": ("onnxruntime", "openvino")}
-CPU_PREFERENCE_BY_PREFIX = {"efficientnet": ("tensorflow",)}
+# Bumped when a conversion changes what it makes: graphs kept by an earlier one are converted
+# again. 2: OpenVINO graphs keep only the function's output (see _openvino_format).
+CONVERSION_REVISION = 2
 log = logging.getLogger(__name__)
 
 
@@ -61,9 +61,7 @@ def choose(name: str, backbone: str = "") -> str:
     if name == "auto":
         if os.path.exists("/proc/driver/nvidia/version"):
             return "tensorflow"
-        preference = next((p for prefix, p in CPU_PREFERENCE_BY_PREFIX.items()
-                           if backbone.startswith(prefix)),
-                          CPU_PREFERENCE_BY_BACKBONE.get(backbone, CPU_PREFERENCE))
+        preference = CPU_PREFERENCE_BY_BACKBONE.get(backbone, CPU_PREFERENCE)
         return next((r for r in preference if installed(r)), "tensorflow")
     if not installed(name):
         raise PipelineError(f"--runtime {name} needs {name}: pip install '.[{EXTRAS[name]}]' "
@@ -94,7 +92,19 @@ def _openvino_format():
     def save(model, folder: Path) -> None:
         ov.save_model(model, folder / "model.xml", compress_to_fp16=False)  # float32 weights
 
-    return (lambda fn: ov.convert_model(fn), save,
+    def convert(fn):
+        # OpenVINO's TensorFlow front end also makes outputs of the graph's inputs and of the
+        # Identity ops Keras puts after activations (51 extra on EfficientNetB0): each output
+        # is kept whole for every image of a batch, so memory grew by about 1 GiB per image
+        # on EfficientNetB5 (bench_results/efficientnet-memory.txt). Keep the function's own.
+        model = ov.convert_model(fn)
+        wanted = {t.name for t in fn.get_concrete_function(*fn.input_signature).outputs}
+        outputs = [o for o in model.outputs if o.get_names() & wanted]
+        if len(outputs) != len(wanted):
+            raise ValueError(f"the converted model lacks outputs {sorted(wanted)}")
+        return ov.Model(outputs, model.get_parameters(), model.get_friendly_name())
+
+    return (convert, save,
             lambda folder: ov.Core().read_model(folder / "model.xml"), ov.__version__)
 
 
@@ -183,10 +193,15 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
     manifest = folder / "manifest.json"
     if manifest.exists():
         try:
-            if json.loads(manifest.read_text())["sha256"] == _files_digest(folder):
+            kept = json.loads(manifest.read_text())
+            if kept.get("revision") != CONVERSION_REVISION:
+                log.info("converted model %s is from an earlier conversion; converting again",
+                         folder)
+            elif kept["sha256"] == _files_digest(folder):
                 return load(folder)
-            raise ValueError("its files do not match their checksum")
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            else:
+                raise ValueError("its files do not match their checksum")
+        except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
             log.warning("converted model %s is damaged (%s); converting again", folder, exc)
         shutil.rmtree(folder, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -201,7 +216,8 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
         tmp.mkdir(parents=True)
         save(model, tmp)
         (tmp / "manifest.json").write_text(json.dumps({"sha256": _files_digest(tmp),
-                                                       "converter": version}))
+                                                       "converter": version,
+                                                       "revision": CONVERSION_REVISION}))
         os.replace(tmp, folder)
     except (OSError, RuntimeError) as exc:  # a read-only or full disk (OpenVINO raises
         log.debug("converted model not kept (%s)", exc)  # RuntimeError): use it, keep nothing
