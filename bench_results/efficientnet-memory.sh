@@ -1,9 +1,12 @@
 #!/bin/bash
 # Peak RSS of one process that runs our uint8 feature graph (weights none, 32x32 input resized
 # in the graph to the native size, mode avg) once on a batch of N images, on TensorFlow and
-# on OpenVINO (float32), for EfficientNetB0 and B5. Why `auto` runs EfficientNets on
-# TensorFlow: OpenVINO's memory grows by about 1 GiB per image in a batch at B5's 456 px.
-# Run from anywhere; recorded output (session 6, 2026-11-24) in efficientnet-memory.txt.
+# on OpenVINO (float32), for EfficientNetB0 and B5. It found OpenVINO's memory growing by
+# about 1 GiB per image in a batch at B5's 456 px: OpenVINO's TensorFlow front end made an
+# output of every activation (52 on B0), each held for the whole batch. Since bac4e55 only the
+# features are an output. Run from anywhere; recorded outputs, before and after, in
+# efficientnet-memory.txt. Seconds: the one call (TensorFlow's traces the graph in it; OpenVINO's
+# conversion comes before it). Peak RSS: the whole process, conversion included.
 cd "$(dirname "$0")/.."
 export KERAS_HOME=${KERAS_HOME:-$PWD/.keras-home}
 for args in "efficientnet_b0 64" "efficientnet_b5 4" "efficientnet_b5 16"; do
