@@ -128,10 +128,12 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def _conversion_worker(backbone: str, npz: str, cache: str, converted: list[str]) -> dict:
-    """One backbone at its native size: TensorFlow's features of a few real images, then each
-    converted runtime's, as ``extract`` computes them (falling back if it cannot convert).
-    Each part is printed when done: a part stopped for its memory leaves the earlier ones."""
+def _conversion_worker(backbone: str, npz: str, cache: str, converted: list[str],
+                       modes: list[str] = ("avg",)) -> dict:
+    """One backbone at its native size, per mode: TensorFlow's features of a few real images,
+    then each converted runtime's (falling back if it cannot convert), float32 as the graph
+    gives them. Each part is printed when done: a part stopped for its memory leaves the
+    earlier ones. Parts are named RUNTIME for avg, RUNTIME:MODE for the others."""
     import logging.handlers
 
     from pipeline.extract import ExtractionConfig, FeatureModel
@@ -139,35 +141,81 @@ def _conversion_worker(backbone: str, npz: str, cache: str, converted: list[str]
     warnings = logging.handlers.BufferingHandler(100)  # a fallback's one line
     logging.getLogger("pipeline").addHandler(warnings)
     x = np.load(npz)["x_train"]
-    t0 = time.perf_counter()
-    config = ExtractionConfig(dataset=f"npz:{npz}", backbone=backbone, weights="none",
-                              cache_dir=cache)
-    model = FeatureModel(config, x.shape[1:])
-    reference = model(x).astype(np.float64)
-    scale = float(np.abs(reference).max())
-    _part("tensorflow", {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(),
-                         "feature_shape": list(reference.shape[1:]), "max_abs_feature": scale})
-    for runtime in converted:
-        _reset_peak_rss()
+    for mode in modes:
         t0 = time.perf_counter()
-        ran = model.use_runtime(runtime, Path(cache) / "model", f"{backbone} avg")
-        row = {"converted": ran == runtime, "convert_and_load_seconds": time.perf_counter() - t0,
-               "peak_rss_mib": _peak_rss_mib()}  # the process's peak during this conversion
-        if ran != runtime:
-            row["warning"] = warnings.buffer[-1].getMessage() if warnings.buffer else ""
-        features = model(x).astype(np.float64)
-        row["max_abs_diff"] = float(np.abs(features - reference).max())
-        if scale == 0:  # random weights silence some networks: only the zeros can agree
-            row.update(matches=row["max_abs_diff"] == 0,
-                       note="TensorFlow's features are all zero with random weights")
-        else:
-            norms = np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1)
-            row["min_cosine"] = float(((features * reference).sum(1)
-                                       / np.maximum(norms, 1e-300)).min())
-            row["max_rel_diff"] = row["max_abs_diff"] / scale  # relative: some scales are tiny
-            row["matches"] = row["max_rel_diff"] <= 2e-4 and row["min_cosine"] >= 0.99999
-        _part(runtime, row)
+        model = FeatureModel(ExtractionConfig(dataset=f"npz:{npz}", backbone=backbone,
+                                              weights="none", cache_dir=cache,
+                                              **_mode_options(backbone, mode)), x.shape[1:])
+        if mode == "bottleneck":  # any projection will do: the graph takes it as an input
+            channels = model._maps(x[:1])[-1].shape[-1]
+            rng = np.random.default_rng(0)
+            model.projection = (rng.random(channels), rng.standard_normal((channels, 8)) / channels)
+        reference = _float32_features(model, x)
+        scale = float(np.abs(reference).max())
+        suffix = "" if mode == "avg" else f":{mode}"
+        _part(f"tensorflow{suffix}", {"seconds": time.perf_counter() - t0,
+                                      "peak_rss_mib": _peak_rss_mib(),
+                                      "feature_shape": list(reference.shape[1:]),
+                                      "max_abs_feature": scale})
+        for runtime in converted:
+            _reset_peak_rss()
+            t0 = time.perf_counter()
+            ran = model.use_runtime(runtime, Path(cache) / f"model-{mode}", f"{backbone} {mode}")
+            row = {"converted": ran == runtime, "convert_and_load_seconds": time.perf_counter() - t0,
+                   "peak_rss_mib": _peak_rss_mib()}  # the process's peak during this conversion
+            if ran != runtime:
+                row["warning"] = warnings.buffer[-1].getMessage() if warnings.buffer else ""
+            row.update(_agreement(_float32_features(model, x), reference, scale))
+            _part(runtime + suffix, row)
     return {}
+
+
+def _mode_options(backbone: str, mode: str) -> dict:
+    """The extraction options of ``mode``; ``layers``: avg over two maps, one halfway through
+    the network and its last (named by the Keras model built for it)."""
+    if mode == "layers":
+        from pipeline.backbones import build_backbone
+
+        model = build_backbone(backbone, weights="none")
+        maps = [layer.name for layer in model.layers if _output_rank(layer) == 4]
+        return {"mode": "avg", "layers": (maps[len(maps) // 2], maps[-1])}
+    return {"mode": mode, "bottleneck_k": 8} if mode == "bottleneck" else {"mode": mode}
+
+
+def _output_rank(layer) -> int:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError, TypeError):  # no single output
+        return 0
+
+
+def _float32_features(model, images: np.ndarray) -> np.ndarray:
+    """The graph's output before ``extract`` stores it (spatial maps go to float16 after)."""
+    mean, components = model._inputs()
+    out = model.runner(images, mean, components) if model.runner is not None \
+        else model._features(images, mean, components).numpy()
+    return np.asarray(out, np.float64).reshape(len(images), -1)
+
+
+def _agreement(features: np.ndarray, reference: np.ndarray, scale: float) -> dict:
+    row = {"max_abs_diff": float(np.abs(features - reference).max())}
+    if scale == 0:  # random weights silence some networks: only the zeros can agree
+        return {**row, "matches": row["max_abs_diff"] == 0,
+                "note": "TensorFlow's features are all zero with random weights"}
+    norms = np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1)
+    row["min_cosine"] = float(((features * reference).sum(1) / np.maximum(norms, 1e-300)).min())
+    row["max_rel_diff"] = row["max_abs_diff"] / scale  # relative: some scales are tiny
+    row["matches"] = row["max_rel_diff"] <= 2e-4 and row["min_cosine"] >= 0.99999
+    return row
+
+
+_MODE_NOTES = {"avg": "global average pooling of the last map (parts named RUNTIME)",
+               "max": "global max pooling (RUNTIME:max)",
+               "layers": "avg of two maps, the first halfway through the network's 4-d "
+                         "outputs, and the last (RUNTIME:layers)",
+               "bottleneck": "the last map through a random 1x1 projection to 8 channels, "
+                             "flattened (RUNTIME:bottleneck)",
+               "spatial": "the last map whole, float32 as the graph gives it (RUNTIME:spatial)"}
 
 
 def _part(name: str, row: dict) -> None:
@@ -175,18 +223,26 @@ def _part(name: str, row: dict) -> None:
 
 
 def bench_conversions(out: str | None = None, backbones: list[str] | None = None,
-                      images: int = 16, max_rss_gib: float = 12.0, timeout: float = 900) -> dict:
-    """Every registered backbone (``weights none``, native input size, ``avg``): does each
-    installed runtime convert it, how long, how much memory, and do its features match
-    TensorFlow's on ``images`` real images? One fresh process per backbone, stopped past
-    ``max_rss_gib`` or ``timeout`` seconds (recorded as such)."""
+                      modes: list[str] | None = None, images: int = 16, max_rss_gib: float = 12.0,
+                      timeout: float = 900) -> dict:
+    """Every registered backbone (``weights none``, native input size, ``modes``, default
+    avg): does each installed runtime convert it, how long, how much memory, and do its
+    features match TensorFlow's on ``images`` real images? One fresh process per backbone,
+    stopped past ``max_rss_gib`` or ``timeout`` seconds (recorded as such)."""
     from pipeline import runtimes
     from pipeline.backbones import BACKBONES
 
+    modes, backbones = modes or ["avg"], backbones or list(BACKBONES)
+    for what, asked, known in (("--modes", modes, _MODE_NOTES), ("--backbone", backbones, BACKBONES)):
+        if set(asked) - set(known):
+            raise PipelineError(f"{what}: unknown {', '.join(sorted(set(asked) - set(known)))}; "
+                                f"use some of {', '.join(known)}")
     converted = [r for r in ("openvino", "onnxruntime") if runtimes.installed(r)]
+    names = [f"{r}{'' if m == 'avg' else ':' + m}" for m in modes for r in ("tensorflow", *converted)]
     x, y, source = _images(images)
-    report = {"what": "conversion of every registered backbone (mode avg, weights none, native "
-                      "input size, uint8 32x32 input resized in the graph)",
+    report = {"what": "conversion of every registered backbone (weights none, native input size, "
+                      "uint8 32x32 input resized in the graph)",
+              "modes": {m: _MODE_NOTES[m] for m in modes},
               "images": f"{images} {source}", "commit": _commit(), "machine": _machine(None),
               "matches_when": "max_rel_diff (max_abs_diff / max_abs_feature) <= 2e-4 and "
                               "min_cosine >= 0.99999 (the tests' 1e-3 on features to about 6)",
@@ -196,12 +252,12 @@ def bench_conversions(out: str | None = None, backbones: list[str] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         npz = str(Path(tmp) / "images.npz")
         np.savez(npz, x_train=x, y_train=y, x_test=x[:1], y_test=y[:1])
-        for backbone in backbones or list(BACKBONES):
+        for backbone in backbones:
             print(f"bench conversions: {backbone} ...", flush=True)
             args = dict(worker="conversion", backbone=backbone, npz=npz,
-                        cache=str(Path(tmp, backbone)), converted=converted)
+                        cache=str(Path(tmp, backbone)), converted=converted, modes=modes)
             parts, stopped = _watched_worker(args, max_rss_gib, timeout)
-            for name in ("tensorflow", *converted):
+            for name in names:
                 if name not in parts:  # the first part the worker did not finish
                     parts[name] = {"error": stopped}
                     break
@@ -217,7 +273,7 @@ def bench_conversions(out: str | None = None, backbones: list[str] | None = None
         "not_matching": [k for k, b in report["backbones"].items()
                          if b.get(r, {}).get("converted") and not b[r]["matches"]],
         "not_finished": [k for k, b in report["backbones"].items() if "converted" not in b.get(r, {})],
-        "of": len(report["backbones"])} for r in converted}
+        "of": len(report["backbones"])} for r in names if not r.startswith("tensorflow")}
     _write(report, out or "bench_results/conversions.json")
     return report
 

@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone (extract: default MobileNet 0.25, MobileNetV2 0.35 and ResNet50;"
                         " conversions: comma-separated, default all registered)")
     p.add_argument("--alpha", type=float, default=None, help="MobileNet width (extract)")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated feature modes (conversions: avg, max, layers, bottleneck, "
+                        "spatial; default avg)")
     return parser
 
 
@@ -375,7 +378,8 @@ def cmd_bench(args) -> int:
         bench.bench_extract(out=args.out, sizes=sizes, models=models)
     elif args.what == "conversions":
         bench.bench_conversions(out=args.out,
-                                backbones=args.backbone.split(",") if args.backbone else None)
+                                backbones=args.backbone.split(",") if args.backbone else None,
+                                modes=args.modes.split(",") if args.modes else None)
     elif args.what == "ray":
         bench.bench_ray(out=args.out, n=sizes[0] if sizes else 2000,
                         backbone=args.backbone or "mobilenet_v2",

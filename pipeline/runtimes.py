@@ -97,11 +97,12 @@ def _openvino_format():
         # Identity ops Keras puts after activations (51 extra on EfficientNetB0): each output
         # is kept whole for every image of a batch, so memory grew by about 1 GiB per image
         # on EfficientNetB5 (bench_results/efficientnet-memory.txt). Keep the function's own.
+        # (The same tensor can be two outputs: in the spatial mode the last activation's.)
         model = ov.convert_model(fn)
-        wanted = {t.name for t in fn.get_concrete_function(*fn.input_signature).outputs}
-        outputs = [o for o in model.outputs if o.get_names() & wanted]
-        if len(outputs) != len(wanted):
-            raise ValueError(f"the converted model lacks outputs {sorted(wanted)}")
+        wanted = [t.name for t in fn.get_concrete_function(*fn.input_signature).outputs]
+        outputs = [next((o for o in model.outputs if name in o.get_names()), None) for name in wanted]
+        if None in outputs:
+            raise ValueError(f"the converted model lacks outputs {wanted}")
         return ov.Model(outputs, model.get_parameters(), model.get_friendly_name())
 
     return (convert, save,

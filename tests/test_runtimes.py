@@ -146,11 +146,12 @@ def test_a_kept_converted_graph_runs_without_keras_or_tensorflow(dataset, tmp_pa
         assert_close(rows[split], reference[split])
 
 
+@pytest.mark.parametrize("mode", ["avg", "spatial"])
 @pytest.mark.parametrize("runtime", CONVERTED)
-def test_efficientnet_runs_on_each_runtime_and_matches_tensorflow(dataset, tmp_path, runtime):
+def test_efficientnet_runs_on_each_runtime_and_matches_tensorflow(dataset, tmp_path, runtime, mode):
     # Its Normalization layer's mean and variance are tensors the graph captures from outside
     # (not variables): tf2onnx exports them as graph inputs nobody feeds unless we freeze them.
-    config = dict(backbone="efficientnet_b0", alpha=None)
+    config = dict(backbone="efficientnet_b0", alpha=None, mode=mode)
     converted = extract_features(tiny(dataset, tmp_path / runtime, runtime=runtime, **config))
     reference = extract_features(tiny(dataset, tmp_path / "tf", runtime="tensorflow", **config))
     assert converted.info["runtime"] == runtime
@@ -158,7 +159,8 @@ def test_efficientnet_runs_on_each_runtime_and_matches_tensorflow(dataset, tmp_p
     for split in rows:
         assert_close(rows[split], tf_rows[split])
     if runtime == "openvino":  # OpenVINO's front end made 52 outputs, one per activation: each
-        # held for a whole batch, about 1 GiB per image on EfficientNetB5. Only the features.
+        # held for a whole batch, about 1 GiB per image on EfficientNetB5. Only the features
+        # (in the spatial mode they are the last activation: two outputs of one tensor).
         [model_xml] = (tmp_path / runtime / ".models").rglob("model.xml")
         assert len(openvino.Core().read_model(model_xml).outputs) == 1
 
