@@ -80,8 +80,14 @@ bench: bench-extract bench-conversions bench-heads bench-ray bench-cache
 bench-extract: install   # MobileNet 0.25, MobileNetV2 0.35 (N = 2,000 and 8,000), ResNet50 (N = 400) at 224
 	$(PY) -m pipeline bench extract --sizes 2000,8000 --out bench_results/extract.json
 
-bench-conversions: install   # every registered backbone on each CPU runtime (about an hour)
+# One backbone per family, for the modes other than avg (bench-conversions' second part).
+MODES_BACKBONES := mobilenet,mobilenet_v3_small,resnet50,resnet50_v2,densenet121,vgg16,xception,$\
+	inception_v3,inception_resnet_v2,nasnet_mobile,efficientnet_b0,efficientnet_v2_b0,convnext_tiny
+
+bench-conversions: install   # every registered backbone on each CPU runtime (about 1.5 hours)
 	$(PY) -m pipeline bench conversions --out bench_results/conversions.json
+	$(PY) -m pipeline bench conversions --modes max,layers,bottleneck,spatial \
+		--backbone $(MODES_BACKBONES) --out bench_results/conversions-modes.json
 
 bench-heads: install
 	$(PY) -m pipeline bench heads --out bench_results/heads.json
