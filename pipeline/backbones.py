@@ -7,6 +7,8 @@ download and cache under ``KERAS_HOME``), ``none`` (random, for tests) or a loca
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -111,11 +113,14 @@ def build_backbone(name: str, *, weights: str = "imagenet", alpha: float | None 
         if weights == "imagenet" and size != spec.input_size:
             # Keras keeps ImageNet files for the native size (a few MobileNets have more);
             # convolution weights do not depend on the input size, so copy them across.
-            native = constructor(**{**kwargs, "input_shape": (spec.input_size,) * 2 + (3,)})
-            model = constructor(**{**kwargs, "weights": None})
+            with _fresh_layer_names():
+                native = constructor(**{**kwargs, "input_shape": (spec.input_size,) * 2 + (3,)})
+            with _fresh_layer_names():
+                model = constructor(**{**kwargs, "weights": None})
             model.set_weights(native.get_weights())
         else:
-            model = constructor(**kwargs)
+            with _fresh_layer_names():
+                model = constructor(**kwargs)
     except ValueError as exc:
         raise PipelineError(f"backbone {name!r} cannot be built with input {size}x{size}"
                             f"{'' if alpha is None else f' and alpha {alpha}'}: "
@@ -136,6 +141,21 @@ def build_backbone(name: str, *, weights: str = "imagenet", alpha: float | None 
                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     model.trainable = False
     return model
+
+
+@contextlib.contextmanager
+def _fresh_layer_names():
+    """Keras numbers unnamed layers (``conv2d_49``) across the process: a model built after
+    another would get other names than in a process of its own. Layers are chosen by name
+    (``--layer``, a key part), so every backbone is built numbered as in a fresh process."""
+    from keras.src.backend.common import global_state  # where keras.backend.get_uid counts
+
+    before = global_state.get_global_attribute("object_name_uids")
+    global_state.set_global_attribute("object_name_uids", collections.defaultdict(int))
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("object_name_uids", before)
 
 
 def preprocess_input(name: str):

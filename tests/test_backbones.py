@@ -1,5 +1,9 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+from conftest import REPO
 
 from pipeline.backbones import BACKBONES, build_backbone, get_spec, preprocess_input, weights_identity
 from pipeline.errors import PipelineError
@@ -43,6 +47,22 @@ def test_random_weights_are_the_same_model_every_time():
     a = build_backbone("mobilenet_v2", weights="none", alpha=0.35, input_size=32)
     b = build_backbone("mobilenet_v2", weights="none", alpha=0.35, input_size=32)
     assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+
+
+def test_unnamed_layers_have_a_fresh_processs_names_whatever_was_built_before():
+    # --layer picks layers by name, a key part: Keras's running numbers (activation_17,
+    # conv2d_49) must not depend on what the process built before (an experiment's grid).
+    import keras
+
+    code = ("from pipeline.backbones import build_backbone; "
+            "print([l.name for l in build_backbone('mobilenet_v3_small', weights='none', "
+            "input_size=32).layers])")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=REPO).stdout.strip()
+    build_backbone("mobilenet_v3_small", weights="none", input_size=32)
+    keras.layers.Activation("relu")  # the user's own layers count too
+    again = build_backbone("mobilenet_v3_small", weights="none", input_size=32)
+    assert "activation_17" in fresh and str([layer.name for layer in again.layers]) == fresh
 
 
 def test_weights_identity_is_the_file_hash_or_the_keras_version(tmp_path):
