@@ -41,9 +41,10 @@ EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA
 CPU_PREFERENCE = ("openvino", "onnxruntime")
 CPU_PREFERENCE_BY_BACKBONE = {"mobilenet": ("onnxruntime", "openvino"),
                               "mobilenet_v2": ("onnxruntime", "openvino")}
-# Bumped when a conversion changes what it makes: graphs kept by an earlier one are converted
-# again. 2: OpenVINO graphs keep only the function's output (see _openvino_format).
-CONVERSION_REVISION = 2
+# Per runtime, bumped when its conversion changes what it makes: graphs kept by an earlier
+# one (those without a revision are 1) are converted again. OpenVINO 2: only the function's
+# output is an output (see _openvino_format).
+CONVERSION_REVISIONS = {"openvino": 2, "onnxruntime": 1}
 log = logging.getLogger(__name__)
 
 
@@ -195,7 +196,7 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
     if manifest.exists():
         try:
             kept = json.loads(manifest.read_text())
-            if kept.get("revision") != CONVERSION_REVISION:
+            if kept.get("revision", 1) != CONVERSION_REVISIONS[runtime]:
                 log.info("converted model %s is from an earlier conversion; converting again",
                          folder)
             elif kept["sha256"] == _files_digest(folder):
@@ -218,7 +219,7 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
         save(model, tmp)
         (tmp / "manifest.json").write_text(json.dumps({"sha256": _files_digest(tmp),
                                                        "converter": version,
-                                                       "revision": CONVERSION_REVISION}))
+                                                       "revision": CONVERSION_REVISIONS[runtime]}))
         os.replace(tmp, folder)
     except (OSError, RuntimeError) as exc:  # a read-only or full disk (OpenVINO raises
         log.debug("converted model not kept (%s)", exc)  # RuntimeError): use it, keep nothing
