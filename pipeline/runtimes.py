@@ -206,6 +206,9 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
         except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
             log.warning("converted model %s is damaged (%s); converting again", folder, exc)
         shutil.rmtree(folder, ignore_errors=True)
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a killed conversion
+        if not _process_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     fn = convert()  # building the graph: bad options fail here with their own message
@@ -226,6 +229,19 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return model
+
+
+def _process_alive(pid: str) -> bool:
+    """Whether process ``pid`` (a number as text) runs on this machine; ours counts as not."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
 
 class ConversionError(Exception):

@@ -128,6 +128,22 @@ def test_the_converted_graph_is_kept_reused_and_rebuilt_when_damaged(dataset, tm
     assert all(np.array_equal(rows[s], reference[s]) for s in rows)
 
 
+def test_a_half_written_graph_left_by_a_killed_conversion_is_removed(dataset, tmp_path):
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        model_dir = tmp_path / ".models" / "somewhere"
+        dead, running = (model_dir / f".openvino.tmp-{pid}" for pid in (2**22 + 1, alive.pid))
+        for folder in (dead, running):
+            folder.mkdir(parents=True)
+            (folder / "model.bin").write_bytes(b"half")
+        runtimes.load_or_convert(model_dir, lambda: FeatureModel(
+            tiny(dataset, tmp_path), (16, 16, 3))._features, "mobilenet_v2 avg", "openvino")
+        assert not dead.exists() and running.exists()  # another process's conversion goes on
+        assert (model_dir / "openvino" / "manifest.json").exists()
+    finally:
+        alive.kill()
+
+
 @pytest.mark.parametrize("runtime", CONVERTED)
 def test_a_kept_converted_graph_runs_without_keras_or_tensorflow(dataset, tmp_path, runtime):
     extract_features(tiny(dataset, tmp_path, runtime=runtime))  # converts and keeps the graph
