@@ -207,10 +207,9 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
             log.warning("converted model %s is damaged (%s); converting again", folder, exc)
         shutil.rmtree(folder, ignore_errors=True)
     for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a killed conversion
-        if not _process_alive(stale.name.rsplit("-", 1)[-1]):
+        if not _process_alive(stale.name.rsplit("-", 1)[-1]):  # (or by this process: ours too)
             shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     fn = convert()  # building the graph: bad options fail here with their own message
     try:
         model = export(fn)
