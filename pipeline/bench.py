@@ -147,7 +147,7 @@ def _conversion_worker(backbone: str, npz: str, cache: str, converted: list[str]
                                               weights="none", cache_dir=cache,
                                               **_mode_options(backbone, mode)), x.shape[1:])
         if mode == "bottleneck":  # any projection will do: the graph takes it as an input
-            channels = model._maps(x[:1])[-1].shape[-1]
+            channels = model.backbone.output_shape[-1]
             rng = np.random.default_rng(0)
             model.projection = (rng.random(channels), rng.standard_normal((channels, 8)) / channels)
         reference = _float32_features(model, x)
@@ -191,10 +191,7 @@ def _output_rank(layer) -> int:
 
 def _float32_features(model, images: np.ndarray) -> np.ndarray:
     """The graph's output before ``extract`` stores it (spatial maps go to float16 after)."""
-    mean, components = model._inputs()
-    out = model.runner(images, mean, components) if model.runner is not None \
-        else model._features(images, mean, components).numpy()
-    return np.asarray(out, np.float64).reshape(len(images), -1)
+    return np.asarray(model.graph_features(images), np.float64).reshape(len(images), -1)
 
 
 def _agreement(features: np.ndarray, reference: np.ndarray, scale: float) -> dict:

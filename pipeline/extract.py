@@ -386,10 +386,14 @@ class FeatureModel:
         return features.astype(np.float16) if self.mode == "spatial" else features
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self._stored(self.graph_features(images))
+
+    def graph_features(self, images: np.ndarray) -> np.ndarray:
+        """The graph's float32 output on the chosen runtime, before it is stored."""
         mean, comps = self._inputs()
         if self.runner is not None:
-            return self._stored(self.runner(np.asarray(images), mean, comps))
-        return self._stored(self._features(images, mean, comps).numpy())
+            return self.runner(np.asarray(images), mean, comps)
+        return self._features(images, mean, comps).numpy()
 
     def map(self, batches) -> Iterator[np.ndarray]:
         """Features of each batch in order; OpenVINO keeps several batches in flight."""
