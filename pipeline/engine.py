@@ -76,8 +76,8 @@ class ShardExtractor:
         t0 = time.monotonic()
         self.model.projection = projection
         provenance = worker_provenance(self.config, self.runtime)
-        extract_shards(self.model, ShardSet(Path(shards_path)), split, self.dataset.splits[split],
-                       [(start, stop)], batch_size=self.config.batch_size, key=key,
+        extract_shards(self.model, ShardSet(Path(shards_path)), self.dataset.splits,
+                       [(split, start, stop)], batch_size=self.config.batch_size, key=key,
                        provenance=provenance, compression=compression,
                        decode_threads=self.decode_threads)
         return {"split": split, "rows": stop - start, "seconds": time.monotonic() - t0,

@@ -291,20 +291,23 @@ class FeatureModel:
 
     @functools.cached_property
     def _maps(self):
-        import tensorflow as tf
-
-        self.backbone  # noqa: B018 - built before tracing: bad options fail with our message
-        return tf.function(self._maps_graph,
-                           input_signature=[tf.TensorSpec((None, *self.image_shape), tf.uint8)])
+        return self._graph(self._maps_graph)
 
     @functools.cached_property
     def _features(self):
         import tensorflow as tf
 
-        self.backbone  # noqa: B018
-        return tf.function(self._features_graph, input_signature=[
-            tf.TensorSpec((None, *self.image_shape), tf.uint8),
-            tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None, None), tf.float32)])
+        return self._graph(self._features_graph, tf.TensorSpec((None,), tf.float32),
+                           tf.TensorSpec((None, None), tf.float32))
+
+    def _graph(self, fn, *more_inputs):
+        """``fn`` traced over uint8 batches of these images. No autograph: the graphs branch
+        on options, never on tensors, and its rewrite cost about 0.25 s of each start."""
+        import tensorflow as tf
+
+        self.backbone  # noqa: B018 - built before tracing: bad options fail with our message
+        images = tf.TensorSpec((None, *self.image_shape), tf.uint8)
+        return tf.function(fn, input_signature=[images, *more_inputs], autograph=False)
 
     def _maps_graph(self, images):
         import tensorflow as tf
@@ -531,23 +534,25 @@ def prefetched(load, batches: list, depth: int = 2) -> Iterator[np.ndarray]:
             yield queued.popleft().result()
 
 
-def extract_shards(model: FeatureModel, shards: ShardSet, split_name: str, split: Split,
-                   ranges: list[tuple[int, int]], *, batch_size: int, key: str, provenance: dict,
+def extract_shards(model: FeatureModel, shards: ShardSet, splits: dict[str, Split],
+                   todo: list[tuple[str, int, int]], *, batch_size: int, key: str, provenance: dict,
                    compression: str, progress: Progress | None = None,
                    decode_threads: int = 2) -> None:
-    """Extract rows [lo, hi) of each range into one shard each: the next batches decode in
-    threads while the model runs, and a writer thread writes each finished shard meanwhile."""
-    batches = [(lo, np.arange(b, min(b + batch_size, hi)))
-               for lo, hi in ranges for b in range(lo, hi, batch_size)]
+    """Extract rows [lo, hi) of each (split, lo, hi) in ``todo`` into one shard each. All of
+    it is one stream of batches: the next batches decode in threads while the model runs, the
+    runtime keeps batches in flight across shards and splits (draining it at each split's end
+    idled a core for up to a batch), and a writer thread writes each finished shard meanwhile."""
+    batches = [(split, lo, np.arange(b, min(b + batch_size, hi)))
+               for split, lo, hi in todo for b in range(lo, hi, batch_size)]
     writes: queue.Queue = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
 
     def writer() -> None:
         while (item := writes.get()) is not None:
             if not errors:
-                start, block = item
+                split, start, block = item
                 try:
-                    shards.write(split_name, start, block, key=key, compression=compression,
+                    shards.write(split, start, block, key=key, compression=compression,
                                  attrs={"provenance": {**provenance, "rows": [start, start + len(block)],
                                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
                 except BaseException as exc:  # reported by the main thread
@@ -556,21 +561,23 @@ def extract_shards(model: FeatureModel, shards: ShardSet, split_name: str, split
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     pending: list[np.ndarray] = []
-    ends, start = dict(ranges), None
+    ends, shard = {(split, lo): hi for split, lo, hi in todo}, None
     try:
-        images = prefetched(split.load, [idx for _, idx in batches], decode_threads)
-        for (start, idx), features in zip(batches, model.map(images)):
+        images = prefetched(lambda item: splits[item[0]].load(item[1]),
+                            [(split, idx) for split, _, idx in batches], decode_threads)
+        for (split, start, idx), features in zip(batches, model.map(images)):
+            shard = (split, start)
             pending.append(features)
             if progress:
                 progress.update(len(features))
-            if idx[-1] + 1 == ends[start]:  # the shard's last batch
-                writes.put((start, np.concatenate(pending)))
+            if idx[-1] + 1 == ends[shard]:  # the shard's last batch
+                writes.put((*shard, np.concatenate(pending)))
                 pending = []
             if errors:
                 break
     except BaseException:  # an unreadable image, Ctrl-C: keep the whole batches done before it
         if pending and not errors:
-            writes.put((start, np.concatenate(pending)))
+            writes.put((*shard, np.concatenate(pending)))
         raise
     finally:
         writes.put(None)
@@ -617,12 +624,9 @@ class LocalRunner:
             progress: Progress) -> dict:
         self.model.projection = projection
         provenance = worker_provenance(self.config, self.runtime)
-        for split in SPLITS:
-            ranges = [(lo, hi) for s, lo, hi in todo if s == split]
-            if ranges:
-                extract_shards(self.model, shards, split, self.dataset.splits[split], ranges,
-                               batch_size=self.config.batch_size, key=key, provenance=provenance,
-                               compression="none", progress=progress)  # merged, then compressed
+        extract_shards(self.model, shards, self.dataset.splits, todo,
+                       batch_size=self.config.batch_size, key=key, provenance=provenance,
+                       compression="none", progress=progress)  # merged, then compressed
         return {}
 
     def stop(self) -> None:

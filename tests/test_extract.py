@@ -12,7 +12,7 @@ from conftest import LEDGER, REPO, audit_cache, make_images
 
 from pipeline import runtimes
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractionConfig, extract_features, shard_ranges
+from pipeline.extract import ExtractionConfig, extract_features, extract_shards, shard_ranges
 from pipeline.store import FeatureFile, ShardSet, check_file
 
 
@@ -72,6 +72,38 @@ def test_shards_are_whole_batches_and_cover_only_the_gaps():
     assert shard_ranges(70, 24, 8, gaps=[(24, 48)]) == [(24, 48)]
     assert shard_ranges(100, 34, 8, gaps=[(10, 60)]) == [(10, 40), (40, 60)]
     assert all(lo % 8 == 0 for lo, _ in shard_ranges(1000, 143, 8))
+
+
+def test_all_shards_of_both_splits_stream_through_one_map_of_the_model(tmp_path):
+    """One stream for the whole run: a runtime keeps batches in flight from one shard and split
+    into the next (draining it at a split's end idled a core for up to a batch)."""
+    class Split:  # image i of a split is the number base + i
+        def __init__(self, base):
+            self.base = base
+
+        def load(self, idx):
+            return (self.base + idx)[:, None].astype(np.float32)
+
+    class Model:
+        streams: list = []
+
+        def map(self, batches):
+            self.streams.append([])
+            for images in batches:
+                self.streams[-1].append(images[:, 0].tolist())
+                yield images * 2
+
+    shards = ShardSet(tmp_path / "s.shards")
+    extract_shards(Model(), shards, {"train": Split(0), "test": Split(1000)},
+                   [("train", 0, 16), ("train", 16, 20), ("test", 0, 8)], batch_size=8, key="k",
+                   provenance={}, compression="none")
+    assert Model.streams == [[list(range(0, 8)), list(range(8, 16)), list(range(16, 20)),
+                              list(range(1000, 1008))]]
+    assert [p.name for p in shards.files("train")] == ["r0000000000-0000000016.h5",
+                                                       "r0000000016-0000000020.h5"]
+    assert np.array_equal(np.concatenate(list(shards.read_split("train")))[:, 0], np.arange(20) * 2)
+    assert np.array_equal(np.concatenate(list(shards.read_split("test")))[:, 0],
+                          (1000 + np.arange(8)) * 2)
 
 
 @pytest.mark.reliability
