@@ -315,7 +315,7 @@ def cmd_verify(args) -> int:
     bad = 0
     for e in store.entries():
         if e.state == "partial":
-            print(f"partial   {e.path.name}: {e.detail} (rerun its extract command to resume)")
+            print(f"partial   {e.path.name}: {e.detail}")
             continue
         problem = check_file(e.path, full=True)
         if problem is None:

@@ -477,8 +477,9 @@ class FeatureStore:
             elif path.suffix == ".shards" and path.is_dir() and not path.with_suffix(".h5").exists():
                 shards = ShardSet(path)
                 done = {s: len(shards.files(s)) for s in SPLITS}
+                counts = ", ".join(f"{s} {n} shard{'' if n == 1 else 's'} done" for s, n in done.items())
                 out.append(EntryStatus(path, _key_of(path), "partial",
-                                       ", ".join(f"{s} {n} shards done" for s, n in done.items()), {}))
+                                       f"{counts}; rerun its extract command to resume", {}))
         return out
 
     def find(self, name_or_key: str) -> Path:

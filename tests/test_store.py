@@ -124,16 +124,20 @@ def test_a_second_writer_on_the_same_key_waits_or_says_who_holds_it(tmp_path, ca
     assert not list((tmp_path / ".locks").iterdir())  # lock files go with their holders
 
 
-def test_entries_report_complete_partial_and_corrupt(tmp_path):
+def test_entries_report_complete_partial_and_corrupt_and_what_to_do_with_partial_work(tmp_path):
     good = _file(tmp_path)
     store = FeatureStore(tmp_path / "cache")
     bad = tmp_path / "cache" / "broken-00000000000000ff.h5"
     bad.write_bytes(b"garbage")
     store.shards_for({"dataset": "x", "backbone": "y", "mode": "avg"}).write(
         "train", 0, np.zeros((4, 2), np.float32), key="k", attrs={})
+    (tmp_path / "cache" / "old-00000000000000aa.partial").mkdir()  # an older version's work
     states = {e.path.name: e.state for e in store.entries()}
     assert states[good.name] == "complete" and states[bad.name] == "corrupt"
-    assert "partial" in states.values()
+    details = sorted(e.detail for e in store.entries() if e.state == "partial")
+    assert len(details) == 2
+    assert details[0].startswith("an older version's") and details[0].endswith("delete it")
+    assert details[1] == "train 1 shard done, test 0 shards done; rerun its extract command to resume"
     moved = store.quarantine(bad)
     assert moved.exists() and not bad.exists()
 
