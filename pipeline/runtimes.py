@@ -247,9 +247,31 @@ class ConversionError(Exception):
     """A graph a runtime cannot take: extraction falls back to TensorFlow and says so."""
 
 
+def in_order(batches: Iterable, start, finish, depth: int) -> Iterator:
+    """``finish(start(batch))`` of each batch, in order, with up to ``depth`` started and not
+    finished. A batch that fails to arrive (an unreadable image) raises only after the results
+    of those started before it: the rows done are kept."""
+    running: deque = deque()
+    source = iter(batches)
+    while True:
+        try:
+            images = next(source)
+        except StopIteration:
+            break
+        except Exception:
+            while running:
+                yield finish(running.popleft())
+            raise
+        if len(running) >= depth:
+            yield finish(running.popleft())
+        running.append(start(images))
+    while running:
+        yield finish(running.popleft())
+
+
 class OpenVINORunner:
-    """A converted feature graph compiled for the CPU in float32, ``requests`` batches in
-    flight (OpenVINO's THROUGHPUT hint gives each its own stream of cores)."""
+    """A converted feature graph compiled for the CPU in float32, ``requests`` batches run at
+    once (OpenVINO's THROUGHPUT hint gives each its own stream of cores)."""
 
     def __init__(self, model, requests: int = 2, threads: int | None = None):
         import openvino as ov
@@ -258,7 +280,10 @@ class OpenVINORunner:
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(model, "CPU", config)
-        self.requests = [self.compiled.create_infer_request() for _ in range(max(1, requests))]
+        # Twice as many in flight as run at once: a stream done with a short batch (a split's
+        # last) takes the next while the oldest still runs (waiting on the oldest before
+        # starting more idled a core: ResNet50 ran 23 img/s on two splits of 200, 29 so).
+        self.requests = [self.compiled.create_infer_request() for _ in range(2 * max(1, requests))]
 
     def __call__(self, images: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
         request = self.requests[0]
@@ -267,23 +292,21 @@ class OpenVINORunner:
 
     def map(self, batches: Iterable[np.ndarray], mean: np.ndarray,
             components: np.ndarray) -> Iterator[np.ndarray]:
-        """Features of each batch, in order, with up to ``len(requests)`` running at once."""
-        free, running = deque(self.requests), deque()
-        for images in batches:
-            if not free:
-                yield self._collect(running.popleft(), free)
+        """Features of each batch, in order, with up to ``len(requests)`` in flight."""
+        free = deque(self.requests)
+
+        def start(images):
             request = free.popleft()
             request.start_async([np.ascontiguousarray(images), mean, components])
-            running.append(request)
-        while running:
-            yield self._collect(running.popleft(), free)
+            return request
 
-    @staticmethod
-    def _collect(request, free: deque) -> np.ndarray:
-        request.wait()
-        out = request.get_output_tensor(0).data.copy()
-        free.append(request)
-        return out
+        def finish(request) -> np.ndarray:
+            request.wait()
+            out = request.get_output_tensor(0).data.copy()
+            free.append(request)
+            return out
+
+        return in_order(batches, start, finish, len(self.requests))
 
 
 class OnnxRunner:
@@ -307,12 +330,8 @@ class OnnxRunner:
 
     def map(self, batches: Iterable[np.ndarray], mean: np.ndarray,
             components: np.ndarray) -> Iterator[np.ndarray]:
-        """Features of each batch, in order, with up to ``workers`` running at once."""
+        """Features of each batch, in order, with up to ``workers`` running at once and as many
+        queued: a worker done with a short batch takes the next while the oldest still runs."""
         with ThreadPoolExecutor(self.workers) as pool:
-            running: deque = deque()
-            for images in batches:
-                if len(running) >= self.workers:
-                    yield running.popleft().result()
-                running.append(pool.submit(self, images, mean, components))
-            while running:
-                yield running.popleft().result()
+            yield from in_order(batches, lambda images: pool.submit(self, images, mean, components),
+                                lambda future: future.result(), 2 * self.workers)

@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import types
 from dataclasses import asdict
 
 import numpy as np
@@ -262,6 +264,73 @@ def test_a_graph_a_runtime_cannot_convert_runs_on_tensorflow_and_says_so(dataset
     assert prov["runtime"] == "tensorflow" and not list((tmp_path / "ov" / ".models").rglob("*.*"))
     reference = _rows(extract_features(tiny(dataset, tmp_path / "tf", runtime="tensorflow")).path)[0]
     assert all(np.array_equal(rows[s], reference[s]) for s in rows)
+
+
+class _FirstBatchWaitsForTheThird:
+    """A stand-in engine: batch i is an array of i; batch 0 finishes only once batch 2 has
+    started, as a long batch still runs while a short one (a split's last) is done."""
+
+    def __init__(self):
+        self.started = [threading.Event() for _ in range(4)]
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        i = int(images.flat[0])
+        self.started[i].set()
+        if i == 0 and not self.started[2].wait(10):
+            raise AssertionError("batch 2 did not start while batch 0 ran")
+        return images * 2
+
+
+class _Request:  # an OpenVINO infer request on the stand-in engine
+    def __init__(self, engine):
+        self.engine, self.thread, self.out, self.error = engine, None, None, None
+
+    def start_async(self, inputs):
+        def run():
+            try:
+                self.out = self.engine.run(inputs[0])
+            except AssertionError as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+
+    def wait(self):
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+    def get_output_tensor(self, _):
+        return types.SimpleNamespace(data=self.out)
+
+
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_the_runner_starts_the_next_batches_while_the_oldest_still_runs(monkeypatch, runtime):
+    engine, no_projection = _FirstBatchWaitsForTheThird(), (np.zeros(1), np.zeros((1, 1)))
+    if runtime == "openvino":
+        compiled = types.SimpleNamespace(create_infer_request=lambda: _Request(engine))
+        monkeypatch.setattr(openvino, "Core", lambda: types.SimpleNamespace(
+            compile_model=lambda *_: compiled))
+        runner = runtimes.OpenVINORunner("model", requests=2)
+    else:
+        runner = runtimes.OnnxRunner.__new__(runtimes.OnnxRunner)
+        runner.session = types.SimpleNamespace(run=lambda _, feed: [engine.run(feed["images"])])
+        runner.names, runner.workers = ["images"], 2
+    batches = [np.full((2, 1), i, np.float32) for i in range(4)]
+    out = list(runner.map(batches, *no_projection))
+    assert [o.ravel().tolist() for o in out] == [[2 * i, 2 * i] for i in range(4)]  # in order
+
+
+def test_a_batch_that_fails_to_arrive_raises_after_the_results_of_those_before_it():
+    def batches():  # the third image batch cannot be read
+        yield from (np.full(1, i) for i in range(2))
+        raise OSError("unreadable image")
+
+    done = []
+    with pytest.raises(OSError, match="unreadable image"):
+        for features in runtimes.in_order(batches(), lambda b: b * 2, lambda r: r, depth=4):
+            done.append(int(features[0]))
+    assert done == [0, 2]  # both started batches finished, so extraction keeps their rows
 
 
 @pytest.mark.bad_input
