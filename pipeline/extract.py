@@ -22,7 +22,6 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
@@ -526,12 +525,8 @@ def shard_ranges(n: int, rows: int, batch_size: int,
 def prefetched(load, batches: list, depth: int = 2) -> Iterator[np.ndarray]:
     """``load(b)`` for each batch, decoding up to ``depth`` ahead in threads while the model runs."""
     with ThreadPoolExecutor(depth) as pool:
-        queued = deque(pool.submit(load, b) for b in batches[:depth])
-        for b in batches[depth:]:
-            yield queued.popleft().result()
-            queued.append(pool.submit(load, b))
-        while queued:
-            yield queued.popleft().result()
+        yield from runtimes.in_order(batches, lambda b: pool.submit(load, b),
+                                     lambda future: future.result(), depth)
 
 
 def extract_shards(model: FeatureModel, shards: ShardSet, splits: dict[str, Split],
