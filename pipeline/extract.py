@@ -398,7 +398,7 @@ class FeatureModel:
         return self._features(images, mean, comps).numpy()
 
     def map(self, batches) -> Iterator[np.ndarray]:
-        """Features of each batch in order; OpenVINO keeps several batches in flight."""
+        """Features of each batch in order; a converted graph keeps several in flight."""
         if self.runner is None:
             yield from (self(b) for b in batches)
             return
