@@ -43,8 +43,9 @@ CPU_PREFERENCE_BY_BACKBONE = {"mobilenet": ("onnxruntime", "openvino"),
                               "mobilenet_v2": ("onnxruntime", "openvino")}
 # Per runtime, bumped when its conversion changes what it makes: graphs kept by an earlier
 # one (those without a revision are 1) are converted again. OpenVINO 2: only the function's
-# output is an output (see _openvino_format).
-CONVERSION_REVISIONS = {"openvino": 2, "onnxruntime": 1}
+# output is an output (see _openvino_format). Both 3 / 2: the graph preprocesses before it
+# upscales (extract.FeatureModel._maps_graph).
+CONVERSION_REVISIONS = {"openvino": 3, "onnxruntime": 2}
 log = logging.getLogger(__name__)
 
 

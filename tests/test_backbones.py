@@ -28,6 +28,22 @@ def test_every_entry_names_a_real_keras_constructor_and_preprocess_function():
         assert callable(preprocess_input(spec.name)), spec.name
 
 
+def test_every_preprocess_input_is_one_affine_map_of_each_pixel():
+    """What lets the graph preprocess before it resizes: f(x) = x A + b on each pixel's
+    channels (scaling, shifting, RGB to BGR), so f commutes with the bilinear resize, whose
+    outputs are weighted means of pixels with weights summing to one."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype(np.float32)
+    for spec in BACKBONES.values():
+        f = preprocess_input(spec.name)
+        b = np.asarray(f(tf.zeros((1, 1, 1, 3)))).reshape(3)
+        A = np.stack([np.asarray(f(tf.constant(np.eye(3, dtype=np.float32)[i].reshape(1, 1, 1, 3))))
+                      .reshape(3) - b for i in range(3)])
+        np.testing.assert_allclose(np.asarray(f(tf.constant(x))), x @ A + b, rtol=1e-5, atol=1e-4,
+                                   err_msg=spec.name)
+
+
 @pytest.mark.bad_input
 def test_unknown_backbone_lists_the_valid_ones():
     with pytest.raises(PipelineError, match="unknown backbone 'resnet5'; valid: mobilenet, "):

@@ -199,6 +199,18 @@ def test_resizing_happens_in_the_graph_for_grey_28px_images(tmp_path):
     assert "ResizeBilinear" in {op.type for op in graph.get_operations()}  # ... and is resized inside
 
 
+@pytest.mark.parametrize("stored, preprocessed_first", [(28, True), (48, False)])
+def test_preprocessing_runs_on_the_smaller_of_the_stored_and_the_resized_image(
+        tmp_path, stored, preprocessed_first):
+    from pipeline.extract import FeatureModel
+
+    model = FeatureModel(tiny("unused", tmp_path, image_size=40), (stored, stored, 3))
+    graph = model._features.get_concrete_function().graph
+    [resize] = [op for op in graph.get_operations() if op.type == "ResizeBilinear"]
+    resized = resize.inputs[0].op  # the cast uint8 images, or what preprocessing made of them
+    assert (resized.type != "Cast") == preprocessed_first, resized.type
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("kw, message", [
     ({"backbone": "resnet51"}, "unknown backbone 'resnet51'; valid: mobilenet, mobilenet_v2"),

@@ -186,21 +186,25 @@ def test_efficientnet_runs_on_each_runtime_and_matches_tensorflow(dataset, tmp_p
 @pytest.mark.parametrize("runtime", CONVERTED)
 def test_only_a_graph_kept_by_an_earlier_conversion_is_converted_again(dataset, tmp_path, caplog,
                                                                       runtime):
-    # Kept before revisions existed: OpenVINO's with every activation an output (converted
-    # again), ONNX Runtime's as it is still made (kept).
     first = extract_features(tiny(dataset, tmp_path, runtime=runtime))
+    reference = _rows(first.path)[0]
     [manifest] = (tmp_path / ".models").rglob("manifest.json")
-    kept = json.loads(manifest.read_text())
-    assert kept["revision"] == runtimes.CONVERSION_REVISIONS[runtime]
-    del kept["revision"]
-    manifest.write_text(json.dumps(kept))
-    with caplog.at_level("INFO", logger="pipeline"):
-        again = extract_features(tiny(dataset, tmp_path, runtime=runtime), rebuild=True)
-    converted_again = any("from an earlier conversion; converting again" in m for m in caplog.messages)
-    assert converted_again == (runtime == "openvino")
-    assert ("revision" in json.loads(manifest.read_text())) == (runtime == "openvino")  # rewritten
-    rows, reference = _rows(again.path)[0], _rows(first.path)[0]
-    assert all(np.array_equal(rows[s], reference[s]) for s in rows)
+    current = runtimes.CONVERSION_REVISIONS[runtime]
+    assert json.loads(manifest.read_text())["revision"] == current
+    # None: kept before revisions existed (counts as 1)
+    for revision, converted_again in ((current, False), (current - 1, True), (None, True)):
+        kept = json.loads(manifest.read_text())
+        kept.pop("revision")
+        manifest.write_text(json.dumps(kept if revision is None else {**kept, "revision": revision}))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pipeline"):
+            again = extract_features(tiny(dataset, tmp_path, runtime=runtime), rebuild=True)
+        assert any("from an earlier conversion; converting again" in m
+                   for m in caplog.messages) == converted_again, revision
+        assert json.loads(manifest.read_text()).get("revision") == (current if converted_again
+                                                                    else revision)
+        rows = _rows(again.path)[0]
+        assert all(np.array_equal(rows[s], reference[s]) for s in rows)
 
 
 def test_efficientnets_normalization_constants_reach_the_onnx_graph(tmp_path):
