@@ -9,6 +9,7 @@ temporary folder and renamed into place under a lock, so a half-written one is n
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -69,9 +70,14 @@ def is_current(out: Path, checksum: str, params: dict) -> bool:
 def locked(out: Path, legacy: Path | None = None, checksum: str = "",
            params: dict | None = None) -> Iterator[None]:
     """One writer per result folder; a current result found at its ``legacy`` place moves to
-    ``out`` first (same result, now under its readable name)."""
+    ``out`` first (same result, now under its readable name). Holding the lock, any folder
+    ``writing`` made for ``out`` was left by a writer killed mid-way (kill -9, the OOM
+    killer; on whatever host): it is removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out.parent / f".{out.name}.lock"):
+        for stale in [*out.parent.glob(f".{glob.escape(out.name)}.tmp-*"),
+                      *out.parent.glob(f".{glob.escape(out.name)}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
         if legacy is not None and not out.exists() and is_current(legacy, checksum, params or {}):
             os.replace(legacy, out)
             if not any(legacy.parent.iterdir()):
@@ -82,9 +88,8 @@ def locked(out: Path, legacy: Path | None = None, checksum: str = "",
 @contextmanager
 def writing(out: Path) -> Iterator[Path]:
     """A temporary folder to fill; it replaces ``out`` when the block ends, and goes away if
-    the block fails: a half-written result is never taken as done."""
+    the block fails: a half-written result is never taken as done. Use it under ``locked``."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
@@ -101,10 +106,12 @@ def writing(out: Path) -> Iterator[Path]:
 
 
 def collect(results_dir: str | Path) -> list[dict]:
-    """The metrics of every complete result (a folder being written has no metrics.json at
-    its place yet)."""
+    """The metrics of every complete result: not those of hidden folders (a result being
+    written, or what a killed writer left)."""
     found = []
     for path in sorted(Path(results_dir).glob("*/*/metrics.json")):
+        if any(part.startswith(".") for part in path.parts[-3:-1]):
+            continue
         try:
             found.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError):

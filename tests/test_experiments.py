@@ -234,6 +234,7 @@ def test_kill_9_during_head_training_never_leaves_a_half_result(tmp_path):
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=os.environ)
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "results").glob("*/*/metrics.json"))) == 2
+    assert not list((tmp_path / "results").glob("*/.*"))  # what the killed writers left is gone
     assert kills >= 2
     LEDGER.update({"interrupted": kills, "resumed": 1})
 

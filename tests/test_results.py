@@ -40,3 +40,35 @@ def test_a_current_result_at_its_legacy_place_moves_under_its_readable_name(tmp_
     with results.locked(out, legacy, "abc", {}):
         assert results.is_current(out, "abc", {})
     assert not legacy.parent.exists()
+
+
+def _killed_writer_leftovers(out):
+    """What ``writing`` leaves when killed after filling its folder (.tmp) or after moving the
+    old result aside (.old), by a process of another host too (the pid means nothing here)."""
+    left = [out.with_name(f".{out.name}.tmp-4242"), out.with_name(f".{out.name}.old-4243")]
+    for folder, accuracy in zip(left, (0.1, 0.2)):
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(_metrics(accuracy=accuracy)))
+    return left
+
+
+def test_reports_never_read_what_a_killed_writer_left(tmp_path):
+    out = tmp_path / "feats" / "logreg"
+    with results.writing(out) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(_metrics(accuracy=0.7)))
+    _killed_writer_leftovers(out)
+    _killed_writer_leftovers(tmp_path / ".feats.tmp-1" / "mlp")
+    assert [m["test_accuracy"] for m in results.collect(tmp_path)] == [0.7]
+
+
+@pytest.mark.parametrize("rewritten", [True, False])
+def test_the_next_look_at_a_result_removes_what_a_killed_writer_left(tmp_path, rewritten):
+    out, other = tmp_path / "feats" / "logreg", tmp_path / "feats" / "logreg-0123abcd"
+    left, kept = _killed_writer_leftovers(out), _killed_writer_leftovers(other)
+    with results.locked(out):  # as train_one holds it: to retrain, or to find it up to date
+        if rewritten:
+            with results.writing(out) as tmp:
+                (tmp / "metrics.json").write_text(json.dumps(_metrics(accuracy=0.7)))
+    assert not any(p.exists() for p in left)
+    assert all(p.exists() for p in kept)  # another result's: its own next run removes them
+    assert (out / "metrics.json").exists() == rewritten
