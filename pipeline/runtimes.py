@@ -33,7 +33,7 @@ from pipeline.errors import PipelineError
 RUNTIMES = ("auto", "tensorflow", "openvino", "onnxruntime")
 GRAPH_INPUTS = ("images", "mean", "components")  # the feature graph's arguments, by name
 EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA]'
-# What ``auto`` prefers on a CPU, per backbone where measured. In five side-by-side runs of
+# What ``auto`` prefers on a CPU, per backbone where measured. In six side-by-side runs of
 # ``make bench-extract`` (bench_results/extract.json) ONNX Runtime ran the MobileNets faster
 # than OpenVINO, in the loop and as whole processes, but ResNet50 slower, with far more memory
 # to convert: so ONNX Runtime first for the MobileNets, OpenVINO first for the others
