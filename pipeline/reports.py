@@ -130,6 +130,10 @@ def _best_per_dataset(rows: list[dict]) -> set[int]:
 
 
 def plot_accuracy_vs_cost(rows: list[dict], path: Path) -> None:
+    """Test accuracy against head fit time, one panel per dataset. Marker and colour say the
+    head, a number the features: the key under each panel spells the features out (best
+    first), so long names never cover points. A ring marks the result the table marks best
+    (chosen on validation accuracy)."""
     plt = _pyplot()
     from matplotlib.ticker import NullFormatter
 
@@ -137,47 +141,78 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path) -> None:
     heads = sorted({r["head"] for r in rows})
     markers = dict(zip(heads, "osD^v<>pP*hX"))
     colors = {h: plt.get_cmap("tab10")(i % 10) for i, h in enumerate(heads)}
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    best = _best_per_dataset(rows)
+    keys = {d: _feature_numbers([r for r in rows if r["dataset"] == d]) for d in datasets}
+    line = 0.16  # inches per line of a key
+    heights = [h for d in datasets for h in (3.4, 0.15 + line * len(keys[d]))]
+    fig, axes = plt.subplots(2 * len(datasets), 1, figsize=(9, sum(heights)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for i, dataset in enumerate(datasets):
+        ax, key_ax = axes[2 * i, 0], axes[2 * i + 1, 0]
         points = [r for r in rows if r["dataset"] == dataset]
         for r in points:
-            ax.scatter(max(r["fit_seconds"], 1e-3), 100 * r["test_accuracy"],
-                       marker=markers[r["head"]], color=colors[r["head"]], s=50, alpha=0.8,
+            xy = (max(r["fit_seconds"], 1e-3), 100 * r["test_accuracy"])
+            ax.scatter(*xy, marker=markers[r["head"]], color=colors[r["head"]], s=50, alpha=0.8,
                        label=r["head"])
+            if id(r) in best:
+                ax.scatter(*xy, marker="o", s=170, facecolors="none", edgecolors="black",
+                           linewidths=1.0, label="best on validation")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # "2x10^-1 3x10^-1 ..." collide
-        ax.margins(x=0.25)  # room for the labels right of the last points
-        _label_without_overlap(ax, points)
+        ax.margins(x=0.1, y=0.08)
+        numbers = keys[dataset]
+        _label_without_overlap(ax, points, [str(numbers[(r["backbone"], r["mode"])]) for r in points])
         ax.set_xlabel("head fit time (s, log)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(dataset, fontsize=10)
         ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
+        order = [h for h in [*heads, "best on validation"] if h in handles]  # alike in panels
+        ax.legend([handles[h] for h in order], order, fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.01, 1), borderaxespad=0)
+        key_ax.axis("off")
+        key_ax.text(0, 1, "\n".join(f"{n:>2}  {_spelled_out(*k)}" for k, n in numbers.items()),
+                    transform=key_ax.transAxes, va="top", ha="left", fontsize=7,
+                    family="monospace")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def _label_without_overlap(ax, points: list[dict], fontsize: float = 6) -> None:
-    """Label each point with its features; a label that would cover an earlier one moves down
-    (greedy, in display space) and gets a thin line back to its point."""
+def _feature_numbers(points: list[dict]) -> dict[tuple[str, str], int]:
+    """1, 2, ... for each (backbone, features) of a dataset, by its best test accuracy."""
+    best: dict[tuple[str, str], float] = {}
+    for r in points:
+        key = (r["backbone"], r["mode"])
+        best[key] = max(best.get(key, 0.0), r["test_accuracy"])
+    return {key: n for n, key in enumerate(sorted(best, key=lambda k: -best[k]), start=1)}
+
+
+def _spelled_out(backbone: str, mode: str) -> str:
+    """"a@0.25 avg + b@0.35 max" for a fusion (its row says "a@0.25 + b@0.35", "avg + max")."""
+    backbones, modes = backbone.split(" + "), mode.split(" + ")
+    if len(backbones) != len(modes):
+        return f"{backbone} {mode}"
+    return " + ".join(f"{b} {m}" for b, m in zip(backbones, modes))
+
+
+def _label_without_overlap(ax, points: list[dict], labels: list[str], fontsize: float = 7) -> None:
+    """Label each point with its label; one that would cover an earlier one moves down
+    (greedy, in display space, best accuracy first) and gets a thin line back to its point."""
     ax.figure.canvas.draw()  # fixes the limits, so data -> pixel transforms are final
     scale = ax.figure.dpi / 72
-    height, char = (fontsize + 2) * scale, 0.55 * fontsize * scale
+    height, char = (fontsize + 2) * scale, 0.6 * fontsize * scale
     placed: list[tuple[float, float, float, float]] = []
-    for r in sorted(points, key=lambda r: -r["test_accuracy"]):
+    for r, label in sorted(zip(points, labels), key=lambda p: -p[0]["test_accuracy"]):
         xy = (max(r["fit_seconds"], 1e-3), 100 * r["test_accuracy"])
         px, py = ax.transData.transform(xy)
-        text = f"{r['backbone']} {r['mode']}"
-        x0, x1, y = px + 4, px + 4 + char * len(text), py + 2
+        x0, x1, y = px + 7 * scale, px + 7 * scale + char * len(label), py + 2
         while any(x0 < b[1] and b[0] < x1 and y < b[3] and b[2] < y + height for b in placed):
             y -= height
         placed.append((x0, x1, y, y + height))
         moved = abs(y - (py + 2)) > 1
-        ax.annotate(text, xy, xytext=(4 / scale, (y - py) / scale), textcoords="offset points",
-                    fontsize=fontsize, alpha=0.8, va="bottom",
+        ax.annotate(label, xy, xytext=(7, (y - py) / scale), textcoords="offset points",
+                    fontsize=fontsize, va="bottom",
                     arrowprops={"arrowstyle": "-", "lw": 0.4, "alpha": 0.5} if moved else None)
 
 

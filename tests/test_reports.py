@@ -101,8 +101,8 @@ def test_compare_plot_labels_do_not_overlap(tmp_path, monkeypatch):
     boxes = []
     real = reports._label_without_overlap
 
-    def spy(ax, points, fontsize=6):
-        real(ax, points, fontsize)
+    def spy(ax, points, labels, fontsize=7):
+        real(ax, points, labels, fontsize)
         ax.figure.canvas.draw()
         renderer = ax.figure.canvas.get_renderer()
         boxes.extend(t.get_window_extent(renderer) for t in ax.texts)
@@ -114,3 +114,34 @@ def test_compare_plot_labels_do_not_overlap(tmp_path, monkeypatch):
     assert len(boxes) == 6
     overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
     assert overlaps == []
+
+
+def test_compare_plot_numbers_the_features_and_spells_them_out_under_the_panel(tmp_path,
+                                                                             monkeypatch):
+    import matplotlib.figure
+
+    from pipeline import reports
+
+    figures = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), real(fig, *a, **k)))
+
+    def row(backbone, mode, head, acc, val):
+        return {"dataset": "d", "backbone": backbone, "mode": mode, "head": head,
+                "test_accuracy": acc, "validation_accuracy": val, "fit_seconds": 5.0}
+
+    rows = [row("a@0.25 + b@0.35", "avg[6 layers]+flip + avg", "mlp", 0.92, 0.90),
+            row("a@0.25 + b@0.35", "avg[6 layers]+flip + avg", "logreg", 0.90, 0.93),
+            row("b@0.35", "avg", "logreg", 0.80, 0.80)]
+    reports.plot_accuracy_vs_cost(rows, tmp_path / "p.png")
+    [fig] = figures
+    panel, key = fig.axes[:2]
+    assert panel.get_title() == "d"
+    labels = {(round(t.xy[1], 2), t.get_text()) for t in panel.texts}
+    assert labels == {(92.0, "1"), (90.0, "1"), (80.0, "2")}  # one number per features
+    assert key.texts[0].get_text() == " 1  a@0.25 avg[6 layers]+flip + b@0.35 avg\n 2  b@0.35 avg"
+    legend = [t.get_text() for t in panel.get_legend().get_texts()]
+    assert legend == ["logreg", "mlp", "best on validation"]
+    [ring] = [c for c in panel.collections if c.get_label() == "best on validation"]
+    assert [tuple(o) for o in ring.get_offsets()] == [(5.0, 90.0)]  # logreg: best validation
