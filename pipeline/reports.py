@@ -166,9 +166,10 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(dataset, fontsize=10)
         ax.grid(alpha=0.3)
-        handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
-        order = [h for h in [*heads, "best on validation"] if h in handles]  # alike in panels
-        ax.legend([handles[h] for h in order], order, fontsize=7, loc="upper left",
+        handles, labels = ax.get_legend_handles_labels()
+        by_label = dict(zip(labels, handles))
+        order = [h for h in [*heads, "best on validation"] if h in by_label]  # alike in panels
+        ax.legend([by_label[h] for h in order], order, fontsize=7, loc="upper left",
                   bbox_to_anchor=(1.01, 1), borderaxespad=0)
         key_ax.axis("off")
         key_ax.text(0, 1, "\n".join(f"{n:>2}  {_spelled_out(*k)}" for k, n in numbers.items()),
