@@ -374,11 +374,13 @@ class FeatureModel:
                 return self._on("tensorflow")
             if name == "openvino":
                 self.runner = runtimes.OpenVINORunner(converted, requests=1 if self.threads else 2,
-                                                      threads=self.threads)
+                                                      threads=self.threads,
+                                                      rows=runtimes.rows_per_run(self.size))
             else:  # one session, one single-threaded run per core (one in all on a Ray actor)
                 cores = self.threads or runtimes.cpu_cores()
                 self.runner = runtimes.OnnxRunner(converted, workers=min(cores, 8),
-                                                  threads=max(1, cores // 8))
+                                                  threads=max(1, cores // 8),
+                                                  rows=runtimes.rows_per_run(self.size))
         return self._on(name)
 
     def _on(self, name: str) -> str:

@@ -270,11 +270,42 @@ def in_order(batches: Iterable, start, finish, depth: int) -> Iterator:
         yield finish(running.popleft())
 
 
-class OpenVINORunner:
-    """A converted feature graph compiled for the CPU in float32, ``requests`` batches run at
-    once (OpenVINO's THROUGHPUT hint gives each its own stream of cores)."""
+RUN_PIXELS = 2 * 224 * 224  # input pixels (at the backbone's size) per run of a converted graph
 
-    def __init__(self, model, requests: int = 2, threads: int | None = None):
+
+def rows_per_run(image_size: int) -> int:
+    """How many images one run of a converted graph takes: two at 224x224, more when smaller.
+    Runs of two at 224 (eight at 112) ran the MobileNets 1.11-1.32x as fast as whole batches
+    of 64, whose activations outgrow the CPU's caches, on both runtimes; ResNet50 ran the
+    same. The features are the same bit for bit (bench_results/rows_per_run.txt)."""
+    return max(1, RUN_PIXELS // max(1, image_size) ** 2)
+
+
+def in_slices(batches: Iterable[np.ndarray], rows: int, run_slices) -> Iterator[np.ndarray]:
+    """Each batch's features from runs of at most ``rows`` images: ``run_slices`` maps the
+    slices, in order, to their features, joined again here batch by batch."""
+    sizes: deque = deque()
+
+    def slices():
+        for images in batches:
+            sizes.append(len(images))
+            yield from (images[lo:lo + rows] for lo in range(0, len(images), rows))
+
+    parts, done = [], 0
+    for features in run_slices(slices()):
+        parts.append(features)
+        done += len(features)
+        if done == sizes[0]:
+            sizes.popleft()
+            yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+            parts, done = [], 0
+
+
+class OpenVINORunner:
+    """A converted feature graph compiled for the CPU in float32, ``requests`` runs of
+    ``rows`` images at once (OpenVINO's THROUGHPUT hint gives each its own stream of cores)."""
+
+    def __init__(self, model, requests: int = 2, threads: int | None = None, rows: int = 64):
         import openvino as ov
 
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT"}
@@ -285,15 +316,14 @@ class OpenVINORunner:
         # last) takes the next while the oldest still runs (waiting on the oldest before
         # starting more idled a core: ResNet50 ran 23 img/s on two splits of 200, 29 so).
         self.requests = [self.compiled.create_infer_request() for _ in range(2 * max(1, requests))]
+        self.rows = max(1, rows)
 
     def __call__(self, images: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-        request = self.requests[0]
-        request.infer([images, mean, components])
-        return request.get_output_tensor(0).data.copy()
+        return next(iter(self.map([images], mean, components)))
 
     def map(self, batches: Iterable[np.ndarray], mean: np.ndarray,
             components: np.ndarray) -> Iterator[np.ndarray]:
-        """Features of each batch, in order, with up to ``len(requests)`` in flight."""
+        """Features of each batch, in order, with up to ``len(requests)`` runs in flight."""
         free = deque(self.requests)
 
         def start(images):
@@ -307,15 +337,17 @@ class OpenVINORunner:
             free.append(request)
             return out
 
-        return in_order(batches, start, finish, len(self.requests))
+        return in_slices(batches, self.rows,
+                         lambda slices: in_order(slices, start, finish, len(self.requests)))
 
 
 class OnnxRunner:
     """An exported feature graph in one ONNX Runtime session (float32 on the CPU), called
     from ``workers`` threads on alternate batches, each run on ``threads`` cores (on 2 cores
-    2 x 1 beat 1 x 2 in the measurements reported in issue #11)."""
+    2 x 1 beat 1 x 2 in the measurements reported in issue #11); a thread runs its batch
+    ``rows`` images at a time (one call per slice: a future per batch, not per slice)."""
 
-    def __init__(self, model: bytes, workers: int = 2, threads: int = 1):
+    def __init__(self, model: bytes, workers: int = 2, threads: int = 1, rows: int = 64):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -323,11 +355,16 @@ class OnnxRunner:
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
-        self.workers = max(1, workers)
+        self.workers, self.rows = max(1, workers), max(1, rows)
 
     def __call__(self, images: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-        feed = dict(zip(GRAPH_INPUTS, (np.ascontiguousarray(images), mean, components)))
-        return self.session.run(None, {name: feed[name] for name in self.names})[0]
+        def run(part: np.ndarray) -> np.ndarray:
+            feed = dict(zip(GRAPH_INPUTS, (np.ascontiguousarray(part), mean, components)))
+            return self.session.run(None, {name: feed[name] for name in self.names})[0]
+
+        if len(images) <= self.rows:
+            return run(images)
+        return np.concatenate([run(images[lo:lo + self.rows]) for lo in range(0, len(images), self.rows)])
 
     def map(self, batches: Iterable[np.ndarray], mean: np.ndarray,
             components: np.ndarray) -> Iterator[np.ndarray]:

@@ -319,10 +319,46 @@ def test_the_runner_starts_the_next_batches_while_the_oldest_still_runs(monkeypa
     else:
         runner = runtimes.OnnxRunner.__new__(runtimes.OnnxRunner)
         runner.session = types.SimpleNamespace(run=lambda _, feed: [engine.run(feed["images"])])
-        runner.names, runner.workers = ["images"], 2
+        runner.names, runner.workers, runner.rows = ["images"], 2, 64
     batches = [np.full((2, 1), i, np.float32) for i in range(4)]
     out = list(runner.map(batches, *no_projection))
     assert [o.ravel().tolist() for o in out] == [[2 * i, 2 * i] for i in range(4)]  # in order
+
+
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_a_batch_runs_two_224_images_at_a_time_with_the_same_features(tmp_path, runtime):
+    model = FeatureModel(tiny("npz:unused", tmp_path, image_size=224), (32, 32, 3))
+    model.use_runtime(runtime, tmp_path / "model", "mobilenet_v2")
+    runs = []
+    if runtime == "onnxruntime":
+        session_run = model.runner.session.run
+        model.runner.session = types.SimpleNamespace(
+            run=lambda names, feed: runs.append(len(feed["images"])) or session_run(names, feed))
+    else:
+        for request in model.runner.requests:
+            request.start_async = (lambda start: lambda inputs: runs.append(len(inputs[0])) or
+                                   start(inputs))(request.start_async)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), np.uint8)
+    sliced = np.concatenate(list(model.map([images, images[:1]])))
+    assert sorted(runs) == [1, 1, 2, 2] and len(sliced) == 6  # (two batches run at once)
+    model.runner.rows = 64
+    assert np.array_equal(sliced, np.concatenate(list(model.map([images, images[:1]]))))  # bit for bit
+    assert sorted(runs[4:]) == [1, 5]
+    assert runtimes.rows_per_run(112) == 8 and runtimes.rows_per_run(32) == 98  # smaller: more
+
+
+def test_slices_of_batches_are_joined_again_batch_by_batch_in_order():
+    def batches():
+        yield from (np.arange(lo, hi) for lo, hi in [(0, 5), (5, 6), (6, 10)])
+        raise OSError("unreadable image")
+
+    seen, out = [], []
+    with pytest.raises(OSError, match="unreadable image"):
+        for features in runtimes.in_slices(batches(), 2, lambda slices: (
+                seen.append(len(s)) or s * 10 for s in slices)):
+            out.append(features.tolist())
+    assert seen == [2, 2, 1, 1, 2, 2]
+    assert out == [[0, 10, 20, 30, 40], [50], [60, 70, 80, 90]]  # every whole batch, then the error
 
 
 def test_a_batch_that_fails_to_arrive_raises_after_the_results_of_those_before_it():
