@@ -368,7 +368,12 @@ class FeatureModel:
             name = "tensorflow"
         if name != "tensorflow":
             try:
-                converted = runtimes.load_or_convert(folder, lambda: self._features, label, name)
+                converted = runtimes.load_kept(folder, name)
+                if converted is None and self._converts_apart():
+                    self._convert_apart(name, folder, label)
+                    converted = runtimes.load_kept(folder, name)
+                if converted is None:  # here (also where the child kept nothing: read-only)
+                    converted = runtimes.load_or_convert(folder, lambda: self._features, label, name)
             except runtimes.ConversionError as exc:
                 log.warning("%s; running on TensorFlow instead", exc)
                 return self._on("tensorflow")
@@ -382,6 +387,37 @@ class FeatureModel:
                                                   threads=max(1, cores // 8),
                                                   rows=runtimes.rows_per_run(self.size))
         return self._on(name)
+
+    def _converts_apart(self) -> bool:
+        """Whether to convert in a process of its own: where TensorFlow is not loaded here
+        yet and the bottleneck fit will not load it, this one never loads it (its start-up,
+        and the converter's memory, stay in the child)."""
+        return "tensorflow" not in sys.modules and self.mode != "bottleneck"
+
+    def _convert_apart(self, runtime: str, folder: Path, label: str) -> None:
+        """Convert and keep the graph in a child process (``convert_main``); its errors are
+        raised here as the same one line."""
+        import pickle
+        import subprocess
+
+        job = pickle.dumps((self.config, self.image_shape, self.threads, runtime, folder, label))
+        child = subprocess.run([sys.executable, "-c", CONVERT_CHILD], input=job,
+                               capture_output=True, check=False)
+        said, errors = (out.decode(errors="replace").strip() for out in (child.stdout, child.stderr))
+        if child.returncode == 0:
+            return
+        runtimes.remove_stale(folder, runtime)  # what it left half-written, if it was killed
+        log.debug("the converting process said on stderr:\n%s", errors[-4000:])
+        if child.returncode == 2:
+            raise PipelineError(said)
+        if child.returncode == 3:
+            raise runtimes.ConversionError(said)
+        if child.returncode < 0:
+            why = f"killed by signal {-child.returncode}{': out of memory?' * (child.returncode == -9)}"
+        else:
+            why = errors.rsplit("\n", 1)[-1][:200] or f"status {child.returncode}"
+        raise runtimes.ConversionError(f"{runtime} cannot convert {label}: the converting process "
+                                       f"failed ({why})")
 
     def _on(self, name: str) -> str:
         self.runtime = name
@@ -420,6 +456,31 @@ class FeatureModel:
 
     def maps(self, images: np.ndarray) -> np.ndarray:
         return self._maps(images)[-1].numpy()
+
+
+# The converting child: Keras imports scikit-learn and matplotlib when they are installed
+# (1.1-1.5 s of its 3-3.7 s start-up here); a process that only converts needs neither.
+CONVERT_CHILD = ("import sys; sys.modules.update(sklearn=None, matplotlib=None); "
+                 "from pipeline.extract import convert_main; convert_main()")
+
+
+def convert_main() -> None:
+    """A converting child's entry: the job pickled on stdin; exit status 0 (kept), 2 (bad
+    options) or 3 (the runtime cannot take the graph), the one line on stdout."""
+    import pickle
+
+    config, image_shape, threads, runtime, folder, label = pickle.load(sys.stdin.buffer)
+    model, status = FeatureModel(config, image_shape, threads), 0
+    try:
+        runtimes.load_or_convert(folder, lambda: model._features, label, runtime)
+    except runtimes.ConversionError as exc:
+        print(exc)
+        status = 3
+    except PipelineError as exc:
+        print(exc)
+        status = 2
+    sys.stdout.flush()
+    os._exit(status)  # TensorFlow's teardown is slow and nothing is left to tidy
 
 
 def check_bottleneck_k(model: FeatureModel, k: int) -> None:

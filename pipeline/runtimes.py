@@ -186,30 +186,39 @@ def _environ(name: str, value: str | None):
 _FORMATS = {"openvino": _openvino_format, "onnxruntime": _onnx_format}
 
 
+def load_kept(folder: Path, runtime: str):
+    """The graph kept in ``folder/<runtime>/`` by an earlier conversion, or None where there
+    is none; a damaged one or one from an earlier conversion revision is removed (and said)."""
+    _, _, load, _ = _FORMATS[runtime]()
+    folder = folder / runtime
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        return None
+    try:
+        kept = json.loads(manifest.read_text())
+        if kept.get("revision", 1) != CONVERSION_REVISIONS[runtime]:
+            log.info("converted model %s is from an earlier conversion; converting again", folder)
+        elif kept["sha256"] == _files_digest(folder):
+            return load(folder)
+        else:
+            raise ValueError("its files do not match their checksum")
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
+        log.warning("converted model %s is damaged (%s); converting again", folder, exc)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
 def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"):
     """The graph converted for ``runtime``, kept in ``folder/<runtime>/``; ``convert()``
     returns the ``tf.function`` to convert when it is missing or damaged. The folder is
     written under a temporary name and renamed whole, with a checksum of its files; a
     half-written or damaged one is removed and converted again, never used."""
-    export, save, load, version = _FORMATS[runtime]()
+    kept = load_kept(folder, runtime)
+    if kept is not None:
+        return kept
+    export, save, _, version = _FORMATS[runtime]()
     folder = folder / runtime
-    manifest = folder / "manifest.json"
-    if manifest.exists():
-        try:
-            kept = json.loads(manifest.read_text())
-            if kept.get("revision", 1) != CONVERSION_REVISIONS[runtime]:
-                log.info("converted model %s is from an earlier conversion; converting again",
-                         folder)
-            elif kept["sha256"] == _files_digest(folder):
-                return load(folder)
-            else:
-                raise ValueError("its files do not match their checksum")
-        except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
-            log.warning("converted model %s is damaged (%s); converting again", folder, exc)
-        shutil.rmtree(folder, ignore_errors=True)
-    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a killed conversion
-        if not _process_alive(stale.name.rsplit("-", 1)[-1]):  # (or by this process: ours too)
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(folder.parent, runtime)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     fn = convert()  # building the graph: bad options fail here with their own message
     try:
@@ -229,6 +238,14 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return model
+
+
+def remove_stale(folder: Path, runtime: str) -> None:
+    """Remove the half-written ``.<runtime>.tmp-PID`` folders of conversions killed (or of
+    this process: ours counts as not running)."""
+    for stale in folder.glob(f".{runtime}.tmp-*"):
+        if not _process_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _process_alive(pid: str) -> bool:

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 from conftest import REPO, write_npz_dataset
 
+from pipeline import extract as extract_module
 from pipeline import runtimes
 from pipeline.errors import PipelineError
 from pipeline.extract import ExtractionConfig, FeatureModel, extract_features
 from pipeline.store import FeatureFile
 
+# tf2onnx imports TensorFlow: conversions then run in this process (FeatureModel._converts_apart),
+# where the tests' monkeypatches reach them; tests of the converting child start fresh processes.
 if os.environ.get("CI"):  # CI installs the extras: these tests must run there
     import openvino
     import tf2onnx
@@ -146,22 +149,71 @@ def test_a_half_written_graph_left_by_a_killed_conversion_is_removed(dataset, tm
         alive.kill()
 
 
-@pytest.mark.parametrize("runtime", CONVERTED)
-def test_a_kept_converted_graph_runs_without_keras_or_tensorflow(dataset, tmp_path, runtime):
-    extract_features(tiny(dataset, tmp_path, runtime=runtime))  # converts and keeps the graph
-    other = write_npz_dataset(tmp_path / "other.npz", 24, 16)  # new features, the same graph
-    config = {k: v for k, v in asdict(tiny(other, tmp_path, runtime=runtime)).items() if v != ()}
+def extract_in_a_fresh_process(config: ExtractionConfig) -> str:
+    """``extract_features(config)`` in a new Python process: its status, its runtime and
+    whether it loaded TensorFlow or Keras."""
     code = ("import json, sys; from pipeline.extract import ExtractionConfig, extract_features; "
             "r = extract_features(ExtractionConfig(**json.loads(sys.argv[1]))); "
             "print('RESULT', r.status, r.info['runtime'], "
             "sorted({'tensorflow', 'keras'} & set(sys.modules)))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True,
+    options = {k: v for k, v in asdict(config).items() if v != ()}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(options)], capture_output=True,
                           text=True, cwd=REPO)
-    assert f"RESULT created {runtime} []" in proc.stdout, proc.stderr[-2000:]
+    return proc.stdout + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_a_kept_converted_graph_runs_without_keras_or_tensorflow(dataset, tmp_path, runtime):
+    extract_features(tiny(dataset, tmp_path, runtime=runtime))  # converts and keeps the graph
+    other = write_npz_dataset(tmp_path / "other.npz", 24, 16)  # new features, the same graph
+    said = extract_in_a_fresh_process(tiny(other, tmp_path, runtime=runtime))
+    assert f"RESULT created {runtime} []" in said, said
     rows = _rows(extract_features(tiny(other, tmp_path, runtime=runtime)).path)[0]  # cached now
     reference = _rows(extract_features(tiny(other, tmp_path / "tf", runtime="tensorflow")).path)[0]
     for split in rows:
         assert_close(rows[split], reference[split])
+
+
+@pytest.mark.parametrize("runtime", CONVERTED)
+def test_a_first_run_converts_in_a_child_never_loads_tensorflow_and_gives_the_same_bits(
+        dataset, tmp_path, runtime):
+    said = extract_in_a_fresh_process(tiny(dataset, tmp_path / "apart", runtime=runtime))
+    assert f"RESULT created {runtime} []" in said, said  # converted, and no TensorFlow here
+    assert len(list((tmp_path / "apart" / ".models").glob(f"*/{runtime}/manifest.json"))) == 1
+    apart = extract_features(tiny(dataset, tmp_path / "apart", runtime=runtime))
+    here = extract_features(tiny(dataset, tmp_path / "here", runtime=runtime))  # (tests load TF)
+    assert apart.status == "up-to-date" and here.status == "created"
+    for split, rows in _rows(apart.path)[0].items():
+        assert np.array_equal(rows, _rows(here.path)[0][split])
+
+
+@pytest.mark.parametrize("child, why", [
+    ("import os, pickle, sys; job = pickle.load(sys.stdin.buffer); "  # killed mid-write
+     "d = job[4] / f'.{job[3]}.tmp-{os.getpid()}'; d.mkdir(parents=True); "
+     "(d / 'half').write_bytes(b'x'); os.kill(os.getpid(), 9)",
+     "the converting process failed (killed by signal 9: out of memory?)"),
+    ("import sys; print('onnxruntime cannot convert mobilenet_v2 (FancyOp)'); sys.exit(3)",
+     "onnxruntime cannot convert mobilenet_v2 (FancyOp)"),
+    ("raise MemoryError('std::bad_alloc')",
+     "the converting process failed (MemoryError: std::bad_alloc)")])
+def test_a_converting_process_that_fails_leaves_nothing_and_the_run_goes_on_on_tensorflow(
+        dataset, tmp_path, monkeypatch, caplog, child, why):
+    monkeypatch.setattr(FeatureModel, "_converts_apart", lambda self: True)
+    monkeypatch.setattr(extract_module, "CONVERT_CHILD", child)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        result = extract_features(tiny(dataset, tmp_path, runtime="onnxruntime"))
+    [line] = [m for m in caplog.messages if "cannot convert" in m]
+    assert why in line and line.endswith("running on TensorFlow instead")
+    assert result.info["runtime"] == "tensorflow"
+    assert not [p for p in (tmp_path / ".models").rglob("*") if p.is_file()]
+
+
+def test_bad_options_fail_in_the_converting_process_with_their_own_line(dataset, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(FeatureModel, "_converts_apart", lambda self: True)
+    with pytest.raises(PipelineError, match=r"^backbone 'mobilenet_v2' has no layer named in "
+                                            r"\['no_such_layer'\]; its last layers are: .*out_relu$"):
+        extract_features(tiny(dataset, tmp_path, runtime="onnxruntime", layers=("no_such_layer",)))
 
 
 @pytest.mark.parametrize("mode", ["avg", "spatial"])
