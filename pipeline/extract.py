@@ -537,11 +537,21 @@ def _version(module: str, *packages: str) -> str | None:
     return None
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else its architecture; platform.processor() would fork
+    a copy of this process to run `uname -p`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def runtime_info(runtime: str = "tensorflow") -> dict:
     """Library versions and the device, for the provenance of what this process computes.
     A run on a converted graph need not import TensorFlow; OpenVINO and ONNX Runtime run here
     on the CPU."""
-    device = f"CPU: {platform.processor() or platform.machine()}"
+    device = f"CPU: {_cpu_name()}"
     if runtime == "tensorflow":
         import tensorflow as tf
 
