@@ -3,8 +3,8 @@ TensorFlow is not loaded yet) against in this process (TensorFlow loaded first, 
 fresh processes, rounds alternating, MobileNetV2 0.35 (random weights) at 224, N = 8,000 real
 CIFAR-10-mini images (tiled), batch 64, ONNX Runtime, a new cache folder each run. The
 "converting child" peak is the largest of the run's children: converting here, the only child
-is `uname -p` (platform.processor(), for the provenance), counted at the size of the process
-it forked from.
+is the `uname -p` that importing h5py runs (through platform), counted at the size of the
+process it forked from (TensorFlow loaded first).
 
     KERAS_HOME=$PWD/.keras-home .venv/bin/python bench_results/convert_apart.py \
         > bench_results/convert_apart.txt

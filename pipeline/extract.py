@@ -538,8 +538,8 @@ def _version(module: str, *packages: str) -> str | None:
 
 
 def _cpu_name() -> str:
-    """The CPU's model name (Linux), else its architecture; platform.processor() would fork
-    a copy of this process to run `uname -p`."""
+    """The CPU's model name (Linux), else its architecture (platform.processor() gives ''
+    on Linux here, or the architecture)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

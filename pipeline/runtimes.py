@@ -292,7 +292,7 @@ RUN_PIXELS = 2 * 224 * 224  # input pixels (at the backbone's size) per run of a
 
 def rows_per_run(image_size: int) -> int:
     """How many images one run of a converted graph takes: two at 224x224, more when smaller.
-    Runs of two at 224 (eight at 112) ran the MobileNets 1.11-1.32x as fast as whole batches
+    Runs of two at 224 (eight at 112) ran the MobileNets 1.12-1.32x as fast as whole batches
     of 64, whose activations outgrow the CPU's caches, on both runtimes; ResNet50 ran the
     same. The features are the same bit for bit (bench_results/rows_per_run.txt)."""
     return max(1, RUN_PIXELS // max(1, image_size) ** 2)
