@@ -209,11 +209,13 @@ def test_a_converting_process_that_fails_leaves_nothing_and_the_run_goes_on_on_t
 
 
 def test_bad_options_fail_in_the_converting_process_with_their_own_line(dataset, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, caplog):
     monkeypatch.setattr(FeatureModel, "_converts_apart", lambda self: True)
-    with pytest.raises(PipelineError, match=r"^backbone 'mobilenet_v2' has no layer named in "
-                                            r"\['no_such_layer'\]; its last layers are: .*out_relu$"):
+    with caplog.at_level("WARNING", logger="pipeline"), pytest.raises(
+            PipelineError, match=r"^backbone 'mobilenet_v2' has no layer named in "
+                                 r"\['no_such_layer'\]; its last layers are: .*out_relu$"):
         extract_features(tiny(dataset, tmp_path, runtime="onnxruntime", layers=("no_such_layer",)))
+    assert not caplog.messages  # raised from the child's line, not by a fallback to TensorFlow
 
 
 @pytest.mark.parametrize("mode", ["avg", "spatial"])
