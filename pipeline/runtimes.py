@@ -336,7 +336,7 @@ class OpenVINORunner:
         self.rows = max(1, rows)
 
     def __call__(self, images: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-        return next(iter(self.map([images], mean, components)))
+        return next(self.map([images], mean, components))
 
     def map(self, batches: Iterable[np.ndarray], mean: np.ndarray,
             components: np.ndarray) -> Iterator[np.ndarray]:
@@ -379,9 +379,7 @@ class OnnxRunner:
             feed = dict(zip(GRAPH_INPUTS, (np.ascontiguousarray(part), mean, components)))
             return self.session.run(None, {name: feed[name] for name in self.names})[0]
 
-        if len(images) <= self.rows:
-            return run(images)
-        return np.concatenate([run(images[lo:lo + self.rows]) for lo in range(0, len(images), self.rows)])
+        return next(in_slices([images], self.rows, lambda slices: map(run, slices)))
 
     def map(self, batches: Iterable[np.ndarray], mean: np.ndarray,
             components: np.ndarray) -> Iterator[np.ndarray]:
