@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
@@ -50,15 +50,36 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 log = logging.getLogger(__name__)
 
 
-def option(default=MISSING, help: str = "", *, key_part: bool = False,
+@dataclass(frozen=True)
+class KeyPart:
+    """How an option enters the cache key (``ExtractionConfig.key_parts``), declared beside
+    the option so that both keys are built from the declarations, never listed by hand.
+
+    ``graph``: it changes the backbone's graph, so it also keys a converted graph
+    (``model_key``): forgetting this would let a stale converted graph serve new features.
+    ``value(config)``: what is recorded (default: the option's value). ``when(config)``: whether
+    it is recorded at all (an option left out at its default keeps every key written before the
+    option existed, as ``tta`` does). A dotted ``name`` nests (``bottleneck.k``)."""
+
+    graph: bool = False
+    name: str = ""
+    value: Callable | None = None
+    when: Callable | None = None
+
+
+def _bottleneck(config) -> bool:
+    return config.mode == "bottleneck"
+
+
+def option(default=MISSING, help: str = "", *, key_part: KeyPart | None = None,
            where: tuple[str, ...] = (), choices: tuple = (), positive: bool = False,
            flag: str | None = "", aliases: tuple[str, ...] = (), key: str = ""):
     """An ``ExtractionConfig`` field, declared once with what the command line and experiment
-    files need: whether it is a ``key_part`` (the features depend on it: ``key_parts`` records
-    it), ``where`` it may be set in an experiment file (``datasets`` / ``backbones`` /
-    ``features`` entries, ``top`` level) and under which ``key`` there (default: its name);
-    its ``flag`` (default ``--field-name``; None: not an ``extract`` flag); ``aliases``: older
-    spellings, accepted for one release."""
+    files need: how the features depend on it (``key_part``, see ``KeyPart``), ``where`` it
+    may be set in an experiment file (``datasets`` / ``backbones`` / ``features`` entries,
+    ``top`` level) and under which ``key`` there (default: its name); its ``flag`` (default
+    ``--field-name``; None: not an ``extract`` flag); ``aliases``: older spellings, accepted
+    for one release."""
     return field(default=default, metadata={
         "help": help, "key_part": key_part, "where": where, "choices": tuple(choices),
         "positive": positive, "flag": flag, "aliases": aliases, "key": key})
@@ -67,35 +88,42 @@ def option(default=MISSING, help: str = "", *, key_part: bool = False,
 @dataclass
 class ExtractionConfig:
     """Every extraction option: ``cli`` makes its flags from these fields, ``experiments``
-    its file checks and grid, ``validate`` checks them. ``key_parts`` records those declared
-    ``key_part`` (the bottleneck's and the seed in bottleneck mode; ``limit`` and ``skip_bad``
-    through the dataset's fingerprint), and a test holds the two together."""
+    its file checks and grid, ``validate`` checks them, and both cache keys are built from
+    their ``key_part`` declarations (``limit`` and ``skip_bad`` enter through the dataset's
+    fingerprint). Tests hold the declarations to what really changes the features and the
+    graph."""
 
     dataset: str = option(
         help="cifar10 | cifar100 | fashion_mnist | mnist | folder:PATH | idx:PATH | cifar:PATH | "
-        "npz:PATH", key_part=True, where=("datasets",), key="source")  # + its fingerprint
+        "npz:PATH", key_part=KeyPart(value=lambda c: parse_dataset(c.dataset).label),
+        where=("datasets",), key="source")  # + its fingerprint
     backbone: str = option("mobilenet_v2", "a name `python -m pipeline backbones` lists",
-                           key_part=True, where=("backbones",), key="name")
+                           key_part=KeyPart(graph=True), where=("backbones",), key="name")
     mode: str = option("avg", "global average or max pooling of the last map, a 1x1 bottleneck "
-                       "of it (PCA on training maps), or the map itself", key_part=True,
+                       "of it (PCA on training maps), or the map itself", key_part=KeyPart(graph=True),
                        where=("features",), choices=MODES, aliases=("pooling",))
-    alpha: float | None = option(None, "width multiplier (MobileNets)", key_part=True,
+    alpha: float | None = option(None, "width multiplier (MobileNets)", key_part=KeyPart(graph=True),
                                  where=("backbones",), positive=True)
-    weights: str = option("imagenet", "imagenet | none | PATH to a weights file", key_part=True,
-                          where=("backbones",))  # a file by its content
+    weights: str = option("imagenet", "imagenet | none | PATH to a weights file (by its content)",
+                          key_part=KeyPart(graph=True, value=lambda c: bb.weights_identity(c.weights)),
+                          where=("backbones",))
     image_size: int | None = option(None, "model input size (default: the backbone's native)",
-                                    key_part=True, where=("backbones",), positive=True)
+                                    key_part=KeyPart(graph=True, value=lambda c: c.image_size or
+                                                     bb.get_spec(c.backbone).input_size),
+                                    where=("backbones",), positive=True)
     layers: tuple[str, ...] = option((), "pool this layer instead of the last (repeat to "
-                                     "concatenate layers)", key_part=True, where=("features",),
-                                     flag="--layer")
-    bottleneck_k: int = option(32, "channels the bottleneck keeps", key_part=True,
+                                     "concatenate layers)", where=("features",), flag="--layer",
+                                     key_part=KeyPart(graph=True, value=lambda c: list(c.layers)))
+    bottleneck_k: int = option(32, "channels the bottleneck keeps",
+                               key_part=KeyPart(name="bottleneck.k", when=_bottleneck),
                                where=("features",), positive=True, aliases=("k",))
     bottleneck_fit_images: int = option(2000, "training images the bottleneck is fitted on",
-                                        key_part=True, where=("features",), positive=True)
+                                        key_part=KeyPart(name="bottleneck.fit_images", when=_bottleneck),
+                                        where=("features",), positive=True)
     batch_size: int = option(64, "images per batch", where=("backbones", "top"), positive=True)
     limit: int | None = option(None, "images per split (stratified, at least one per class)",
                                where=("datasets", "top"), positive=True)  # in the fingerprint
-    precision: str = option("float32", "mixed precision runs on TensorFlow", key_part=True,
+    precision: str = option("float32", "mixed precision runs on TensorFlow", key_part=KeyPart(),
                             where=("backbones",), choices=PRECISIONS)
     compression: str = option("auto", "auto (gzip for spatial maps, none for vectors) | none | "
                               "gzip | lzf (h5py's own filter: other HDF5 readers cannot open it)",
@@ -105,7 +133,7 @@ class ExtractionConfig:
     cache_dir: str = option(DEFAULT_CACHE_DIR, "feature cache folder", where=("top",),
                             flag=None)  # a flag of every command
     seed: int = option(0, "seed of --limit's subset and the bottleneck's fitting images",
-                       key_part=True, flag=None)
+                       key_part=KeyPart(name="bottleneck.seed", when=_bottleneck), flag=None)
     shard_rows: int | None = option(None, "rows per resumable shard (default: about 8 MiB)",
                                     positive=True, aliases=("segment_rows",))
     rescan: bool = option(False, "read every image file again instead of trusting the scan "
@@ -116,7 +144,8 @@ class ExtractionConfig:
                           where=("top",), choices=runtimes.RUNTIMES)
     tta: str = option("none", "flip: average each image's features with its mirror's (one "
                       "more forward pass). Off for digits or text, where a mirror changes what "
-                      "the image shows", key_part=True, where=("features",), choices=TTAS)
+                      "the image shows", key_part=KeyPart(graph=True, when=lambda c: c.tta != "none"),
+                      where=("features",), choices=TTAS)
 
     def __post_init__(self):
         self.layers = tuple(self.layers)
@@ -136,31 +165,28 @@ class ExtractionConfig:
 
     def model_key(self, image_shape: tuple[int, int, int]) -> dict:
         """What a converted graph depends on (not the data): its cache folder's key."""
-        return {"backbone": self.backbone, "alpha": self.alpha,
-                "weights": bb.weights_identity(self.weights),
-                "image_size": self.image_size or bb.get_spec(self.backbone).input_size,
-                "layers": list(self.layers), "mode": self.mode, "input": list(image_shape),
-                "extractor_version": EXTRACTOR_VERSION, **self._tta_part()}
-
-    def _tta_part(self) -> dict:
-        # Only a flip is recorded, so every key written before the option existed still holds.
-        return {"tta": self.tta} if self.tta != "none" else {}
+        return {**self._declared_parts(graph_only=True), "input": list(image_shape),
+                "extractor_version": EXTRACTOR_VERSION}
 
     def key_parts(self, dataset: Dataset) -> dict:
         """Everything the features depend on: change any part and a new file is written."""
-        spec = bb.get_spec(self.backbone)
-        parts = {
-            "dataset": parse_dataset(self.dataset).label, "fingerprint": dataset.fingerprint,
-            "backbone": self.backbone, "alpha": self.alpha,
-            "weights": bb.weights_identity(self.weights),
-            "image_size": self.image_size or spec.input_size,
-            "layers": list(self.layers), "mode": self.mode,
-            "precision": self.precision, "extractor_version": EXTRACTOR_VERSION,
-            **self._tta_part(),
-        }
-        if self.mode == "bottleneck":
-            parts["bottleneck"] = {"k": self.bottleneck_k, "fit_images": self.bottleneck_fit_images,
-                                   "seed": self.seed, "method": "pca"}
+        parts = {**self._declared_parts(graph_only=False), "fingerprint": dataset.fingerprint,
+                 "extractor_version": EXTRACTOR_VERSION}
+        if "bottleneck" in parts:
+            parts["bottleneck"]["method"] = "pca"
+        return parts
+
+    def _declared_parts(self, graph_only: bool) -> dict:
+        parts: dict = {}
+        for name, f in option_fields().items():
+            rule = f.metadata["key_part"]
+            if rule is None or (graph_only and not rule.graph) or (rule.when and not rule.when(self)):
+                continue
+            *groups, last = (rule.name or name).split(".")
+            target = parts
+            for group in groups:
+                target = target.setdefault(group, {})
+            target[last] = rule.value(self) if rule.value else getattr(self, name)
         return parts
 
 

@@ -595,6 +595,58 @@ def test_the_options_declared_key_parts_are_the_ones_that_change_the_key(npz_dat
     assert changes_key == declared - {"dataset"}  # the dataset: its label and fingerprint
 
 
+@pytest.mark.slow  # real ImageNet weights for one row, 20 graphs built
+def test_every_option_that_changes_the_graph_keys_the_converted_graph(npz_dataset, tmp_path):
+    """Each option at a second value, the graph built again from the same seeded weights: where
+    its output changes, ``model_key`` (a converted graph's folder) must change too, or a kept
+    graph would serve the new features; options not declared ``graph`` leave the key alone."""
+    from dataclasses import replace
+
+    import keras
+
+    from pipeline.datasets import load_dataset
+    from pipeline.extract import FeatureModel, option_fields
+    from pipeline.store import cache_key
+
+    images = load_dataset(npz_dataset).splits["train"].load(np.arange(6))
+    # ResNet50: outputs far from 0; 64x64: a 2x2 last map, where max and avg pooling differ
+    base = tiny(npz_dataset, tmp_path, backbone="resnet50", alpha=None, image_size=64)
+    other = {"backbone": "mobilenet", "mode": "max", "alpha": 0.5, "weights": "imagenet",
+             "image_size": 96, "layers": ("conv2_block1_out",), "bottleneck_k": 8,
+             "bottleneck_fit_images": 99, "batch_size": 3, "limit": 5,
+             "precision": "mixed_float16", "compression": "gzip", "skip_bad": True,
+             "cache_dir": str(tmp_path / "other"), "seed": 1, "shard_rows": 5, "rescan": True,
+             "runtime": "openvino", "tta": "flip"}
+    assert set(other) == set(option_fields()) - {"dataset"}  # a new option needs a row here
+    fixes = {"alpha": dict(backbone="mobilenet"), "weights": dict(backbone="mobilenet_v2", alpha=0.35)}
+
+    def output(config):
+        keras.utils.set_random_seed(0)
+        return FeatureModel(config, images.shape[1:]).graph_features(images)
+
+    def key(config):
+        return cache_key(config.model_key(images.shape[1:]))
+
+    reference = {}
+    for name, value in other.items():
+        before = replace(base, **fixes.get(name, {}))
+        after = replace(before, **{name: value})
+        if key(before) not in reference:
+            reference[key(before)] = output(before)
+            assert np.array_equal(reference[key(before)], output(before))  # seeded: repeatable
+        a, b = reference[key(before)], output(after)
+        graph_changed = a.shape != b.shape or not np.allclose(a, b, rtol=1e-4,
+                                                              atol=1e-6 * np.abs(a).max())
+        declared = bool((rule := option_fields()[name].metadata["key_part"]) and rule.graph)
+        if name == "precision":  # mixed precision never runs a converted graph
+            assert graph_changed and not declared
+            assert FeatureModel(after, images.shape[1:]).use_runtime(
+                "onnxruntime", tmp_path / "m", "test", after.precision) == "tensorflow"
+            continue
+        assert graph_changed == declared, name
+        assert (key(after) != key(before)) == declared, name
+
+
 @pytest.mark.reliability
 def test_rebuild_keeps_the_old_file_until_the_new_one_is_published(npz_dataset, tmp_path,
                                                                    monkeypatch):
