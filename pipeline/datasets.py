@@ -75,10 +75,15 @@ class Split:
 
 @dataclass
 class Dataset:
+    """``validation``: the last rows of the train split that are the user's own validation
+    split (an image folder's ``val/``); every head then chooses on them instead of carving
+    its own. 0: none given."""
+
     spec: str
     classes: list[str]
     splits: dict[str, Split]
     skipped: list[str] = field(default_factory=list)
+    validation: int = 0
     _fingerprint: str | None = None
 
     @property
@@ -86,6 +91,8 @@ class Dataset:
         """sha256 of the class names, labels and image bytes served, split by split."""
         if self._fingerprint is None:
             h = hashlib.sha256("\n".join(self.classes).encode())
+            if self.validation:  # only then: the keys of every dataset without one stay
+                h.update(f"|validation|{self.validation}|".encode())
             for name in SPLITS:
                 split = self.splits[name]
                 h.update(f"|{name}|{len(split)}|{split.image_shape}|".encode())
@@ -360,8 +367,9 @@ class _ImageFile:
     path: Path
     label: int
     digest: bytes = b""
-    size: tuple[int, int] = (0, 0)  # (width, height), from the file's header
+    size: tuple[int, int] = (0, 0)  # (width, height) as shown upright, from the file's header
     error: str = ""
+    turned: bool = False  # an EXIF orientation tag turns (or mirrors) it upright on decode
 
 
 @functools.cache
@@ -390,6 +398,10 @@ def _decode(data: bytes, fit: tuple[int, int] | None = None) -> np.ndarray:
         if large and min(img.size[0] // fit[0], img.size[1] // fit[1]) >= 2:
             img.draft("RGB", fit)  # JPEG only: decodes at 1/2, 1/4 or 1/8 scale, >= fit
         img.load()
+        if _orientation(img) != 1:  # a photo's EXIF tag: show it as a viewer does, upright
+            from PIL import ImageOps
+
+            img = ImageOps.exif_transpose(img)
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         factor = min(img.size[0] // fit[0], img.size[1] // fit[1]) if large else 1
@@ -407,6 +419,19 @@ def _decode(data: bytes, fit: tuple[int, int] | None = None) -> np.ndarray:
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, rgba)
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation tag (1: stored upright; 2-8: turned and/or mirrored). A PNG
+    whose header holds no eXIf chunk counts as upright: Pillow would decode the whole image
+    to look further (one after the pixels is rare, and seen once decoded)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still the image
+        return 1
+    return value if value in range(1, 9) else 1
 
 
 def _reason(exc: Exception) -> str:
@@ -433,7 +458,9 @@ def _scan_file(item: _ImageFile) -> _ImageFile:
         item.digest = hashlib.sha256(data).digest()
         if data:
             with Image.open(io.BytesIO(data)) as img:
-                item.size = img.size
+                orientation = _orientation(img)
+                item.size = img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
+                item.turned = orientation != 1
         _decode(data, _SCAN_FIT)
     except Exception as exc:
         item.error = _reason(exc)
@@ -484,7 +511,7 @@ class ScanIndex:
     index is rebuilt, never trusted.
     """
 
-    VERSION = 1
+    VERSION = 2  # 2: records whether an EXIF tag turns the image
     RACY_NS = 2_000_000_000  # coarser than any filesystem's timestamps (FAT: 2 s)
 
     def __init__(self, folder: Path, root: Path, *, rescan: bool = False):
@@ -499,10 +526,14 @@ class ScanIndex:
     def _load(self) -> dict[str, list]:
         try:
             raw = json.loads(self.path.read_bytes())
+            if raw.get("version") != self.VERSION:
+                log.info("scan index %s is from another version of this program; scanning the "
+                         "folder again", self.path)
+                return {}
             body = json.dumps(raw["entries"], sort_keys=True, separators=(",", ":"))
-            if raw["version"] != self.VERSION or raw["root"] != str(self.root) or \
+            if raw["root"] != str(self.root) or \
                     hashlib.sha256(body.encode()).hexdigest() != raw["sha256"]:
-                raise ValueError("checksum, version or root differ")
+                raise ValueError("checksum or root differ")
             self.scanned_ns = int(raw["scanned_ns"])
             return raw["entries"]
         except FileNotFoundError:
@@ -530,6 +561,7 @@ class ScanIndex:
             self.changed = True
             return False
         item.digest, item.size, item.error = bytes.fromhex(entry[4]), tuple(entry[5]), entry[6]
+        item.turned = bool(entry[7])
         self.new[rel] = entry
         return True
 
@@ -539,7 +571,7 @@ class ScanIndex:
         except OSError:
             return
         self.new[self._relative(item.path)] = [*signature, item.digest.hex(), list(item.size),
-                                               item.error]
+                                               item.error, item.turned]
 
     def _relative(self, path: Path) -> str:
         """The index's name for ``path`` (under the root; faster than ``Path.relative_to``)."""
@@ -566,14 +598,71 @@ def _list_class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _list_images(class_dir: Path) -> list[Path]:
+# Top-level folder names read as splits, never as classes (the name's case does not matter).
+SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing": "test",
+                 "val": "val", "valid": "val", "validation": "val", "dev": "val"}
+
+
+def _split_folders(spec: str, root: Path) -> dict[str, Path]:
+    """Which top-level folders are splits: {role: folder} with roles train, test and val, or
+    {"all": root} for a tree of class folders. Split-like names are never taken as classes."""
+    tops = _list_class_dirs(root)
+    named = [d for d in tops if d.name.lower() in SPLIT_FOLDERS]
+    if not named:
+        return {"all": root}
+    others = [d.name for d in tops if d.name.lower() not in SPLIT_FOLDERS]
+    if others:
+        raise PipelineError(
+            f"dataset {spec!r}: {root} holds split folders ({', '.join(d.name for d in named)}) "
+            f"beside other folders ({', '.join(others[:5])}); put the class folders inside "
+            "train/ (and test/, val/), or rename the split-like folders")
+    roles: dict[str, Path] = {}
+    for d in named:
+        role = SPLIT_FOLDERS[d.name.lower()]
+        if role in roles:
+            raise PipelineError(f"dataset {spec!r}: {roles[role].name}/ and {d.name}/ are both a "
+                                f"{role} split; keep one")
+        roles[role] = d
+    if "train" not in roles:
+        raise PipelineError(f"dataset {spec!r}: {root} has {', '.join(d.name + '/' for d in named)} "
+                            "but no train/ folder; the training images go in train/<class>/")
+    return roles
+
+
+def _list_images(class_dir: Path, seen: set[str]) -> list[Path]:
     """Image files under ``class_dir``, in path order (as ``sorted(Path)`` orders them, part
-    by part). Strings, not Path objects, while walking: a no-op rerun lists every file."""
-    found = []
-    for folder, _, names in os.walk(class_dir, followlinks=True):
-        found += [os.path.join(folder, n) for n in names if not n.startswith(".")
-                  and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
-    return [Path(p) for p in sorted(found, key=lambda p: p.split(os.sep)) if os.path.isfile(p)]
+    by part). Symbolic links to folders are followed once per real folder (``seen``, shared by
+    the whole walk) and never into a folder above them (a loop such as ``cat/all -> ..``).
+    Strings, not Path objects, while walking: a no-op rerun lists every file."""
+    found, unread = [], []
+    top = os.path.realpath(class_dir)
+    for folder, dirs, names in os.walk(class_dir, followlinks=True):
+        seen.add(os.path.realpath(folder))
+        keep = []
+        for d in dirs:
+            real = os.path.realpath(os.path.join(folder, d))
+            if d.startswith("."):
+                continue
+            if real in seen or top.startswith(real + os.sep) or real == top:
+                log.warning("%s: skipped %s, a link to a folder already read or above it (%s)",
+                            class_dir, os.path.join(folder, d), real)
+                continue
+            keep.append(d)
+        dirs[:] = keep
+        for n in names:
+            if n.startswith("."):
+                continue
+            path = os.path.join(folder, n)
+            if os.path.splitext(n)[1].lower() not in IMAGE_SUFFIXES:
+                unread.append(path)
+            elif os.path.isfile(path):
+                found.append(path)
+            else:
+                unread.append(path + " (a broken link)")
+    if unread:
+        log.debug("%s: %d file(s) not read (not an image suffix, or a broken link): %s",
+                  class_dir, len(unread), ", ".join(unread[:20]) + (" ..." if len(unread) > 20 else ""))
+    return [Path(p) for p in sorted(found, key=lambda p: p.split(os.sep))]
 
 
 def _folder_classes(spec: str, root: Path, split_roots: dict[str, Path]
@@ -581,7 +670,9 @@ def _folder_classes(spec: str, root: Path, split_roots: dict[str, Path]
     """Class names (folders holding at least one image) and the image paths per split and
     class. Empty class folders are dropped with a warning; a class with test images and no
     training images is an error (no head could ever predict it)."""
-    found = {s: {d.name: _list_images(d) for d in _list_class_dirs(r)} for s, r in split_roots.items()}
+    seen: set[str] = set()
+    found = {s: {d.name: _list_images(d, seen) for d in _list_class_dirs(r)}
+             for s, r in split_roots.items()}
     names = sorted({c for per_class in found.values() for c in per_class})
     empty = [c for c in names if not any(per_class.get(c) for per_class in found.values())]
     if empty:
@@ -590,21 +681,88 @@ def _folder_classes(spec: str, root: Path, split_roots: dict[str, Path]
     if len(classes) < 2:
         raise PipelineError(f"dataset {spec!r}: found {len(classes)} class folder(s) with images "
                             f"in {root}; an image folder needs at least two, as "
-                            "ROOT[/train|/test]/<class>/*")
+                            "ROOT[/train|/test|/val]/<class>/*")
     return classes, found
 
 
-def _check_train_covers_test(spec: str, classes: list[str], files: dict[str, list[_ImageFile]],
-                             why: str = "") -> None:
+def _one_label_per_file(spec: str, classes: list[str], files: dict[str, list[_ImageFile]],
+                        skip_bad: bool) -> tuple[dict[str, list[_ImageFile]], list[str]]:
+    """A file reached twice (links) counts once; reached under two classes it is an error
+    naming both paths (``skip_bad`` drops it, recorded as skipped)."""
+    first: dict[str, tuple[str, _ImageFile]] = {}
+    conflicts: dict[str, list[_ImageFile]] = {}
+    again = 0
+    for split, items in files.items():
+        for item in items:
+            real = os.path.realpath(item.path)
+            if real not in first:
+                first[real] = (split, item)
+            elif first[real][1].label != item.label:
+                conflicts.setdefault(real, [first[real][1]]).append(item)
+            else:
+                again += 1
+                item.error = "duplicate"
+    if conflicts and not skip_bad:
+        a, b = next(iter(conflicts.values()))[:2]
+        raise PipelineError(f"dataset {spec!r}: the same file is labelled {classes[a.label]} as "
+                            f"{a.path} and {classes[b.label]} as {b.path}"
+                            + (f" ({len(conflicts) - 1} more such files)" if len(conflicts) > 1 else "")
+                            + "; remove one of the links, or rerun with --skip-bad to drop them")
+    dropped = {id(i) for items in conflicts.values() for i in items}
+    skipped = [f"{i.path}: labelled {' and '.join(classes[j.label] for j in items)} "
+               "(the same file under two classes)" for items in conflicts.values() for i in items]
+    if again:
+        log.warning("dataset %r: %d image file(s) reached a second time through a link in the "
+                    "same class; each is read once", spec, again)
+    if skipped:
+        log.warning("dataset %r: dropped %d file(s) reached under two classes, e.g. %s",
+                    spec, len(skipped), skipped[0])
+    kept = {s: [i for i in items if id(i) not in dropped and i.error != "duplicate"]
+            for s, items in files.items()}
+    return kept, skipped
+
+
+def _check_train_covers(spec: str, classes: list[str], files: dict[str, list[_ImageFile]],
+                        why: str = "") -> None:
+    if "train" not in files:  # one tree of class folders: split later, stratified
+        return
     train = {f.label for f in files["train"]}
-    only_test = sorted({classes[f.label] for f in files["test"]} - {classes[i] for i in train})
-    if only_test:
-        raise PipelineError(f"dataset {spec!r}: class(es) {', '.join(only_test)} have test images "
-                            f"but no training images{why}; add training images or remove them")
+    for split in ("test", "val"):
+        only = sorted({classes[f.label] for f in files.get(split, [])} - {classes[i] for i in train})
+        if only:
+            raise PipelineError(f"dataset {spec!r}: class(es) {', '.join(only)} have {split} "
+                                f"images but no training images{why}; add training images or "
+                                "remove them")
 
 
-def _warn_duplicates(spec: str, files: dict[str, list[_ImageFile]]) -> None:
-    """A test image that is byte for byte a training image makes test accuracy optimistic."""
+def _warn_few_per_class(spec: str, classes: list[str], files: dict[str, list[_ImageFile]],
+                        given_validation: bool) -> None:
+    """Every head carves a stratified validation split from the training rows (unless one is
+    given), so each class needs two training images: said at extraction, not first in train."""
+    need = 1 if given_validation else 2
+    counts = Counter(f.label for f in files["train"])
+    few = [f"{classes[c]} ({counts[c]})" for c in sorted(counts) if counts[c] < need]
+    if few:
+        log.warning("dataset %r: class(es) %s have fewer than %d training images; the features "
+                    "are extracted, but no head can be trained on them (its validation split "
+                    "needs %d per class): add images or remove the class folder",
+                    spec, ", ".join(few), need, need)
+
+
+def _warn_duplicates(spec: str, classes: list[str], files: dict[str, list[_ImageFile]]) -> None:
+    """Byte-identical images: under two classes, a label conflict; a test image equal to a
+    training image makes test accuracy optimistic."""
+    by_digest: dict[bytes, _ImageFile] = {}
+    clashes = []
+    for item in (f for items in files.values() for f in items):
+        other = by_digest.setdefault(item.digest, item)
+        if other is not item and other.label != item.label:
+            clashes.append((other, item))
+    if clashes:
+        a, b = clashes[0]
+        log.warning("dataset %r: %d image(s) are byte-identical to an image of another class "
+                    "(e.g. %s is %s, %s is %s): a label conflict; remove the wrong copy",
+                    spec, len(clashes), a.path, classes[a.label], b.path, classes[b.label])
     train = {f.digest: f.path for f in files["train"]}
     twins = [(f.path, train[f.digest]) for f in files["test"] if f.digest in train]
     if twins:
@@ -620,13 +778,12 @@ def _load_image_folder(spec: str, root: Path, *, skip_bad: bool, test_fraction: 
         raise PipelineError(f"dataset {spec!r}: {root} is not a folder")
     root = root.resolve()  # absolute paths: the dataset can be handed to other processes
     index = ScanIndex(scan_index, root, rescan=rescan) if scan_index else None
-    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
-    split_roots = {s: root / s for s in SPLITS} if has_splits else {"all": root}
+    split_roots = _split_folders(spec, root)
     classes, found = _folder_classes(spec, root, split_roots)
     files = {s: [_ImageFile(p, classes.index(c)) for c, paths in per_class.items() if c in classes
                  for p in paths] for s, per_class in found.items()}
-    if has_splits:
-        _check_train_covers_test(spec, classes, files)
+    files, conflicts = _one_label_per_file(spec, classes, files, skip_bad)
+    _check_train_covers(spec, classes, files)
     files = {s: scan_files(items, index, workers, scan_map) for s, items in files.items()}
     if index is not None:
         index.save()
@@ -636,18 +793,25 @@ def _load_image_folder(spec: str, root: Path, *, skip_bad: bool, test_fraction: 
                             + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
                             + "; remove it or rerun with --skip-bad to skip and record bad files")
     files = {s: [f for f in items if not f.error] for s, items in files.items()}
-    if not has_splits:
+    if "all" in files:
         files = _split_files(files["all"], test_fraction, seed)
-    for s in SPLITS:
+    elif "test" not in files:
+        log.info("dataset %r: no test/ folder; %.0f%% of train/ is held out as the test split "
+                 "(seeded, stratified)", spec, 100 * test_fraction)
+        files.update(_split_files(files["train"], test_fraction, seed))
+    for s in files:
         if not files[s]:
             raise PipelineError(f"dataset {spec!r}: no readable images in the {s} split of {root}")
-    _check_train_covers_test(spec, classes, files, " once undecodable files are skipped")
-    _warn_duplicates(spec, files)
+    _check_train_covers(spec, classes, files, " once undecodable files are skipped")
+    _warn_few_per_class(spec, classes, files, "val" in files)
+    _warn_duplicates(spec, classes, files)
     sizes = Counter(f.size for items in files.values() for f in items)
     width, height = sizes.most_common(1)[0][0]
-    splits = {s: _folder_split(items, (width, height)) for s, items in files.items()}
-    return Dataset(spec=spec, classes=classes, splits=splits,
-                   skipped=[f"{f.path}: {f.error}" for f in bad])
+    validation = len(files.get("val", []))
+    splits = {"train": _folder_split(files["train"] + files.get("val", []), (width, height)),
+              "test": _folder_split(files["test"], (width, height))}
+    return Dataset(spec=spec, classes=classes, splits=splits, validation=validation,
+                   skipped=[f"{f.path}: {f.error}" for f in bad] + conflicts)
 
 
 def _split_files(items: list[_ImageFile], test_fraction: float, seed: int) -> dict:
@@ -689,7 +853,9 @@ def _folder_split(items: list[_ImageFile], size: tuple[int, int]) -> Split:
 
     return Split(labels=np.array([f.label for f in items], dtype=np.int64),
                  image_shape=(size[1], size[0], 3), load=load,
-                 content_digests=lambda: (f.digest for f in items))
+                 # a turned photo's pixels are not its bytes': marked, so that its features
+                 # are keyed apart from those extracted before EXIF tags were applied
+                 content_digests=lambda: (f.digest + b"upright" * f.turned for f in items))
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -732,12 +898,20 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 def _limit(dataset: Dataset, limit: int, seed: int) -> Dataset:
-    splits = {}
+    """N images per split; a given validation split (the train split's last rows) keeps N
+    of its own, still last."""
+    splits, validation = {}, dataset.validation
     for name, split in dataset.splits.items():
-        keep = stratified_subset(split.labels, limit, seed)
+        if name == "train" and validation:
+            n_fit = len(split) - validation
+            fit = stratified_subset(split.labels[:n_fit], limit, seed)
+            val = n_fit + stratified_subset(split.labels[n_fit:], limit, seed)
+            keep, validation = np.concatenate([fit, val]), len(val)
+        else:
+            keep = stratified_subset(split.labels, limit, seed)
         splits[name] = _subset_split(split, keep)
     return Dataset(spec=dataset.spec, classes=dataset.classes, splits=splits,
-                   skipped=dataset.skipped)
+                   skipped=dataset.skipped, validation=validation)
 
 
 def _subset_split(split: Split, keep: np.ndarray) -> Split:

@@ -122,6 +122,8 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
             model, note = make_head(head, params, n_train=len(data.y_train))
             if note:
                 log.info(note)
+            if data.validation_rows:  # the user's own val/ split: every head chooses on it
+                model.set_params(validation_rows=data.validation_rows)
             log.info("training %s on %s (%s train rows) ...", head,
                      " + ".join(ff.path.name for ff in files), f"{len(data.y_train):,}")
             t0 = time.perf_counter()
@@ -140,6 +142,10 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                 "converged": getattr(model, "converged_", None),
                 "validation_accuracy": getattr(model, "validation_score_", None),
                 "sweep_rows": getattr(model, "sweep_rows_", None),
+                "validation": ({"given": "the dataset's own validation split",
+                                "rows": data.validation_rows} if data.validation_rows else
+                               {"carved": "a seeded stratified share of the training rows",
+                                "fraction": model.get_params().get("validation_fraction")}),
                 "fit_seconds": fit_seconds, "n_train": len(data.y_train),
                 "n_test": len(data.y_test), "features_file": str(files[0].path),
                 "features_key": files[0].key, "features_checksum": checksum,
@@ -150,7 +156,12 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                              "python": platform.python_version()},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             })
-            _write_result(out, model, metrics, data.classes)
+            try:
+                _write_result(out, model, metrics, data.classes)
+            except OSError as exc:  # the results folder's disk, not the feature file
+                raise PipelineError(f"cannot write the result to {out.parent}: "
+                                    f"{exc.strerror or exc}; free space there (or pass "
+                                    "--results-dir), then rerun: the features are fine") from None
     log.info("%s: test accuracy %.2f%% (fit %.1f s) -> %s", head, 100 * metrics["test_accuracy"],
              fit_seconds, out)
     return "trained", out

@@ -840,7 +840,9 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
         extra["skipped_files"] = np.array(dataset.skipped, dtype=h5py.string_dtype())
     path = store.publish(shards, parts, classes=dataset.classes,
                          labels={s: dataset.splits[s].labels for s in SPLITS},
-                         attrs={"provenance": provenance}, layout=runner.layout,
+                         attrs={"provenance": provenance,
+                                **({"validation_rows": dataset.validation} if dataset.validation else {})},
+                         layout=runner.layout,
                          compression=config.compression, extra=extra)
     log.info("wrote %s (%s images in %.1f s, %s img/s)", path, f"{images:,}", seconds, f"{rate:,.1f}")
     report_skipped(dataset, path)

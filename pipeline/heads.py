@@ -45,7 +45,18 @@ NYSTROEM_COMPONENTS = 1000
 log = logging.getLogger(__name__)
 
 
-def _validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _validation_split(y: np.ndarray, fraction: float, seed: int, given: int = 0
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, validation rows): the user's own validation split where one is ``given``
+    (the last ``given`` rows: an image folder's ``val/``), else a seeded stratified carve."""
+    if given:
+        return np.arange(len(y) - given), np.arange(len(y) - given, len(y))
+    counts = np.bincount(np.unique(y, return_inverse=True)[1])
+    if counts.min() < 2:
+        few = ", ".join(str(c) for c in np.unique(y)[counts < 2][:10])
+        raise PipelineError(f"cannot carve a validation split: class(es) {few} have a single "
+                            "training row; every class needs at least 2 (add images, or give a "
+                            "val/ folder)")
     idx = np.arange(len(y))
     n_val = max(int(round(fraction * len(y))), len(np.unique(y)))
     try:
@@ -111,7 +122,9 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, estimator=None, grid=None, refine: str | None = None,
                  normalize: str = "none", pca: int = 0, validation_fraction: float = 0.1,
-                 max_sweep_rows: int = 20_000, n_jobs: int | None = None, random_state: int = 0):
+                 max_sweep_rows: int = 20_000, n_jobs: int | None = None, random_state: int = 0,
+                 validation_rows: int = 0):
+        self.validation_rows = validation_rows
         self.estimator = estimator
         self.grid = grid
         self.refine = refine
@@ -143,7 +156,8 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
         self.estimator_ = self.estimator if self.estimator is not None else \
             LogisticRegression(max_iter=1000)
         grid = list(self.grid) if self.grid else [{}]
-        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state)
+        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state,
+                                             self.validation_rows)
         if len(fit_idx) > self.max_sweep_rows and len(grid) > 1:
             # Selection on a stratified subsample bounds the sweep's cost; the final model
             # is still refit on every training row.
@@ -208,7 +222,8 @@ class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
     def __init__(self, hidden: int = 100, alpha: float = 1e-4, learning_rate: float = 1e-3,
                  batch_size: int = 256, max_epochs: int = 200, patience: int = 10,
                  normalize: str = "none", pca: int = 0, validation_fraction: float = 0.1,
-                 random_state: int = 0):
+                 random_state: int = 0, validation_rows: int = 0):
+        self.validation_rows = validation_rows
         self.hidden = hidden
         self.alpha = alpha
         self.learning_rate = learning_rate
@@ -221,7 +236,8 @@ class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X, y):
-        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state)
+        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state,
+                                             self.validation_rows)
         prep = Pipeline(preprocessing(self.normalize, self.pca, self.random_state)).fit(X[fit_idx])
         Xf, Xv = prep.transform(X[fit_idx]), prep.transform(X[val_idx])
         mlp = MLPClassifier(hidden_layer_sizes=(self.hidden,), alpha=self.alpha,
@@ -248,7 +264,9 @@ class Conv1x1MLP(ClassifierMixin, BaseEstimator):
 
     def __init__(self, filters: int = 128, hidden: int = 100, dropout: float = 0.3,
                  learning_rate: float = 1e-3, batch_size: int = 128, max_epochs: int = 50,
-                 patience: int = 5, validation_fraction: float = 0.1, random_state: int = 0):
+                 patience: int = 5, validation_fraction: float = 0.1, random_state: int = 0,
+                 validation_rows: int = 0):
+        self.validation_rows = validation_rows
         self.filters = filters
         self.hidden = hidden
         self.dropout = dropout
@@ -266,7 +284,8 @@ class Conv1x1MLP(ClassifierMixin, BaseEstimator):
             raise PipelineError(f"conv1x1_mlp needs spatial features (n, h, w, C), got shape "
                                 f"{X.shape}; extract with --mode spatial")
         keras.utils.set_random_seed(self.random_state)
-        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state)
+        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state,
+                                             self.validation_rows)
         self.classes_ = np.unique(y)
         norm = keras.layers.Normalization(axis=-1)  # maps stay float16 in RAM: cast per batch
         norm.adapt(X[fit_idx][: min(len(fit_idx), 5000)].astype(np.float32))
@@ -318,7 +337,9 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
     def __init__(self, loss: str = "log_loss", alpha: float | None = None, block_rows: int = 256,
                  shuffle_pieces: int = 64, buffer_mb: int = 256, eta0: float = 0.01,
                  max_epochs: int = 30, patience: int = 5, validation_fraction: float = 0.1,
-                 max_validation_rows: int = 10_000, random_state: int = 0):
+                 max_validation_rows: int = 10_000, random_state: int = 0,
+                 validation_rows: int = 0):
+        self.validation_rows = validation_rows
         self.loss = loss
         self.alpha = alpha
         self.eta0 = eta0
@@ -350,7 +371,10 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
         rng = np.random.default_rng(self.random_state)
         n_val = min(max(int(self.validation_fraction * len(y)), 1), self.max_validation_rows)
         val = np.zeros(len(y), bool)
-        val[rng.choice(len(y), n_val, replace=False)] = True
+        if self.validation_rows:  # the user's own validation split: the last rows
+            val[len(y) - self.validation_rows:] = True
+        else:
+            val[rng.choice(len(y), n_val, replace=False)] = True
         self.classes_ = np.unique(y)
         self.scaler_ = StandardScaler()
         for rows, _, _ in self._blocks(X, ~val):
@@ -582,6 +606,7 @@ class FeatureSet:
     X_test: np.ndarray
     y_test: np.ndarray
     classes: list[str]
+    validation_rows: int = 0  # the last training rows are the user's validation split
 
 
 def available_memory_bytes() -> int:
@@ -621,7 +646,7 @@ def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None 
         X_train, X_test = ff.features("train"), ff.features("test")
     else:
         X_train, X_test = _read_checked(ff, "train"), _read_checked(ff, "test")
-    return FeatureSet(X_train, y_train, X_test, y_test, ff.classes)
+    return FeatureSet(X_train, y_train, X_test, y_test, ff.classes, ff.validation_rows)
 
 
 def load_fused_features(files: list[FeatureFile], head: str, *,
@@ -657,7 +682,8 @@ def load_fused_features(files: list[FeatureFile], head: str, *,
                             f"{budget / 2**30:.1f} GiB; fuse fewer files or pass --memory-budget-gb")
     X_train, X_test = (np.concatenate([_read_checked(ff, s) for ff in files], axis=1)
                        for s in SPLITS)
-    return FeatureSet(X_train, first.labels("train"), X_test, first.labels("test"), first.classes)
+    return FeatureSet(X_train, first.labels("train"), X_test, first.labels("test"), first.classes,
+                      first.validation_rows)
 
 
 def _read_checked(ff: FeatureFile, split: str) -> np.ndarray:

@@ -616,6 +616,12 @@ class FeatureFile:
     def labels(self, split: str) -> np.ndarray:
         return self._file[f"{split}/labels"][()]
 
+    @property
+    def validation_rows(self) -> int:
+        """How many of the last training rows are the user's own validation split (0: none;
+        heads then carve one)."""
+        return int(self.attrs.get("validation_rows", 0))
+
     def skipped_files(self) -> list[str]:
         """Images ``--skip-bad`` left out, with the reason for each."""
         if "skipped_files" not in self._file:

@@ -75,6 +75,16 @@ def write_npz_dataset(path: Path, n_train: int, n_test: int) -> str:
     return f"npz:{path}"
 
 
+def write_image_folder_split(folder: Path, per_class: int, seed: int) -> None:
+    """``folder/<class>/<i>.png`` for the three classes of ``make_images``."""
+    from PIL import Image
+
+    x, y = make_images(3 * per_class, seed=seed)
+    for i, (image, label) in enumerate(zip(x, y)):
+        (folder / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"c{label}" / f"{i}.png")
+
+
 @pytest.fixture
 def npz_dataset(tmp_path) -> str:
     return write_npz_dataset(tmp_path / "tiny.npz", 48, 24)

@@ -254,6 +254,7 @@ def test_an_empty_class_folder_is_dropped_with_a_warning_naming_it(tmp_path, cap
         for c in ("a", "b"):
             value = ord(c) + 100 * (split == "test")  # no test image repeats a training one
             _save(tmp_path / "d" / split / c / "0.png", np.full((8, 8, 3), value, np.uint8))
+            _save(tmp_path / "d" / split / c / "1.png", np.full((8, 8, 3), value + 50, np.uint8))
         (tmp_path / "d" / split / "ghost").mkdir()
     with caplog.at_level("WARNING", logger="pipeline"):
         ds = load_dataset(f"folder:{tmp_path / 'd'}")
@@ -266,6 +267,7 @@ def test_test_images_identical_to_training_images_are_reported(tmp_path, caplog)
     for split in ("train", "test"):
         for i, c in enumerate(("a", "b")):
             _save(tmp_path / "d" / split / c / "0.png", np.full((8, 8, 3), i * 9, np.uint8))
+            _save(tmp_path / "d" / "train" / c / "1.png", np.full((8, 8, 3), 50 + i, np.uint8))
     _save(tmp_path / "d" / "test" / "a" / "1.png", np.full((8, 8, 3), 200, np.uint8))
     with caplog.at_level("WARNING", logger="pipeline"):
         load_dataset(f"folder:{tmp_path / 'd'}")
@@ -282,6 +284,7 @@ def test_a_huge_image_gets_one_line_and_is_decoded_without_full_size_copies(tmp_
         for c in ("a", "b"):
             value = ord(c) + 100 * (split == "test")
             _save(tmp_path / "d" / split / c / "0.png", np.full((32, 32, 3), value, np.uint8))
+    _save(tmp_path / "d" / "train" / "b" / "1.png", np.full((32, 32, 3), 7, np.uint8))
     side = 12000  # 144 MP: over PIL's 89 MP warning threshold; 432 MB as RGB
     Image.new("RGB", (side, side), (0, 90, 180)).save(tmp_path / "d" / "train" / "a" / "huge.png")
     code = (
@@ -291,7 +294,7 @@ def test_a_huge_image_gets_one_line_and_is_decoded_without_full_size_copies(tmp_
         "from pipeline.datasets import load_dataset\n"
         f"ds = load_dataset('folder:{tmp_path / 'd'}')\n"
         "x = next(ds.splits['train'].batches(8))\n"
-        "assert x.shape == (3, 32, 32, 3), x.shape\n"
+        "assert x.shape == (4, 32, 32, 3), x.shape\n"
         # VmHWM: this process's own peak (ru_maxrss would include the forking test runner's)
         "with open('/proc/self/status') as f:\n"
         "    hwm = next(line for line in f if line.startswith('VmHWM'))\n"
@@ -408,3 +411,117 @@ def test_decode_failures_are_remembered_too(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="broken.png"):
         load_dataset(spec, scan_index=index)
     assert read == []
+
+
+# ----------------------------------------------------------------------------- real-world folders
+
+def _classes_folder(root, classes=("cat", "dog"), n=3, offset=0):
+    for i, c in enumerate(classes):
+        for j in range(n):
+            _save(root / c / f"{j}.png", np.full((8, 8, 3), offset + 40 * i + j, np.uint8))
+
+
+def test_a_val_folder_is_the_validation_split_kept_as_the_last_training_rows(tmp_path):
+    _classes_folder(tmp_path / "d" / "train", n=4)
+    _classes_folder(tmp_path / "d" / "val", n=2, offset=100)
+    _classes_folder(tmp_path / "d" / "test", n=3, offset=200)
+    ds = load_dataset(f"folder:{tmp_path / 'd'}")
+    assert ds.classes == ["cat", "dog"] and ds.validation == 4
+    train = ds.splits["train"]
+    assert len(train) == 12 and list(train.labels[-4:]) == [0, 0, 1, 1]
+    assert _batches(train)[-4:, 0, 0, 0].tolist() == [100, 101, 140, 141]  # val/'s own images
+    assert len(ds.splits["test"]) == 6
+    limited = load_dataset(f"folder:{tmp_path / 'd'}", limit=2)  # N of each, val still last
+    assert limited.validation == 2 and _batches(limited.splits["train"])[-2:, 0, 0, 0].min() >= 100
+
+
+def test_train_and_val_without_test_holds_out_a_test_split_from_train(tmp_path, caplog):
+    _classes_folder(tmp_path / "d" / "Train", n=10)
+    _classes_folder(tmp_path / "d" / "valid", n=2, offset=100)
+    with caplog.at_level("INFO", logger="pipeline"):
+        ds = load_dataset(f"folder:{tmp_path / 'd'}", test_fraction=0.2)
+    assert ds.classes == ["cat", "dog"]  # never "Train" and "valid"
+    assert len(ds.splits["test"]) == 4 and ds.validation == 4 and len(ds.splits["train"]) == 20
+    assert _batches(ds.splits["test"])[:, 0, 0, 0].max() < 100  # held out of train/, not val/
+    assert any("no test/ folder" in m for m in caplog.messages)
+
+
+def test_a_lone_train_folder_is_a_split_not_a_class(tmp_path):
+    _classes_folder(tmp_path / "d" / "train", n=5)
+    ds = load_dataset(f"folder:{tmp_path / 'd'}")
+    assert ds.classes == ["cat", "dog"] and len(ds.splits["test"]) == 2 and ds.validation == 0
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("folders, message", [
+    (("train", "test", "cat"), "holds split folders \\(test, train\\) beside other folders \\(cat\\)"),
+    (("train", "val", "dev"), "dev/ and val/ are both a val split; keep one"),
+    (("test", "val"), "but no train/ folder"),
+])
+def test_ambiguous_split_layouts_are_refused(tmp_path, folders, message):
+    for name in folders:
+        _classes_folder(tmp_path / "d" / name)
+    with pytest.raises(PipelineError, match=message):
+        load_dataset(f"folder:{tmp_path / 'd'}")
+
+
+@pytest.mark.bad_input
+def test_a_link_loop_inside_a_class_is_read_once_with_a_warning(tmp_path, caplog):
+    _classes_folder(tmp_path / "d", n=3)
+    os.symlink("..", tmp_path / "d" / "cat" / "loop")
+    with caplog.at_level("WARNING", logger="pipeline"):
+        ds = load_dataset(f"folder:{tmp_path / 'd'}", test_fraction=1 / 3)
+    assert len(ds.splits["train"]) + len(ds.splits["test"]) == 6
+    assert any("loop" in m and "already read or above it" in m for m in caplog.messages)
+
+
+@pytest.mark.bad_input
+def test_one_file_under_two_classes_is_an_error_naming_both_paths(tmp_path):
+    _classes_folder(tmp_path / "d", n=3)
+    os.symlink(tmp_path / "d" / "cat" / "0.png", tmp_path / "d" / "dog" / "x.png")
+    with pytest.raises(PipelineError, match=r"the same file is labelled cat as .*cat/0.png and dog "
+                                            r"as .*dog/x.png.*--skip-bad"):
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    ds = load_dataset(f"folder:{tmp_path / 'd'}", skip_bad=True, test_fraction=0.4)
+    assert len(ds.splits["train"]) + len(ds.splits["test"]) == 5  # both copies dropped
+    assert sum("under two classes" in s for s in ds.skipped) == 2
+
+
+def test_a_file_reached_twice_in_one_class_counts_once(tmp_path, caplog):
+    _classes_folder(tmp_path / "d", n=3)
+    (tmp_path / "d" / "cat" / "sub").mkdir()
+    os.symlink(tmp_path / "d" / "cat" / "0.png", tmp_path / "d" / "cat" / "sub" / "again.png")
+    with caplog.at_level("WARNING", logger="pipeline"):
+        ds = load_dataset(f"folder:{tmp_path / 'd'}", test_fraction=1 / 3)
+    assert len(ds.splits["train"]) + len(ds.splits["test"]) == 6
+    assert any("reached a second time" in m for m in caplog.messages)
+
+
+def test_byte_identical_images_under_two_classes_are_called_a_label_conflict(tmp_path, caplog):
+    _classes_folder(tmp_path / "d", n=3)
+    (tmp_path / "d" / "dog" / "copy.png").write_bytes((tmp_path / "d" / "cat" / "1.png").read_bytes())
+    with caplog.at_level("WARNING", logger="pipeline"):
+        load_dataset(f"folder:{tmp_path / 'd'}", test_fraction=3 / 7)
+    assert any("label conflict" in m and "cat/1.png is cat" in m for m in caplog.messages)
+
+
+def test_exif_orientation_turns_photos_upright_and_keys_them_apart(tmp_path):
+    tall = np.zeros((6, 4, 3), np.uint8)
+    tall[0] = 255  # a white top row, as the camera holder saw it
+    stored = np.rot90(tall, k=1)  # as a sensor held sideways stores it (4 high, 6 wide)
+    for c in ("a", "b"):
+        for j in range(2):
+            for split in ("train", "test"):
+                _save(tmp_path / "d" / split / c / f"{j}.png", np.full((6, 4, 3), j, np.uint8))
+    photo = Image.fromarray(np.ascontiguousarray(stored))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    plain = tmp_path / "d" / "train" / "a" / "2.jpg"
+    photo.save(plain, quality=100)
+    before = load_dataset(f"folder:{tmp_path / 'd'}").fingerprint
+    photo.save(plain, quality=100, exif=exif)
+    ds = load_dataset(f"folder:{tmp_path / 'd'}")
+    upright = _batches(ds.splits["train"])[2]
+    assert upright.shape == (6, 4, 3)
+    assert upright[0].mean() > 200 and upright[-1].mean() < 50  # the white row on top
+    assert ds.fingerprint != before

@@ -489,3 +489,41 @@ def test_an_empty_heads_list_means_no_heads_on_that_entry_and_fusions_still_run(
     out = capsys.readouterr().out
     assert "/ max  heads: -" in out and "/ avg  heads: logreg(C=1.0)" in out
     assert len(list((tmp_path / "results").glob("*/logreg*/metrics.json"))) == 2  # avg, fusion
+
+
+def test_a_val_folder_is_what_every_head_chooses_on_and_metrics_say_so(tmp_path):
+    from conftest import write_image_folder_split
+
+    from pipeline.extract import ExtractionConfig, extract_features
+
+    root = tmp_path / "photos"
+    for split, n, seed in (("train", 8, 1), ("val", 3, 2), ("test", 4, 3)):
+        write_image_folder_split(root / split, n, seed)
+    path = extract_features(ExtractionConfig(
+        dataset=f"folder:{root}", backbone="mobilenet_v2", alpha=0.35, weights="none",
+        image_size=32, cache_dir=str(tmp_path / "cache"))).path
+    with FeatureFile(path) as ff:
+        assert ff.validation_rows == 9 and len(ff.labels("train")) == 33
+    for head in ("logreg", "mlp"):
+        _, out = train_one(path, head, results_dir=tmp_path / "results")
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["validation"] == {"given": "the dataset's own validation split", "rows": 9}
+
+
+@pytest.mark.bad_input
+def test_a_full_results_disk_is_not_blamed_on_the_feature_file(tmp_path, monkeypatch):
+    import errno
+
+    run_experiment(load_experiment(_config(tmp_path)), stage="features")
+    feature_file = next((tmp_path / "cache").glob("*.h5"))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(experiments, "plot_confusion", full)
+    with pytest.raises(PipelineError) as caught:
+        train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")
+    message = str(caught.value)
+    assert message.startswith(f"cannot write the result to {tmp_path / 'results'}")
+    assert "No space left on device" in message and "damaged" not in message
+    assert check_file(feature_file, full=True) is None

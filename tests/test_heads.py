@@ -289,3 +289,30 @@ def test_the_streaming_head_comes_within_a_point_of_logreg_on_real_class_sorted_
             accuracy[name] = evaluate(head, data.X_test, data.y_test, data.classes)["test_accuracy"]
     print(f"\nCIFAR-10 45,000 rows: {accuracy}")
     assert accuracy["sgd_linear"] >= accuracy["logreg"] - 0.01, accuracy
+
+
+def test_a_given_validation_split_is_the_one_every_sweep_chooses_on():
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.heads import SweepClassifier
+
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    X = (y[:, None] * 4.0 + rng.normal(size=(200, 5))).astype(np.float32)
+    y_given = y.copy()
+    y_given[-20:] = 1 - y_given[-20:]  # the last 20 rows, labelled against the rest
+    grid = [{"C": c} for c in (0.01, 1.0)]
+    carved = SweepClassifier(LogisticRegression(max_iter=200), grid=grid).fit(X, y_given)
+    given = SweepClassifier(LogisticRegression(max_iter=200), grid=grid,
+                            validation_rows=20).fit(X, y_given)
+    assert carved.validation_score_ > 0.7 and given.validation_score_ < 0.3
+
+
+@pytest.mark.bad_input
+def test_a_class_with_one_training_row_is_named_when_a_split_cannot_be_carved():
+
+    from pipeline.heads import SweepClassifier
+
+    X, y = np.random.default_rng(0).normal(size=(21, 3)), np.array([0, 1] * 10 + [2])
+    with pytest.raises(PipelineError, match=r"class\(es\) 2 have a single training row"):
+        SweepClassifier().fit(X, y)
