@@ -202,6 +202,9 @@ def _check_arrays(spec: str, x: np.ndarray, y: np.ndarray, split: str, n_classes
                             "they must match")
     if len(x) == 0:
         raise PipelineError(f"dataset {spec!r}: {split} split is empty")
+    if x.dtype.kind not in "uifb":
+        raise PipelineError(f"dataset {spec!r}: {split} images are {x.dtype}, not numbers; give "
+                            "uint8 pixels (or integers 0-255, floats 0-1)")
     if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] in (1, 3, 4))):
         raise PipelineError(f"dataset {spec!r}: {split} images have shape {x.shape}; expected "
                             "(n, h, w), or (n, h, w, c) with c in 1, 3, 4")
@@ -230,11 +233,17 @@ def _check_arrays(spec: str, x: np.ndarray, y: np.ndarray, split: str, n_classes
 
 
 def _from_arrays(spec: str, arrays: dict[str, tuple[np.ndarray, np.ndarray]],
-                 classes: list[str]) -> Dataset:
+                 classes: list[str] | None) -> Dataset:
+    arrays, classes = _index_labels(spec, arrays, classes)
     splits = {}
     for name in SPLITS:
         x, y = _check_arrays(spec, *arrays[name], name, len(classes))
         splits[name] = _array_split(x, y)
+    only_test = sorted(set(splits["test"].labels.tolist()) - set(splits["train"].labels.tolist()))
+    if only_test:
+        raise PipelineError(f"dataset {spec!r}: class(es) {', '.join(classes[i] for i in only_test[:5])} "
+                            "have test rows but no training rows; no head could predict them: "
+                            "add training rows or drop those test rows")
     return Dataset(spec=spec, classes=classes, splits=splits)
 
 
@@ -298,35 +307,62 @@ def _load_idx(spec: str, path: Path) -> tuple[dict, list[str]]:
     elif "fashion" in path.resolve().name.lower() and n_classes == 10:
         classes = FASHION_MNIST_CLASSES
     else:
-        classes = [str(i) for i in range(n_classes)]
+        classes = None  # the distinct training labels (_index_labels)
     return arrays, classes
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles: only what they hold (dicts, lists, bytes, numpy
+    arrays) is rebuilt. Any other class a pickle asks for (code that would run) is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR batch never holds")
+
+
 def _unpickle(spec: str, path: Path) -> dict:
+    """A batch as a dict with bytes keys (pickled under Python 2 they are bytes; re-pickled
+    under Python 3 often str: both are read)."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            batch = _BatchUnpickler(f, encoding="bytes").load()
     except Exception as exc:
         raise PipelineError(f"dataset {spec!r}: cannot read CIFAR batch {path}: "
-                            f"{type(exc).__name__}: {exc}") from None
+                            f"{type(exc).__name__}: {str(exc)[:160]}") from None
+    if not isinstance(batch, dict):
+        raise PipelineError(f"dataset {spec!r}: CIFAR batch {path} holds a {type(batch).__name__}, "
+                            "not the dict of a CIFAR python batch")
+    return {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
 
 
 def _cifar_images(batch: dict) -> np.ndarray:
     return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
+def _names(spec: str, meta: dict, key: bytes, path: Path) -> list[str]:
+    try:
+        return [c.decode() if isinstance(c, bytes) else str(c) for c in meta[key]]
+    except (KeyError, TypeError):
+        raise PipelineError(f"dataset {spec!r}: {path} has no {key.decode()} list of class "
+                            "names; is it a CIFAR python batches folder?") from None
+
+
 def _load_cifar_batches(spec: str, path: Path) -> tuple[dict, list[str]]:
     if (path / "data_batch_1").exists():  # CIFAR-10 python layout
         train = [_unpickle(spec, p) for p in sorted(path.glob("data_batch_*"))]
         test = _unpickle(spec, path / "test_batch")
-        meta = _unpickle(spec, path / "batches.meta")
-        classes = [c.decode() for c in meta[b"label_names"]]
+        classes = _names(spec, _unpickle(spec, path / "batches.meta"), b"label_names",
+                         path / "batches.meta")
         label_key = b"labels"
     elif (path / "train").exists():  # CIFAR-100 python layout
         train = [_unpickle(spec, path / "train")]
         test = _unpickle(spec, path / "test")
-        meta = _unpickle(spec, path / "meta")
-        classes = [c.decode() for c in meta[b"fine_label_names"]]
+        classes = _names(spec, _unpickle(spec, path / "meta"), b"fine_label_names", path / "meta")
         label_key = b"fine_labels"
     else:
         raise PipelineError(f"dataset {spec!r}: {path} holds neither data_batch_1 (CIFAR-10) "
@@ -337,27 +373,99 @@ def _load_cifar_batches(spec: str, path: Path) -> tuple[dict, list[str]]:
                       np.concatenate([np.asarray(b[label_key]) for b in train])),
             "test": (_cifar_images(test), np.asarray(test[label_key])),
         }
-    except (KeyError, ValueError) as exc:
-        raise PipelineError(f"dataset {spec!r}: CIFAR batches in {path} are malformed ({exc})") from None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise PipelineError(f"dataset {spec!r}: CIFAR batches in {path} are malformed "
+                            f"({type(exc).__name__}: {str(exc)[:120]})") from None
     return arrays, classes
 
 
-def _load_npz(spec: str, path: Path) -> tuple[dict, list[str]]:
+def _load_npz(spec: str, path: Path) -> tuple[dict, list[str] | None]:
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise PipelineError(f"dataset {spec!r}: cannot read {path} as .npz: {exc}") from None
+        raise PipelineError(f"dataset {spec!r}: cannot read {path} as .npz: "
+                            f"{str(exc).splitlines()[0][:160]}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise PipelineError(f"dataset {spec!r}: {path.name} is a single .npy array, not an .npz "
+                            "archive; save the arrays together: np.savez(PATH, x_train=..., "
+                            "y_train=..., x_test=..., y_test=...)")
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data.files]
     if missing:
         raise PipelineError(f"dataset {spec!r}: {path.name} lacks {', '.join(missing)}; an .npz "
                             "needs x_train, y_train, x_test, y_test (and optionally classes)")
-    arrays = {s: (data[f"x_{s}"], data[f"y_{s}"]) for s in SPLITS}
-    if "classes" in data.files:
-        classes = [str(c) for c in data["classes"]]
-    else:
-        top = max(int(np.max(arrays[s][1])) for s in SPLITS)
-        classes = [str(i) for i in range(top + 1)]
+    name = ""
+    try:
+        arrays = {}
+        for split in SPLITS:
+            arrays[split] = tuple(data[name := f"{k}_{split}"] for k in ("x", "y"))
+        classes = None
+        if "classes" in data.files:
+            classes = data[name := "classes"]
+    except ValueError:  # an object array: np.load refuses pickle, which could run code
+        raise PipelineError(f"dataset {spec!r}: {path.name}'s {name} is an object array (pickled); "
+                            "store it as numbers or fixed-width strings, e.g. "
+                            "np.array(names, dtype=str)") from None
+    except Exception as exc:  # a damaged member of the zip archive
+        raise PipelineError(f"dataset {spec!r}: {path.name}'s {name} cannot be read "
+                            f"({type(exc).__name__}: {str(exc)[:120]}); the file is damaged") from None
+    if classes is not None:
+        if classes.ndim != 1 or classes.dtype.kind not in "UuiS":
+            raise PipelineError(f"dataset {spec!r}: {path.name}'s classes has shape {classes.shape} "
+                                f"and dtype {classes.dtype}; give a 1-D array of names")
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in classes.tolist()]
+        if len(set(classes)) != len(classes):
+            raise PipelineError(f"dataset {spec!r}: {path.name}'s classes repeat a name; "
+                                "give each class once")
     return arrays, classes
+
+
+def _index_labels(spec: str, arrays: dict, classes: list[str] | None
+                  ) -> tuple[dict, list[str]]:
+    """Labels as class indices. Without class names, the classes are the distinct training
+    labels (numbers or strings), so labels 1..K make K classes, not a phantom class 0; string
+    labels with names are looked up by name."""
+    for s in SPLITS:
+        y = np.asarray(arrays[s][1])
+        if y.ndim == 2 and y.shape[1] > 1:
+            raise PipelineError(f"dataset {spec!r}: {s} labels have shape {y.shape} (one-hot?); "
+                                "give one class index per image, e.g. y.argmax(axis=1)")
+    labels = {s: np.asarray(arrays[s][1]).reshape(-1) for s in SPLITS}
+    kinds = {labels[s].dtype.kind for s in SPLITS}
+    if not kinds <= set("iufUSb") or (kinds & set("US") and kinds - set("US")):
+        raise PipelineError(f"dataset {spec!r}: labels are {', '.join(str(labels[s].dtype) for s in SPLITS)};"
+                            " give integer class indices or class names, the same kind in both splits")
+    if kinds & set("US"):
+        labels = {s: np.array([v.decode() if isinstance(v, bytes) else v for v in y.tolist()])
+                  for s, y in labels.items()}
+        names = classes or sorted(set(labels["train"].tolist()))
+        unknown = sorted(set().union(*(set(y.tolist()) for y in labels.values())) - set(names))
+        if unknown:
+            raise PipelineError(f"dataset {spec!r}: label(s) {', '.join(map(repr, unknown[:5]))} are "
+                                "not among the class names; every label must name a class")
+        lookup = {n: i for i, n in enumerate(names)}
+        return {s: (arrays[s][0], np.array([lookup[v] for v in labels[s].tolist()], np.int64))
+                for s in SPLITS}, list(names)
+    if classes is not None:
+        return arrays, classes
+    for s in SPLITS:  # the range and integer checks come later (_check_arrays)
+        y = labels[s]
+        if y.size and (y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y)))):
+            return arrays, []
+        labels[s] = y.astype(np.int64)
+    values = np.unique(labels["train"])
+    if not values.size or values.min() < 0 or np.array_equal(values, np.arange(len(values))):
+        top = max(int(labels[s].max()) for s in SPLITS if labels[s].size) if values.size else -1
+        return arrays, [str(i) for i in range(top + 1)]  # (negative labels: refused later)
+    only_test = sorted(set(np.unique(labels["test"]).tolist()) - set(values.tolist()))
+    if only_test:
+        raise PipelineError(f"dataset {spec!r}: label(s) {', '.join(map(str, only_test[:5]))} appear "
+                            "in the test labels but not in the training labels; no head could "
+                            "predict them: add training rows or drop those test rows")
+    log.info("dataset %r: labels %s are classes 0..%d (no class names given)", spec,
+             ", ".join(map(str, values[:10].tolist())) + (" ..." if len(values) > 10 else ""),
+             len(values) - 1)
+    return {s: (arrays[s][0], np.searchsorted(values, labels[s]).astype(np.int64)) for s in SPLITS}, \
+        [str(v) for v in values.tolist()]
 
 
 # ----------------------------------------------------------------------------- image folders

@@ -525,3 +525,86 @@ def test_exif_orientation_turns_photos_upright_and_keys_them_apart(tmp_path):
     assert upright.shape == (6, 4, 3)
     assert upright[0].mean() > 200 and upright[-1].mean() < 50  # the white row on top
     assert ds.fingerprint != before
+
+
+# ----------------------------------------------------------------------------- untrusted arrays
+
+def _npz(path, y_train=(0, 1, 0, 1), y_test=(0, 1), **more):
+    x = np.zeros((len(y_train), 4, 4, 3), np.uint8)
+    np.savez(path, x_train=x, y_train=np.array(y_train), x_test=x[:len(y_test)],
+             y_test=np.array(y_test), **more)
+    return f"npz:{path}"
+
+
+def test_npz_labels_1_to_k_without_names_make_k_classes(tmp_path):
+    ds = load_dataset(_npz(tmp_path / "a.npz", (1, 2, 3, 1), (3, 2)))
+    assert ds.classes == ["1", "2", "3"]  # no phantom class 0
+    assert ds.splits["train"].labels.tolist() == [0, 1, 2, 0] and ds.splits["test"].labels.tolist() == [2, 1]
+
+
+def test_npz_string_labels_are_class_names(tmp_path):
+    ds = load_dataset(_npz(tmp_path / "a.npz", ("dog", "cat", "dog", "cat"), ("cat", "dog")))
+    assert ds.classes == ["cat", "dog"] and ds.splits["train"].labels.tolist() == [1, 0, 1, 0]
+    named = load_dataset(_npz(tmp_path / "b.npz", ("dog", "cat", "dog", "cat"), ("cat", "dog"),
+                              classes=np.array(["dog", "cat"])))
+    assert named.classes == ["dog", "cat"] and named.splits["test"].labels.tolist() == [1, 0]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("make, message", [
+    (lambda p: _npz(p, (0, 1, 0, 1), (0, 2), classes=np.array(["a", "b", "c"])),
+     "class\\(es\\) c have test rows but no training rows"),
+    (lambda p: _npz(p, (1, 2, 1, 2), (1, 3)), "label\\(s\\) 3 appear in the test labels but not"),
+    (lambda p: _npz(p, ("a", "b", "a", "b"), ("a", "z"), classes=np.array(["a", "b"])),
+     "label\\(s\\) 'z' are not among the class names"),
+    (lambda p: _npz(p, classes=np.array([{"a": 1}, "b"], dtype=object)),
+     "classes is an object array \\(pickled\\); store it as numbers or fixed-width strings"),
+    (lambda p: (np.save(p.with_suffix(".npy"), np.zeros((2, 4, 4, 3))), f"npz:{p.with_suffix('.npy')}")[1],
+     "is a single .npy array, not an .npz archive"),
+    (lambda p: _npz(p, ((1, 0), (0, 1), (1, 0), (0, 1)), ((1, 0), (0, 1))),
+     "train labels have shape \\(4, 2\\) \\(one-hot\\?\\)"),
+    (lambda p: _npz(p, (0.5, 1, 0, 1)), "labels are float64; give integer class indices"),
+    (lambda p: _npz(p, (0, 1, 0, 1), (0, 1), classes=np.array([["a"], ["b"]])),
+     "classes has shape \\(2, 1\\)"),
+    (lambda p: _npz(p, (0, 1, 0, 1), (0, 1), classes=np.array(["a", "a"])), "classes repeat a name"),
+    (lambda p: (p.write_bytes(b"PK\x03\x04 not really a zip"), f"npz:{p}")[1], "cannot read .* as .npz"),
+])
+def test_malformed_npz_files_get_one_line(tmp_path, make, message):
+    spec = make(tmp_path / "bad.npz")
+    with pytest.raises(PipelineError, match=message) as caught:
+        load_dataset(spec)
+    assert "\n" not in str(caught.value)
+
+
+def _cifar_folder(root, keys=bytes, meta=None):
+    root.mkdir()
+    k = (lambda name: name.encode()) if keys is bytes else (lambda name: name)
+    rng = np.random.default_rng(0)
+    for name in ("data_batch_1", "test_batch"):
+        batch = {k("data"): rng.integers(0, 255, (4, 3072), dtype=np.uint8), k("labels"): [0, 1, 0, 1]}
+        (root / name).write_bytes(pickle.dumps(batch))
+    (root / "batches.meta").write_bytes(pickle.dumps(meta or {k("label_names"): [k("cat"), k("dog")]}))
+    return f"cifar:{root}"
+
+
+def test_cifar_batches_pickled_with_str_keys_are_read(tmp_path):
+    a = load_dataset(_cifar_folder(tmp_path / "bytes"))
+    b = load_dataset(_cifar_folder(tmp_path / "str", keys=str))
+    assert a.classes == b.classes == ["cat", "dog"] and a.fingerprint == b.fingerprint
+
+
+class _Sneaky:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/owned-by-a-pickle",))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("meta, message", [
+    ({b"names": [b"cat"]}, "has no label_names list of class names"),
+    ({b"label_names": _Sneaky()}, "it asks for (posix|os).system, which a CIFAR batch never holds"),
+])
+def test_malformed_or_hostile_cifar_batches_get_one_line(tmp_path, meta, message):
+    spec = _cifar_folder(tmp_path / "c", meta=meta)
+    with pytest.raises(PipelineError, match=message):
+        load_dataset(spec)
+    assert not os.path.exists("/tmp/owned-by-a-pickle")
