@@ -11,6 +11,7 @@ import collections
 import contextlib
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,10 +128,13 @@ def build_backbone(name: str, *, weights: str = "imagenet", alpha: float | None 
                             f"{str(exc).splitlines()[0]}") from None
     except Exception as exc:  # keras raises bare Exception when a download fails
         home = os.environ.get("KERAS_HOME", "~/.keras")
+        url = re.search(r"https?://\S+?\.h5", str(exc))
+        wanted = f"Keras's file {url.group(0).rsplit('/', 1)[1]}" if url else "Keras's weights file"
+        why = "download failed" if url else f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         raise PipelineError(
-            f"backbone {name!r}: ImageNet weights could not be loaded ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160]}); without a network, put Keras's weights file "
-            f"in {home}/models/ (set KERAS_HOME) or pass --weights PATH") from None
+            f"backbone {name!r}: ImageNet weights are not in {home}/models/ and could not be "
+            f"fetched ({why}); without a network, copy {wanted} there (or set KERAS_HOME to a "
+            "folder whose models/ holds it), or pass --weights PATH") from None
     if weights not in ("imagenet", "none"):
         try:
             model.load_weights(weights)

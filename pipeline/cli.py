@@ -102,8 +102,25 @@ def _engine(args):
     return RayEngine(args.address, shards=args.shards, layout=args.layout, num_cpus=args.num_cpus)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every default; ``{heads}`` in a help text lists the registered heads
+    (imported only when help is shown: scikit-learn's import would slow every command)."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        text = super()._expand_help(action)
+        if "{heads}" in text:
+            from pipeline.heads import HEADS
+
+            text = text.replace("{heads}", ", ".join(HEADS))
+        return text
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage mistakes get one line and exit code 2, like every other bad input."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
@@ -133,22 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="move bad files to .quarantine/")
 
     p = sub.add_parser("train", help="train a head on cached features")
-    p.add_argument("--head", required=True, action="append", dest="heads")
+    p.add_argument("--head", required=True, action="append", dest="heads",
+                   help="the head to train (repeatable): {heads}")
     p.add_argument("--features", nargs="*", default=None,
                    help="feature files or their keys (default: every complete file)")
     p.add_argument("--fuse", action="store_true",
                    help="train on the --features files side by side (same dataset, no re-extraction)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="head parameter, e.g. --param C=1.0 (repeatable)")
-    p.add_argument("--memory-budget-gb", type=float, default=None)
+    p.add_argument("--memory-budget-gb", type=positive_float, default=None,
+                   help="memory the features may take; beyond it, a head that can streams them "
+                        "from the file (default: half of the free memory)")
     p.add_argument("--force", action="store_true", help="retrain even if up to date")
 
     sub.add_parser("compare", help="table, CSV, Markdown and plot of every result")
 
     p = sub.add_parser("run", help="plan and run an experiment grid")
     p.add_argument("--config", default=None, help="experiment TOML (default: experiments/default.toml)")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--stage", choices=("features", "heads", "compare", "all"), default="all")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (what is up to date, what would run) and do nothing")
+    p.add_argument("--stage", choices=("features", "heads", "compare", "all"), default="all",
+                   help="run only this stage of the grid (each reruns only what is stale)")
     p.add_argument("--datasets", default=None, help="space-separated override of the grid's datasets")
     p.add_argument("--backbones", default=None, help="space-separated override of the backbones")
     p.add_argument("--heads", default=None, help="space-separated override of the heads")
@@ -157,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
 
     p = sub.add_parser("bench", help="benchmarks, JSON results")
-    p.add_argument("what", choices=("extract", "conversions", "heads", "ray", "cache"))
+    p.add_argument("what", choices=("extract", "conversions", "heads", "ray", "cache"),
+                   help="which benchmark to run")
     p.add_argument("--folder", default=None, help="image folder (cache; default ../shared/data/cifar10)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None,
+                   help="where to write the JSON results (default: bench_results/WHAT.json)")
     p.add_argument("--sizes", default=None,
                    help="comma-separated dataset sizes (extract; ray takes the first)")
     p.add_argument("--features", default=None, help="feature file (heads)")

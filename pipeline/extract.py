@@ -434,6 +434,7 @@ class FeatureModel:
             return
         runtimes.remove_stale(folder, runtime)  # what it left half-written, if it was killed
         log.debug("the converting process said on stderr:\n%s", errors[-4000:])
+        said = (said.splitlines() or [""])[-1]  # the one line (Keras prints its downloads)
         if child.returncode == 2:
             raise PipelineError(said)
         if child.returncode == 3:

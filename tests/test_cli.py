@@ -379,3 +379,34 @@ def test_fusing_files_whose_rows_are_not_the_same_images_is_one_line(tmp_path, c
                              *map(str, chosen), "--results-dir", str(results)], message,
                     tmp_path / "cache")
     assert not list(results.rglob("metrics.json"))
+
+
+def test_every_option_of_every_command_has_help_and_help_shows_defaults(capsys):
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}"
+               for name, sub in commands.items() for a in sub._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert missing == []
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the head to train (repeatable): logreg, linear_svm" in text
+    assert "(default: results)" in text
+
+
+@pytest.mark.bad_input
+def test_missing_imagenet_weights_offline_get_one_line_naming_the_file(npz_dataset, tmp_path):
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "empty-keras-home")}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--dataset", npz_dataset,
+                           "--alpha", "0.35", "--cache-dir", str(tmp_path / "cache")],
+                          cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: backbone 'mobilenet_v2': ImageNet weights are not in "
+                           f"{tmp_path / 'empty-keras-home'}/models/")
+    assert "copy Keras's file mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5" in line
