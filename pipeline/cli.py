@@ -146,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ls", help="list cache entries")
     p = sub.add_parser("inspect", help="print one feature file")
     p.add_argument("file", help="a feature file, or its key as `ls` prints it")
+    p = sub.add_parser("gc", help="remove superseded feature files (older versions of the same "
+                       "data) and orphaned work in progress")
+    p.add_argument("--yes", action="store_true", help="remove without asking")
     p = sub.add_parser("verify", help="fully check every cache file (hashes, NaN)")
-    p.add_argument("--repair", action="store_true", help="move bad files to .quarantine/")
+    p.add_argument("--repair", action="store_true",
+                   help="move bad files to .quarantine/ and remove orphaned work in progress")
 
     p = sub.add_parser("train", help="train a head on cached features")
     p.add_argument("--head", required=True, action="append", dest="heads",
@@ -306,6 +310,10 @@ def cmd_ls(args) -> int:
         print(f"{state:23} {e.key:16} {mb:9.2f} MiB  {e.path.name}  {detail}")
     if any(e.state == "complete" for e in entries):
         print("(`python -m pipeline verify` reads every row and checks it)")
+    old = sum(e.state in ("superseded", "orphaned") for e in entries)
+    if old:
+        print(f"({old} superseded or orphaned entries, older data than the current files: "
+              "`python -m pipeline gc` removes them)")
     return 0
 
 
@@ -338,8 +346,15 @@ def cmd_verify(args) -> int:
     store = FeatureStore(args.cache_dir)
     bad = 0
     for e in store.entries():
-        if e.state == "partial":
-            print(f"partial   {e.path.name}: {e.detail}")
+        if e.state == "orphaned" and args.repair:
+            import shutil
+
+            with store.lock_entry(e.path):
+                shutil.rmtree(e.path)
+            print(f"removed   {e.path.name}: {e.detail.split(';')[0]}")
+            continue
+        if e.state in ("partial", "orphaned"):
+            print(f"{e.state:9} {e.path.name}: {e.detail}")
             continue
         problem = check_file(e.path, full=True)
         if problem is None:
@@ -371,7 +386,46 @@ def cmd_train(args) -> int:
 def cmd_compare(args) -> int:
     from pipeline.reports import compare
 
-    compare(args.results_dir)
+    compare(args.results_dir, cache_dir=args.cache_dir)
+    return 0
+
+
+def cmd_gc(args) -> int:
+    """Remove superseded feature files and orphaned work, after asking (or with --yes)."""
+    import shutil
+
+    from pipeline.store import FeatureStore
+
+    store = FeatureStore(args.cache_dir)
+    garbage = store.garbage()
+    if not garbage:
+        print(f"{args.cache_dir}: nothing to remove (no superseded files or orphaned work)")
+        return 0
+    total = sum(_size(e.path) for e in garbage) / 2**20
+    for e in garbage:
+        print(f"{e.state:10} {e.path.name}  {e.detail.split(';')[0]}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise PipelineError(f"gc would remove {len(garbage)} cache entries ({total:.1f} MiB); "
+                                "rerun with --yes to remove them")
+        answer = input(f"remove these {len(garbage)} entries ({total:.1f} MiB)? [y/N] ")
+        if answer.strip().lower() != "y":
+            print("kept everything")
+            return 1
+    removed = 0
+    for e in garbage:
+        try:
+            with store.lock_entry(e.path):  # never from under a writer still at work on it
+                if e.path.is_dir():
+                    shutil.rmtree(e.path)
+                else:
+                    e.path.unlink(missing_ok=True)
+                    shutil.rmtree(e.path.with_suffix(".shards"), ignore_errors=True)  # vds rows
+                removed += 1
+        except PipelineError as exc:  # locked: being written right now
+            log.warning("kept %s: %s", e.path.name, exc)
+    print(f"removed {removed} entries ({total:.1f} MiB)" if removed == len(garbage)
+          else f"removed {removed} of {len(garbage)} entries")
     return 0
 
 
@@ -417,4 +471,4 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"extract": cmd_extract, "backbones": cmd_backbones, "ls": cmd_ls,
             "inspect": cmd_inspect, "verify": cmd_verify, "train": cmd_train,
-            "compare": cmd_compare, "run": cmd_run, "bench": cmd_bench}
+            "compare": cmd_compare, "run": cmd_run, "bench": cmd_bench, "gc": cmd_gc}

@@ -124,7 +124,8 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                 log.info(note)
             if data.validation_rows:  # the user's own val/ split: every head chooses on it
                 model.set_params(validation_rows=data.validation_rows)
-            log.info("training %s on %s (%s train rows) ...", head,
+            log.info("training %s on %s (%s train rows) ...",
+                     head + "".join(f" {k}={v}" for k, v in sorted(params.items())),
                      " + ".join(ff.path.name for ff in files), f"{len(data.y_train):,}")
             t0 = time.perf_counter()
             model.fit(data.X_train, data.y_train)
@@ -197,6 +198,11 @@ def train_heads(heads: list[str], *, features: list[str] | None = None,
     check_results_dir(results_dir)
     store = FeatureStore(cache_dir)
     files = [store.find(f) for f in features] if features else store.complete_files()
+    older = len(store.superseded_keys()) if not features else 0
+    if older:
+        log.info("ignoring %d feature file(s) of older data (superseded by a newer extraction "
+                 "of the same request; `python -m pipeline ls` marks them, `python -m pipeline gc` "
+                 "removes them, --features names one to train on it anyway)", older)
     if not files:
         raise PipelineError(f"no complete feature files in {cache_dir}/; extract features first "
                             "(python -m pipeline extract ... or make features)")
@@ -551,7 +557,7 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     if not extract_todo and not heads_todo and stage != "compare":
         print(f"nothing to do: everything is up to date ({time.monotonic() - t0:.1f} s)")
         if stage == "all":
-            compare(exp.results_dir)
+            compare(exp.results_dir, cache_dir=exp.cache_dir)
         return 0
     steps = len(extract_todo) + heads_todo
     step = 0
@@ -584,7 +590,7 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
             log.info("training %d head(s) as cluster tasks", len(calls))
             map_calls(train_one, calls)
     if stage in ("compare", "all"):
-        compare(exp.results_dir)
+        compare(exp.results_dir, cache_dir=exp.cache_dir)
     print(f"done in {time.monotonic() - t0:.1f} s")
     return 0
 

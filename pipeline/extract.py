@@ -605,7 +605,8 @@ def extraction_provenance(config: ExtractionConfig, dataset: Dataset, feature_sh
                           seconds: float, images: int, resumed: bool, **more) -> dict:
     """What a feature file records about how it was made (``more``: versions, device, ...)."""
     return {
-        "config": asdict(config), "dataset_splits": {s: len(dataset.splits[s]) for s in SPLITS},
+        "config": asdict(config), "dataset_source": parse_dataset(config.dataset).absolute(),
+        "dataset_splits": {s: len(dataset.splits[s]) for s in SPLITS},
         "image_shape": list(dataset.splits["train"].image_shape),
         "feature_shape": list(feature_shape), "feature_dtype": str(feature_dtype),
         **more, "batch_size": config.batch_size, "precision": config.precision,
@@ -821,6 +822,9 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
                 for lo, hi in shard_ranges(sizes[s], runner.shard_rows(sizes[s], projection),
                                            config.batch_size, gaps[s])]
         images = sum(hi - lo for _, lo, hi in todo)
+        if todo:  # so that `gc` can tell these shards apart once the data changes
+            shards.record_identity({"key_parts": parts, "provenance": {
+                "config": asdict(config), "dataset_source": parse_dataset(config.dataset).absolute()}})
         progress = Progress(dataset.spec, images)
         t_extract = time.monotonic()
         try:
@@ -845,7 +849,10 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
                                 **({"validation_rows": dataset.validation} if dataset.validation else {})},
                          layout=runner.layout,
                          compression=config.compression, extra=extra)
-    log.info("wrote %s (%s images in %.1f s, %s img/s)", path, f"{images:,}", seconds, f"{rate:,.1f}")
+    if images:
+        log.info("wrote %s (%s images in %.1f s, %s img/s)", path, f"{images:,}", seconds, f"{rate:,.1f}")
+    else:  # a resume that found every shard done
+        log.info("wrote %s (every row was extracted before: the shards made one file)", path)
     report_skipped(dataset, path)
     return ExtractionResult(path, "resumed" if done else "created", time.monotonic() - t0,
                             rate, provenance)

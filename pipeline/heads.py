@@ -616,6 +616,14 @@ def available_memory_bytes() -> int:
         return 8 << 30
 
 
+def _bytes(n: float) -> str:
+    """A size people read at a glance: 0.3 MiB, not 0.0 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size / 10:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
 def _memory_budget(gb: float | None) -> float:
     """Bytes features may take in memory: ``gb`` if given, else half of what is free now."""
     return gb * 2**30 if gb else 0.5 * available_memory_bytes()
@@ -639,8 +647,8 @@ def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None 
     need = rows * int(np.prod(shape[1:])) * (2 * 2 if spatial else 4 * 3)
     if head not in STREAMING_HEADS and need > budget:
         raise PipelineError(
-            f"{ff.path.name}: head {head!r} needs about {need / 2**30:.1f} GiB in memory, over the "
-            f"budget of {budget / 2**30:.1f} GiB; use --head sgd_linear (streams from disk) or "
+            f"{ff.path.name}: head {head!r} needs about {_bytes(need)} in memory, over the "
+            f"budget of {_bytes(budget)}; use --head sgd_linear (streams from disk) or "
             "extract with --limit N")
     if head in STREAMING_HEADS:  # stay on disk; h5py datasets read in blocks
         X_train, X_test = ff.features("train"), ff.features("test")
@@ -678,8 +686,8 @@ def load_fused_features(files: list[FeatureFile], head: str, *,
     rows = first.features("train").shape[0] + first.features("test").shape[0]
     if rows * width * 4 * 3 > budget:
         raise PipelineError(f"fusing {len(files)} files needs about "
-                            f"{rows * width * 12 / 2**30:.1f} GiB in memory, over the budget of "
-                            f"{budget / 2**30:.1f} GiB; fuse fewer files or pass --memory-budget-gb")
+                            f"{_bytes(rows * width * 12)} in memory, over the budget of "
+                            f"{_bytes(budget)}; fuse fewer files or pass --memory-budget-gb")
     X_train, X_test = (np.concatenate([_read_checked(ff, s) for ff in files], axis=1)
                        for s in SPLITS)
     return FeatureSet(X_train, first.labels("train"), X_test, first.labels("test"), first.classes,

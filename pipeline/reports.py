@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import results
+from pipeline.store import FeatureStore
 
 COLUMNS = ["dataset", "backbone", "mode", "head", "validation_accuracy", "test_accuracy", "macro_f1",
            "fit_seconds", "predict_ms_per_image", "feature_width", "n_train"]
@@ -83,10 +84,15 @@ def head_label(metrics: dict) -> str:
     return head + (f"({','.join(f'{k}={v}' for k, v in sorted(params.items()))})" if params else "")
 
 
-def collect_results(results_dir: str | Path) -> list[dict]:
-    """One row per (feature file, head) with a complete metrics.json."""
+def collect_results(results_dir: str | Path, leave_out: set[str] | frozenset = frozenset()
+                    ) -> list[dict]:
+    """One row per (feature file, head) with a complete metrics.json, but those on the
+    feature files (keys) in ``leave_out``."""
     rows = []
     for m in results.collect(results_dir):
+        keys = {f.get("key") for f in m.get("features_files", [])} | {m.get("features_key")}
+        if keys & set(leave_out):
+            continue
         features = m.get("features", {})
         backbone, mode = feature_labels(features)
         rows.append({
@@ -217,10 +223,18 @@ def _label_without_overlap(ax, points: list[dict], labels: list[str], fontsize: 
                     arrowprops={"arrowstyle": "-", "lw": 0.4, "alpha": 0.5} if moved else None)
 
 
-def compare(results_dir: str | Path = results.DEFAULT_RESULTS_DIR, *, out=print) -> list[dict]:
-    """Print the table (best per dataset marked) and write compare.csv/.md/.png."""
+def compare(results_dir: str | Path = results.DEFAULT_RESULTS_DIR, *, out=print,
+            cache_dir: str | Path | None = None) -> list[dict]:
+    """Print the table (best per dataset marked) and write compare.csv/.md/.png. With the
+    feature cache (``cache_dir``), results on superseded feature files (older versions of
+    the same data) are left out, and said so."""
     results_dir = Path(results_dir)
-    rows = collect_results(results_dir)
+    superseded = FeatureStore(cache_dir).superseded_keys() if cache_dir else set()
+    rows = collect_results(results_dir, superseded)
+    left_out = len(collect_results(results_dir)) - len(rows) if superseded else 0
+    if left_out:
+        out(f"left out {left_out} result(s) on feature files of older data (superseded; "
+            "`python -m pipeline ls` marks them, `python -m pipeline gc` removes them)")
     if not rows:
         out(f"no results under {results_dir}/ yet; train heads first (make heads)")
         return rows

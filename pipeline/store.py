@@ -203,6 +203,23 @@ class ShardSet:
 
     path: Path
 
+    def record_identity(self, attrs: dict) -> None:
+        """What these shards are work for (``lineage``): once a newer file of the same
+        request is complete, these are orphaned (the data changed mid-run) and `gc` removes
+        them."""
+        target = self.path / "identity.json"
+        if not target.exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.path / f".identity.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(attrs, sort_keys=True))
+            os.replace(tmp, target)
+
+    def identity(self) -> dict | None:
+        try:
+            return json.loads((self.path / "identity.json").read_text())
+        except (OSError, ValueError):
+            return None
+
     def save_array(self, name: str, array: np.ndarray) -> None:
         _write_npy_atomic(self.path / f"{name}.npy", array)
 
@@ -335,9 +352,25 @@ def file_lock(path: Path, *, wait: bool = True) -> Iterator[None]:
 class EntryStatus:
     path: Path
     key: str
-    state: str  # complete | partial | corrupt
+    state: str  # complete | superseded | partial | orphaned | corrupt
     detail: str
     attrs: dict
+
+
+# The options that enter the key only through the dataset's fingerprint: two files that differ
+# in them are different requests, not versions of one dataset.
+_FINGERPRINT_OPTIONS = ("limit", "skip_bad", "seed")
+
+
+def lineage(attrs: dict) -> str:
+    """What two feature files of the same request share when only the data changed (new or
+    edited images): every key part but the fingerprint, the options folded into it, and the
+    dataset's absolute source where recorded (files written before it was, share the name)."""
+    parts = {k: v for k, v in attrs.get("key_parts", {}).items() if k != "fingerprint"}
+    prov = attrs.get("provenance", {})
+    config = prov.get("config", {})
+    return json.dumps([parts, {k: config.get(k) for k in _FINGERPRINT_OPTIONS},
+                       prov.get("dataset_source")], sort_keys=True)
 
 
 class FeatureStore:
@@ -383,6 +416,11 @@ class FeatureStore:
         except OSError as exc:
             raise _disk_error(exc, self.cache_dir) from None
         return file_lock(self.cache_dir / ".locks" / f"{self.name_for(parts)}.lock", wait=wait)
+
+    def lock_entry(self, path: Path, *, wait: bool = False) -> contextlib.AbstractContextManager:
+        """The writer lock of the entry at ``path`` (a file, its shards or older work)."""
+        (self.cache_dir / ".locks").mkdir(parents=True, exist_ok=True)
+        return file_lock(self.cache_dir / ".locks" / f"{path.name.split('.')[0]}.lock", wait=wait)
 
     # publishing -------------------------------------------------------------------------
     def publish(self, shards: ShardSet, parts: dict, *, classes: list[str],
@@ -462,7 +500,32 @@ class FeatureStore:
 
     # listing ----------------------------------------------------------------------------
     def entries(self) -> list[EntryStatus]:
-        """Every cache entry: complete files, partial work and anything that fails the checks."""
+        """Every cache entry: complete files, partial work and anything that fails the checks.
+        Of the complete files of one request (``lineage``) only the newest is current: the
+        others, and shards left for the request's older data, are marked for ``gc``."""
+        out = self._raw_entries()
+        newest: dict[str, EntryStatus] = {}
+        for e in out:
+            if e.state == "complete":
+                line = lineage(e.attrs)
+                if line not in newest or _created(e) >= _created(newest[line]):
+                    newest[line] = e
+        for e in out:
+            current = newest.get(lineage(e.attrs)) if e.state == "complete" else None
+            if current is not None and current is not e:
+                e.state = "superseded"
+                e.detail = (f"older data than {current.path.name} (same request); "
+                            "`python -m pipeline gc` removes it")
+            elif e.state == "partial" and e.path.suffix == ".shards":
+                identity = ShardSet(e.path).identity()
+                current = newest.get(lineage(identity)) if identity else None
+                if current is not None:
+                    e.state = "orphaned"
+                    e.detail = (f"work for older data than {current.path.name}; "
+                                "`python -m pipeline gc` removes it")
+        return out
+
+    def _raw_entries(self) -> list[EntryStatus]:
         if not self.cache_dir.is_dir():
             return []
         out = []
@@ -496,11 +559,25 @@ class FeatureStore:
         return hits[0]
 
     def complete_files(self) -> list[Path]:
+        """The current complete file of every request (superseded versions left out)."""
         return [e.path for e in self.entries() if e.state == "complete"]
+
+    def superseded_keys(self) -> set[str]:
+        return {e.key for e in self.entries() if e.state == "superseded"}
+
+    def garbage(self) -> list[EntryStatus]:
+        """What `gc` removes: superseded files, orphaned shards, an older version's work."""
+        return [e for e in self.entries() if e.state in ("superseded", "orphaned")
+                or (e.state == "partial" and e.path.suffix == ".partial")]
 
     def quarantine(self, path: Path) -> Path:
         """Move a bad file to ``.quarantine/``."""
         return _move_aside(path, self.cache_dir / ".quarantine")
+
+
+def _created(entry: EntryStatus) -> str:
+    """When a file's extraction finished (ISO 8601, one time zone per machine), then its name."""
+    return f"{entry.attrs.get('provenance', {}).get('created', '')}|{entry.path.name}"
 
 
 def _key_of(path: Path) -> str:

@@ -410,3 +410,48 @@ def test_missing_imagenet_weights_offline_get_one_line_naming_the_file(npz_datas
     assert line.startswith("error: backbone 'mobilenet_v2': ImageNet weights are not in "
                            f"{tmp_path / 'empty-keras-home'}/models/")
     assert "copy Keras's file mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5" in line
+
+
+def test_changed_images_supersede_the_old_file_for_train_compare_ls_and_gc(tmp_path, capsys):
+    import json as _json
+
+    from pipeline.store import FeatureFile, FeatureStore
+
+    spec = _folder(tmp_path / "d", {"cat": (4, 2), "dog": (4, 2)})
+    cache, results = str(tmp_path / "c"), str(tmp_path / "r")
+    common = ["--cache-dir", cache, "--results-dir", results]
+    assert main(["extract", "--dataset", spec, *TINY, *common]) == 0
+    [old] = FeatureStore(cache).complete_files()
+    assert main(["train", "--head", "logreg", *common]) == 0  # a result on the old data
+    from PIL import Image
+    Image.fromarray(np.full((8, 8, 3), 99, np.uint8)).save(tmp_path / "d" / "train" / "cat" / "new.png")
+    assert main(["extract", "--dataset", spec, *TINY, *common]) == 0
+    [new] = FeatureStore(cache).complete_files()
+    assert new != old
+    with FeatureFile(old) as ff:  # an older run's shards for the old data, left by a crash
+        parts = {**ff.attrs["key_parts"], "fingerprint": "0" * 64}
+        identity = {"key_parts": parts, "provenance": ff.attrs["provenance"]}
+    orphan = FeatureStore(cache).shards_for(parts)
+    orphan.record_identity(identity)
+    (orphan.path / "train").mkdir()
+    capsys.readouterr()
+
+    assert main(["ls", *common]) == 0
+    listing = capsys.readouterr().out
+    assert "superseded" in listing and old.name in listing and "orphaned" in listing
+    assert main(["train", "--head", "logreg", *common]) == 0
+    assert "ignoring 1 feature file(s) of older data" in capsys.readouterr().err
+    trained = [_json.loads(p.read_text())["features_key"] for p in Path(results).glob("*/*/metrics.json")]
+    assert sorted(trained) == sorted([FeatureFile(old).key, FeatureFile(new).key])
+    capsys.readouterr()
+    assert main(["compare", *common]) == 0
+    out = capsys.readouterr().out
+    assert "left out 1 result(s) on feature files of older data" in out
+    assert out.count("| logreg") == 1
+
+    code = main(["gc", *common])  # not a terminal, no --yes: nothing removed
+    assert code == 2 and "rerun with --yes" in capsys.readouterr().err
+    assert old.exists() and orphan.path.exists()
+    assert main(["gc", "--yes", *common]) == 0
+    assert not old.exists() and not orphan.path.exists() and new.exists()
+    assert [e.state for e in FeatureStore(cache).entries()] == ["complete"]

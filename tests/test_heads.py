@@ -109,7 +109,8 @@ def test_sgd_linear_streams_from_the_hdf5_dataset(blobs_file):
 @pytest.mark.bad_input
 def test_memory_budget_fails_early_naming_sgd_linear_or_limit(blobs_file):
     with FeatureFile(blobs_file) as ff:
-        with pytest.raises(PipelineError, match="over the budget.*sgd_linear.*--limit"):
+        with pytest.raises(PipelineError, match=r"needs about [0-9.]+ MiB in memory, over the budget of "
+                                                r"1.0 KiB.*sgd_linear.*--limit"):
             load_features(ff, "logreg", memory_budget_gb=1e-6)
         streamed = load_features(ff, "sgd_linear", memory_budget_gb=1e-6)
         assert not isinstance(streamed.X_train, np.ndarray) and streamed.X_train.shape == (600, 20)
