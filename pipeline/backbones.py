@@ -94,6 +94,42 @@ def weights_identity(weights: str) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+class _LookedUp(Exception):
+    pass
+
+
+def missing_imagenet_weights(name: str, alpha: float | None = None) -> str | None:
+    """Why ``name``'s ImageNet weights are not on this machine ("would download FILE", or
+    Keras's reason there are none), or None if they are in ``$KERAS_HOME/models``. Builds the
+    model (TensorFlow's start-up) and stops where Keras looks the file up: nothing is
+    downloaded. For plans and dry runs."""
+    import keras
+    from keras.src.utils import file_utils  # where every keras.applications model asks
+
+    spec = get_spec(name)
+    home = Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
+    looked_up: list[str] = []
+
+    def get_file(fname=None, origin=None, *args, **kwargs):
+        looked_up.append(fname or (origin or "").rsplit("/", 1)[-1])
+        raise _LookedUp
+
+    real, file_utils.get_file = file_utils.get_file, get_file
+    try:
+        with _fresh_layer_names():
+            getattr(keras.applications, spec.keras_name)(
+                include_top=False, weights="imagenet", input_shape=(spec.input_size,) * 2 + (3,),
+                **({"alpha": alpha} if alpha is not None else {}))
+    except _LookedUp:
+        pass
+    except ValueError as exc:  # e.g. an alpha without ImageNet weights: said as it will be
+        return f"none for alpha {alpha}: {str(exc).splitlines()[0][:120]}"
+    finally:
+        file_utils.get_file = real
+    missing = [f for f in looked_up if not (home / "models" / f).is_file()]
+    return f"would download {missing[0]} into {home}/models" if missing else None
+
+
 def build_backbone(name: str, *, weights: str = "imagenet", alpha: float | None = None,
                    input_size: int | None = None):
     """The frozen Keras model without its top, taking preprocessed float images."""

@@ -22,6 +22,7 @@ import joblib
 import numpy as np
 
 from pipeline import results
+from pipeline.backbones import missing_imagenet_weights
 from pipeline.datasets import KERAS_DATASETS, Dataset, keras_dataset_is_local, load_dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import (
@@ -454,6 +455,9 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                 layers += "+flip" if config.tta == "flip" else ""
                 label = (f"{d['name']} / {b['name']}{'@' + str(b['alpha']) if b.get('alpha') else ''}"
                          f" / {f['mode']}{layers}")
+                if not fetch and state != "cached" and config.weights == "imagenet":
+                    missing = missing_imagenet_weights(config.backbone, config.alpha)
+                    label += f"  (ImageNet weights: {missing})" if missing else ""
                 jobs.append(Job(config, dataset, label, heads, path, state,
                                 (d["name"], b["name"], f.get("name", f["mode"]))))
     return jobs

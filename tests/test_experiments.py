@@ -527,3 +527,18 @@ def test_a_full_results_disk_is_not_blamed_on_the_feature_file(tmp_path, monkeyp
     assert message.startswith(f"cannot write the result to {tmp_path / 'results'}")
     assert "No space left on device" in message and "damaged" not in message
     assert check_file(feature_file, full=True) is None
+
+
+@pytest.mark.slow  # ImageNet weights in KERAS_HOME (../shared/keras)
+def test_a_dry_run_says_which_backbones_would_download_their_weights(tmp_path, capsys):
+    config = Path(_config(tmp_path))
+    text = config.read_text().replace('weights = "none"\n', "")  # ImageNet weights
+    text = text.replace("[[features]]", '[[backbones]]\nname = "resnet50"\nimage_size = 32\n[[features]]')
+    config.write_text(text)
+    run_experiment(load_experiment(str(config)), dry_run=True)
+    out = capsys.readouterr().out.splitlines()
+    [mobilenet] = [line for line in out if "mobilenet_v2" in line]
+    [resnet] = [line for line in out if "resnet50" in line]
+    assert "ImageNet weights" not in mobilenet  # in KERAS_HOME
+    assert "(ImageNet weights: would download resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in resnet
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in (".npz", ".toml")] == []
