@@ -32,7 +32,8 @@ from pipeline.errors import PipelineError
 
 KERAS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                  ".ppm", ".pgm"}
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
@@ -136,8 +137,12 @@ def parse_dataset(spec: str) -> DatasetSource:
 def load_dataset(spec: str, *, limit: int | None = None, skip_bad: bool = False,
                  test_fraction: float = 0.2, seed: int = 0, scan_index: Path | None = None,
                  rescan: bool = False, scan_workers: int | None = None,
-                 scan_map: Callable | None = None) -> Dataset:
+                 scan_map: Callable | None = None, fit: int | None = None) -> Dataset:
     """Open the dataset named by ``spec``; ``limit`` keeps N images per split, stratified.
+
+    ``fit``: the side of the network's input. Image-folder photos at least twice as large
+    in both directions are decoded at reduced size (JPEG's DCT scaling), never as
+    full-size arrays; smaller images are served exactly as stored.
 
     ``scan_index``: a folder where image-folder scans are remembered (file stat -> sha256 and
     decode check), so a rerun reads only new or changed files; ``rescan`` reads them all.
@@ -153,7 +158,8 @@ def load_dataset(spec: str, *, limit: int | None = None, skip_bad: bool = False,
                                 f"check the path after '{source.kind}:'")
         dataset = LOCAL_KINDS[source.kind](
             spec, source.path, skip_bad=skip_bad, test_fraction=test_fraction, seed=seed,
-            scan_index=scan_index, rescan=rescan, workers=scan_workers, scan_map=scan_map)
+            scan_index=scan_index, rescan=rescan, workers=scan_workers, scan_map=scan_map,
+            fit=fit)
     if limit is not None:
         dataset = _limit(dataset, limit, seed)
     return dataset
@@ -490,19 +496,19 @@ def _pil():
     return Image
 
 
-def _decode(data: bytes, fit: tuple[int, int] | None = None) -> np.ndarray:
+def _decode(data: bytes, fit: tuple[int, int] | None = None, shrink: bool = False) -> np.ndarray:
     """Any still image -> uint8 RGB (grey, palette, RGBA and 16-bit included).
 
-    An image over PIL's decompression-bomb threshold (89 MP) and at least twice ``fit``
-    (width, height) in both directions is decoded at reduced size (JPEG's DCT scaling, then
-    PIL's ``reduce``), never as full-size RGB copies: a 12000x12000 PNG costs its native
-    decode, not gigabytes. Smaller images decode exactly as they are.
+    An image at least twice ``fit`` (width, height) in both directions, if it is over PIL's
+    decompression-bomb threshold (89 MP) or ``shrink`` is asked for, is decoded at reduced
+    size (JPEG's DCT scaling, then PIL's ``reduce``), never as full-size RGB copies: a
+    12000x12000 PNG costs its native decode, not gigabytes. Others decode exactly as they are.
     """
     Image = _pil()
     if not data:
         raise ValueError("empty file (0 bytes)")
     with Image.open(io.BytesIO(data)) as img:
-        large = fit and img.size[0] * img.size[1] > Image.MAX_IMAGE_PIXELS
+        large = fit and (shrink or img.size[0] * img.size[1] > Image.MAX_IMAGE_PIXELS)
         if large and min(img.size[0] // fit[0], img.size[1] // fit[1]) >= 2:
             img.draft("RGB", fit)  # JPEG only: decodes at 1/2, 1/4 or 1/8 scale, >= fit
         img.load()
@@ -569,7 +575,7 @@ def _scan_file(item: _ImageFile) -> _ImageFile:
                 orientation = _orientation(img)
                 item.size = img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
                 item.turned = orientation != 1
-        _decode(data, _SCAN_FIT)
+        _decode(data, _SCAN_FIT, shrink=True)
     except Exception as exc:
         item.error = _reason(exc)
     return item
@@ -744,7 +750,12 @@ def _list_images(class_dir: Path, seen: set[str]) -> list[Path]:
     Strings, not Path objects, while walking: a no-op rerun lists every file."""
     found, unread = [], []
     top = os.path.realpath(class_dir)
-    for folder, dirs, names in os.walk(class_dir, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:  # os.walk would skip a folder it cannot list, silently
+        raise PipelineError(f"cannot list {exc.filename} ({exc.strerror}); fix its permissions "
+                            "or move it out of the dataset")
+
+    for folder, dirs, names in os.walk(class_dir, followlinks=True, onerror=unreadable):
         seen.add(os.path.realpath(folder))
         keep = []
         for d in dirs:
@@ -768,8 +779,10 @@ def _list_images(class_dir: Path, seen: set[str]) -> list[Path]:
             else:
                 unread.append(path + " (a broken link)")
     if unread:
-        log.debug("%s: %d file(s) not read (not an image suffix, or a broken link): %s",
-                  class_dir, len(unread), ", ".join(unread[:20]) + (" ..." if len(unread) > 20 else ""))
+        log.info("%s: %d file(s) not read (not an image suffix %s, or a broken link)%s", class_dir,
+                 len(unread), "/".join(sorted(IMAGE_SUFFIXES)),
+                 "; -v lists them" if not log.isEnabledFor(logging.DEBUG) else "")
+        log.debug("not read: %s", ", ".join(unread))
     return [Path(p) for p in sorted(found, key=lambda p: p.split(os.sep))]
 
 
@@ -881,7 +894,8 @@ def _warn_duplicates(spec: str, classes: list[str], files: dict[str, list[_Image
 
 def _load_image_folder(spec: str, root: Path, *, skip_bad: bool, test_fraction: float,
                        seed: int, scan_index: Path | None = None, rescan: bool = False,
-                       workers: int | None = None, scan_map: Callable | None = None) -> Dataset:
+                       workers: int | None = None, scan_map: Callable | None = None,
+                       fit: int | None = None) -> Dataset:
     if not root.is_dir():
         raise PipelineError(f"dataset {spec!r}: {root} is not a folder")
     root = root.resolve()  # absolute paths: the dataset can be handed to other processes
@@ -913,13 +927,25 @@ def _load_image_folder(spec: str, root: Path, *, skip_bad: bool, test_fraction: 
     _check_train_covers(spec, classes, files, " once undecodable files are skipped")
     _warn_few_per_class(spec, classes, files, "val" in files)
     _warn_duplicates(spec, classes, files)
-    sizes = Counter(f.size for items in files.values() for f in items)
-    width, height = sizes.most_common(1)[0][0]
+    size, shrink = _served_size(files, fit)
     validation = len(files.get("val", []))
-    splits = {"train": _folder_split(files["train"] + files.get("val", []), (width, height)),
-              "test": _folder_split(files["test"], (width, height))}
+    splits = {"train": _folder_split(files["train"] + files.get("val", []), size, shrink),
+              "test": _folder_split(files["test"], size, shrink)}
     return Dataset(spec=spec, classes=classes, splits=splits, validation=validation,
                    skipped=[f"{f.path}: {f.error}" for f in bad] + conflicts)
+
+
+def _served_size(files: dict[str, list[_ImageFile]], fit: int | None) -> tuple[tuple[int, int], bool]:
+    """(width, height) every image is served at: the most common size, divided by a whole
+    factor where that is at least twice the network's input (``fit``) both ways (then each
+    image is decoded at reduced size: ``shrink``). The network resizes to its input anyway."""
+    width, height = Counter(f.size for items in files.values() for f in items).most_common(1)[0][0]
+    factor = min(width // fit, height // fit) if fit else 1
+    if factor < 2:
+        return (width, height), False
+    log.info("images of %dx%d are decoded at 1/%d size (%dx%d) for a %dx%d input", width, height,
+             factor, width // factor, height // factor, fit, fit)
+    return (width // factor, height // factor), True
 
 
 def _split_files(items: list[_ImageFile], test_fraction: float, seed: int) -> dict:
@@ -936,7 +962,7 @@ def _split_files(items: list[_ImageFile], test_fraction: float, seed: int) -> di
             "test": [items[i] for i in sorted(test_idx)]}
 
 
-def _folder_split(items: list[_ImageFile], size: tuple[int, int]) -> Split:
+def _folder_split(items: list[_ImageFile], size: tuple[int, int], shrink: bool = False) -> Split:
     Image = _pil()
 
     def load_one(item: _ImageFile) -> np.ndarray:
@@ -949,7 +975,7 @@ def _folder_split(items: list[_ImageFile], size: tuple[int, int]) -> Split:
             raise PipelineError(f"{item.path} changed after the dataset was scanned (its sha256 "
                                 "differs); rerun to extract the new content")
         try:
-            arr = _decode(data, size)
+            arr = _decode(data, size, shrink)
         except Exception as exc:  # decoded at the scan; fails now only if PIL itself changed
             raise PipelineError(f"cannot decode {item.path} ({_reason(exc)})") from exc
         if arr.shape[1::-1] != size:
@@ -970,7 +996,7 @@ def _folder_split(items: list[_ImageFile], size: tuple[int, int]) -> Split:
 
 def _arrays(loader: Callable) -> Callable:
     """An array source as a dataset loader (the image-folder options do not apply)."""
-    def load(spec: str, path: Path, **_) -> Dataset:
+    def load(spec: str, path: Path, **_) -> Dataset:  # (fit: arrays are served as stored)
         arrays, classes = loader(spec, path)
         return _from_arrays(spec, arrays, classes)
     return load

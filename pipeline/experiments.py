@@ -22,13 +22,14 @@ import joblib
 import numpy as np
 
 from pipeline import results
-from pipeline.backbones import missing_imagenet_weights
-from pipeline.datasets import KERAS_DATASETS, Dataset, keras_dataset_is_local, load_dataset
+from pipeline.backbones import get_spec, missing_imagenet_weights
+from pipeline.datasets import KERAS_DATASETS, Dataset, keras_dataset_is_local
 from pipeline.errors import PipelineError
 from pipeline.extract import (
     MODES,
     ExtractionConfig,
     extract_features,
+    open_dataset,
     option_fields,
     option_problem,
 )
@@ -427,7 +428,7 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                          (d["name"], b["name"], f.get("name", f["mode"])))
                      for b in exp.backbones for f in exp.features if _applies(f, d, b)]
             continue
-        dataset = None
+        datasets: dict[int, Dataset] = {}
         for b in exp.backbones:
             for f in exp.features:
                 if not _applies(f, d, b):
@@ -436,10 +437,10 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                                              **_options("datasets", d), **_options("backbones", b),
                                              **_options("features", f)})
                 config.validate()
-                dataset = dataset or load_dataset(
-                    config.dataset, limit=config.limit, skip_bad=config.skip_bad,
-                    seed=config.seed, scan_index=store.scan_dir, rescan=config.rescan,
-                    scan_map=scan_map)
+                fit = config.image_size or get_spec(config.backbone).input_size
+                if fit not in datasets:  # the same rows for every input size but large photos'
+                    datasets[fit] = open_dataset(config, scan_map=scan_map)
+                dataset = datasets[fit]
                 parts = config.key_parts(dataset)
                 path = store.path_for(parts)
                 if path.exists():

@@ -751,9 +751,7 @@ def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
     t0 = time.monotonic()
     config.validate()
     store = FeatureStore(config.cache_dir)
-    dataset = dataset or load_dataset(config.dataset, limit=config.limit, skip_bad=config.skip_bad,
-                                      seed=config.seed, scan_index=store.scan_dir,
-                                      rescan=config.rescan, scan_map=scan_map)
+    dataset = dataset or open_dataset(config, scan_map=scan_map)
     parts = config.key_parts(dataset)
     final = store.path_for(parts)
     if not rebuild and (done := cached_result(final, t0)):
@@ -762,6 +760,15 @@ def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
         if not rebuild and (done := cached_result(final, t0, waited=True)):
             return done
         return _extract_locked(config, dataset, parts, store, t0, rebuild, runner or LocalRunner())
+
+
+def open_dataset(config: ExtractionConfig, scan_map=None) -> Dataset:
+    """The dataset as ``config`` reads it: the same rows (and so the same key) in a plan, an
+    extraction and on a worker. Large photos are served at a size near the network's input."""
+    return load_dataset(config.dataset, limit=config.limit, skip_bad=config.skip_bad,
+                        seed=config.seed, scan_index=FeatureStore(config.cache_dir).scan_dir,
+                        rescan=config.rescan, scan_map=scan_map,
+                        fit=config.image_size or bb.get_spec(config.backbone).input_size)
 
 
 def cached_result(final: Path, t0: float, waited: bool = False) -> ExtractionResult | None:

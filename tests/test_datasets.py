@@ -608,3 +608,60 @@ def test_malformed_or_hostile_cifar_batches_get_one_line(tmp_path, meta, message
     with pytest.raises(PipelineError, match=message):
         load_dataset(spec)
     assert not os.path.exists("/tmp/owned-by-a-pickle")
+
+
+def test_large_photos_are_served_near_the_network_input_small_images_as_stored(tmp_path):
+    ramp = np.linspace(0, 255, 2000, dtype=np.float32)
+    photo = np.stack([np.add.outer(ramp[:1500] / 2, ramp / 2)] * 3, -1).astype(np.uint8)
+    for split in ("train", "test"):
+        for c, shift in (("a", 0), ("b", 60)):
+            (tmp_path / "big" / split / c).mkdir(parents=True)
+            for i in range(2):
+                image = np.clip(photo.astype(int) + shift + i, 0, 255).astype(np.uint8)
+                Image.fromarray(image).save(tmp_path / "big" / split / c / f"{i}.jpg", quality=95)
+    full = load_dataset(f"folder:{tmp_path / 'big'}")
+    small = load_dataset(f"folder:{tmp_path / 'big'}", fit=224)
+    assert full.splits["train"].image_shape == (1500, 2000, 3)
+    assert small.splits["train"].image_shape == (250, 333, 3)  # 1/6: still >= 224 both ways
+    assert small.fingerprint != full.fingerprint  # other pixels, another key
+    served = small.splits["train"].load(np.arange(1))[0].astype(float)
+    expected = np.asarray(Image.fromarray(full.splits["train"].load(np.arange(1))[0]).resize(
+        (333, 250), Image.Resampling.BOX), dtype=float)
+    assert np.abs(served - expected).mean() < 3  # the same picture, decoded small
+    cifar_like = tmp_path / "small"
+    _classes_folder(cifar_like / "train", n=3)
+    _classes_folder(cifar_like / "test", n=2, offset=100)
+    a, b = load_dataset(f"folder:{cifar_like}"), load_dataset(f"folder:{cifar_like}", fit=224)
+    assert a.fingerprint == b.fingerprint
+    assert np.array_equal(_batches(a.splits["train"]), _batches(b.splits["train"]))
+
+
+def test_files_left_unread_are_counted_and_listed_with_verbose(tmp_path, caplog):
+    _classes_folder(tmp_path / "d", n=3)
+    (tmp_path / "d" / "cat" / "notes.txt").write_text("not an image")
+    os.symlink(tmp_path / "gone.png", tmp_path / "d" / "dog" / "dangling.png")
+    jfif = tmp_path / "d" / "dog" / "photo.jfif"
+    Image.fromarray(np.full((8, 8, 3), 77, np.uint8)).save(jfif, format="JPEG")
+    with caplog.at_level("DEBUG", logger="pipeline"):
+        ds = load_dataset(f"folder:{tmp_path / 'd'}", test_fraction=3 / 7)
+    assert len(ds.splits["train"]) + len(ds.splits["test"]) == 7  # the .jfif is a JPEG: read
+    text = "\n".join(caplog.messages)
+    assert "cat: 1 file(s) not read" in text and "dog: 1 file(s) not read" in text
+    assert "notes.txt" in text and "dangling.png (a broken link)" in text
+
+
+@pytest.mark.bad_input
+def test_a_folder_that_cannot_be_listed_is_an_error_not_skipped(tmp_path, monkeypatch):
+    _classes_folder(tmp_path / "d", n=3)
+    locked = tmp_path / "d" / "cat" / "locked"
+    locked.mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission does (tests run as root)
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PipelineError, match="cannot list .*locked \\(Permission denied\\)"):
+        load_dataset(f"folder:{tmp_path / 'd'}")
