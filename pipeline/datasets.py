@@ -162,6 +162,7 @@ def load_dataset(spec: str, *, limit: int | None = None, skip_bad: bool = False,
             fit=fit)
     if limit is not None:
         dataset = _limit(dataset, limit, seed)
+    _warn_few_per_class(dataset)
     return dataset
 
 
@@ -856,18 +857,20 @@ def _check_train_covers(spec: str, classes: list[str], files: dict[str, list[_Im
                                 "remove them")
 
 
-def _warn_few_per_class(spec: str, classes: list[str], files: dict[str, list[_ImageFile]],
-                        given_validation: bool) -> None:
+def _warn_few_per_class(dataset: Dataset) -> None:
     """Every head carves a stratified validation split from the training rows (unless one is
-    given), so each class needs two training images: said at extraction, not first in train."""
-    need = 1 if given_validation else 2
-    counts = Counter(f.label for f in files["train"])
-    few = [f"{classes[c]} ({counts[c]})" for c in sorted(counts) if counts[c] < need]
+    given), so each class needs two: said when the data is read, not first in train."""
+    labels = dataset.splits["train"].labels
+    fit = labels[:len(labels) - dataset.validation]
+    counts = np.bincount(fit, minlength=len(dataset.classes))
+    need = 1 if dataset.validation else 2
+    few = [f"{dataset.classes[c]} ({counts[c]})" for c in np.flatnonzero(counts < need)
+           if counts[c] or c in set(labels.tolist())]
     if few:
         log.warning("dataset %r: class(es) %s have fewer than %d training images; the features "
-                    "are extracted, but no head can be trained on them (its validation split "
-                    "needs %d per class): add images or remove the class folder",
-                    spec, ", ".join(few), need, need)
+                    "can be extracted, but no head can be trained on them (its validation split "
+                    "needs %d per class): add images or remove the class", dataset.spec,
+                    ", ".join(few), need, need)
 
 
 def _warn_duplicates(spec: str, classes: list[str], files: dict[str, list[_ImageFile]]) -> None:
@@ -925,7 +928,6 @@ def _load_image_folder(spec: str, root: Path, *, skip_bad: bool, test_fraction: 
         if not files[s]:
             raise PipelineError(f"dataset {spec!r}: no readable images in the {s} split of {root}")
     _check_train_covers(spec, classes, files, " once undecodable files are skipped")
-    _warn_few_per_class(spec, classes, files, "val" in files)
     _warn_duplicates(spec, classes, files)
     size, shrink = _served_size(files, fit)
     validation = len(files.get("val", []))

@@ -665,3 +665,14 @@ def test_a_folder_that_cannot_be_listed_is_an_error_not_skipped(tmp_path, monkey
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(PipelineError, match="cannot list .*locked \\(Permission denied\\)"):
         load_dataset(f"folder:{tmp_path / 'd'}")
+
+
+@pytest.mark.bad_input
+def test_a_class_with_one_training_image_is_named_when_the_data_is_read(tmp_path, caplog):
+    _classes_folder(tmp_path / "d" / "train", classes=("cat", "dog"), n=3)
+    _save(tmp_path / "d" / "train" / "owl" / "0.png", np.full((8, 8, 3), 250, np.uint8))
+    _classes_folder(tmp_path / "d" / "test", classes=("cat", "dog", "owl"), n=1, offset=100)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    [message] = caplog.messages
+    assert "class(es) owl (1) have fewer than 2 training images" in message
