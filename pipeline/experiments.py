@@ -126,6 +126,14 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                 log.info(note)
             if data.validation_rows:  # the user's own val/ split: every head chooses on it
                 model.set_params(validation_rows=data.validation_rows)
+            else:
+                counts = np.bincount(data.y_train, minlength=len(data.classes))
+                few = [f"{data.classes[c]} ({counts[c]})" for c in np.flatnonzero(counts == 1)]
+                if few:
+                    raise PipelineError(
+                        f"{head}: class(es) {', '.join(few)} have a single training row in "
+                        f"{paths[0].name}; carving a validation split needs at least 2 per class: "
+                        "add images (or a val/ folder) and extract again")
             log.info("training %s on %s (%s train rows) ...",
                      head + "".join(f" {k}={v}" for k, v in sorted(params.items())),
                      " + ".join(ff.path.name for ff in files), f"{len(data.y_train):,}")

@@ -542,3 +542,18 @@ def test_a_dry_run_says_which_backbones_would_download_their_weights(tmp_path, c
     assert "ImageNet weights" not in mobilenet  # in KERAS_HOME
     assert "(ImageNet weights: would download resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in resnet
     assert [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in (".npz", ".toml")] == []
+
+
+@pytest.mark.bad_input
+def test_training_names_a_class_with_a_single_row_before_fitting(tmp_path):
+    from conftest import write_feature_file
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 10 + [2])
+    path = write_feature_file(tmp_path / "cache", rng.normal(size=(21, 4)), y,
+                              rng.normal(size=(6, 4)), np.array([0, 1, 2] * 2),
+                              classes=["cat", "dog", "owl"])
+    with pytest.raises(PipelineError, match=r"logreg: class\(es\) owl \(1\) have a single training "
+                                            r"row in .*at least 2 per class"):
+        train_one(path, "logreg", results_dir=tmp_path / "results")
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("metrics.json"))
