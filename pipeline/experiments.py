@@ -135,7 +135,7 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                         f"{paths[0].name}; carving a validation split needs at least 2 per class: "
                         "add images (or a val/ folder) and extract again")
             log.info("training %s on %s (%s train rows) ...",
-                     head + "".join(f" {k}={v}" for k, v in sorted(params.items())),
+                     head_label({"head": head, "params": params}),
                      " + ".join(ff.path.name for ff in files), f"{len(data.y_train):,}")
             t0 = time.perf_counter()
             model.fit(data.X_train, data.y_train)
@@ -597,7 +597,8 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
                 calls.append({"feature_path": path, "head": h["name"],
                               "params": h.get("params", {}), "results_dir": exp.results_dir})
                 if map_calls is None:
-                    log.info("[%d/%d] %s on %s", step, steps, h["name"], job.label)
+                    log.info("[%d/%d] %s on %s", step, steps,
+                             head_label({"head": h["name"], "params": h.get("params")}), job.label)
                     train_one(**calls[-1])
         if map_calls is not None and calls:
             log.info("training %d head(s) as cluster tasks", len(calls))

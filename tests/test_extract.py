@@ -710,3 +710,23 @@ def test_tta_flip_is_a_key_part_and_none_leaves_old_keys_alone(npz_dataset, tmp_
     assert path != extract_features(tiny(npz_dataset, tmp_path)).path
     with pytest.raises(PipelineError, match="tta = 'rotate': use one of none, flip"):
         tiny(npz_dataset, tmp_path, tta="rotate").validate()
+
+
+def test_a_resume_that_only_merges_says_so_instead_of_zero_images_per_second(npz_dataset, tmp_path,
+                                                                            monkeypatch, caplog):
+    from pipeline.store import FeatureStore
+
+    real_publish = FeatureStore.publish
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # killed after the last shard, before the file was made
+
+    monkeypatch.setattr(FeatureStore, "publish", crash)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(tiny(npz_dataset, tmp_path))
+    monkeypatch.setattr(FeatureStore, "publish", real_publish)
+    with caplog.at_level("INFO", logger="pipeline"):
+        result = extract_features(tiny(npz_dataset, tmp_path))
+    assert result.status == "resumed"
+    [wrote] = [m for m in caplog.messages if m.startswith("wrote ")]
+    assert "every row was extracted before" in wrote and "img/s" not in wrote
