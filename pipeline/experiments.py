@@ -455,9 +455,9 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                     state = "cached" if check_file(path) is None else "damaged"
                 else:
                     state = "partial" if store.shards_for(parts).path.exists() else "missing"
-                spatial = f["mode"] == "spatial"
+                maps = not MODES[f["mode"]].vectors
                 heads = [h for h in exp.heads
-                         if (h["name"] in SPATIAL_HEADS) == spatial
+                         if (h["name"] in SPATIAL_HEADS) == maps
                          and (not h.get("modes") or f["mode"] in h["modes"])
                          and ("heads" not in f or h["name"] in f["heads"])]
                 layers = f"[{len(config.layers)} layers]" if config.layers else ""

@@ -44,7 +44,30 @@ from pipeline.store import (
 )
 
 EXTRACTOR_VERSION = 1
-MODES = ("avg", "max", "bottleneck", "spatial")  # what a feature file holds: the key's "mode"
+@dataclass(frozen=True)
+class FeatureMode:
+    """What a feature file holds (the key's ``mode``), declared once: every place that
+    behaves differently per mode reads it here.
+
+    ``pool``: the reduction over a map's rows and columns (pooled modes; these alone take
+    ``--layer``); ``projection``: a 1x1 projection fitted on training maps is applied (and its
+    fit needs the Keras model); ``stored``: the dtype rows are stored in (maps as float16,
+    half the bytes); ``vectors``: rows are flat vectors (heads taking pooled features), not
+    (h, w, C) maps."""
+
+    name: str
+    pool: str = ""  # a tf reduction: reduce_mean | reduce_max
+    projection: bool = False
+    stored: str = "float32"
+    vectors: bool = True
+
+
+MODES: dict[str, FeatureMode] = {m.name: m for m in (
+    FeatureMode("avg", pool="reduce_mean"),
+    FeatureMode("max", pool="reduce_max"),
+    FeatureMode("bottleneck", projection=True),  # flattened: (h * w * k) vectors
+    FeatureMode("spatial", stored="float16", vectors=False),
+)}
 TTAS = ("none", "flip")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 log = logging.getLogger(__name__)
@@ -68,7 +91,7 @@ class KeyPart:
 
 
 def _bottleneck(config) -> bool:
-    return config.mode == "bottleneck"
+    return MODES[config.mode].projection
 
 
 def option(default=MISSING, help: str = "", *, key_part: KeyPart | None = None,
@@ -101,7 +124,7 @@ class ExtractionConfig:
                            key_part=KeyPart(graph=True), where=("backbones",), key="name")
     mode: str = option("avg", "global average or max pooling of the last map, a 1x1 bottleneck "
                        "of it (PCA on training maps), or the map itself", key_part=KeyPart(graph=True),
-                       where=("features",), choices=MODES, aliases=("pooling",))
+                       where=("features",), choices=tuple(MODES), aliases=("pooling",))
     alpha: float | None = option(None, "width multiplier (MobileNets)", key_part=KeyPart(graph=True),
                                  where=("backbones",), positive=True)
     weights: str = option("imagenet", "imagenet | none | PATH to a weights file (by its content)",
@@ -159,8 +182,9 @@ class ExtractionConfig:
         spec = bb.get_spec(self.backbone)
         if self.alpha is not None and not spec.has_alpha:
             raise PipelineError(f"backbone {self.backbone!r} takes no alpha; only the MobileNets do")
-        if self.layers and self.mode not in ("avg", "max"):
-            raise PipelineError("layers (--layer) work with mode avg or max")
+        if self.layers and not MODES[self.mode].pool:
+            raise PipelineError(f"layers (--layer) work with mode "
+                                f"{' or '.join(m.name for m in MODES.values() if m.pool)}")
         runtimes.choose(self.runtime)  # a runtime that is not installed fails before any work
 
     def model_key(self, image_shape: tuple[int, int, int]) -> dict:
@@ -283,7 +307,7 @@ class FeatureModel:
                  threads: int | None = None):
         self.config, self.image_shape, self.threads = config, tuple(image_shape), threads
         self.size = config.image_size or bb.get_spec(config.backbone).input_size
-        self.backbone_name, self.mode, self.tta = config.backbone, config.mode, config.tta
+        self.backbone_name, self.mode, self.tta = config.backbone, MODES[config.mode], config.tta
         self.projection = None  # (mean, components) for the bottleneck mode
         self.runtime, self.runner = "tensorflow", None
 
@@ -364,7 +388,7 @@ class FeatureModel:
             features = (plain + mirrored) / 2
         else:
             features = self._view_features(images, mean, components)
-        if self.mode == "bottleneck":
+        if self.mode.projection:  # flattened to vectors
             return tf.reshape(features, (tf.shape(features)[0], -1))
         return features
 
@@ -373,13 +397,13 @@ class FeatureModel:
         import tensorflow as tf
 
         maps = self._maps_graph(images)
-        if self.mode in ("avg", "max"):
-            pool = tf.reduce_mean if self.mode == "avg" else tf.reduce_max
+        if self.mode.pool:
+            pool = getattr(tf, self.mode.pool)
             return tf.concat([pool(m, axis=(1, 2)) for m in maps], axis=1)
         last = maps[-1]
-        if self.mode == "spatial":  # cast to float16 on the host (see __call__)
-            return last
-        return tf.tensordot(last - mean, components, axes=[[3], [0]])  # the 1x1 conv
+        if self.mode.projection:
+            return tf.tensordot(last - mean, components, axes=[[3], [0]])  # the 1x1 conv
+        return last  # the map itself (cast to its stored dtype on the host: see _stored)
 
     def use_runtime(self, name: str, folder: Path, label: str, precision: str = "float32") -> str:
         """Run the graph on runtime ``name`` (``auto`` chooses); the converted graph is kept in
@@ -403,22 +427,15 @@ class FeatureModel:
             except runtimes.ConversionError as exc:
                 log.warning("%s; running on TensorFlow instead", exc)
                 return self._on("tensorflow")
-            if name == "openvino":
-                self.runner = runtimes.OpenVINORunner(converted, requests=1 if self.threads else 2,
-                                                      threads=self.threads,
-                                                      rows=runtimes.rows_per_run(self.size))
-            else:  # one session, one single-threaded run per core (one in all on a Ray actor)
-                cores = self.threads or runtimes.cpu_cores()
-                self.runner = runtimes.OnnxRunner(converted, workers=min(cores, 8),
-                                                  threads=max(1, cores // 8),
-                                                  rows=runtimes.rows_per_run(self.size))
+            self.runner = runtimes.REGISTRY[name].runner(converted, self.threads,
+                                                         runtimes.rows_per_run(self.size))
         return self._on(name)
 
     def _converts_apart(self) -> bool:
         """Whether to convert in a process of its own: where TensorFlow is not loaded here
         yet and the bottleneck fit will not load it, this one never loads it (its start-up,
         and the converter's memory, stay in the child)."""
-        return "tensorflow" not in sys.modules and self.mode != "bottleneck"
+        return "tensorflow" not in sys.modules and not self.mode.projection
 
     def _convert_apart(self, runtime: str, folder: Path, label: str) -> None:
         """Convert and keep the graph in a child process (``convert_main``); its errors are
@@ -460,7 +477,7 @@ class FeatureModel:
     def _stored(self, features: np.ndarray) -> np.ndarray:
         # Spatial maps are stored as float16. numpy's cast rounds exactly as tf.cast does (to
         # nearest even), and TensorFlow's CPU kernel for it prints a misleading oneDNN "E" line.
-        return features.astype(np.float16) if self.mode == "spatial" else features
+        return features.astype(self.mode.stored, copy=False)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self._stored(self.graph_features(images))
@@ -578,7 +595,7 @@ def runtime_info(runtime: str = "tensorflow") -> dict:
     """Library versions and the device, for the provenance of what this process computes.
     A run on a converted graph need not import TensorFlow; OpenVINO and ONNX Runtime run here
     on the CPU."""
-    device = f"CPU: {_cpu_name()}"
+    device = f"{runtimes.REGISTRY[runtime].device}: {_cpu_name()}"
     if runtime == "tensorflow":
         import tensorflow as tf
 
@@ -589,7 +606,8 @@ def runtime_info(runtime: str = "tensorflow") -> dict:
                 "tensorflow": _version("tensorflow", "tensorflow", "tensorflow-cpu"),
                 "keras": _version("keras"), "h5py": _version("h5py"),
                 "scikit-learn": _version("sklearn", "scikit-learn")}
-    for name in ("openvino", "onnxruntime", "tf2onnx"):  # tf2onnx: when it converted here
+    for name in sorted({m for r in runtimes.REGISTRY.values() for m in r.modules} - {"tensorflow"}):
+        # a converted runtime's modules, where this process loaded them (tf2onnx: it converted here)
         if name in sys.modules:
             versions[name] = sys.modules[name].__version__
     return {"versions": versions, "device": device}
@@ -706,7 +724,7 @@ class LocalRunner:
         self.config, self.dataset, self._row_bytes = config, dataset, None
         image_shape = dataset.splits["train"].image_shape
         self.model = FeatureModel(config, image_shape)
-        if config.mode == "bottleneck":
+        if MODES[config.mode].projection:
             check_bottleneck_k(self.model, config.bottleneck_k)
         self.runtime = self.model.use_runtime(
             runtime, store.model_dir(config.model_key(image_shape)),
@@ -816,7 +834,7 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
         if done:
             log.info("resuming: %s", ", ".join(f"{s} {done.get(s, 0):,}/{sizes[s]:,}" for s in SPLITS))
         projection, extra = None, {}
-        if config.mode == "bottleneck":
+        if MODES[config.mode].projection:
             projection = (shards.load_array("bottleneck_mean"),
                           shards.load_array("bottleneck_components"))
             if projection[0] is None or projection[1] is None:

@@ -22,17 +22,16 @@ import logging
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import PipelineError
 
-RUNTIMES = ("auto", "tensorflow", "openvino", "onnxruntime")
 GRAPH_INPUTS = ("images", "mean", "components")  # the feature graph's arguments, by name
-EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA]'
 # What ``auto`` prefers on a CPU, per backbone where measured. In six side-by-side runs of
 # ``make bench-extract`` (bench_results/extract.json) ONNX Runtime ran the MobileNets faster
 # than OpenVINO, in the loop and as whole processes, but ResNet50 slower, with far more memory
@@ -41,18 +40,11 @@ EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}  # pip install '.[EXTRA
 CPU_PREFERENCE = ("openvino", "onnxruntime")
 CPU_PREFERENCE_BY_BACKBONE = {"mobilenet": ("onnxruntime", "openvino"),
                               "mobilenet_v2": ("onnxruntime", "openvino")}
-# Per runtime, bumped when its conversion changes what it makes: graphs kept by an earlier
-# one (those without a revision are 1) are converted again. OpenVINO 2: only the function's
-# output is an output (see _openvino_format). Both 3 / 2: the graph preprocesses before it
-# upscales (extract.FeatureModel._maps_graph).
-CONVERSION_REVISIONS = {"openvino": 3, "onnxruntime": 2}
 log = logging.getLogger(__name__)
 
 
 def installed(name: str) -> bool:
-    if name == "onnxruntime":  # exporting the graph needs tf2onnx as well
-        return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "tf2onnx"))
-    return name == "tensorflow" or importlib.util.find_spec(name) is not None
+    return all(importlib.util.find_spec(m) is not None for m in REGISTRY[name].modules)
 
 
 def choose(name: str, backbone: str = "") -> str:
@@ -66,7 +58,7 @@ def choose(name: str, backbone: str = "") -> str:
         preference = CPU_PREFERENCE_BY_BACKBONE.get(backbone, CPU_PREFERENCE)
         return next((r for r in preference if installed(r)), "tensorflow")
     if not installed(name):
-        raise PipelineError(f"--runtime {name} needs {name}: pip install '.[{EXTRAS[name]}]' "
+        raise PipelineError(f"--runtime {name} needs {name}: pip install '.[{REGISTRY[name].extra}]' "
                             "(make install adds it on a CPU machine)")
     return name
 
@@ -183,20 +175,17 @@ def _environ(name: str, value: str | None):
             os.environ[name] = before
 
 
-_FORMATS = {"openvino": _openvino_format, "onnxruntime": _onnx_format}
-
-
 def load_kept(folder: Path, runtime: str):
     """The graph kept in ``folder/<runtime>/`` by an earlier conversion, or None where there
     is none; a damaged one or one from an earlier conversion revision is removed (and said)."""
-    _, _, load, _ = _FORMATS[runtime]()
+    _, _, load, _ = REGISTRY[runtime].format()
     folder = folder / runtime
     manifest = folder / "manifest.json"
     if not manifest.exists():
         return None
     try:
         kept = json.loads(manifest.read_text())
-        if kept.get("revision", 1) != CONVERSION_REVISIONS[runtime]:
+        if kept.get("revision", 1) != REGISTRY[runtime].revision:
             log.info("converted model %s is from an earlier conversion; converting again", folder)
         elif kept["sha256"] == _files_digest(folder):
             return load(folder)
@@ -216,7 +205,7 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
     kept = load_kept(folder, runtime)
     if kept is not None:
         return kept
-    export, save, _, version = _FORMATS[runtime]()
+    export, save, _, version = REGISTRY[runtime].format()
     folder = folder / runtime
     remove_stale(folder.parent, runtime)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -231,7 +220,7 @@ def load_or_convert(folder: Path, convert, label: str, runtime: str = "openvino"
         save(model, tmp)
         (tmp / "manifest.json").write_text(json.dumps({"sha256": _files_digest(tmp),
                                                        "converter": version,
-                                                       "revision": CONVERSION_REVISIONS[runtime]}))
+                                                       "revision": REGISTRY[runtime].revision}))
         os.replace(tmp, folder)
     except (OSError, RuntimeError) as exc:  # a read-only or full disk (OpenVINO raises
         log.debug("converted model not kept (%s)", exc)  # RuntimeError): use it, keep nothing
@@ -388,3 +377,48 @@ class OnnxRunner:
         with ThreadPoolExecutor(self.workers) as pool:
             yield from in_order(batches, lambda images: pool.submit(self, images, mean, components),
                                 lambda future: future.result(), 2 * self.workers)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Runtime:
+    """One way to run the feature graph, declared once: every place that needs to know about
+    a runtime reads it here (adding one, e.g. ONNX Runtime's CUDA provider, is one entry).
+
+    ``format()``: (convert, save, load, converter version) of its converted graph, None for
+    TensorFlow, which runs the ``tf.function`` itself. ``revision``: bumped when the
+    conversion changes what it makes, so graphs kept by an earlier one (those without a
+    revision are 1) are converted again. ``runner(converted, threads, rows)``: what runs a
+    converted graph (``threads``: a Ray actor's share of its node; None: every core)."""
+
+    name: str
+    modules: tuple[str, ...]  # what must be importable for it to be installed
+    extra: str = ""  # pip install '.[EXTRA]'
+    format: Callable | None = None
+    revision: int = 0
+    runner: Callable | None = None
+    device: str = "CPU"  # what provenance calls where it ran (TensorFlow says its GPU itself)
+
+
+def _openvino_runner(converted, threads: int | None, rows: int) -> OpenVINORunner:
+    return OpenVINORunner(converted, requests=1 if threads else 2, threads=threads, rows=rows)
+
+
+def _onnx_runner(converted, threads: int | None, rows: int) -> OnnxRunner:
+    """One session, one single-threaded run per core (one in all on a Ray actor)."""
+    cores = threads or cpu_cores()
+    return OnnxRunner(converted, workers=min(cores, 8), threads=max(1, cores // 8), rows=rows)
+
+
+REGISTRY: dict[str, Runtime] = {r.name: r for r in (
+    Runtime("tensorflow", modules=("tensorflow",)),
+    # 2: only the function's output is an output (see _openvino_format); 3: the graph
+    # preprocesses before it upscales (extract.FeatureModel._maps_graph).
+    Runtime("openvino", modules=("openvino",), extra="openvino", format=_openvino_format,
+            revision=3, runner=_openvino_runner),
+    # exporting the graph needs tf2onnx as well; 2: preprocessing before the upscale.
+    Runtime("onnxruntime", modules=("onnxruntime", "tf2onnx"), extra="onnx", format=_onnx_format,
+            revision=2, runner=_onnx_runner),
+)}
+RUNTIMES = ("auto", *REGISTRY)  # what --runtime takes

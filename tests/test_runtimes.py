@@ -243,7 +243,7 @@ def test_only_a_graph_kept_by_an_earlier_conversion_is_converted_again(dataset, 
     first = extract_features(tiny(dataset, tmp_path, runtime=runtime))
     reference = _rows(first.path)[0]
     [manifest] = (tmp_path / ".models").rglob("manifest.json")
-    current = runtimes.CONVERSION_REVISIONS[runtime]
+    current = runtimes.REGISTRY[runtime].revision
     assert json.loads(manifest.read_text())["revision"] == current
     # None: kept before revisions existed (counts as 1)
     for revision, converted_again in ((current, False), (current - 1, True), (None, True)):
