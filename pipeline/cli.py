@@ -341,7 +341,7 @@ def _json_value(value):
 
 
 def cmd_verify(args) -> int:
-    from pipeline.store import FeatureStore, check_file
+    from pipeline.store import NEWER_FORMAT, FeatureStore, check_file
 
     store = FeatureStore(args.cache_dir)
     bad = 0
@@ -360,6 +360,9 @@ def cmd_verify(args) -> int:
         if problem is None:
             note = "" if e.attrs.get("chunk_checksums") else " (no chunk checksums: an older file)"
             print(f"verified  {e.path.name}{note}")
+            continue
+        if problem.startswith(NEWER_FORMAT):  # a newer tool's good file: never moved aside
+            print(f"NEWER     {e.path.name}: {problem}")
             continue
         bad += 1
         if args.repair:

@@ -37,6 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.store import (
     COMPRESSIONS,
     DEFAULT_CACHE_DIR,
+    NEWER_FORMAT,
     FeatureStore,
     ShardSet,
     cache_key,
@@ -799,6 +800,8 @@ def cached_result(final: Path, t0: float, waited: bool = False) -> ExtractionRes
         log.info("up to date: %s %s", final, "(written by the process we waited for)" if waited
                  else "(nothing to do)")
         return ExtractionResult(final, "up-to-date", time.monotonic() - t0)
+    if problem.startswith(NEWER_FORMAT):
+        raise PipelineError(f"cached file {final} is {problem}")
     raise PipelineError(f"cached file {final} is damaged ({problem}); rerun with --rebuild "
                         "to replace it, or `python -m pipeline verify --repair`")
 

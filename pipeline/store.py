@@ -39,7 +39,11 @@ from pipeline.errors import PipelineError
 
 DEFAULT_CACHE_DIR = "features_cache"
 FORMAT = "pipeline.features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what this version writes
+# Every format version this project has written, all read as they are: a layout change adds a
+# version here and keeps the old ones readable (tests/fixtures/formats holds a file of each
+# release's writing), so an upgrade never calls a user's cache damaged.
+READABLE_FORMAT_VERSIONS = (1,)
 COMPRESSIONS = ("auto", "none", "gzip", "lzf")
 # Measured (make bench-cache): pooled float32 vectors shrink to 0.66 of their size with
 # shuffle + gzip, but write at 48 MB/s against 1,431 without; float16 spatial maps (ReLU
@@ -594,6 +598,9 @@ def read_attrs(path: Path) -> dict:
     return attrs
 
 
+NEWER_FORMAT = "written by a newer version of this tool"  # not damage: never moved aside
+
+
 def check_file(path: Path, *, expect_key: str | None = None, full: bool = False) -> str | None:
     """Why ``path`` is not a trustworthy complete feature file, or None if it is.
 
@@ -607,8 +614,12 @@ def check_file(path: Path, *, expect_key: str | None = None, full: bool = False)
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 return "not a feature file of this tool (no format tag)"
-            if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
-                return f"format version {f.attrs.get('format_version')} (expected {FORMAT_VERSION})"
+            version = int(f.attrs.get("format_version", -1))
+            if version > max(READABLE_FORMAT_VERSIONS):
+                return (f"{NEWER_FORMAT} (format version {version}; this one reads "
+                        f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}): upgrade transfer-pipeline")
+            if version not in READABLE_FORMAT_VERSIONS:
+                return f"format version {version}, which this tool never wrote"
             if not f.attrs.get("complete", False):
                 return "not marked complete"
             parts = json.loads(f.attrs["key_parts"])

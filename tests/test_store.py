@@ -2,6 +2,7 @@ import json
 import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -254,3 +255,51 @@ def test_a_file_written_before_chunk_checksums_is_still_read_and_said_to_have_no
     assert "no chunk checksums: an older file" in capsys.readouterr().out
     assert main(["verify", "--cache-dir", str(path.parent)]) == 0
     assert "verified  " in capsys.readouterr().out
+
+
+FORMATS = Path(__file__).parent / "fixtures" / "formats"
+
+
+@pytest.mark.parametrize("written_by", sorted(p.name for p in FORMATS.iterdir() if p.is_dir()))
+def test_feature_files_every_release_wrote_stay_readable_and_current(written_by, tmp_path):
+    """tests/fixtures/formats/<commit>/: the tiny file that commit's `extract` wrote (from
+    tests/fixtures/formats/tiny.npz; MobileNetV2 0.35, weights none, 32x32). Today's code reads
+    it whole and finds it up to date: no upgrade calls a cache damaged or re-extracts it."""
+    import shutil
+
+    from pipeline.extract import ExtractionConfig, extract_features
+    from pipeline.store import FeatureFile, check_file
+
+    cache = tmp_path / "cache"
+    shutil.copytree(FORMATS / written_by, cache)
+    shutil.copy(FORMATS / "tiny.npz", tmp_path / "tiny.npz")
+    [path] = cache.glob("*.h5")
+    assert check_file(path, full=True) is None
+    with FeatureFile(path) as ff:
+        assert ff.features("train").shape == (6, 1280) and ff.features("test").shape == (4, 1280)
+        assert ff.labels("train").tolist() == [0, 1, 0, 1, 0, 1] and ff.classes == ["a", "b"]
+        assert np.isfinite(ff.features("train")[()]).all() and ff.validation_rows == 0
+    config = ExtractionConfig(dataset=f"npz:{tmp_path / 'tiny.npz'}", backbone="mobilenet_v2",
+                              alpha=0.35, weights="none", image_size=32, cache_dir=str(cache))
+    result = extract_features(config)
+    assert result.status == "up-to-date" and result.path == path
+
+
+@pytest.mark.bad_input
+def test_a_file_of_a_newer_format_is_not_called_damaged_nor_moved_aside(tmp_path, capsys):
+    import shutil
+
+    import h5py
+
+    from pipeline.cli import main
+
+    cache = tmp_path / "cache"
+    shutil.copytree(FORMATS / "e7147b8", cache)
+    [path] = cache.glob("*.h5")
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 99
+    assert main(["verify", "--cache-dir", str(cache)]) == 0  # not a bad file
+    assert main(["verify", "--repair", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "NEWER" in out and "written by a newer version of this tool (format version 99" in out
+    assert path.exists() and "damaged" not in out
