@@ -1,4 +1,4 @@
-# Make drives the pipeline; the pipeline itself decides what is stale (see README, "Caching").
+# Make drives the pipeline; the pipeline itself decides what is stale (see docs/reference.md, "Caching").
 # Variables: CONFIG=FILE  DATASETS="a b"  BACKBONES="a b"  HEADS="a b"  LIMIT=N  GPU=1  RAY=1  FORCE=1
 #            RUNTIME=auto|tensorflow|openvino|onnxruntime (what runs the backbone)
 #            ENGINE=ray (run on a Ray cluster; installs Ray)  ADDRESS=auto|ray://HOST:PORT
