@@ -378,7 +378,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.experiments import train_heads
+    from pipeline.training import train_heads
 
     train_heads(args.heads, features=args.features, cache_dir=args.cache_dir,
                 results_dir=args.results_dir, params=args.param,

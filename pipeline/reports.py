@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import results
+from pipeline.results import ResultRecord
 from pipeline.store import FeatureStore
 
 COLUMNS = ["dataset", "backbone", "mode", "head", "validation_accuracy", "test_accuracy", "macro_f1",
@@ -68,40 +69,32 @@ def feature_labels(features: dict) -> tuple[str, str]:
     return backbone, mode
 
 
-def result_title(metrics: dict) -> str:
+def result_title(record: ResultRecord) -> str:
     """A confusion plot's title: dataset, backbone with its width, features, input size, head."""
-    features = metrics["features"]
+    features = record.features
     backbone, mode = feature_labels(features)
     size = f" {features['image_size']}px" if features.get("image_size") else ""
-    return (f"{features['dataset']} {backbone} {mode}{size} + {head_label(metrics)}: "
-            f"{100 * metrics['test_accuracy']:.2f}%")
-
-
-def head_label(metrics: dict) -> str:
-    """``mlp`` or ``mlp(alpha=0.001,hidden=512)``: two settings of one head stay apart."""
-    params = metrics.get("params") or {}
-    head = metrics.get("head_ran", metrics.get("head", "?"))
-    return head + (f"({','.join(f'{k}={v}' for k, v in sorted(params.items()))})" if params else "")
+    return (f"{features['dataset']} {backbone} {mode}{size} + {record.label}: "
+            f"{100 * record.test_accuracy:.2f}%")
 
 
 def collect_results(results_dir: str | Path, leave_out: set[str] | frozenset = frozenset()
                     ) -> list[dict]:
-    """One row per (feature file, head) with a complete metrics.json, but those on the
+    """One row per (feature file, head) with a complete result record, but those on the
     feature files (keys) in ``leave_out``."""
     rows = []
-    for m in results.collect(results_dir):
-        keys = {f.get("key") for f in m.get("features_files", [])} | {m.get("features_key")}
-        if keys & set(leave_out):
+    for record in results.collect(results_dir):
+        if record.feature_keys & set(leave_out):
             continue
-        features = m.get("features", {})
+        features = record.features
         backbone, mode = feature_labels(features)
         rows.append({
             "dataset": features.get("dataset", "?"), "backbone": backbone, "mode": mode,
-            "head": head_label(m), "validation_accuracy": m.get("validation_accuracy"),
-            "test_accuracy": m["test_accuracy"],
-            "macro_f1": m["macro_f1"], "fit_seconds": m["fit_seconds"],
-            "predict_ms_per_image": m["predict_ms_per_image"],
-            "feature_width": features.get("width"), "n_train": m.get("n_train"),
+            "head": record.label, "validation_accuracy": record.validation_accuracy,
+            "test_accuracy": record.test_accuracy,
+            "macro_f1": record.macro_f1, "fit_seconds": record.fit_seconds,
+            "predict_ms_per_image": record.predict_ms_per_image,
+            "feature_width": features.get("width"), "n_train": record.n_train,
         })
     rows.sort(key=lambda r: (r["dataset"], -r["test_accuracy"]))
     return rows

@@ -16,12 +16,88 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.store import FeatureStore, file_lock
 
 DEFAULT_RESULTS_DIR = "results"
+RECORD = "metrics.json"
+
+
+@dataclass
+class ResultRecord:
+    """One head fitted on one feature file (or a fusion of several): what ``metrics.json``
+    holds, written (``save``) and read (``load``) only through this record. A field a later
+    release adds gets a default, so every result written before still reads; keys a record
+    does not know (written by a newer release) are kept in ``extra`` and written back."""
+
+    head: str
+    params: dict
+    test_accuracy: float
+    macro_f1: float
+    fit_seconds: float
+    predict_ms_per_image: float
+    features: dict  # what the features were: dataset, backbone, alpha, mode, ...; "fused": [...]
+    features_checksum: str  # the result is current while its features have this checksum
+    head_ran: str = ""  # what ran (rbf_svm above its row limit runs as rbf_svm_approx)
+    note: str | None = None
+    balanced_accuracy: float | None = None
+    per_class: dict = field(default_factory=dict)  # class -> precision, recall, support
+    confusion_matrix: list = field(default_factory=list)
+    validation_accuracy: float | None = None
+    validation: dict = field(default_factory=dict)  # given (a val/ split) or carved, and how
+    best_params: dict = field(default_factory=dict)
+    sweep: list = field(default_factory=list)
+    sweep_skipped_past_peak: list = field(default_factory=list)
+    sweep_rows: int | None = None
+    converged: bool | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    features_file: str = ""
+    features_key: str = ""
+    features_files: list = field(default_factory=list)  # path, key, checksum of each file
+    versions: dict = field(default_factory=dict)
+    created: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``mlp`` or ``mlp(alpha=0.001,hidden=512)``: two settings of one head stay apart."""
+        return head_label(self.head_ran or self.head, self.params)
+
+    @property
+    def feature_keys(self) -> set[str]:
+        return {f.get("key") for f in self.features_files} | {self.features_key} - {""}
+
+    def is_current(self, checksum: str, params: dict) -> bool:
+        return self.features_checksum == checksum and self.params == params
+
+    def save(self, folder: Path) -> None:
+        record = asdict(self)
+        record.update(record.pop("extra"))
+        (Path(folder) / RECORD).write_text(json.dumps(record, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> ResultRecord:
+        """The record in ``path`` (a result folder or its metrics.json); OSError or ValueError
+        if it is missing, half-written or lacks what every record has."""
+        path = Path(path)
+        raw = json.loads((path / RECORD if path.is_dir() else path).read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a result record")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known},
+                       extra={k: v for k, v in raw.items() if k not in known})
+        except TypeError as exc:  # a required field missing
+            raise ValueError(f"incomplete result record ({exc})") from None
+
+
+def head_label(head: str, params: dict | None = None) -> str:
+    """``mlp`` or ``mlp(alpha=0.001,hidden=512)``: two settings of one head stay apart."""
+    return head + (f"({','.join(f'{k}={v}' for k, v in sorted(params.items()))})" if params else "")
 
 
 def check_results_dir(results_dir: str | Path) -> Path:
@@ -60,10 +136,9 @@ def legacy_result_dir(results_dir: str | Path, key: str, head: str, params: dict
 
 def is_current(out: Path, checksum: str, params: dict) -> bool:
     try:
-        m = json.loads((out / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return ResultRecord.load(out).is_current(checksum, params)
+    except (OSError, ValueError):
         return False
-    return m.get("features_checksum") == checksum and m.get("params") == params
 
 
 @contextmanager
@@ -105,15 +180,15 @@ def writing(out: Path) -> Iterator[Path]:
         os.replace(tmp, out)
 
 
-def collect(results_dir: str | Path) -> list[dict]:
-    """The metrics of every complete result: not those of hidden folders (a result being
+def collect(results_dir: str | Path) -> list[ResultRecord]:
+    """The record of every complete result: not those of hidden folders (a result being
     written, or what a killed writer left)."""
     found = []
-    for path in sorted(Path(results_dir).glob("*/*/metrics.json")):
+    for path in sorted(Path(results_dir).glob(f"*/*/{RECORD}")):
         if any(part.startswith(".") for part in path.parts[-3:-1]):
             continue
         try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
+            found.append(ResultRecord.load(path))
+        except (OSError, ValueError):
             continue
     return found

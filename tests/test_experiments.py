@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import LEDGER, REPO, audit_cache, make_images
 
-from pipeline import experiments
+from pipeline import experiments, training
 from pipeline.errors import PipelineError
 from pipeline.experiments import load_experiment, run_experiment, train_one
 from pipeline.store import FeatureFile, check_file
@@ -73,7 +73,7 @@ def test_adding_a_head_trains_only_that_head(tmp_path, capsys, caplog):
     out = capsys.readouterr().out
     assert "[cached  ]" in out and "logreg(C=1.0):cached, mlp(max_epochs=5):to train" in out
     steps = [m for m in caplog.messages if m.startswith("[")]
-    assert len(steps) == 1 and steps[0].startswith("[1/1] mlp on ")  # no extraction step
+    assert len(steps) == 1 and steps[0].startswith("[1/1] mlp(max_epochs=5) on ")  # no extraction
     assert _mtimes(tmp_path / "cache") == features
     assert logreg_metrics.stat().st_mtime_ns == stamp
     assert next(logreg.glob("mlp*/metrics.json")).exists()
@@ -198,7 +198,7 @@ def test_crash_while_writing_a_result_never_leaves_a_done_result(tmp_path, monke
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiments, "plot_confusion", boom)
+    monkeypatch.setattr(training, "plot_confusion", boom)
     with pytest.raises(KeyboardInterrupt):
         train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")
     assert not list((tmp_path / "results").glob("*/logreg*/metrics.json"))
@@ -520,7 +520,7 @@ def test_a_full_results_disk_is_not_blamed_on_the_feature_file(tmp_path, monkeyp
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(experiments, "plot_confusion", full)
+    monkeypatch.setattr(training, "plot_confusion", full)
     with pytest.raises(PipelineError) as caught:
         train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")
     message = str(caught.value)

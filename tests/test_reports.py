@@ -1,19 +1,18 @@
 import csv
-import json
 
 from pipeline.reports import collect_results, compare, markdown_table, plot_confusion
+from pipeline.results import ResultRecord
 
 
 def _result(root, key, head, acc, dataset="cifar10", fit=1.0, val=None, params=None):
     out = root / key / head
     out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps({
-        "head": head, "head_ran": head, "params": params or {},
-        "validation_accuracy": acc if val is None else val, "test_accuracy": acc,
-        "macro_f1": acc - 0.01,
-        "fit_seconds": fit, "predict_ms_per_image": 0.01, "n_train": 100,
-        "features": {"dataset": dataset, "backbone": "mobilenet_v2", "alpha": 0.35,
-                     "mode": "avg", "layers": [], "width": 1280}}))
+    ResultRecord(head=head, head_ran=head, params=params or {},
+                 validation_accuracy=acc if val is None else val, test_accuracy=acc,
+                 macro_f1=acc - 0.01, fit_seconds=fit, predict_ms_per_image=0.01, n_train=100,
+                 features={"dataset": dataset, "backbone": "mobilenet_v2", "alpha": 0.35,
+                           "mode": "avg", "layers": [], "width": 1280},
+                 features_checksum="c" + key).save(out)
 
 
 def test_compare_writes_csv_markdown_and_plot_with_best_marked(tmp_path):
@@ -91,7 +90,9 @@ def test_titles_and_labels_tell_layers_and_widths_apart():
     features = {"dataset": "idx:fashion-mnist", "backbone": "mobilenet", "alpha": 0.25,
                 "mode": "avg", "layers": ["a", "b", "c"], "image_size": 224}
     assert feature_labels(features) == ("mobilenet@0.25", "avg[3 layers]")
-    title = result_title({"features": features, "head_ran": "logreg", "test_accuracy": 0.9106})
+    title = result_title(ResultRecord(head="logreg", params={}, test_accuracy=0.9106, macro_f1=0.9,
+                                      fit_seconds=1.0, predict_ms_per_image=0.1, features=features,
+                                      features_checksum="c"))
     assert title == "idx:fashion-mnist mobilenet@0.25 avg[3 layers] 224px + logreg: 91.06%"
 
 

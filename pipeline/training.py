@@ -1,0 +1,193 @@
+"""Training: one head fitted on one cached feature file (or several side by side, a fusion),
+evaluated on the test split, written as one result folder (``results``) whole or not at all.
+
+It sits above ``heads`` (the estimators), ``reports`` (the confusion plot) and ``results``
+(where results live and what a result record holds); ``experiments`` plans grids of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+
+from pipeline import results
+from pipeline.errors import PipelineError
+from pipeline.heads import check_params, evaluate, load_features, load_fused_features, make_head
+from pipeline.reports import plot_confusion, result_title
+from pipeline.results import (
+    DEFAULT_RESULTS_DIR,
+    ResultRecord,
+    check_results_dir,
+    head_label,
+    legacy_result_dir,
+    result_dir,
+)
+from pipeline.store import DEFAULT_CACHE_DIR, FeatureFile, FeatureStore, reading
+
+log = logging.getLogger(__name__)
+
+
+def _parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        if "=" not in item:
+            raise PipelineError(f"--param {item!r}: write NAME=VALUE, e.g. --param C=0.1")
+        name, value = item.split("=", 1)
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    return params
+
+
+def _features_summary(ff: FeatureFile) -> dict:
+    """What a result says about the features it was fitted on (copied from the file)."""
+    parts, prov = ff.attrs["key_parts"], ff.attrs.get("provenance", {})
+    return {"dataset": parts["dataset"], "backbone": parts["backbone"], "alpha": parts.get("alpha"),
+            "mode": parts["mode"], "layers": parts.get("layers", []),
+            "image_size": parts.get("image_size"), "tta": parts.get("tta", "none"),
+            "width": int(np.prod(prov.get("feature_shape", [0])))}
+
+
+def result_identity(files: list[FeatureFile], checksums: list[str]) -> tuple[dict, str]:
+    """(key parts naming the result folder, checksum the result is current for). A fusion's
+    checksum covers every file's, so re-extracting any one of them makes the result stale."""
+    if len(files) == 1:
+        return files[0].attrs["key_parts"], checksums[0]
+    parts = {"dataset": files[0].attrs["key_parts"]["dataset"], "backbone": "fusion",
+             "mode": f"{len(files)}files", "files": [ff.key for ff in files]}
+    return parts, hashlib.sha256("".join(checksums).encode()).hexdigest()
+
+
+def train_one(feature_path: Path | list[Path], head: str, params: dict | None = None, *,
+              results_dir: str | Path = DEFAULT_RESULTS_DIR, memory_budget_gb: float | None = None,
+              force: bool = False) -> tuple[str, Path]:
+    """Fit one head on one feature file (or on several side by side: a fusion) and write
+    model, metrics.json and confusion.png."""
+    params = dict(params or {})
+    check_params(head, params)
+    check_results_dir(results_dir)
+    paths = [Path(feature_path)] if isinstance(feature_path, (str, Path)) else list(feature_path)
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(FeatureFile(p)) for p in paths]
+        checksums = [ff.checksum() for ff in files]
+        parts, checksum = result_identity(files, checksums)
+        out = result_dir(results_dir, parts, head, params)
+        legacy = legacy_result_dir(results_dir, files[0].key, head, params) \
+            if len(files) == 1 else None
+        with results.locked(out, legacy, checksum, params):
+            if not force and results.is_current(out, checksum, params):
+                log.info("up to date: %s", out)
+                return "up-to-date", out
+            for ff in files:  # the streaming head reads rows during fit and predict
+                stack.enter_context(reading(ff.path))
+            if len(files) == 1:
+                data = load_features(files[0], head, memory_budget_gb=memory_budget_gb)
+            else:
+                data = load_fused_features(files, head, memory_budget_gb=memory_budget_gb)
+            model, note = make_head(head, params, n_train=len(data.y_train))
+            if note:
+                log.info(note)
+            if data.validation_rows:  # the user's own val/ split: every head chooses on it
+                model.set_params(validation_rows=data.validation_rows)
+            else:
+                counts = np.bincount(data.y_train, minlength=len(data.classes))
+                few = [f"{data.classes[c]} ({counts[c]})" for c in np.flatnonzero(counts == 1)]
+                if few:
+                    raise PipelineError(
+                        f"{head}: class(es) {', '.join(few)} have a single training row in "
+                        f"{paths[0].name}; carving a validation split needs at least 2 per class: "
+                        "add images (or a val/ folder) and extract again")
+            log.info("training %s on %s (%s train rows) ...", head_label(head, params),
+                     " + ".join(ff.path.name for ff in files), f"{len(data.y_train):,}")
+            t0 = time.perf_counter()
+            model.fit(data.X_train, data.y_train)
+            fit_seconds = time.perf_counter() - t0
+            summaries = [_features_summary(ff) for ff in files]
+            record = ResultRecord(
+                **evaluate(model, data.X_test, data.y_test, data.classes),
+                head=head, head_ran="rbf_svm_approx" if note else head, note=note,
+                params=params, best_params=_jsonable(getattr(model, "best_params_", {})),
+                sweep=_jsonable(getattr(model, "sweep_", [])),
+                sweep_skipped_past_peak=_jsonable(getattr(model, "skipped_", [])),
+                converged=getattr(model, "converged_", None),
+                validation_accuracy=getattr(model, "validation_score_", None),
+                sweep_rows=getattr(model, "sweep_rows_", None),
+                validation=({"given": "the dataset's own validation split",
+                             "rows": data.validation_rows} if data.validation_rows else
+                            {"carved": "a seeded stratified share of the training rows",
+                             "fraction": model.get_params().get("validation_fraction")}),
+                fit_seconds=fit_seconds, n_train=len(data.y_train), n_test=len(data.y_test),
+                features_file=str(files[0].path), features_key=files[0].key,
+                features_checksum=checksum,
+                features_files=[{"path": str(ff.path), "key": ff.key, "checksum": c}
+                                for ff, c in zip(files, checksums)],
+                features=summaries[0] if len(files) == 1 else {
+                    "dataset": summaries[0]["dataset"], "fused": summaries,
+                    "width": sum(f["width"] for f in summaries)},
+                versions={**files[0].attrs.get("provenance", {}).get("versions", {}),
+                          "python": platform.python_version()},
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            try:
+                _write_result(out, model, record, data.classes)
+            except OSError as exc:  # the results folder's disk, not the feature file
+                raise PipelineError(f"cannot write the result to {out.parent}: "
+                                    f"{exc.strerror or exc}; free space there (or pass "
+                                    "--results-dir), then rerun: the features are fine") from None
+    log.info("%s: test accuracy %.2f%% (fit %.1f s) -> %s", head, 100 * record.test_accuracy,
+             fit_seconds, out)
+    return "trained", out
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _write_result(out: Path, model, record: ResultRecord, classes: list[str]) -> None:
+    with results.writing(out) as tmp:
+        if hasattr(model, "model_") and type(model.model_).__module__.startswith("keras"):
+            model.model_.save(tmp / "model.keras")
+            keras_model, model.model_ = model.model_, None
+            joblib.dump(model, tmp / "model.joblib")  # the wrapper (classes, params); net in .keras
+            model.model_ = keras_model
+        else:
+            joblib.dump(model, tmp / "model.joblib")
+        plot_confusion(record.confusion_matrix, classes, result_title(record), tmp / "confusion.png")
+        record.save(tmp)
+
+
+def train_heads(heads: list[str], *, features: list[str] | None = None,
+                cache_dir: str = DEFAULT_CACHE_DIR, results_dir: str = DEFAULT_RESULTS_DIR,
+                params: list[str] | None = None, memory_budget_gb: float | None = None,
+                force: bool = False, fuse: bool = False) -> None:
+    """``pipeline train``: each head on each given (or every complete) feature file, or with
+    ``fuse`` on the given files side by side."""
+    parsed = _parse_params(params or [])
+    for head in heads:
+        check_params(head, parsed)
+    check_results_dir(results_dir)
+    store = FeatureStore(cache_dir)
+    files = [store.find(f) for f in features] if features else store.complete_files()
+    older = len(store.superseded_keys()) if not features else 0
+    if older:
+        log.info("ignoring %d feature file(s) of older data (superseded by a newer extraction "
+                 "of the same request; `python -m pipeline ls` marks them, `python -m pipeline gc` "
+                 "removes them, --features names one to train on it anyway)", older)
+    if not files:
+        raise PipelineError(f"no complete feature files in {cache_dir}/; extract features first "
+                            "(python -m pipeline extract ... or make features)")
+    if fuse and len(files) < 2:
+        raise PipelineError("--fuse needs at least two feature files: --features A B (paths, "
+                            "or keys as `python -m pipeline ls` prints them)")
+    for path in [files] if fuse else files:
+        for head in heads:
+            train_one(path, head, parsed, results_dir=results_dir,
+                      memory_budget_gb=memory_budget_gb, force=force)
