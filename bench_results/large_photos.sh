@@ -6,6 +6,7 @@
 set -euo pipefail
 OLD=${1:?a git revision to compare with}
 work=$(mktemp -d)
+repo=$PWD venv=$PWD/.venv
 trap 'git worktree remove --force "$work/old" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 git worktree add -q "$work/old" "$OLD"
 .venv/bin/python - "$work/photos" <<'PY'
@@ -30,8 +31,12 @@ for round in 1 2; do
   for which in old new; do
     code=$PWD; [ "$which" = old ] && code="$work/old"
     rm -rf "$work/cache"
-    /usr/bin/time -f "$which round $round: %e s wall, peak RSS %M KiB" \
-      env PYTHONPATH="$code" .venv/bin/python -m pipeline extract --dataset "folder:$work/photos" \
-      --backbone mobilenet --alpha 0.25 --cache-dir "$work/cache" -q 2>&1 | grep -v '^warning'
+    # From $work: `python -m` puts the working folder first on the path, before PYTHONPATH.
+    cd "$work"
+    echo "$which: $(PYTHONPATH="$code" "$venv/bin/python" -c 'import pipeline; print(pipeline.__file__)')"
+    /usr/bin/time -f "$which round $round: %e s wall, peak RSS %M KiB" env PYTHONPATH="$code" \
+      "$venv/bin/python" -m pipeline extract --dataset "folder:$work/photos" --backbone mobilenet \
+      --alpha 0.25 --cache-dir "$work/cache" -q 2>&1 | grep -v '^warning' || true
+    cd "$repo"
   done
 done

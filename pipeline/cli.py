@@ -48,7 +48,7 @@ def positive_float(text: str) -> float:
 def _add_option(p: argparse.ArgumentParser, name: str, **override) -> None:
     """The flag of extraction option ``name``, made from its one declaration
     (``extract.ExtractionConfig``); its old spellings are flags too."""
-    from pipeline.extract import option_fields, option_type
+    from pipeline.options import option_fields, option_type
 
     f, (kind, _) = option_fields()[name], option_type(name)
     meta = f.metadata
@@ -70,7 +70,7 @@ def _add_option(p: argparse.ArgumentParser, name: str, **override) -> None:
 
 
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
-    from pipeline.extract import option_fields
+    from pipeline.options import option_fields
 
     for name, f in option_fields().items():
         if f.metadata["flag"] is not None:

@@ -27,15 +27,15 @@ import ray
 from pipeline.datasets import Dataset, parse_dataset
 from pipeline.errors import PipelineError
 from pipeline.extract import (
-    ExtractionConfig,
     ExtractionResult,
-    FeatureModel,
     Progress,
     extract_features,
     extract_shards,
-    fit_bottleneck,
+    fit_projection,
+    start_model,
     worker_provenance,
 )
+from pipeline.options import ExtractionConfig
 from pipeline.store import LAYOUTS, FeatureStore, ShardSet
 
 log = logging.getLogger(__name__)
@@ -59,17 +59,13 @@ class ShardExtractor:
                  decode_threads: int = 2):
         self.config = config
         self.dataset = dataset  # the driver's: arrays, or image paths with their sha256
-        shape = self.dataset.splits["train"].image_shape
-        self.model = FeatureModel(config, shape, threads=threads or None)  # a fair share of the node
-        self.runtime = self.model.use_runtime(  # the driver's choice, on every actor
-            config.runtime, FeatureStore(config.cache_dir).model_dir(config.model_key(shape)),
-            f"{config.backbone} {config.mode}", config.precision)
+        # the driver's runtime, on a fair share of the node, started as in one process
+        self.model, self.runtime = start_model(config, dataset.splits["train"].image_shape,
+                                               config.runtime, threads=threads or None)
         self.decode_threads = decode_threads
 
     def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:
-        c = self.config
-        return fit_bottleneck(self.model, self.dataset, c.bottleneck_k, c.bottleneck_fit_images,
-                              c.batch_size, c.seed)
+        return fit_projection(self.model, self.dataset, self.config)
 
     def extract(self, split: str, start: int, stop: int, shards_path: str, key: str,
                 projection, compression: str) -> dict:
@@ -147,7 +143,7 @@ class _ActorFactory:
 
 
 class RayRunner:
-    """Extraction on a pool of ``ShardExtractor`` actors (``extract.LocalRunner``'s contract):
+    """Extraction on a pool of ``ShardExtractor`` actors (an ``extract.Runner``):
     actors start when there is work, each builds the backbone once and writes whole shards."""
 
     name = "ray"

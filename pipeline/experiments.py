@@ -20,19 +20,13 @@ from pipeline import results
 from pipeline.backbones import get_spec, missing_imagenet_weights
 from pipeline.datasets import KERAS_DATASETS, Dataset, keras_dataset_is_local
 from pipeline.errors import PipelineError
-from pipeline.extract import (
-    MODES,
-    ExtractionConfig,
-    extract_features,
-    open_dataset,
-    option_fields,
-    option_problem,
-)
+from pipeline.extract import extract_features, open_dataset
 from pipeline.heads import (
     HEADS,
     SPATIAL_HEADS,
     check_params,
 )
+from pipeline.options import MODES, ExtractionConfig, option_fields, option_problem
 from pipeline.reports import compare
 from pipeline.results import (
     DEFAULT_RESULTS_DIR,
@@ -383,14 +377,7 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     extract_todo = [j for j in jobs if j.state != "cached"] if stage in ("features", "all") else []
     runnable = {"all": ("to train", "after extraction"), "heads": ("to train",)}.get(stage, ())
     heads_todo = sum(s in runnable for s in head_states.values())
-    cached_files = sum(j.state == "cached" for j in jobs)
-    cached_heads = sum(s == "cached" for s in head_states.values())
-    print(f"experiment {exp.source}: {len(jobs)} feature files ({cached_files} cached), "
-          f"{len(fusions)} fusions, {len(head_states)} head results ({cached_heads} cached)")
-    for j in [*jobs, *fusions]:
-        heads = ", ".join(f"{head_label(h['name'], h.get('params'))}:"
-                          f"{head_states[_head_key(j, h)]}" for h in j.heads)
-        print(f"  [{j.state:8}] {j.label}  heads: {heads or '-'}")
+    _print_plan(exp, jobs, fusions, head_states)
     if dry_run:
         print(f"dry run: would extract {len(extract_todo)} feature file(s) and train "
               f"{heads_todo} head(s)")
@@ -400,39 +387,66 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
         if stage == "all":
             compare(exp.results_dir, cache_dir=exp.cache_dir)
         return 0
-    steps = len(extract_todo) + heads_todo
-    step = 0
-    for job in extract_todo:
-        step += 1
-        log.info("[%d/%d] extract %s", step, steps, job.label)
-        if job.state == "damaged":
-            raise PipelineError(f"{job.path} is damaged; `python -m pipeline verify --repair` "
-                                "moves it aside, then rerun")
-        result = extract(job.config, dataset=job.dataset)
-        job.path, job.state = result.path, "cached"
+    steps = _Steps(len(extract_todo) + heads_todo)
+    _extract_missing(extract_todo, extract, steps)
     if stage in ("heads", "all"):
-        calls = []
-        for job in [*jobs, *fusions]:  # fusions last: their parts are extracted by then
-            if job.state != "cached":
-                log.warning("skipping heads on %s: features not extracted (make features)",
-                            job.label)
-                continue
-            for h in job.heads:
-                if head_states[_head_key(job, h)] == "cached":
-                    continue
-                step += 1
-                path = job.paths if isinstance(job, FusionJob) else job.path
-                calls.append({"feature_path": path, "head": h["name"],
-                              "params": h.get("params", {}), "results_dir": exp.results_dir})
-                if map_calls is None:
-                    log.info("[%d/%d] %s on %s", step, steps,
-                             head_label(h["name"], h.get("params")), job.label)
-                    train_one(**calls[-1])
-        if map_calls is not None and calls:
-            log.info("training %d head(s) as cluster tasks", len(calls))
-            map_calls(train_one, calls)
+        _train_stale(exp, [*jobs, *fusions], head_states, map_calls, steps)
     if stage in ("compare", "all"):
         compare(exp.results_dir, cache_dir=exp.cache_dir)
     print(f"done in {time.monotonic() - t0:.1f} s")
     return 0
 
+
+def _print_plan(exp: Experiment, jobs: list[Job], fusions: list[FusionJob], head_states: dict) -> None:
+    cached_files = sum(j.state == "cached" for j in jobs)
+    cached_heads = sum(s == "cached" for s in head_states.values())
+    print(f"experiment {exp.source}: {len(jobs)} feature files ({cached_files} cached), "
+          f"{len(fusions)} fusions, {len(head_states)} head results ({cached_heads} cached)")
+    for j in [*jobs, *fusions]:
+        heads = ", ".join(f"{head_label(h['name'], h.get('params'))}:"
+                          f"{head_states[_head_key(j, h)]}" for h in j.heads)
+        print(f"  [{j.state:8}] {j.label}  heads: {heads or '-'}")
+
+
+class _Steps:
+    """``[3/7]`` before each step's line."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def next(self) -> str:
+        self.done += 1
+        return f"[{self.done}/{self.total}]"
+
+
+def _extract_missing(todo: list[Job], extract, steps: _Steps) -> None:
+    for job in todo:
+        log.info("%s extract %s", steps.next(), job.label)
+        if job.state == "damaged":
+            raise PipelineError(f"{job.path} is damaged; `python -m pipeline verify --repair` "
+                                "moves it aside, then rerun")
+        result = extract(job.config, dataset=job.dataset)
+        job.path, job.state = result.path, "cached"
+
+
+def _train_stale(exp: Experiment, jobs: list, head_states: dict, map_calls, steps: _Steps) -> None:
+    """Every head result not up to date, fusions last (their parts are extracted by then): here
+    one after another, or all at once as cluster tasks (``map_calls``)."""
+    calls = []
+    for job in jobs:
+        if job.state != "cached":
+            log.warning("skipping heads on %s: features not extracted (make features)", job.label)
+            continue
+        for h in job.heads:
+            if head_states[_head_key(job, h)] == "cached":
+                continue
+            path = job.paths if isinstance(job, FusionJob) else job.path
+            calls.append({"feature_path": path, "head": h["name"],
+                          "params": h.get("params", {}), "results_dir": exp.results_dir})
+            step = steps.next()
+            if map_calls is None:
+                log.info("%s %s on %s", step, head_label(h["name"], h.get("params")), job.label)
+                train_one(**calls[-1])
+    if map_calls is not None and calls:
+        log.info("training %d head(s) as cluster tasks", len(calls))
+        map_calls(train_one, calls)

@@ -23,10 +23,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -34,9 +35,17 @@ from pipeline import SPLITS, runtimes
 from pipeline import backbones as bb
 from pipeline.datasets import Dataset, Split, load_dataset, parse_dataset, stratified_subset
 from pipeline.errors import PipelineError
+from pipeline.options import (  # noqa: F401 - the option names, re-exported
+    EXTRACTOR_VERSION,
+    MODES,
+    ExtractionConfig,
+    FeatureMode,
+    KeyPart,
+    option_fields,
+    option_problem,
+    option_type,
+)
 from pipeline.store import (
-    COMPRESSIONS,
-    DEFAULT_CACHE_DIR,
     NEWER_FORMAT,
     FeatureStore,
     ShardSet,
@@ -44,210 +53,7 @@ from pipeline.store import (
     check_file,
 )
 
-EXTRACTOR_VERSION = 1
-@dataclass(frozen=True)
-class FeatureMode:
-    """What a feature file holds (the key's ``mode``), declared once: every place that
-    behaves differently per mode reads it here.
-
-    ``pool``: the reduction over a map's rows and columns (pooled modes; these alone take
-    ``--layer``); ``projection``: a 1x1 projection fitted on training maps is applied (and its
-    fit needs the Keras model); ``stored``: the dtype rows are stored in (maps as float16,
-    half the bytes); ``vectors``: rows are flat vectors (heads taking pooled features), not
-    (h, w, C) maps."""
-
-    name: str
-    pool: str = ""  # a tf reduction: reduce_mean | reduce_max
-    projection: bool = False
-    stored: str = "float32"
-    vectors: bool = True
-
-
-MODES: dict[str, FeatureMode] = {m.name: m for m in (
-    FeatureMode("avg", pool="reduce_mean"),
-    FeatureMode("max", pool="reduce_max"),
-    FeatureMode("bottleneck", projection=True),  # flattened: (h * w * k) vectors
-    FeatureMode("spatial", stored="float16", vectors=False),
-)}
-TTAS = ("none", "flip")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KeyPart:
-    """How an option enters the cache key (``ExtractionConfig.key_parts``), declared beside
-    the option so that both keys are built from the declarations, never listed by hand.
-
-    ``graph``: it changes the backbone's graph, so it also keys a converted graph
-    (``model_key``): forgetting this would let a stale converted graph serve new features.
-    ``value(config)``: what is recorded (default: the option's value). ``when(config)``: whether
-    it is recorded at all (an option left out at its default keeps every key written before the
-    option existed, as ``tta`` does). A dotted ``name`` nests (``bottleneck.k``)."""
-
-    graph: bool = False
-    name: str = ""
-    value: Callable | None = None
-    when: Callable | None = None
-
-
-def _bottleneck(config) -> bool:
-    return MODES[config.mode].projection
-
-
-def option(default=MISSING, help: str = "", *, key_part: KeyPart | None = None,
-           where: tuple[str, ...] = (), choices: tuple = (), positive: bool = False,
-           flag: str | None = "", aliases: tuple[str, ...] = (), key: str = ""):
-    """An ``ExtractionConfig`` field, declared once with what the command line and experiment
-    files need: how the features depend on it (``key_part``, see ``KeyPart``), ``where`` it
-    may be set in an experiment file (``datasets`` / ``backbones`` / ``features`` entries,
-    ``top`` level) and under which ``key`` there (default: its name); its ``flag`` (default
-    ``--field-name``; None: not an ``extract`` flag); ``aliases``: older spellings, accepted
-    for one release."""
-    return field(default=default, metadata={
-        "help": help, "key_part": key_part, "where": where, "choices": tuple(choices),
-        "positive": positive, "flag": flag, "aliases": aliases, "key": key})
-
-
-@dataclass
-class ExtractionConfig:
-    """Every extraction option: ``cli`` makes its flags from these fields, ``experiments``
-    its file checks and grid, ``validate`` checks them, and both cache keys are built from
-    their ``key_part`` declarations (``limit`` and ``skip_bad`` enter through the dataset's
-    fingerprint). Tests hold the declarations to what really changes the features and the
-    graph."""
-
-    dataset: str = option(
-        help="cifar10 | cifar100 | fashion_mnist | mnist | folder:PATH | idx:PATH | cifar:PATH | "
-        "npz:PATH", key_part=KeyPart(value=lambda c: parse_dataset(c.dataset).label),
-        where=("datasets",), key="source")  # + its fingerprint
-    backbone: str = option("mobilenet_v2", "a name `python -m pipeline backbones` lists",
-                           key_part=KeyPart(graph=True), where=("backbones",), key="name")
-    mode: str = option("avg", "global average or max pooling of the last map, a 1x1 bottleneck "
-                       "of it (PCA on training maps), or the map itself", key_part=KeyPart(graph=True),
-                       where=("features",), choices=tuple(MODES), aliases=("pooling",))
-    alpha: float | None = option(None, "width multiplier (MobileNets)", key_part=KeyPart(graph=True),
-                                 where=("backbones",), positive=True)
-    weights: str = option("imagenet", "imagenet | none | PATH to a weights file (by its content)",
-                          key_part=KeyPart(graph=True, value=lambda c: bb.weights_identity(c.weights)),
-                          where=("backbones",))
-    image_size: int | None = option(None, "model input size (default: the backbone's native)",
-                                    key_part=KeyPart(graph=True, value=lambda c: c.image_size or
-                                                     bb.get_spec(c.backbone).input_size),
-                                    where=("backbones",), positive=True)
-    layers: tuple[str, ...] = option((), "pool this layer instead of the last (repeat to "
-                                     "concatenate layers)", where=("features",), flag="--layer",
-                                     key_part=KeyPart(graph=True, value=lambda c: list(c.layers)))
-    bottleneck_k: int = option(32, "channels the bottleneck keeps",
-                               key_part=KeyPart(name="bottleneck.k", when=_bottleneck),
-                               where=("features",), positive=True, aliases=("k",))
-    bottleneck_fit_images: int = option(2000, "training images the bottleneck is fitted on",
-                                        key_part=KeyPart(name="bottleneck.fit_images", when=_bottleneck),
-                                        where=("features",), positive=True)
-    batch_size: int = option(64, "images per batch", where=("backbones", "top"), positive=True)
-    limit: int | None = option(None, "images per split (stratified, at least one per class)",
-                               where=("datasets", "top"), positive=True)  # in the fingerprint
-    precision: str = option("float32", "mixed precision runs on TensorFlow", key_part=KeyPart(),
-                            where=("backbones",), choices=PRECISIONS)
-    compression: str = option("auto", "auto (gzip for spatial maps, none for vectors) | none | "
-                              "gzip | lzf (h5py's own filter: other HDF5 readers cannot open it)",
-                              where=("features",), choices=COMPRESSIONS)
-    skip_bad: bool = option(False, "skip undecodable images (counted in a warning, listed in "
-                            "the file)", where=("datasets",))  # what it skips: in the fingerprint
-    cache_dir: str = option(DEFAULT_CACHE_DIR, "feature cache folder", where=("top",),
-                            flag=None)  # a flag of every command
-    seed: int = option(0, "seed of --limit's subset and the bottleneck's fitting images",
-                       key_part=KeyPart(name="bottleneck.seed", when=_bottleneck), flag=None)
-    shard_rows: int | None = option(None, "rows per resumable shard (default: about 8 MiB)",
-                                    positive=True, aliases=("segment_rows",))
-    rescan: bool = option(False, "read every image file again instead of trusting the scan "
-                          "index")
-    runtime: str = option("auto", "what runs the backbone, float32 on every one: auto (on a "
-                          "CPU: ONNX Runtime for the MobileNets, OpenVINO for the others, where "
-                          "installed; else TensorFlow) | tensorflow | openvino | onnxruntime",
-                          where=("top",), choices=runtimes.RUNTIMES)
-    tta: str = option("none", "flip: average each image's features with its mirror's (one "
-                      "more forward pass). Off for digits or text, where a mirror changes what "
-                      "the image shows", key_part=KeyPart(graph=True, when=lambda c: c.tta != "none"),
-                      where=("features",), choices=TTAS)
-
-    def __post_init__(self):
-        self.layers = tuple(self.layers)
-
-    def validate(self) -> None:
-        """Every option's type and range, then what depends on the backbone (one line each)."""
-        for f in fields(self):
-            problem = option_problem(f.name, getattr(self, f.name))
-            if problem:
-                raise PipelineError(f"{f.name} = {getattr(self, f.name)!r}: {problem}")
-        spec = bb.get_spec(self.backbone)
-        if self.alpha is not None and not spec.has_alpha:
-            raise PipelineError(f"backbone {self.backbone!r} takes no alpha; only the MobileNets do")
-        if self.layers and not MODES[self.mode].pool:
-            raise PipelineError(f"layers (--layer) work with mode "
-                                f"{' or '.join(m.name for m in MODES.values() if m.pool)}")
-        runtimes.choose(self.runtime)  # a runtime that is not installed fails before any work
-
-    def model_key(self, image_shape: tuple[int, int, int]) -> dict:
-        """What a converted graph depends on (not the data): its cache folder's key."""
-        return {**self._declared_parts(graph_only=True), "input": list(image_shape),
-                "extractor_version": EXTRACTOR_VERSION}
-
-    def key_parts(self, dataset: Dataset) -> dict:
-        """Everything the features depend on: change any part and a new file is written."""
-        parts = {**self._declared_parts(graph_only=False), "fingerprint": dataset.fingerprint,
-                 "extractor_version": EXTRACTOR_VERSION}
-        if "bottleneck" in parts:
-            parts["bottleneck"]["method"] = "pca"
-        return parts
-
-    def _declared_parts(self, graph_only: bool) -> dict:
-        parts: dict = {}
-        for name, f in option_fields().items():
-            rule = f.metadata["key_part"]
-            if rule is None or (graph_only and not rule.graph) or (rule.when and not rule.when(self)):
-                continue
-            *groups, last = (rule.name or name).split(".")
-            target = parts
-            for group in groups:
-                target = target.setdefault(group, {})
-            target[last] = rule.value(self) if rule.value else getattr(self, name)
-        return parts
-
-
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-
-
-@functools.cache
-def option_fields() -> dict[str, Field]:
-    """The declared options by name (see ``option``); the same dict every call."""
-    return {f.name: f for f in fields(ExtractionConfig)}
-
-
-def option_type(name: str) -> tuple[type, bool]:
-    """(str | int | float | bool | tuple, whether None is allowed) of option ``name``."""
-    text = str(option_fields()[name].type)
-    base = text.split(" | ")[0]
-    return (tuple if base.startswith("tuple") else _TYPES[base]), "None" in text
-
-
-def option_problem(name: str, value) -> str | None:
-    """What is wrong with ``value`` for option ``name`` (None if nothing): one check for the
-    command line, experiment files and the Python API."""
-    meta, (kind, optional) = option_fields()[name].metadata, option_type(name)
-    if value is None:
-        return None if optional else "a value is required"
-    if kind is tuple:
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-        return None if ok else "should be a list of names"
-    if isinstance(value, bool) != (kind is bool) or not isinstance(
-            value, (int, float) if kind is float else kind):
-        return f"should be {'a number' if kind is float else kind.__name__}"
-    if meta["choices"] and value not in meta["choices"]:
-        return f"use one of {', '.join(meta['choices'])}"
-    if meta["positive"] and value <= 0:
-        return "must be a positive number"
-    return None
 
 
 @dataclass
@@ -711,6 +517,45 @@ def extract_shards(model: FeatureModel, shards: ShardSet, splits: dict[str, Spli
         raise errors[0]  # the shards written before it are kept for the rerun
 
 
+class Runner(Protocol):
+    """Where the shards of one extraction run (``extract_features`` drives it): ``LocalRunner``
+    in this process, or the Ray engine's actor pool (``engine.RayRunner``)."""
+
+    name: str  # recorded in the provenance
+    layout: str  # how the shards become one file: "merge" or "vds"
+
+    def start(self, config: ExtractionConfig, dataset: Dataset, store: FeatureStore,
+              runtime: str) -> None: ...
+    def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def shard_rows(self, n: int, projection) -> int: ...
+    def run(self, todo: list[tuple[str, int, int]], shards: ShardSet, key: str, projection,
+            progress: Progress) -> dict: ...
+    def stop(self) -> None: ...
+
+
+def start_model(config: ExtractionConfig, image_shape: tuple[int, int, int], runtime: str,
+                threads: int | None = None) -> tuple[FeatureModel, str]:
+    """The model set up to extract, and the runtime that will run it: the same start in this
+    process and on every Ray actor. Bad options (alpha, image size, layers, weights file,
+    bottleneck k) fail here, before anything is written, unless a converted graph kept for
+    these very options shows them good (then no Keras model is built, but in the bottleneck
+    mode, whose k is checked against the map's channels)."""
+    model = FeatureModel(config, image_shape, threads=threads)
+    if MODES[config.mode].projection:
+        check_bottleneck_k(model, config.bottleneck_k)
+    runtime = model.use_runtime(
+        runtime, FeatureStore(config.cache_dir).model_dir(config.model_key(image_shape)),
+        f"{config.backbone} {config.mode}", config.precision)
+    return model, runtime
+
+
+def fit_projection(model: FeatureModel, dataset: Dataset, config: ExtractionConfig
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The bottleneck's (mean, components) for ``config``, fitted on its training images."""
+    return fit_bottleneck(model, dataset, config.bottleneck_k, config.bottleneck_fit_images,
+                          config.batch_size, config.seed)
+
+
 class LocalRunner:
     """Extraction in this process: shard after shard, merged into one file when all are done."""
 
@@ -718,23 +563,11 @@ class LocalRunner:
 
     def start(self, config: ExtractionConfig, dataset: Dataset, store: FeatureStore,
               runtime: str) -> None:
-        """Set up the model: bad options (alpha, image size, layers, weights file, bottleneck
-        k) fail here, before anything is written, unless a converted graph kept for these very
-        options shows them good (then no Keras model is built, but in the bottleneck mode,
-        whose k is checked against the map's channels)."""
         self.config, self.dataset, self._row_bytes = config, dataset, None
-        image_shape = dataset.splits["train"].image_shape
-        self.model = FeatureModel(config, image_shape)
-        if MODES[config.mode].projection:
-            check_bottleneck_k(self.model, config.bottleneck_k)
-        self.runtime = self.model.use_runtime(
-            runtime, store.model_dir(config.model_key(image_shape)),
-            f"{config.backbone} {config.mode}", config.precision)
+        self.model, self.runtime = start_model(config, dataset.splits["train"].image_shape, runtime)
 
     def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:
-        c = self.config
-        return fit_bottleneck(self.model, self.dataset, c.bottleneck_k, c.bottleneck_fit_images,
-                              c.batch_size, c.seed)
+        return fit_projection(self.model, self.dataset, self.config)
 
     def shard_rows(self, n: int, projection) -> int:
         """``shard_rows``, or about 8 MiB of features: resume loses at most one shard."""
@@ -759,7 +592,7 @@ class LocalRunner:
 
 
 def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
-                     dataset: Dataset | None = None, runner=None,
+                     dataset: Dataset | None = None, runner: Runner | None = None,
                      scan_map=None) -> ExtractionResult:
     """Extract (or resume, or find cached) the features ``config`` names.
 
@@ -815,19 +648,10 @@ def report_skipped(dataset: Dataset, path: Path) -> None:
 
 
 def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, store: FeatureStore,
-                    t0: float, rebuild: bool, runner) -> ExtractionResult:
-    import h5py
-
+                    t0: float, rebuild: bool, runner: Runner) -> ExtractionResult:
+    """Holding the key's lock: resume what is done, run the rest, publish one file."""
     shards, final = store.shards_for(parts), store.path_for(parts)
-    sizes = {s: len(dataset.splits[s]) for s in SPLITS}
-    # A rebuild keeps the old file until the new one is published, and resumes its own work
-    # in progress; but a virtual file's shards are its rows, so rebuilding one starts over.
-    start_over = rebuild and final.exists() and store.reads_shards(final)
-    done = {} if start_over else {s: n for s in SPLITS if (n := shards.rows_done(s))}
-    runtime = config.runtime
-    if done:  # finish on the runtime the rows came from
-        started_with = shards.first_shard()[2].get("runtime", "tensorflow")
-        runtime = started_with if runtimes.installed(started_with) else runtime
+    start_over, done, runtime = _resume_point(config, store, shards, final, rebuild)
     runner.start(config, dataset, store, runtime)
     try:
         if start_over:
@@ -835,24 +659,14 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
             shutil.rmtree(shards.path, ignore_errors=True)
             log.info("rebuild: removed %s and its shards", final.name)
         if done:
+            sizes = {s: len(dataset.splits[s]) for s in SPLITS}
             log.info("resuming: %s", ", ".join(f"{s} {done.get(s, 0):,}/{sizes[s]:,}" for s in SPLITS))
-        projection, extra = None, {}
-        if MODES[config.mode].projection:
-            projection = (shards.load_array("bottleneck_mean"),
-                          shards.load_array("bottleneck_components"))
-            if projection[0] is None or projection[1] is None:
-                projection = runner.fit_bottleneck()
-                shards.save_array("bottleneck_mean", projection[0])
-                shards.save_array("bottleneck_components", projection[1])
-            extra = {"bottleneck/mean": projection[0], "bottleneck/components": projection[1]}
-        gaps = {s: shards.missing(s, sizes[s]) for s in SPLITS}
-        todo = [(s, lo, hi) for s in SPLITS if gaps[s]
-                for lo, hi in shard_ranges(sizes[s], runner.shard_rows(sizes[s], projection),
-                                           config.batch_size, gaps[s])]
-        images = sum(hi - lo for _, lo, hi in todo)
+        projection = _projection(config, shards, runner)
+        todo = _missing_shards(config, dataset, shards, runner, projection)
         if todo:  # so that `gc` can tell these shards apart once the data changes
             shards.record_identity({"key_parts": parts, "provenance": {
                 "config": asdict(config), "dataset_source": parse_dataset(config.dataset).absolute()}})
+        images = sum(hi - lo for _, lo, hi in todo)
         progress = Progress(dataset.spec, images)
         t_extract = time.monotonic()
         try:
@@ -862,21 +676,11 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
         seconds = time.monotonic() - t_extract
     finally:
         runner.stop()
-    rate = images / seconds if seconds > 0 else 0.0
-    feature_shape, feature_dtype, worker = shards.first_shard()  # what a worker computed, and how
     engine = {"name": runner.name, "layout": runner.layout, "shards_this_run": len(todo),
               "shard_count": sum(len(shards.files(s)) for s in SPLITS), **engine}
-    provenance = extraction_provenance(
-        config, dataset, feature_shape, feature_dtype, seconds, images, bool(done), engine=engine,
-        versions=worker["versions"], device=worker["device"], runtime=worker["runtime"])
-    if dataset.skipped:
-        extra["skipped_files"] = np.array(dataset.skipped, dtype=h5py.string_dtype())
-    path = store.publish(shards, parts, classes=dataset.classes,
-                         labels={s: dataset.splits[s].labels for s in SPLITS},
-                         attrs={"provenance": provenance,
-                                **({"validation_rows": dataset.validation} if dataset.validation else {})},
-                         layout=runner.layout,
-                         compression=config.compression, extra=extra)
+    path, provenance = _publish(config, dataset, parts, store, shards, runner.layout, projection,
+                                engine, images, seconds, resumed=bool(done))
+    rate = images / seconds if seconds > 0 else 0.0
     if images:
         log.info("wrote %s (%s images in %.1f s, %s img/s)", path, f"{images:,}", seconds, f"{rate:,.1f}")
     else:  # a resume that found every shard done
@@ -884,3 +688,64 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
     report_skipped(dataset, path)
     return ExtractionResult(path, "resumed" if done else "created", time.monotonic() - t0,
                             rate, provenance)
+
+
+def _resume_point(config: ExtractionConfig, store: FeatureStore, shards: ShardSet, final: Path,
+                  rebuild: bool) -> tuple[bool, dict[str, int], str]:
+    """(start over, rows done per split, the runtime to run on). A rebuild keeps the old file
+    until the new one is published, and resumes its own work in progress; but a virtual
+    file's shards are its rows, so rebuilding one starts over. Rows done are finished on the
+    runtime they came from."""
+    start_over = rebuild and final.exists() and store.reads_shards(final)
+    done = {} if start_over else {s: n for s in SPLITS if (n := shards.rows_done(s))}
+    runtime = config.runtime
+    if done:
+        started_with = shards.first_shard()[2].get("runtime", "tensorflow")
+        runtime = started_with if runtimes.installed(started_with) else runtime
+    return start_over, done, runtime
+
+
+def _projection(config: ExtractionConfig, shards: ShardSet, runner: Runner):
+    """The bottleneck's (mean, components), fitted once and kept with the shards (a resume
+    uses the same); None in the other modes."""
+    if not MODES[config.mode].projection:
+        return None
+    projection = (shards.load_array("bottleneck_mean"), shards.load_array("bottleneck_components"))
+    if projection[0] is None or projection[1] is None:
+        projection = runner.fit_bottleneck()
+        shards.save_array("bottleneck_mean", projection[0])
+        shards.save_array("bottleneck_components", projection[1])
+    return projection
+
+
+def _missing_shards(config: ExtractionConfig, dataset: Dataset, shards: ShardSet, runner: Runner,
+                    projection) -> list[tuple[str, int, int]]:
+    """(split, start, stop) of every shard no complete shard covers yet."""
+    sizes = {s: len(dataset.splits[s]) for s in SPLITS}
+    gaps = {s: shards.missing(s, sizes[s]) for s in SPLITS}
+    return [(s, lo, hi) for s in SPLITS if gaps[s]
+            for lo, hi in shard_ranges(sizes[s], runner.shard_rows(sizes[s], projection),
+                                       config.batch_size, gaps[s])]
+
+
+def _publish(config: ExtractionConfig, dataset: Dataset, parts: dict, store: FeatureStore,
+             shards: ShardSet, layout: str, projection, engine: dict, images: int, seconds: float,
+             resumed: bool) -> tuple[Path, dict]:
+    """One checked file of the complete shards, with its provenance."""
+    import h5py
+
+    feature_shape, feature_dtype, worker = shards.first_shard()  # what a worker computed, and how
+    provenance = extraction_provenance(
+        config, dataset, feature_shape, feature_dtype, seconds, images, resumed, engine=engine,
+        versions=worker["versions"], device=worker["device"], runtime=worker["runtime"])
+    extra = {} if projection is None else {"bottleneck/mean": projection[0],
+                                           "bottleneck/components": projection[1]}
+    if dataset.skipped:
+        extra["skipped_files"] = np.array(dataset.skipped, dtype=h5py.string_dtype())
+    attrs = {"provenance": provenance}
+    if dataset.validation:
+        attrs["validation_rows"] = dataset.validation
+    path = store.publish(shards, parts, classes=dataset.classes,
+                         labels={s: dataset.splits[s].labels for s in SPLITS}, attrs=attrs,
+                         layout=layout, compression=config.compression, extra=extra)
+    return path, provenance

@@ -541,7 +541,7 @@ def test_features_equal_the_plain_keras_path_on_real_images(cifar_mini, shared_w
 def test_every_key_part_changes_the_key_and_nothing_else_does(npz_dataset, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from pipeline import extract
+    from pipeline import options
     from pipeline.datasets import load_dataset
     from pipeline.store import cache_key
 
@@ -564,7 +564,7 @@ def test_every_key_part_changes_the_key_and_nothing_else_does(npz_dataset, tmp_p
     (tmp_path / "w.h5").write_bytes(b"weights two")  # the same path, other bytes
     assert key(base) != before
     (tmp_path / "w.h5").write_bytes(b"weights one")
-    monkeypatch.setattr(extract, "EXTRACTOR_VERSION", extract.EXTRACTOR_VERSION + 1)
+    monkeypatch.setattr(options, "EXTRACTOR_VERSION", options.EXTRACTOR_VERSION + 1)
     assert key(base) != before
     monkeypatch.undo()
     same = dict(batch_size=3, compression="gzip", cache_dir=str(tmp_path / "other"), shard_rows=5,
