@@ -182,22 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
         _add_option(p, name, default=None)
     _add_engine_args(p)
 
-    p = sub.add_parser("bench", help="benchmarks, JSON results")
-    p.add_argument("what", choices=("extract", "conversions", "heads", "ray", "cache"),
-                   help="which benchmark to run")
-    p.add_argument("--folder", default=None, help="image folder (cache; default ../shared/data/cifar10)")
-    p.add_argument("--out", default=None,
-                   help="where to write the JSON results (default: bench_results/WHAT.json)")
-    p.add_argument("--sizes", default=None,
-                   help="comma-separated dataset sizes (extract; ray takes the first)")
-    p.add_argument("--features", default=None, help="feature file (heads)")
-    p.add_argument("--backbone", default=None,
-                   help="backbone (extract: default MobileNet 0.25, MobileNetV2 0.35 and ResNet50;"
-                        " conversions: comma-separated, default all registered)")
-    p.add_argument("--alpha", type=float, default=None, help="MobileNet width (extract)")
-    p.add_argument("--modes", default=None,
-                   help="comma-separated feature modes (conversions: avg, max, layers, bottleneck, "
-                        "spatial; default avg)")
     return parser
 
 
@@ -447,31 +431,6 @@ def cmd_run(args) -> int:
                               map_calls=engine.map, scan_map=engine.scan_map)
 
 
-def cmd_bench(args) -> int:
-    from pipeline import bench
-
-    try:
-        sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else None
-    except ValueError:
-        raise PipelineError(f"--sizes {args.sizes!r}: write whole numbers, e.g. 2000,8000") from None
-    if args.what == "extract":
-        models = [(args.backbone, args.alpha, None)] if args.backbone else bench.BENCH_MODELS
-        bench.bench_extract(out=args.out, sizes=sizes, models=models)
-    elif args.what == "conversions":
-        bench.bench_conversions(out=args.out,
-                                backbones=args.backbone.split(",") if args.backbone else None,
-                                modes=args.modes.split(",") if args.modes else None)
-    elif args.what == "ray":
-        bench.bench_ray(out=args.out, n=sizes[0] if sizes else 2000,
-                        backbone=args.backbone or "mobilenet_v2",
-                        alpha=args.alpha)
-    elif args.what == "cache":
-        bench.bench_cache(out=args.out, folder=args.folder)
-    else:
-        bench.bench_heads(out=args.out, features=args.features)
-    return 0
-
-
 COMMANDS = {"extract": cmd_extract, "backbones": cmd_backbones, "ls": cmd_ls,
             "inspect": cmd_inspect, "verify": cmd_verify, "train": cmd_train,
-            "compare": cmd_compare, "run": cmd_run, "bench": cmd_bench, "gc": cmd_gc}
+            "compare": cmd_compare, "run": cmd_run, "gc": cmd_gc}

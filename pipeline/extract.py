@@ -157,6 +157,12 @@ class FeatureModel:
         return self._graph(self._features_graph, tf.TensorSpec((None,), tf.float32),
                            tf.TensorSpec((None, None), tf.float32))
 
+    @property
+    def graph(self):
+        """The traced feature graph (a ``tf.function`` of images, mean, components): what a
+        runtime converts."""
+        return self._features
+
     def _graph(self, fn, *more_inputs):
         """``fn`` traced over uint8 batches of these images. No autograph: the graphs branch
         on options, never on tensors, and its rewrite cost about 0.25 s of each start."""
@@ -172,7 +178,7 @@ class FeatureModel:
         # preprocess_input is one affine map of each pixel (scale, shift, RGB to BGR) and the
         # bilinear resize takes weighted means of pixels (weights summing to one), so the two
         # commute to float32 rounding: preprocess the smaller image. Upscaling 32x32 to 224,
-        # ONNX Runtime ran the MobileNets 2.7-5.3% faster (bench_results/preprocess_order.txt).
+        # ONNX Runtime ran the MobileNets 2.7-5.3% faster (benchmarks/preprocess_order.txt).
         preprocess = bb.preprocess_input(self.backbone_name)
         x, (height, width) = tf.cast(images, tf.float32), self.image_shape[:2]
         if height * width <= self.size * self.size:

@@ -7,7 +7,7 @@ converts that very graph once per model, and the result is kept in the cache fol
 whole or not at all, so later runs load it instead of converting again. Inference is float32
 on every runtime (OpenVINO is told ``INFERENCE_PRECISION_HINT=f32``: it would otherwise pick
 bf16 on CPUs that have it, and bf16 features are not the same features). Speeds are in
-``bench_results/extract.json`` (``make bench-extract``).
+``benchmarks/extract.json`` (``make bench-extract``).
 
 This module sits on the ground floor: it imports nothing of ours but the error type.
 """
@@ -33,10 +33,10 @@ from pipeline.errors import PipelineError
 
 GRAPH_INPUTS = ("images", "mean", "components")  # the feature graph's arguments, by name
 # What ``auto`` prefers on a CPU, per backbone where measured. In six side-by-side runs of
-# ``make bench-extract`` (bench_results/extract.json) ONNX Runtime ran the MobileNets faster
+# ``make bench-extract`` (benchmarks/extract.json) ONNX Runtime ran the MobileNets faster
 # than OpenVINO, in the loop and as whole processes, but ResNet50 slower, with far more memory
 # to convert: so ONNX Runtime first for the MobileNets, OpenVINO first for the others
-# (unmeasured ones too; EfficientNetB0 measured: bench_results/extract-efficientnet.json).
+# (unmeasured ones too; EfficientNetB0 measured: benchmarks/extract-efficientnet.json).
 CPU_PREFERENCE = ("openvino", "onnxruntime")
 CPU_PREFERENCE_BY_BACKBONE = {"mobilenet": ("onnxruntime", "openvino"),
                               "mobilenet_v2": ("onnxruntime", "openvino")}
@@ -90,7 +90,7 @@ def _openvino_format():
         # OpenVINO's TensorFlow front end also makes outputs of the graph's inputs and of the
         # Identity ops Keras puts after activations (51 extra on EfficientNetB0): each output
         # is kept whole for every image of a batch, so memory grew by about 1 GiB per image
-        # on EfficientNetB5 (bench_results/efficientnet-memory.txt). Keep the function's own.
+        # on EfficientNetB5 (benchmarks/efficientnet-memory.txt). Keep the function's own.
         # (The same tensor can be two outputs: in the spatial mode the last activation's.)
         model = ov.convert_model(fn)
         wanted = [t.name for t in fn.get_concrete_function(*fn.input_signature).outputs]
@@ -121,7 +121,7 @@ def _onnx_format():
             return proto.SerializeToString()
 
         # tf2onnx copies the whole graph before each of its optimizer passes, to undo one that
-        # fails: most of its peak memory (bench_results/tf2onnx-undo-copies.txt). Setting
+        # fails: most of its peak memory (benchmarks/tf2onnx-undo-copies.txt). Setting
         # TF2ONNX_CATCH_ERRORS turns the copies off, whatever its value (tf2onnx 1.17 compares
         # the variable's name, not its value, with "TRUE"). So first without them; only if a
         # pass fails, again with tf2onnx's default.
@@ -283,7 +283,7 @@ def rows_per_run(image_size: int) -> int:
     """How many images one run of a converted graph takes: two at 224x224, more when smaller.
     Runs of two at 224 (eight at 112) ran the MobileNets 1.12-1.32x as fast as whole batches
     of 64, whose activations outgrow the CPU's caches, on both runtimes; ResNet50 ran the
-    same. The features are the same bit for bit (bench_results/rows_per_run.txt)."""
+    same. The features are the same bit for bit (benchmarks/rows_per_run.txt)."""
     return max(1, RUN_PIXELS // max(1, image_size) ** 2)
 
 

@@ -83,7 +83,7 @@ def test_each_runtime_gives_tensorflows_features_in_every_mode(dataset, tmp_path
 
 def test_auto_is_the_first_installed_cpu_runtime_and_the_runtime_is_not_a_key_part(
         dataset, tmp_path, monkeypatch):
-    # The measured rule (bench_results/extract.json): ONNX Runtime for the MobileNets,
+    # The measured rule (benchmarks/extract.json): ONNX Runtime for the MobileNets,
     # OpenVINO for the rest; the next installed one where the first is missing.
     assert runtimes.choose("auto", "mobilenet_v2") == runtimes.choose("auto", "mobilenet") \
         == "onnxruntime"

@@ -2,7 +2,7 @@
 # 12-megapixel photos (4000x3000 JPEG), MobileNet 0.25 at 224, `auto` runtime: the code before
 # large photos were decoded at reduced size (OLD, a git revision) against this checkout, side
 # by side, fresh cache each, wall time and peak RSS (GNU time). Usage (from the repo root):
-#   bash bench_results/large_photos.sh e7147b8 > bench_results/large_photos.txt
+#   bash benchmarks/large_photos.sh e7147b8 > benchmarks/large_photos.txt
 set -euo pipefail
 OLD=${1:?a git revision to compare with}
 work=$(mktemp -d)

@@ -4,8 +4,8 @@ images, batches of 64, the runners ``extract`` makes: ONNX Runtime one session c
 threads x 1 core, OpenVINO 2 streams with 2 requests each) split into runs of 1 to 64 images,
 rounds alternating; and whether the features depend on it (bit for bit).
 
-    KERAS_HOME=$PWD/.keras-home .venv/bin/python bench_results/rows_per_run.py \
-        > bench_results/rows_per_run.txt
+    KERAS_HOME=$PWD/.keras-home .venv/bin/python benchmarks/rows_per_run.py \
+        > benchmarks/rows_per_run.txt
 """
 import statistics
 import tempfile
@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench import images
 
 from pipeline import runtimes
-from pipeline.bench import _images
 from pipeline.extract import ExtractionConfig, FeatureModel
 
 CASES = [("mobilenet", 0.25, 224, 2048), ("mobilenet_v2", 0.35, 224, 2048),
@@ -28,7 +28,7 @@ def main() -> None:
     print("rows_per_run(224) =", runtimes.rows_per_run(224), "; rows_per_run(112) =",
           runtimes.rows_per_run(112))
     for backbone, alpha, size, n in CASES:
-        x = _images(n)[0]
+        x = images(n)[0]
         batches = [x[lo:lo + 64] for lo in range(0, n, 64)]
         for runtime in ("onnxruntime", "openvino"):
             with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,7 @@
-"""Benchmarks with JSON results: our extractor against the naive way, and head fit costs.
+"""Benchmarks with JSON results beside this script: ``python benchmarks/bench.py WHAT`` (``make
+bench``). Not part of the installed package; it uses the package's public names only.
+
+Our extractor against the naive way, runtime conversions, head fit costs, Ray, the cache.
 
 ``bench_extract`` runs each (method, N) in a fresh worker process on the same images, so
 each peak RSS (from ``wait4``) is that method's own; the command is one run, side by side.
@@ -22,11 +25,12 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 
-# The shared data beside the checkout (``make bench`` runs from the repository root).
-SHARED_CIFAR = Path("..", "shared", "data", "cifar10-mini")
+HERE = Path(__file__).resolve().parent  # results are written beside this script
+# The shared data beside the checkout (../shared from the repository root).
+SHARED_CIFAR = HERE.parent.parent / "shared" / "data" / "cifar10-mini"
 
 
-def _images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
+def images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
     """n real 32x32 RGB images (CIFAR-10-mini, tiled) or, without it, seeded noise."""
     from pipeline.datasets import load_dataset
 
@@ -105,16 +109,15 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
 
 
 def _worker_main() -> None:
-    """A worker process's entry: the worker's name and its arguments as JSON in argv[1]."""
-    args = json.loads(sys.argv[1])
+    """A worker process's entry: the worker's name and its arguments as JSON in argv[2]."""
+    args = json.loads(sys.argv[2])
     worker = {"extract": _worker, "conversion": _conversion_worker}[args.pop("worker", "extract")]
     print("RESULT", json.dumps(worker(**args)))
 
 
 def _worker_command(args: dict) -> list[str]:
     """A fresh Python process running ``_worker_main`` on ``args``."""
-    return [sys.executable, "-c", "from pipeline.bench import _worker_main; _worker_main()",
-            json.dumps(args)]
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(args)]
 
 
 def _run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, size: int,
@@ -244,7 +247,7 @@ def bench_conversions(out: str | None = None, backbones: list[str] | None = None
                                 f"use some of {', '.join(known)}")
     converted = [r for r in ("openvino", "onnxruntime") if runtimes.installed(r)]
     names = [f"{r}{'' if m == 'avg' else ':' + m}" for m in modes for r in ("tensorflow", *converted)]
-    x, y, source = _images(images)
+    x, y, source = images(images)
     report = {"what": "conversion of every registered backbone (weights none, native input size, "
                       "uint8 32x32 input resized in the graph)",
               "modes": {m: _MODE_NOTES[m] for m in modes},
@@ -279,7 +282,7 @@ def bench_conversions(out: str | None = None, backbones: list[str] | None = None
                          if b.get(r, {}).get("converted") and not b[r]["matches"]],
         "not_finished": [k for k, b in report["backbones"].items() if "converted" not in b.get(r, {})],
         "of": len(report["backbones"])} for r in names if not r.startswith("tensorflow")}
-    _write(report, out or "bench_results/conversions.json")
+    _write(report, out or HERE / "conversions.json")
     return report
 
 
@@ -334,7 +337,7 @@ def bench_extract(out: str | None = None, sizes: list[int] | None = None,
               "machine": _machine(None), "runs": []}
     for backbone, alpha, fixed_n in models:
         for n in ([fixed_n] if fixed_n else sizes):
-            x, y, source = _images(n)
+            x, y, source = images(n)
             with tempfile.TemporaryDirectory() as tmp:
                 npz = str(Path(tmp) / "bench.npz")
                 # Ours extracts train + test: give it n/2 of each so both process n images.
@@ -360,7 +363,7 @@ def bench_extract(out: str | None = None, sizes: list[int] | None = None,
                              if r.get("children_peak_rss_mib") else ""), flush=True)
                     report["runs"].append(r)
     report["summary"] = _extract_summary(report["runs"], report["auto_runtime"])
-    _write(report, out or "bench_results/extract.json")
+    _write(report, out or HERE / "extract.json")
     return report
 
 
@@ -411,7 +414,7 @@ def bench_ray(out: str | None = None, n: int = 2000, backbone: str = "mobilenet_
     single-threaded actors, side by side in one run (each in a fresh worker process)."""
     import tensorflow as tf
 
-    x, y, source = _images(n)
+    x, y, source = images(n)
     report = {"what": f"extraction: one process vs Ray with {workers} workers (local instance)",
               "backbone": backbone, "alpha": alpha, "image_size": size, "batch_size": batch_size,
               "n": n, "shards_per_split": shards, "images": source,
@@ -436,7 +439,7 @@ def bench_ray(out: str | None = None, n: int = 2000, backbone: str = "mobilenet_
         "speedup_extracting": on_ray["extract_images_per_second"] / one["extract_images_per_second"],
         "note": "end to end includes starting Ray, its actors and the finalize step",
     }
-    _write(report, out or "bench_results/ray.json")
+    _write(report, out or HERE / "ray.json")
     return report
 
 
@@ -493,7 +496,7 @@ def bench_heads(out: str | None = None, features: str | None = None,
         "test_accuracy": float(model.score(X[50_000:], y[50_000:])),
         "data": "make_classification(55,000 x 1,280, 200 informative, 10 classes), 50,000 train"}
     print(f"bench heads: logreg sweep on 50,000 x 1,280: {fit:.1f} s", flush=True)
-    _write(report, out or "bench_results/heads.json")
+    _write(report, out or HERE / "heads.json")
     return report
 
 
@@ -520,7 +523,7 @@ def bench_cache(out: str | None = None, folder: str | None = None) -> dict:
     read of real features."""
     import h5py
 
-    from pipeline.datasets import ScanIndex, load_dataset
+    from pipeline.datasets import load_dataset
 
     folder = Path(folder or SHARED_CIFAR.parent / "cifar10")
     if not folder.is_dir():
@@ -538,7 +541,7 @@ def bench_cache(out: str | None = None, folder: str | None = None) -> dict:
     paths = [p for p in folder.rglob("*") if p.is_file()]
     t0 = time.perf_counter()
     for path in paths:
-        ScanIndex._signature(path)
+        os.stat(path)
     stat_s = (time.perf_counter() - t0) / len(paths)
     report["runs"].update({"files": files, "stat_us_per_file": stat_s * 1e6,
                            "projected_stat_s_for_1_28M_files": stat_s * 1.28e6})
@@ -569,7 +572,7 @@ def bench_cache(out: str | None = None, folder: str | None = None) -> dict:
         with h5py.File(spatial, "r") as f:
             X = f["train/features"][()]
         report["filters"] += _filter_costs(X, f"spatial float16 (MobileNet 0.25 7x7x256, weights {weights})")
-    _write(report, out or "bench_results/cache.json")
+    _write(report, out or HERE / "cache.json")
     return report
 
 
@@ -600,3 +603,56 @@ def _filter_costs(X: np.ndarray, what: str) -> list[dict]:
         print(f"  {name:26} size {out[-1]['size_ratio']:.3f}  write {out[-1]['write_mb_s']:6.0f} MB/s"
               f"  read {out[-1]['read_mb_s']:6.0f} MB/s", flush=True)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="benchmarks/bench.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=("extract", "conversions", "heads", "ray", "cache"),
+                   help="which benchmark to run")
+    p.add_argument("--folder", default=None,
+                   help="image folder (cache; default ../shared/data/cifar10)")
+    p.add_argument("--out", default=None, help="the JSON results (default: benchmarks/WHAT.json)")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated dataset sizes (extract; ray takes the first)")
+    p.add_argument("--features", default=None, help="feature file (heads)")
+    p.add_argument("--backbone", default=None,
+                   help="backbone (extract: default MobileNet 0.25, MobileNetV2 0.35 and ResNet50;"
+                        " conversions: comma-separated, default all registered)")
+    p.add_argument("--alpha", type=float, default=None, help="MobileNet width (extract, ray)")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated feature modes (conversions: avg, max, layers, bottleneck, "
+                        "spatial; default avg)")
+    args = p.parse_args(argv)
+    try:
+        sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else None
+    except ValueError:
+        p.error(f"--sizes {args.sizes!r}: write whole numbers, e.g. 2000,8000")
+    try:
+        if args.what == "extract":
+            models = [(args.backbone, args.alpha, None)] if args.backbone else BENCH_MODELS
+            bench_extract(out=args.out, sizes=sizes, models=models)
+        elif args.what == "conversions":
+            bench_conversions(out=args.out,
+                              backbones=args.backbone.split(",") if args.backbone else None,
+                              modes=args.modes.split(",") if args.modes else None)
+        elif args.what == "ray":
+            bench_ray(out=args.out, n=sizes[0] if sizes else 2000,
+                      backbone=args.backbone or "mobilenet_v2", alpha=args.alpha)
+        elif args.what == "cache":
+            bench_cache(out=args.out, folder=args.folder)
+        else:
+            bench_heads(out=args.out, features=args.features)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        _worker_main()
+    else:
+        sys.exit(main())

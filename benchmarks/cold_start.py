@@ -4,7 +4,7 @@ first batch on ONNX Runtime, timed in fresh processes (MobileNetV2 0.35, random 
 cost inside ``import tensorflow`` (``python -X importtime``). Run from the repository root,
 alone on the machine:
 
-    KERAS_HOME=$PWD/.keras-home .venv/bin/python bench_results/cold_start.py
+    KERAS_HOME=$PWD/.keras-home .venv/bin/python benchmarks/cold_start.py
 """
 
 import json
@@ -32,13 +32,13 @@ def steps() -> dict:
     model = extract.FeatureModel(config, (32, 32, 3))
     model.backbone  # noqa: B018
     out["Keras build"] = lap()
-    fn = model._features
+    fn = model.graph
     concrete = fn.get_concrete_function()
     out["trace"] = lap()
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
     convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
     out["freezing the variables (as tf2onnx does first; timed apart)"] = lap()
-    exported = runtimes._onnx_format()[0](fn)
+    exported = runtimes.REGISTRY["onnxruntime"].format()[0](fn)
     out["tf2onnx export + checking session"] = lap()
     runtimes.OnnxRunner(exported, workers=2, threads=1)
     out["ONNX Runtime session"] = lap()

@@ -6,8 +6,8 @@ CIFAR-10-mini images (tiled), batch 64, ONNX Runtime, a new cache folder each ru
 is the `uname -p` that importing h5py runs (through platform), counted at the size of the
 process it forked from (TensorFlow loaded first).
 
-    KERAS_HOME=$PWD/.keras-home .venv/bin/python bench_results/convert_apart.py \
-        > bench_results/convert_apart.txt
+    KERAS_HOME=$PWD/.keras-home .venv/bin/python benchmarks/convert_apart.py \
+        > benchmarks/convert_apart.txt
 """
 import json
 import statistics
@@ -17,8 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-from pipeline.bench import _images
+from bench import images
 
 RUN = """
 import json, resource, sys, time
@@ -41,7 +40,7 @@ print("RESULT", json.dumps({"seconds": seconds, "loop_seconds": done.info["wall_
 
 
 def main(n: int = 8000, rounds: int = 4) -> None:
-    x, y, source = _images(n)
+    x, y, source = images(n)
     runs: dict[str, list[dict]] = {"here": [], "apart": []}
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "bench.npz"

@@ -6,7 +6,7 @@ alternating rounds (one session, 2 threads x 1 core, batch 64, as ``extract`` do
 prints the features' largest difference on real CIFAR-10-mini test images with ImageNet
 weights. Run from the repository root, alone on the machine:
 
-    KERAS_HOME=$PWD/.keras-home .venv/bin/python bench_results/preprocess_order.py
+    KERAS_HOME=$PWD/.keras-home .venv/bin/python benchmarks/preprocess_order.py
 """
 
 import sys
@@ -17,10 +17,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tensorflow as tf  # noqa: E402
+from bench import images  # noqa: E402
 
 from pipeline import backbones as bb  # noqa: E402
 from pipeline import extract, runtimes  # noqa: E402
-from pipeline.bench import _images  # noqa: E402
 
 
 class ResizeFirst(extract.FeatureModel):
@@ -33,9 +33,9 @@ class ResizeFirst(extract.FeatureModel):
 
 
 def main() -> None:
-    x = _images(3000)[0]
+    x = images(3000)[0]
     mean, comps = np.zeros(1, np.float32), np.zeros((1, 1), np.float32)
-    export = runtimes._onnx_format()[0]
+    export = runtimes.REGISTRY["onnxruntime"].format()[0]
     for backbone, alpha in (("mobilenet_v2", 0.35), ("mobilenet", 0.25)):
         config = extract.ExtractionConfig(dataset="npz:unused", backbone=backbone, alpha=alpha,
                                           weights="imagenet")
@@ -48,7 +48,7 @@ def main() -> None:
         print(f"{backbone} {alpha}: TensorFlow features, preprocess first vs resize first, "
               f"500 real images: max abs diff {diff:.2g} (features up to "
               f"{tf_features['resize first'].max():.2f})")
-        runners = {k: runtimes.OnnxRunner(export(m._features), workers=2, threads=1)
+        runners = {k: runtimes.OnnxRunner(export(m.graph), workers=2, threads=1)
                    for k, m in models.items()}
         batches = [x[i:i + 64] for i in range(0, len(x), 64)]
         rates: dict[str, list[float]] = {k: [] for k in runners}

@@ -4,7 +4,7 @@
 # TensorFlow against itself on the same 16 CIFAR-10 images: oneDNN on (the default) against
 # oneDNN off (TF_ENABLE_ONEDNN_OPTS=0, other kernels, another summation order), and one batch
 # of 16 against two of 8. A relative difference near 1 between two TensorFlow runs means the
-# runtimes' 0.8-0.95 (bench_results/conversions-efficientnet.json) says nothing about their
+# runtimes' 0.8-0.95 (benchmarks/conversions-efficientnet.json) says nothing about their
 # conversion. Run from anywhere; recorded output in efficientnet-v2-random-weights.txt.
 cd "$(dirname "$0")/.."
 export KERAS_HOME=${KERAS_HOME:-$PWD/.keras-home}
