@@ -282,10 +282,7 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                          if (h["name"] in SPATIAL_HEADS) == maps
                          and (not h.get("modes") or f["mode"] in h["modes"])
                          and ("heads" not in f or h["name"] in f["heads"])]
-                layers = f"[{len(config.layers)} layers]" if config.layers else ""
-                layers += "+flip" if config.tta == "flip" else ""
-                label = (f"{d['name']} / {b['name']}{'@' + str(b['alpha']) if b.get('alpha') else ''}"
-                         f" / {f['mode']}{layers}")
+                label = f"{d['name']} / " + " / ".join(config.describe())
                 if not fetch and state != "cached" and config.weights == "imagenet":
                     missing = missing_imagenet_weights(config.backbone, config.alpha)
                     label += f"  (ImageNet weights: {missing})" if missing else ""

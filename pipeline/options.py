@@ -174,6 +174,10 @@ class ExtractionConfig:
             parts["bottleneck"]["method"] = "pca"
         return parts
 
+    def describe(self) -> tuple[str, str]:
+        """(backbone, features) in the words people read: see ``describe``."""
+        return describe(self._declared_parts(graph_only=False))
+
     def _declared_parts(self, graph_only: bool) -> dict:
         parts: dict = {}
         for name, f in option_fields().items():
@@ -221,3 +225,19 @@ def option_problem(name: str, value) -> str | None:
     if meta["positive"] and value <= 0:
         return "must be a positive number"
     return None
+
+
+def describe(parts: dict) -> tuple[str, str]:
+    """("mobilenet@0.25", "avg[6 layers]@112px+flip"): the words that tell two feature files
+    apart, from their key parts (or a result's summary of them, which uses the same names).
+    Every label people read, in plans, progress, tables and plots, is made here."""
+    layers = parts.get("layers") or []
+    features = parts.get("mode", "?") + (f"[{len(layers)} layers]" if layers else "")
+    if parts.get("image_size") not in (None, 224):
+        features += f"@{parts['image_size']}px"
+    if parts.get("tta", "none") != "none":
+        features += f"+{parts['tta']}"
+    backbone = parts.get("backbone", "?")
+    if parts.get("alpha"):
+        backbone += f"@{parts['alpha']:g}"
+    return backbone, features

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import results
+from pipeline.options import describe
 from pipeline.results import ResultRecord
 from pipeline.store import FeatureStore
 
@@ -52,21 +53,12 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], title: str, path
 
 
 def feature_labels(features: dict) -> tuple[str, str]:
-    """("mobilenet@0.25", "avg[6 layers]"): the words that tell two feature files apart (a
-    fusion joins its files' words with " + ")."""
+    """("mobilenet@0.25", "avg[6 layers]"): the words that tell two feature files apart
+    (``options.describe``; a fusion joins its files' words with " + ")."""
     if "fused" in features:
-        labels = [feature_labels(f) for f in features["fused"]]
+        labels = [describe(f) for f in features["fused"]]
         return " + ".join(b for b, _ in labels), " + ".join(m for _, m in labels)
-    layers = features.get("layers") or []
-    mode = features.get("mode", "?") + (f"[{len(layers)} layers]" if layers else "")
-    if features.get("image_size") not in (None, 224):
-        mode += f"@{features['image_size']}px"
-    if features.get("tta", "none") != "none":
-        mode += f"+{features['tta']}"
-    backbone = features.get("backbone", "?")
-    if features.get("alpha"):
-        backbone += f"@{features['alpha']:g}"
-    return backbone, mode
+    return describe(features)
 
 
 def result_title(record: ResultRecord) -> str:

@@ -374,7 +374,7 @@ def test_adding_a_backbone_extracts_only_its_features(tmp_path, caplog):
     with caplog.at_level("INFO", logger="pipeline"):
         run_experiment(load_experiment(str(path)), stage="features")
     steps = [m for m in caplog.messages if m.startswith("[")]
-    assert steps == ["[1/1] extract a / mobilenet@0.25 / avg"]
+    assert steps == ["[1/1] extract a / mobilenet@0.25 / avg@32px"]
     after = _mtimes(tmp_path / "cache")
     assert {p: t for p, t in after.items() if p in before} == before  # nothing rewritten
     assert len(list((tmp_path / "cache").glob("*.h5"))) == 2
@@ -429,7 +429,8 @@ def test_a_fusion_trains_on_two_cached_files_side_by_side_and_records_both(tmp_p
     capsys.readouterr()
     run_experiment(load_experiment(_fusion_config(tmp_path)))
     out = capsys.readouterr().out
-    assert "fusion: mobilenet_v2@0.35 / avg + mobilenet_v2@0.35 / max  heads: logreg(C=1.0):cached" in out
+    fusion = "fusion: mobilenet_v2@0.35 / avg@32px + mobilenet_v2@0.35 / max@32px  heads: "
+    assert fusion + "logreg(C=1.0):cached" in out
     assert "nothing to do" in out
 
 
@@ -450,8 +451,9 @@ def test_a_fusion_goes_stale_when_one_of_its_files_changes(tmp_path, capsys, cap
     with caplog.at_level("INFO", logger="pipeline"):
         run_experiment(load_experiment(_fusion_config(tmp_path)))
     out = capsys.readouterr().out
-    assert "/ max  heads: logreg:cached" not in out and "/ avg  heads: logreg(C=1.0):cached" in out
-    assert "fusion: mobilenet_v2@0.35 / avg + mobilenet_v2@0.35 / max  heads: logreg(C=1.0):to train" in out
+    assert "/ max@32px  heads: logreg:cached" not in out and "/ avg@32px  heads: logreg(C=1.0):cached" in out
+    assert "fusion: mobilenet_v2@0.35 / avg@32px + mobilenet_v2@0.35 / max@32px  heads: " \
+           "logreg(C=1.0):to train" in out
     steps = [m for m in caplog.messages if m.startswith("[")]
     assert len(steps) == 2 and "fusion" in steps[1]  # the max file's own head, then the fusion
     _, after = _fusion_metrics(tmp_path)
@@ -487,7 +489,7 @@ def test_an_empty_heads_list_means_no_heads_on_that_entry_and_fusions_still_run(
     path.write_text(path.read_text().replace('mode = "max"\n', 'mode = "max"\nheads = []\n'))
     run_experiment(load_experiment(str(path)))
     out = capsys.readouterr().out
-    assert "/ max  heads: -" in out and "/ avg  heads: logreg(C=1.0)" in out
+    assert "/ max@32px  heads: -" in out and "/ avg@32px  heads: logreg(C=1.0)" in out
     assert len(list((tmp_path / "results").glob("*/logreg*/metrics.json"))) == 2  # avg, fusion
 
 
