@@ -485,6 +485,7 @@ class _ImageFile:
     size: tuple[int, int] = (0, 0)  # (width, height) as shown upright, from the file's header
     error: str = ""
     turned: bool = False  # an EXIF orientation tag turns (or mirrors) it upright on decode
+    real: str = ""  # its path with every link resolved: one file reached twice is one file
 
 
 @functools.cache
@@ -744,47 +745,47 @@ def _split_folders(spec: str, root: Path) -> dict[str, Path]:
     return roles
 
 
-def _list_images(class_dir: Path, seen: set[str]) -> list[Path]:
-    """Image files under ``class_dir``, in path order (as ``sorted(Path)`` orders them, part
-    by part). Symbolic links to folders are followed once per real folder (``seen``, shared by
-    the whole walk) and never into a folder above them (a loop such as ``cat/all -> ..``).
-    Strings, not Path objects, while walking: a no-op rerun lists every file."""
+def _list_images(class_dir: Path, seen: set[str]) -> list[tuple[Path, str]]:
+    """(path, real path) of the image files under ``class_dir``, in path order (as
+    ``sorted(Path)`` orders them, part by part). Links to folders are followed once per real
+    folder (``seen``, shared by the whole walk) and never into a folder above them (a loop such
+    as ``cat/all -> ..``). One ``scandir`` per folder and no call per file but for links: a
+    no-op rerun lists every file."""
     found, unread = [], []
     top = os.path.realpath(class_dir)
-
-    def unreadable(exc: OSError) -> None:  # os.walk would skip a folder it cannot list, silently
-        raise PipelineError(f"cannot list {exc.filename} ({exc.strerror}); fix its permissions "
-                            "or move it out of the dataset")
-
-    for folder, dirs, names in os.walk(class_dir, followlinks=True, onerror=unreadable):
-        seen.add(os.path.realpath(folder))
-        keep = []
-        for d in dirs:
-            real = os.path.realpath(os.path.join(folder, d))
-            if d.startswith("."):
+    seen.add(top)
+    stack = [(str(class_dir), top)]
+    while stack:
+        folder, real_folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:  # os.walk would skip a folder it cannot list, silently
+            raise PipelineError(f"cannot list {folder} ({exc.strerror}); fix its permissions or "
+                                "move it out of the dataset") from None
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            if real in seen or top.startswith(real + os.sep) or real == top:
-                log.warning("%s: skipped %s, a link to a folder already read or above it (%s)",
-                            class_dir, os.path.join(folder, d), real)
-                continue
-            keep.append(d)
-        dirs[:] = keep
-        for n in names:
-            if n.startswith("."):
-                continue
-            path = os.path.join(folder, n)
-            if os.path.splitext(n)[1].lower() not in IMAGE_SUFFIXES:
-                unread.append(path)
-            elif os.path.isfile(path):
-                found.append(path)
+            link = entry.is_symlink()
+            real = os.path.realpath(entry.path) if link else os.path.join(real_folder, entry.name)
+            if entry.is_dir():
+                if real in seen or top.startswith(real + os.sep):
+                    log.warning("%s: skipped %s, a link to a folder already read or above it (%s)",
+                                class_dir, entry.path, real)
+                    continue
+                seen.add(real)
+                stack.append((entry.path, real))
+            elif os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
+                unread.append(entry.path)
+            elif entry.is_file():
+                found.append((entry.path, real))
             else:
-                unread.append(path + " (a broken link)")
+                unread.append(entry.path + (" (a broken link)" if link else " (not a file)"))
     if unread:
         log.info("%s: %d file(s) not read (not an image suffix %s, or a broken link)%s", class_dir,
                  len(unread), "/".join(sorted(IMAGE_SUFFIXES)),
                  "; -v lists them" if not log.isEnabledFor(logging.DEBUG) else "")
-        log.debug("not read: %s", ", ".join(unread))
-    return [Path(p) for p in sorted(found, key=lambda p: p.split(os.sep))]
+        log.debug("not read: %s", ", ".join(sorted(unread)))
+    return [(Path(p), real) for p, real in sorted(found, key=lambda f: f[0].split(os.sep))]
 
 
 def _folder_classes(spec: str, root: Path, split_roots: dict[str, Path]
@@ -794,7 +795,7 @@ def _folder_classes(spec: str, root: Path, split_roots: dict[str, Path]
     training images is an error (no head could ever predict it)."""
     seen: set[str] = set()
     found = {s: {d.name: _list_images(d, seen) for d in _list_class_dirs(r)}
-             for s, r in split_roots.items()}
+             for s, r in split_roots.items()}  # (path, real path) per class
     names = sorted({c for per_class in found.values() for c in per_class})
     empty = [c for c in names if not any(per_class.get(c) for per_class in found.values())]
     if empty:
@@ -816,7 +817,7 @@ def _one_label_per_file(spec: str, classes: list[str], files: dict[str, list[_Im
     again = 0
     for split, items in files.items():
         for item in items:
-            real = os.path.realpath(item.path)
+            real = item.real or os.path.realpath(item.path)
             if real not in first:
                 first[real] = (split, item)
             elif first[real][1].label != item.label:
@@ -905,8 +906,8 @@ def _load_image_folder(spec: str, root: Path, *, skip_bad: bool, test_fraction: 
     index = ScanIndex(scan_index, root, rescan=rescan) if scan_index else None
     split_roots = _split_folders(spec, root)
     classes, found = _folder_classes(spec, root, split_roots)
-    files = {s: [_ImageFile(p, classes.index(c)) for c, paths in per_class.items() if c in classes
-                 for p in paths] for s, per_class in found.items()}
+    files = {s: [_ImageFile(p, classes.index(c), real=real) for c, paths in per_class.items()
+                 if c in classes for p, real in paths] for s, per_class in found.items()}
     files, conflicts = _one_label_per_file(spec, classes, files, skip_bad)
     _check_train_covers(spec, classes, files)
     files = {s: scan_files(items, index, workers, scan_map) for s, items in files.items()}
