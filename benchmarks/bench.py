@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent  # results are written beside this script
 SHARED_CIFAR = HERE.parent.parent / "shared" / "data" / "cifar10-mini"
 
 
-def images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
+def sample_images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
     """n real 32x32 RGB images (CIFAR-10-mini, tiled) or, without it, seeded noise."""
     from pipeline.datasets import load_dataset
 
@@ -247,7 +247,7 @@ def bench_conversions(out: str | None = None, backbones: list[str] | None = None
                                 f"use some of {', '.join(known)}")
     converted = [r for r in ("openvino", "onnxruntime") if runtimes.installed(r)]
     names = [f"{r}{'' if m == 'avg' else ':' + m}" for m in modes for r in ("tensorflow", *converted)]
-    x, y, source = images(images)
+    x, y, source = sample_images(images)
     report = {"what": "conversion of every registered backbone (weights none, native input size, "
                       "uint8 32x32 input resized in the graph)",
               "modes": {m: _MODE_NOTES[m] for m in modes},
@@ -337,7 +337,7 @@ def bench_extract(out: str | None = None, sizes: list[int] | None = None,
               "machine": _machine(None), "runs": []}
     for backbone, alpha, fixed_n in models:
         for n in ([fixed_n] if fixed_n else sizes):
-            x, y, source = images(n)
+            x, y, source = sample_images(n)
             with tempfile.TemporaryDirectory() as tmp:
                 npz = str(Path(tmp) / "bench.npz")
                 # Ours extracts train + test: give it n/2 of each so both process n images.
@@ -414,7 +414,7 @@ def bench_ray(out: str | None = None, n: int = 2000, backbone: str = "mobilenet_
     single-threaded actors, side by side in one run (each in a fresh worker process)."""
     import tensorflow as tf
 
-    x, y, source = images(n)
+    x, y, source = sample_images(n)
     report = {"what": f"extraction: one process vs Ray with {workers} workers (local instance)",
               "backbone": backbone, "alpha": alpha, "image_size": size, "batch_size": batch_size,
               "n": n, "shards_per_split": shards, "images": source,

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from bench import images
+from bench import sample_images
 
 RUN = """
 import json, resource, sys, time
@@ -40,7 +40,7 @@ print("RESULT", json.dumps({"seconds": seconds, "loop_seconds": done.info["wall_
 
 
 def main(n: int = 8000, rounds: int = 4) -> None:
-    x, y, source = images(n)
+    x, y, source = sample_images(n)
     runs: dict[str, list[dict]] = {"here": [], "apart": []}
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "bench.npz"

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tensorflow as tf  # noqa: E402
-from bench import images  # noqa: E402
+from bench import sample_images  # noqa: E402
 
 from pipeline import backbones as bb  # noqa: E402
 from pipeline import extract, runtimes  # noqa: E402
@@ -33,7 +33,7 @@ class ResizeFirst(extract.FeatureModel):
 
 
 def main() -> None:
-    x = images(3000)[0]
+    x = sample_images(3000)[0]
     mean, comps = np.zeros(1, np.float32), np.zeros((1, 1), np.float32)
     export = runtimes.REGISTRY["onnxruntime"].format()[0]
     for backbone, alpha in (("mobilenet_v2", 0.35), ("mobilenet", 0.25)):

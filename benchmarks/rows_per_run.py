@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench import images
+from bench import sample_images
 
 from pipeline import runtimes
 from pipeline.extract import ExtractionConfig, FeatureModel
@@ -28,7 +28,7 @@ def main() -> None:
     print("rows_per_run(224) =", runtimes.rows_per_run(224), "; rows_per_run(112) =",
           runtimes.rows_per_run(112))
     for backbone, alpha, size, n in CASES:
-        x = images(n)[0]
+        x = sample_images(n)[0]
         batches = [x[lo:lo + 64] for lo in range(0, n, 64)]
         for runtime in ("onnxruntime", "openvino"):
             with tempfile.TemporaryDirectory() as tmp:

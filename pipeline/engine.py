@@ -177,7 +177,7 @@ class RayRunner:
             progress: Progress) -> dict:
         actors, self.actors = self._actors(max(1, min(self.wanted, len(todo)))), []
         log.info("%d shard(s) on %d actor(s)", len(todo), len(actors))
-        compression = self.config.compression if self.layout == "vds" else "none"
+        compression = self.config.file_compression() if self.layout == "vds" else "none"
         stats, redone = _run_shards(self.new_actor, actors, todo, shards, key, projection,
                                     compression, progress)  # which stops the actors in the end
         return {"ray": ray.__version__, "address": self.engine.address or "local",

@@ -23,7 +23,6 @@ from pipeline.errors import PipelineError
 from pipeline.extract import extract_features, open_dataset
 from pipeline.heads import (
     HEADS,
-    SPATIAL_HEADS,
     check_params,
 )
 from pipeline.options import MODES, ExtractionConfig, option_fields, option_problem
@@ -277,9 +276,9 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                     state = "cached" if check_file(path) is None else "damaged"
                 else:
                     state = "partial" if store.shards_for(parts).path.exists() else "missing"
-                maps = not MODES[f["mode"]].vectors
+                takes = MODES[f["mode"]].heads  # "spatial" maps, or "pooled" (streamed too)
                 heads = [h for h in exp.heads
-                         if (h["name"] in SPATIAL_HEADS) == maps
+                         if (HEADS[h["name"]].takes == "spatial") == (takes == "spatial")
                          and (not h.get("modes") or f["mode"] in h["modes"])
                          and ("heads" not in f or h["name"] in f["heads"])]
                 label = f"{d['name']} / " + " / ".join(config.describe())

@@ -753,5 +753,5 @@ def _publish(config: ExtractionConfig, dataset: Dataset, parts: dict, store: Fea
         attrs["validation_rows"] = dataset.validation
     path = store.publish(shards, parts, classes=dataset.classes,
                          labels={s: dataset.splits[s].labels for s in SPLITS}, attrs=attrs,
-                         layout=layout, compression=config.compression, extra=extra)
+                         layout=layout, compression=config.file_compression(), extra=extra)
     return path, provenance

@@ -275,10 +275,10 @@ def test_a_features_entry_can_be_limited_to_some_datasets(tmp_path):
 def test_a_dry_run_never_downloads_a_dataset_it_does_not_have(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty-keras-home"))
 
-    def no_download(spec, **kw):
-        raise AssertionError(f"the dry run loaded {spec}")
+    def no_download(config, **kw):
+        raise AssertionError(f"the dry run loaded {config.dataset}")
 
-    monkeypatch.setattr(experiments, "load_dataset", no_download)
+    monkeypatch.setattr(experiments, "open_dataset", no_download)
     path = Path(_config(tmp_path))
     path.write_text(path.read_text().replace(f'source = "npz:{tmp_path / "a"}.npz"', 'source = "cifar10"'))
     assert run_experiment(load_experiment(str(path)), dry_run=True) == 0
