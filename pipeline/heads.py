@@ -422,6 +422,83 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
                                for rows, _, _ in self._blocks(X, np.ones(X.shape[0], bool))])
 
 
+class WeightedKNN(ClassifierMixin, BaseEstimator):
+    """k nearest neighbours by cosine similarity, each voting with exp(similarity / T): the
+    weighted k-NN DINOv2 evaluates frozen features with (Oquab et al. 2023; T = 0.07). ``k``
+    (unless given) is chosen on the validation rows among ``KS``: one neighbour search for
+    the largest serves them all. Fitting keeps every training row (validation included);
+    prediction runs ``block_rows`` query rows at a time, so memory stays at one block of
+    similarities whatever the sizes."""
+
+    KS = (10, 20, 100, 200)
+
+    def __init__(self, k: int | None = None, temperature: float = 0.07,
+                 validation_fraction: float = 0.1, random_state: int = 0,
+                 validation_rows: int = 0, block_rows: int = 1024):
+        self.k = k
+        self.temperature = temperature
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+        self.validation_rows = validation_rows
+        self.block_rows = block_rows
+
+    def fit(self, X, y):
+        X = _unit_rows(X)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if self.k is not None and self.k > len(y):
+            raise PipelineError(f"head 'knn': k={self.k} is more than the {len(y):,} training rows; "
+                                f"the largest k possible is {len(y):,}")
+        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state,
+                                             self.validation_rows)
+        ks = [self.k] if self.k is not None else [k for k in self.KS if k <= len(fit_idx)]
+        ks = [min(k, len(fit_idx)) for k in ks or [len(fit_idx)]]
+        sims, idx = self._neighbours(X[val_idx], X[fit_idx], max(ks))
+        neighbour_codes = codes[fit_idx][idx]
+        self.sweep_ = []
+        for k in ks:
+            votes = self._votes(sims[:, :k], neighbour_codes[:, :k])
+            score = float(np.mean(votes.argmax(1) == codes[val_idx]))
+            self.sweep_.append({"k": k, "val_accuracy": score})
+        best = max(self.sweep_, key=lambda r: r["val_accuracy"])  # the smallest k on a tie
+        self.k_, self.validation_score_ = best["k"], best["val_accuracy"]
+        self.best_params_ = {"k": self.k_, "temperature": self.temperature}
+        self.X_, self.codes_ = X, codes  # every training row, the validation rows included
+        return self
+
+    def _neighbours(self, queries: np.ndarray, rows: np.ndarray, k: int):
+        """(similarities, indices) of each query's k most similar rows, most similar first."""
+        sims, idx = [], []
+        for lo in range(0, len(queries), self.block_rows):
+            s = queries[lo:lo + self.block_rows] @ rows.T
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else \
+                np.broadcast_to(np.arange(s.shape[1]), s.shape).copy()
+            order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
+            top = np.take_along_axis(top, order, 1)
+            sims.append(np.take_along_axis(s, top, 1))
+            idx.append(top)
+        return np.concatenate(sims), np.concatenate(idx)
+
+    def _votes(self, sims: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        weights = np.exp((sims - 1) / self.temperature)  # the -1 keeps exp() in range; ratios hold
+        votes = np.zeros((len(sims), len(self.classes_)))
+        np.add.at(votes, (np.arange(len(sims))[:, None], codes), weights)
+        return votes
+
+    def predict_proba(self, X) -> np.ndarray:
+        sims, idx = self._neighbours(_unit_rows(X), self.X_, min(self.k_, len(self.X_)))
+        votes = self._votes(sims, self.codes_[idx])
+        return votes / np.maximum(votes.sum(1, keepdims=True), np.finfo(float).tiny)
+
+    def predict(self, X):
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+def _unit_rows(X) -> np.ndarray:
+    """float32 rows of length one: their dot products are cosine similarities."""
+    X = _flatten(np.asarray(X))
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+
+
 # ----------------------------------------------------------------------------- registry
 
 def _log_grid(name: str, lo: int, hi: int) -> list[dict]:
@@ -552,6 +629,10 @@ HEADS = {
                              "dropout": Number(float, 0, 1, high_open=True),
                              "validation_fraction": FRACTION, "random_state": SEED},
                             "trainable 1x1 conv + MLP on spatial maps (Keras)"),
+    "knn": HeadSpec(WeightedKNN, "pooled",
+                    {"k": COUNT, "temperature": POSITIVE, "validation_fraction": FRACTION,
+                     "random_state": SEED, "block_rows": COUNT},
+                    "weighted k-NN on cosine similarity (DINOv2's), k chosen on validation"),
     "sgd_linear": HeadSpec(StreamingLinear, "streamed",
                            {"loss": OneOf(("log_loss", "hinge", "modified_huber", "squared_hinge")),
                             "alpha": Number(float, 0), "block_rows": COUNT, "max_epochs": COUNT,

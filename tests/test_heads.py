@@ -194,7 +194,8 @@ def test_every_registered_head_builds_and_fits_with_its_defaults(name, tmp_path)
     rng = np.random.default_rng(0)
     y = np.arange(1500) % 3
     shape = (1500, 2, 2, 4) if HEADS[name].takes == "spatial" else (1500, 6)
-    X = (rng.normal(size=shape) + y.reshape((-1,) + (1,) * (len(shape) - 1)) * 10).astype(np.float32)
+    centers = 10 * np.eye(shape[-1])[y].reshape((len(y),) + (1,) * (len(shape) - 2) + (shape[-1],))
+    X = (rng.normal(size=shape) + centers).astype(np.float32)  # apart in place and in angle
     if HEADS[name].takes == "spatial":
         X = X.astype(np.float16)
     head, _ = make_head(name)
@@ -317,3 +318,47 @@ def test_a_class_with_one_training_row_is_named_when_a_split_cannot_be_carved():
     X, y = np.random.default_rng(0).normal(size=(21, 3)), np.array([0, 1] * 10 + [2])
     with pytest.raises(PipelineError, match=r"class\(es\) 2 have a single training row"):
         SweepClassifier().fit(X, y)
+
+
+def _knn_reference(train, labels, queries, k, temperature):
+    """The weighted k-NN vote written plainly, one query at a time: the check on WeightedKNN."""
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    train, queries = unit(train.astype(np.float64)), unit(queries.astype(np.float64))
+    out = []
+    for q in queries:
+        sims = train @ q
+        nearest = np.argsort(-sims, kind="stable")[:k]
+        votes = np.zeros(labels.max() + 1)
+        for i in nearest:
+            votes[labels[i]] += np.exp(sims[i] / temperature)
+        out.append(votes / votes.sum())
+    return np.array(out)
+
+
+def test_knn_votes_like_dinov2_and_chooses_k_on_validation():
+    from pipeline.heads import WeightedKNN
+
+    rng = np.random.default_rng(0)
+    y = np.arange(600) % 3
+    X = np.abs(rng.normal(size=(600, 16)) + 3 * np.eye(16)[y * 5]).astype(np.float32)
+    Xq = np.abs(rng.normal(size=(50, 16)) + 3 * np.eye(16)[(np.arange(50) % 3) * 5]).astype(np.float32)
+    head = WeightedKNN().fit(X, y)
+    assert [r["k"] for r in head.sweep_] == [10, 20, 100, 200] and head.k_ in (10, 20, 100, 200)
+    assert head.best_params_ == {"k": head.k_, "temperature": 0.07}
+    expected = _knn_reference(X, y, Xq, head.k_, 0.07)
+    assert np.allclose(head.predict_proba(Xq), expected, atol=1e-5)
+    assert np.array_equal(head.predict(Xq), expected.argmax(1))
+    assert head.score(Xq, np.arange(50) % 3) > 0.9
+    small_blocks = WeightedKNN(k=7, block_rows=3).fit(X, y)  # blocks change nothing
+    assert np.allclose(small_blocks.predict_proba(Xq), _knn_reference(X, y, Xq, 7, 0.07), atol=1e-5)
+
+
+@pytest.mark.bad_input
+def test_knn_with_k_over_the_training_rows_names_the_largest_k():
+    from pipeline.heads import WeightedKNN
+
+    X, y = np.random.default_rng(0).random((30, 4)), np.arange(30) % 2
+    with pytest.raises(PipelineError, match=r"head 'knn': k=31 is more than the 30 training rows; "
+                                            r"the largest k possible is 30"):
+        WeightedKNN(k=31).fit(X, y)
+    assert [r["k"] for r in WeightedKNN().fit(X, y).sweep_] == [10, 20]  # the grid within 27 fit rows
