@@ -1,5 +1,6 @@
 # Make drives the pipeline; the pipeline itself decides what is stale (see docs/reference.md, "Caching").
 # Variables: CONFIG=FILE  DATASETS="a b"  BACKBONES="a b"  HEADS="a b"  LIMIT=N  GPU=1  RAY=1  FORCE=1
+#            THREADS=N (cores the heads may use in all: fewer on a shared machine)
 #            RUNTIME=auto|tensorflow|openvino|onnxruntime (what runs the backbone)
 #            ENGINE=ray (run on a Ray cluster; installs Ray)  ADDRESS=auto|ray://HOST:PORT
 
@@ -30,7 +31,8 @@ RUN_ARGS := --config $(CONFIG) \
 	$(if $(LIMIT),--limit $(LIMIT)) \
 	$(if $(ENGINE),--engine $(ENGINE)) \
 	$(if $(RUNTIME),--runtime $(RUNTIME)) \
-	$(if $(ADDRESS),--address $(ADDRESS))
+	$(if $(ADDRESS),--address $(ADDRESS)) \
+	$(if $(THREADS),--threads $(THREADS))
 
 .PHONY: install install-test features heads compare all dry-run test test-fast reliability bench \
 	bench-extract bench-conversions bench-heads bench-ray bench-cache lint clean-heads clean-features

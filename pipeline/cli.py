@@ -90,6 +90,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
 
 
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="cores the heads may use in all, sweep workers and BLAS together: fewer "
+                        "on a shared machine (default: every core this process is given)")
+
+
 def _engine(args):
     """The Ray engine when asked for; only then is Ray imported."""
     if args.engine != "ray":
@@ -166,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory the features may take; beyond it, a head that can streams them "
                         "from the file (default: half of the free memory)")
     p.add_argument("--force", action="store_true", help="retrain even if up to date")
+    _add_threads_arg(p)
 
     sub.add_parser("compare", help="table, CSV, Markdown and plot of every result")
 
@@ -180,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=None, help="space-separated override of the heads")
     for name in ("limit", "rescan", "runtime"):  # over the experiment file's
         _add_option(p, name, default=None)
+    _add_threads_arg(p)
     _add_engine_args(p)
 
     return parser
@@ -366,7 +374,8 @@ def cmd_train(args) -> int:
 
     train_heads(args.heads, features=args.features, cache_dir=args.cache_dir,
                 results_dir=args.results_dir, params=args.param,
-                memory_budget_gb=args.memory_budget_gb, force=args.force, fuse=args.fuse)
+                memory_budget_gb=args.memory_budget_gb, force=args.force, fuse=args.fuse,
+                threads=args.threads)
     return 0
 
 
@@ -425,10 +434,11 @@ def cmd_run(args) -> int:
                                if getattr(args, name) is not None})
     engine = None if args.dry_run else _engine(args)
     if engine is None:
-        return run_experiment(experiment, stage=args.stage, dry_run=args.dry_run)
+        return run_experiment(experiment, stage=args.stage, dry_run=args.dry_run,
+                              threads=args.threads)
     with engine:
         return run_experiment(experiment, stage=args.stage, extract=engine.extract,
-                              map_calls=engine.map, scan_map=engine.scan_map)
+                              map_calls=engine.map, scan_map=engine.scan_map, threads=args.threads)
 
 
 COMMANDS = {"extract": cmd_extract, "backbones": cmd_backbones, "ls": cmd_ls,

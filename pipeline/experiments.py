@@ -24,6 +24,7 @@ from pipeline.extract import extract_features, open_dataset
 from pipeline.heads import (
     HEADS,
     check_params,
+    check_threads,
 )
 from pipeline.options import MODES, ExtractionConfig, option_fields, option_problem
 from pipeline.reports import compare
@@ -355,8 +356,10 @@ def _fusion_head_states(job: FusionJob, results_dir: str) -> dict[tuple, str]:
 
 
 def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False,
-                   extract=extract_features, map_calls=None, scan_map=None) -> int:
-    """Plan, then extract what is missing and train what is stale.
+                   extract=extract_features, map_calls=None, scan_map=None,
+                   threads: int | None = None) -> int:
+    """Plan, then extract what is missing and train what is stale (heads on ``threads``
+    cores in all: ``heads.check_threads``).
 
     ``extract``, ``map_calls(fn, calls)`` and ``scan_map(fn, items)`` are where the work runs:
     in this process by default, or on a cluster (``pipeline.engine.RayEngine.extract`` /
@@ -365,6 +368,8 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     t0 = time.monotonic()
     if not dry_run and stage in ("heads", "all"):
         check_results_dir(exp.results_dir)
+        if map_calls is None:
+            check_threads(threads)
     jobs = plan(exp, fetch=not dry_run, scan_map=scan_map)
     fusions = plan_fusions(exp, jobs)
     head_states = {k: v for j in jobs for k, v in _head_states(j, exp.results_dir).items()}
@@ -386,7 +391,7 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     steps = _Steps(len(extract_todo) + heads_todo)
     _extract_missing(extract_todo, extract, steps)
     if stage in ("heads", "all"):
-        _train_stale(exp, [*jobs, *fusions], head_states, map_calls, steps)
+        _train_stale(exp, [*jobs, *fusions], head_states, map_calls, steps, threads)
     if stage in ("compare", "all"):
         compare(exp.results_dir, cache_dir=exp.cache_dir)
     print(f"done in {time.monotonic() - t0:.1f} s")
@@ -425,7 +430,8 @@ def _extract_missing(todo: list[Job], extract, steps: _Steps) -> None:
         job.path, job.state = result.path, "cached"
 
 
-def _train_stale(exp: Experiment, jobs: list, head_states: dict, map_calls, steps: _Steps) -> None:
+def _train_stale(exp: Experiment, jobs: list, head_states: dict, map_calls, steps: _Steps,
+                 threads: int | None) -> None:
     """Every head result not up to date, fusions last (their parts are extracted by then): here
     one after another, or all at once as cluster tasks (``map_calls``)."""
     calls = []
@@ -438,7 +444,8 @@ def _train_stale(exp: Experiment, jobs: list, head_states: dict, map_calls, step
                 continue
             path = job.paths if isinstance(job, FusionJob) else job.path
             calls.append({"feature_path": path, "head": h["name"],
-                          "params": h.get("params", {}), "results_dir": exp.results_dir})
+                          "params": h.get("params", {}), "results_dir": exp.results_dir,
+                          "threads": threads})
             step = steps.next()
             if map_calls is None:
                 log.info("%s %s on %s", step, head_label(h["name"], h.get("params")), job.label)

@@ -36,7 +36,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from pipeline import SPLITS
+from pipeline import SPLITS, runtimes
 from pipeline.errors import PipelineError
 from pipeline.store import FeatureFile
 
@@ -434,7 +434,7 @@ class WeightedKNN(ClassifierMixin, BaseEstimator):
 
     def __init__(self, k: int | None = None, temperature: float = 0.07,
                  validation_fraction: float = 0.1, random_state: int = 0,
-                 validation_rows: int = 0, block_rows: int = 1024):
+                 validation_rows: int = 0, block_rows: int = 256):
         self.k = k
         self.temperature = temperature
         self.validation_fraction = validation_fraction
@@ -643,6 +643,19 @@ HEADS = {
 }
 SPATIAL_HEADS = {name for name, spec in HEADS.items() if spec.takes == "spatial"}
 STREAMING_HEADS = {name for name, spec in HEADS.items() if spec.takes == "streamed"}
+
+
+def check_threads(threads: int | None) -> int:
+    """The threads heads may use: ``threads`` (a shared machine's share), else every core we
+    are given. More than the cores only oversubscribes them (joblib workers times BLAS threads
+    collapsed 3-5x under load), so it is refused, as is 0."""
+    cores = runtimes.cpu_cores()
+    if threads is None:
+        return cores
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+        raise PipelineError(f"--threads {threads}: this machine gives us {cores} core(s); use a "
+                            f"whole number from 1 to {cores}")
+    return threads
 
 
 def check_head(name: str) -> None:

@@ -60,6 +60,7 @@ class ResultRecord:
     features_files: list = field(default_factory=list)  # path, key, checksum of each file
     versions: dict = field(default_factory=dict)
     created: str = ""
+    threads: int | None = None  # what the fit could use (--threads): not part of the answer
     extra: dict = field(default_factory=dict)
 
     @property

@@ -17,10 +17,18 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline import results
 from pipeline.errors import PipelineError
-from pipeline.heads import check_params, evaluate, load_features, load_fused_features, make_head
+from pipeline.heads import (
+    check_params,
+    check_threads,
+    evaluate,
+    load_features,
+    load_fused_features,
+    make_head,
+)
 from pipeline.reports import plot_confusion, result_title
 from pipeline.results import (
     DEFAULT_RESULTS_DIR,
@@ -69,11 +77,13 @@ def result_identity(files: list[FeatureFile], checksums: list[str]) -> tuple[dic
 
 def train_one(feature_path: Path | list[Path], head: str, params: dict | None = None, *,
               results_dir: str | Path = DEFAULT_RESULTS_DIR, memory_budget_gb: float | None = None,
-              force: bool = False) -> tuple[str, Path]:
+              force: bool = False, threads: int | None = None) -> tuple[str, Path]:
     """Fit one head on one feature file (or on several side by side: a fusion) and write
-    model, metrics.json and confusion.png."""
+    model, metrics.json and confusion.png. ``threads``: what the head may use in all (its
+    sweep's workers times their BLAS threads, and BLAS/OpenMP in this process)."""
     params = dict(params or {})
     check_params(head, params)
+    threads = check_threads(threads)
     check_results_dir(results_dir)
     paths = [Path(feature_path)] if isinstance(feature_path, (str, Path)) else list(feature_path)
     with contextlib.ExitStack() as stack:
@@ -108,12 +118,14 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                         "add images (or a val/ folder) and extract again")
             log.info("training %s on %s (%s train rows) ...", head_label(head, params),
                      " + ".join(ff.path.name for ff in files), f"{len(data.y_train):,}")
-            t0 = time.perf_counter()
-            model.fit(data.X_train, data.y_train)
-            fit_seconds = time.perf_counter() - t0
+            with _thread_budget(model, params, threads):
+                t0 = time.perf_counter()
+                model.fit(data.X_train, data.y_train)
+                fit_seconds = time.perf_counter() - t0
+                scores = evaluate(model, data.X_test, data.y_test, data.classes)
             summaries = [_features_summary(ff) for ff in files]
             record = ResultRecord(
-                **evaluate(model, data.X_test, data.y_test, data.classes),
+                **scores, threads=threads,
                 head=head, head_ran="rbf_svm_approx" if note else head, note=note,
                 params=params, best_params=_jsonable(getattr(model, "best_params_", {})),
                 sweep=_jsonable(getattr(model, "sweep_", [])),
@@ -147,6 +159,27 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
     return "trained", out
 
 
+@contextlib.contextmanager
+def _thread_budget(model, params: dict, threads: int):
+    """At most ``threads`` busy at once: the sweep's joblib workers (at most 4, as before)
+    times their BLAS threads, and every BLAS/OpenMP pool of this process (the refit, the
+    MLP, prediction: scikit-learn's float64 L-BFGS and numpy's and scipy's OpenBLAS each
+    start one thread per core otherwise). On a Ray task joblib's backend is Ray's: kept."""
+    from joblib import parallel_config
+    from joblib.parallel import get_active_backend
+
+    workers = min(4, threads)
+    if "n_jobs" in model.get_params() and "n_jobs" not in params:
+        model.set_params(n_jobs=workers)
+    local = type(get_active_backend()[0]).__name__ == "LokyBackend"
+    with contextlib.ExitStack() as stack:
+        if local:
+            stack.enter_context(parallel_config(backend="loky",
+                                                inner_max_num_threads=max(1, threads // workers)))
+        stack.enter_context(threadpool_limits(limits=threads))
+        yield
+
+
 def _jsonable(value):
     return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
@@ -167,10 +200,11 @@ def _write_result(out: Path, model, record: ResultRecord, classes: list[str]) ->
 def train_heads(heads: list[str], *, features: list[str] | None = None,
                 cache_dir: str = DEFAULT_CACHE_DIR, results_dir: str = DEFAULT_RESULTS_DIR,
                 params: list[str] | None = None, memory_budget_gb: float | None = None,
-                force: bool = False, fuse: bool = False) -> None:
+                force: bool = False, fuse: bool = False, threads: int | None = None) -> None:
     """``pipeline train``: each head on each given (or every complete) feature file, or with
     ``fuse`` on the given files side by side."""
     parsed = _parse_params(params or [])
+    check_threads(threads)
     for head in heads:
         check_params(head, parsed)
     check_results_dir(results_dir)
@@ -190,4 +224,4 @@ def train_heads(heads: list[str], *, features: list[str] | None = None,
     for path in [files] if fuse else files:
         for head in heads:
             train_one(path, head, parsed, results_dir=results_dir,
-                      memory_budget_gb=memory_budget_gb, force=force)
+                      memory_budget_gb=memory_budget_gb, force=force, threads=threads)

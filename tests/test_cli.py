@@ -455,3 +455,13 @@ def test_changed_images_supersede_the_old_file_for_train_compare_ls_and_gc(tmp_p
     assert main(["gc", "--yes", *common]) == 0
     assert not old.exists() and not orphan.path.exists() and new.exists()
     assert [e.state for e in FeatureStore(cache).entries()] == ["complete"]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("threads, message", [("0", "argument --threads: 0 must be a positive number"),
+                                              ("999", "--threads 999: this machine gives us")])
+def test_threads_out_of_range_on_the_command_line(blobs_file, threads, message):
+    code, out, err = run_cli("train", "--head", "logreg", "--threads", threads, "--cache-dir",
+                             str(blobs_file.parent), "--results-dir", str(blobs_file.parent / "r"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (blobs_file.parent / "r").exists() or not list((blobs_file.parent / "r").rglob("*.json"))

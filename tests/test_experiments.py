@@ -559,3 +559,36 @@ def test_training_names_a_class_with_a_single_row_before_fitting(tmp_path):
                                             r"row in .*at least 2 per class"):
         train_one(path, "logreg", results_dir=tmp_path / "results")
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("metrics.json"))
+
+
+def test_threads_caps_every_pool_a_head_fits_and_predicts_with(blobs_file, tmp_path, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from pipeline import heads
+
+    seen = []
+    real_fit = heads.SweepClassifier.fit
+
+    def fit(self, X, y):
+        seen.append((self.n_jobs, {p["internal_api"]: p["num_threads"] for p in threadpool_info()}))
+        return real_fit(self, X, y)
+
+    def pools_now():
+        return sorted((p["filepath"], p["num_threads"]) for p in threadpool_info())
+
+    monkeypatch.setattr(heads.SweepClassifier, "fit", fit)
+    before = pools_now()
+    _, out = train_one(blobs_file, "logreg", results_dir=tmp_path / "r", threads=1)
+    [(n_jobs, pools)] = seen
+    assert n_jobs == 1 and pools and set(pools.values()) == {1}, pools
+    assert json.loads((out / "metrics.json").read_text())["threads"] == 1
+    assert pools_now() == before  # the caps go with the fit
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("threads", [0, 10_000, True])
+def test_threads_beyond_the_cores_or_below_one_are_refused_in_one_line(blobs_file, tmp_path, threads):
+    with pytest.raises(PipelineError, match=r"--threads .*: this machine gives us \d+ core\(s\); use "
+                                            r"a whole number from 1 to \d+"):
+        train_one(blobs_file, "logreg", results_dir=tmp_path / "r", threads=threads)
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").rglob("metrics.json"))
