@@ -80,25 +80,25 @@ reliability: install-test
 bench: bench-extract bench-conversions bench-heads bench-ray bench-cache
 
 bench-extract: install   # MobileNet 0.25, MobileNetV2 0.35 (N = 2,000 and 8,000), ResNet50 (N = 400) at 224
-	$(PY) benchmarks/bench.py extract --sizes 2000,8000 --out benchmarks/extract.json
+	$(PY) benchmarks/bench_extract.py --sizes 2000,8000 --out benchmarks/extract.json
 
 # One backbone per family, for the modes other than avg (bench-conversions' second part).
 MODES_BACKBONES := mobilenet,mobilenet_v3_small,resnet50,resnet50_v2,densenet121,vgg16,xception,$\
 	inception_v3,inception_resnet_v2,nasnet_mobile,efficientnet_b0,efficientnet_v2_b0,convnext_tiny
 
 bench-conversions: install   # every registered backbone on each CPU runtime (about 1.5 hours)
-	$(PY) benchmarks/bench.py conversions --out benchmarks/conversions.json
-	$(PY) benchmarks/bench.py conversions --modes max,layers,bottleneck,spatial \
+	$(PY) benchmarks/bench_conversions.py --out benchmarks/conversions.json
+	$(PY) benchmarks/bench_conversions.py --modes max,layers,bottleneck,spatial \
 		--backbone $(MODES_BACKBONES) --out benchmarks/conversions-modes.json
 
 bench-heads: install
-	$(PY) benchmarks/bench.py heads --out benchmarks/heads.json
+	$(PY) benchmarks/bench_heads.py --out benchmarks/heads.json
 
 bench-ray: install-test   # one process vs a local Ray instance with 2 workers, N = 2,000
-	$(PY) benchmarks/bench.py ray --alpha $(BENCH_ALPHA) --out benchmarks/ray.json
+	$(PY) benchmarks/bench_ray.py --alpha $(BENCH_ALPHA) --out benchmarks/ray.json
 
 bench-cache: install   # ../shared/data/cifar10 (52,000 images): scans, no-op reruns, filter costs
-	$(PY) benchmarks/bench.py cache --out benchmarks/cache.json
+	$(PY) benchmarks/bench_cache.py --out benchmarks/cache.json
 
 lint: install
 	$(PY) -m ruff check pipeline tests benchmarks

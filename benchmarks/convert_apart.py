@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from bench import sample_images
+from common import sample_images
 
 RUN = """
 import json, resource, sys, time

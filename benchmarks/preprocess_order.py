@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tensorflow as tf  # noqa: E402
-from bench import sample_images  # noqa: E402
+from common import sample_images  # noqa: E402
 
 from pipeline import backbones as bb  # noqa: E402
 from pipeline import extract, runtimes  # noqa: E402

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench import sample_images
+from common import sample_images
 
 from pipeline import runtimes
 from pipeline.extract import ExtractionConfig, FeatureModel

@@ -5,6 +5,7 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -29,9 +30,14 @@ def test_benchmark_scripts_import_only_public_names_of_the_package():
     assert private == []
 
 
-def test_the_benchmark_command_answers_and_refuses_bad_sizes_in_one_line():
-    bench = [sys.executable, str(REPO / "benchmarks" / "bench.py")]
-    assert subprocess.run([*bench, "--help"], capture_output=True).returncode == 0
-    proc = subprocess.run([*bench, "extract", "--sizes", "ten"], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
-        "--sizes 'ten': write whole numbers, e.g. 2000,8000")
+@pytest.mark.parametrize("name", ["extract", "conversions", "heads", "ray", "cache"])
+def test_each_benchmark_script_answers_help(name):
+    script = REPO / "benchmarks" / f"bench_{name}.py"
+    assert subprocess.run([sys.executable, str(script), "--help"], capture_output=True).returncode == 0
+
+
+def test_a_benchmark_refuses_bad_sizes_in_one_line():
+    script = REPO / "benchmarks" / "bench_extract.py"
+    proc = subprocess.run([sys.executable, str(script), "--sizes", "ten"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --sizes 'ten': write whole numbers, e.g. 2000,8000"

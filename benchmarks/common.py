@@ -1,0 +1,99 @@
+"""What the benchmarks share: sample images, memory readings, the machine and commit, the
+JSON writer, and measured runs in fresh worker processes (``workers.py``). Not part of the
+installed package: the benchmarks use its public names only."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+HERE = Path(__file__).resolve().parent  # results are written beside this script
+
+# The shared data beside the checkout (../shared from the repository root).
+SHARED_CIFAR = HERE.parent.parent / "shared" / "data" / "cifar10-mini"
+
+
+def sample_images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """n real 32x32 RGB images (CIFAR-10-mini, tiled) or, without it, seeded noise."""
+    from pipeline.datasets import load_dataset
+
+    if SHARED_CIFAR.is_dir():
+        split = load_dataset(f"folder:{SHARED_CIFAR}").splits["train"]
+        x = np.concatenate(list(split.batches(500)))
+        reps = -(-n // len(x))
+        return np.tile(x, (reps, 1, 1, 1))[:n], np.tile(split.labels, reps)[:n], "cifar10-mini (tiled)"
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 32, 32, 3), np.uint8), np.arange(n) % 10, "random uint8"
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM). ``wait4``'s ru_maxrss would also count the
+    benchmark driver's memory, which the child inherits at fork until it execs."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+def children_peak_rss_mib() -> float:
+    """The largest peak of this process's finished children: the converting child, or else
+    the `uname -p` that importing h5py runs (through platform), about 45 MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM starts again from VmRSS
+        f.write("5")
+
+
+def worker_command(args: dict) -> list[str]:
+    """A fresh Python process running ``workers.py`` on ``args``."""
+    return [sys.executable, str(HERE / "workers.py"), json.dumps(args)]
+
+
+def run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, size: int,
+                cache: str) -> dict:
+    args = dict(method=method, npz=npz, backbone=backbone, alpha=alpha, batch_size=batch_size,
+                size=size, cache=cache)
+    proc = subprocess.run(worker_command(args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if proc.returncode != 0 or "RESULT" not in proc.stdout:
+        raise PipelineError(f"benchmark worker {method} failed (status {proc.returncode})")
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    result["images_per_second"] = result["rows"] / result["seconds"]
+    if "extract_seconds" in result:
+        result["in_loop_images_per_second"] = result["rows"] / result["extract_seconds"]
+    return result
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def machine(tf) -> dict:
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    if tf is not None:
+        info["tensorflow"] = tf.__version__
+        info["gpus"] = [g.name for g in tf.config.list_physical_devices("GPU")]
+    return info
+
+
+def write(report: dict, out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=float))
+    print(f"wrote {path}")
+
