@@ -47,7 +47,7 @@ def positive_float(text: str) -> float:
 
 def _add_option(p: argparse.ArgumentParser, name: str, **override) -> None:
     """The flag of extraction option ``name``, made from its one declaration
-    (``extract.ExtractionConfig``); its old spellings are flags too."""
+    (``options.ExtractionConfig``); its old spellings are flags too."""
     from pipeline.options import option_fields, option_type
 
     f, (kind, _) = option_fields()[name], option_type(name)
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", required=True, action="append", dest="heads",
                    help="the head to train (repeatable): {heads}")
     p.add_argument("--features", nargs="*", default=None,
-                   help="feature files or their keys (default: every complete file)")
+                   help="feature files or their keys (default: the current complete file of "
+                        "every request; superseded versions are left out)")
     p.add_argument("--fuse", action="store_true",
                    help="train on the --features files side by side (same dataset, no re-extraction)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",

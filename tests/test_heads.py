@@ -58,7 +58,7 @@ def test_standardisation_is_fitted_on_training_rows_only(tmp_path):
     scaler's mean if they leaked into it."""
     import joblib
 
-    from pipeline.experiments import train_one
+    from pipeline.training import train_one
 
     rng = np.random.default_rng(0)
     X_train, X_test = rng.normal(5.0, 2.0, (200, 4)), rng.normal(500.0, 2.0, (60, 4))
