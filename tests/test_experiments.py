@@ -159,7 +159,7 @@ name = "logreg"
     ('[[datasets]]\nname = "x"\n[[backbones]]\nname = "vgg16"\n[[features]]\nmode = "mean"\n'
      '[[heads]]\nname = "logreg"\n', "mode = 'mean': use one of avg"),
     ('[[datasets]]\nname = "x"\n[[backbones]]\nname = "vgg16"\n[[features]]\nmode = "avg"\n'
-     '[[heads]]\nname = "knn"\n', "name = 'knn'; use one of logreg"),
+     '[[heads]]\nname = "lda"\n', "name = 'lda'; use one of logreg"),
     ("datasets = [\n", "not valid TOML"),
 ])
 def test_bad_experiment_files_get_one_line(tmp_path, text, message):
