@@ -59,6 +59,7 @@ class Experiment:
     results_dir: str = DEFAULT_RESULTS_DIR
     source: str = ""
     fusions: list[dict] = field(default_factory=list)  # heads on several feature files at once
+    threads: int | None = None  # cores the heads may use in all (``--threads`` beats it)
 
     @property
     def cache_dir(self) -> str:
@@ -72,7 +73,7 @@ class Experiment:
 # The grid's own keys, beside the extraction options each place takes (``option``'s ``where``).
 _GRID_KEYS = {
     "top": {"datasets": list, "backbones": list, "features": list, "heads": list,
-            "fusions": list, "results_dir": str, "description": str},
+            "fusions": list, "results_dir": str, "description": str, "threads": int},
     "datasets": {"name": str},
     "backbones": {},
     "features": {"name": str, "backbones": list, "datasets": list, "heads": list},
@@ -156,9 +157,16 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
     fusions = raw.get("fusions", [])
     for entry in fusions:
         _check_fusion(path, entry, raw)
+    if "threads" in raw:
+        try:
+            check_threads(raw["threads"])
+        except PipelineError as exc:
+            raise PipelineError(f"{path}: top level threads = {raw['threads']!r}: "
+                                f"{str(exc).split(': ', 1)[1]}") from None
     exp = Experiment(datasets=raw["datasets"], backbones=raw["backbones"], features=raw["features"],
                      heads=raw["heads"], options=_options("top", raw),
-                     results_dir=raw.get("results_dir", DEFAULT_RESULTS_DIR), source=path, fusions=fusions)
+                     results_dir=raw.get("results_dir", DEFAULT_RESULTS_DIR), source=path, fusions=fusions,
+                     threads=raw.get("threads"))
     return _override(exp, datasets, backbones, heads, limit)
 
 
@@ -366,6 +374,7 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     ``.map`` / ``.scan_map``).
     """
     t0 = time.monotonic()
+    threads = threads or exp.threads
     if not dry_run and stage in ("heads", "all"):
         check_results_dir(exp.results_dir)
         if map_calls is None:

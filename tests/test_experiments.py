@@ -486,3 +486,17 @@ def test_a_dry_run_says_which_backbones_would_download_their_weights(tmp_path, c
     assert [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in (".npz", ".toml")] == []
 
 
+
+
+def test_threads_in_an_experiment_file_caps_its_heads_and_a_bad_value_names_the_file(tmp_path):
+    path = Path(_config(tmp_path))
+    path.write_text("threads = 1\n" + path.read_text())
+    exp = load_experiment(str(path))
+    assert exp.threads == 1
+    run_experiment(exp)
+    [metrics] = (tmp_path / "results").glob("*/logreg*/metrics.json")
+    assert json.loads(metrics.read_text())["threads"] == 1
+    path.write_text(path.read_text().replace("threads = 1", "threads = 0"))
+    with pytest.raises(PipelineError, match=r"exp.toml: top level threads = 0: this machine gives "
+                                            r"us \d+ core\(s\); use a whole number from 1 to \d+"):
+        load_experiment(str(path))
