@@ -313,9 +313,11 @@ class Conv1x1MLP(ClassifierMixin, BaseEstimator):
         self.validation_score_ = float(max(val))
         return self
 
+    def predict_proba(self, X) -> np.ndarray:
+        return self.model_.predict(np.asarray(X), batch_size=512, verbose=0)
+
     def predict(self, X):
-        probs = self.model_.predict(np.asarray(X), batch_size=512, verbose=0)
-        return self.classes_[np.argmax(probs, axis=1)]
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
 class StreamingLinear(ClassifierMixin, BaseEstimator):
@@ -419,6 +421,10 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         return np.concatenate([self.model_.predict(self.scaler_.transform(rows))
+                               for rows, _, _ in self._blocks(X, np.ones(X.shape[0], bool))])
+
+    def decision_function(self, X) -> np.ndarray:
+        return np.concatenate([self.model_.decision_function(self.scaler_.transform(rows))
                                for rows, _, _ in self._blocks(X, np.ones(X.shape[0], bool))])
 
 
@@ -796,6 +802,32 @@ def _read_checked(ff: FeatureFile, split: str) -> np.ndarray:
     return X.astype(np.float32) if X.dtype != np.float32 and X.ndim == 2 else X
 
 
+def class_scores(model, X) -> np.ndarray | None:
+    """(rows, classes) scores, columns in ``model.classes_`` order: probabilities where the
+    head has them, else decision values; None for a head with neither."""
+    for owner in (model, getattr(model, "model_", None)):
+        for name in ("predict_proba", "decision_function"):
+            method = getattr(owner, name, None)  # a Pipeline hides what its last step lacks
+            if method is None:
+                continue
+            scores = np.asarray(method(X))
+            if scores.ndim == 2 and scores.shape[1] == len(model.classes_):
+                return scores
+    return None
+
+
+def top_k_accuracy(model, X, y: np.ndarray, k: int = 5) -> float | None:
+    """How often the true class is among the head's ``k`` highest scores (None with ``k`` or
+    fewer classes, where it says nothing, or without scores)."""
+    if len(model.classes_) <= k:
+        return None
+    scores = class_scores(model, X)
+    if scores is None:
+        return None
+    top = np.asarray(model.classes_)[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+    return float(np.mean((top == np.asarray(y)[:, None]).any(axis=1)))
+
+
 def evaluate(model, X_test, y_test: np.ndarray, classes: list[str]) -> dict:
     """Test metrics a user compares heads by, plus the prediction cost."""
     t0 = time.perf_counter()
@@ -806,6 +838,7 @@ def evaluate(model, X_test, y_test: np.ndarray, classes: list[str]) -> dict:
         y_test, pred, labels=labels, zero_division=0)
     return {
         "test_accuracy": float(accuracy_score(y_test, pred)),
+        "top5_accuracy": top_k_accuracy(model, X_test, y_test),
         "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
         "macro_f1": float(f1_score(y_test, pred, average="macro", labels=labels, zero_division=0)),
         "per_class": {c: {"precision": float(p), "recall": float(r), "support": int(s)}

@@ -16,8 +16,9 @@ from pipeline.options import describe
 from pipeline.results import ResultRecord
 from pipeline.store import FeatureStore
 
-COLUMNS = ["dataset", "backbone", "mode", "head", "validation_accuracy", "test_accuracy", "macro_f1",
-           "fit_seconds", "predict_ms_per_image", "feature_width", "n_train"]
+COLUMNS = ["dataset", "backbone", "mode", "head", "validation_accuracy", "test_accuracy",
+           "top5_accuracy", "macro_f1", "fit_seconds", "predict_ms_per_image", "feature_width",
+           "n_train", "per_class_recall"]
 
 
 def _pyplot():
@@ -83,7 +84,9 @@ def collect_results(results_dir: str | Path, leave_out: set[str] | frozenset = f
         rows.append({
             "dataset": features.get("dataset", "?"), "backbone": backbone, "mode": mode,
             "head": record.label, "validation_accuracy": record.validation_accuracy,
-            "test_accuracy": record.test_accuracy,
+            "test_accuracy": record.test_accuracy, "top5_accuracy": record.top5_accuracy,
+            "per_class_recall": "; ".join(f"{c} {v['recall']:.4f}"
+                                          for c, v in record.per_class.items()),
             "macro_f1": record.macro_f1, "fit_seconds": record.fit_seconds,
             "predict_ms_per_image": record.predict_ms_per_image,
             "feature_width": features.get("width"), "n_train": record.n_train,

@@ -44,6 +44,7 @@ class ResultRecord:
     head_ran: str = ""  # what ran (rbf_svm above its row limit runs as rbf_svm_approx)
     note: str | None = None
     balanced_accuracy: float | None = None
+    top5_accuracy: float | None = None  # with more than 5 classes, for heads that score them
     per_class: dict = field(default_factory=dict)  # class -> precision, recall, support
     confusion_matrix: list = field(default_factory=list)
     validation_accuracy: float | None = None

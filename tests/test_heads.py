@@ -362,3 +362,31 @@ def test_knn_with_k_over_the_training_rows_names_the_largest_k():
                                             r"the largest k possible is 30"):
         WeightedKNN(k=31).fit(X, y)
     assert [r["k"] for r in WeightedKNN().fit(X, y).sweep_] == [10, 20]  # the grid within 27 fit rows
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in HEADS.items() if spec.takes != "spatial"))
+def test_top5_accuracy_counts_the_true_class_among_each_heads_five_best(name):
+    from sklearn.metrics import top_k_accuracy_score
+
+    from pipeline.heads import class_scores, evaluate
+
+    rng = np.random.default_rng(1)
+    y = np.arange(1600) % 8
+    X = (rng.normal(size=(1600, 8)) * 3 + 4 * np.eye(8)[y]).astype(np.float32)  # overlapping
+    head, _ = make_head(name)
+    head.fit(X[:1200], y[:1200])
+    metrics = evaluate(head, X[1200:], y[1200:], [str(c) for c in range(8)])
+    scores = class_scores(head, X[1200:])
+    assert scores is not None and scores.shape == (400, 8)
+    expected = top_k_accuracy_score(y[1200:], scores, k=5, labels=head.classes_)
+    assert metrics["top5_accuracy"] == pytest.approx(expected)
+    assert metrics["test_accuracy"] <= metrics["top5_accuracy"] < 1.0
+
+
+def test_top5_accuracy_is_left_out_with_five_classes_or_fewer(blobs_file):
+    from pipeline.heads import evaluate
+
+    data = _data(blobs_file)
+    head, _ = make_head("logreg")
+    head.fit(data.X_train, data.y_train)
+    assert evaluate(head, data.X_test, data.y_test, data.classes)["top5_accuracy"] is None
