@@ -87,13 +87,13 @@ def test_a_result_record_reads_what_older_and_newer_releases_wrote(tmp_path):
     assert ResultRecord.load(tmp_path) == record
     older = {k: v for k, v in json.loads((tmp_path / "metrics.json").read_text()).items()
              if k not in ("validation", "head_ran", "created")}  # fields an older release lacked
-    newer = {**older, "top5_accuracy": 0.99}  # a field a newer release adds
+    newer = {**older, "calibration_error": 0.05}  # a field a newer release adds
     (tmp_path / "metrics.json").write_text(json.dumps(newer))
     loaded = ResultRecord.load(tmp_path)
-    assert loaded.label == "logreg(C=1.0)" and loaded.extra == {"top5_accuracy": 0.99}
+    assert loaded.label == "logreg(C=1.0)" and loaded.extra == {"calibration_error": 0.05}
     assert loaded.is_current("abc", {"C": 1.0}) and not loaded.is_current("abd", {"C": 1.0})
     loaded.save(tmp_path)  # what it does not know, it writes back
-    assert json.loads((tmp_path / "metrics.json").read_text())["top5_accuracy"] == 0.99
+    assert json.loads((tmp_path / "metrics.json").read_text())["calibration_error"] == 0.05
     (tmp_path / "metrics.json").write_text(json.dumps({"head": "logreg"}))
     with pytest.raises(ValueError, match="incomplete result record"):
         ResultRecord.load(tmp_path)
