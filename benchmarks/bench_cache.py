@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import HERE, SHARED_CIFAR, commit, machine, write
+from common import HERE, SHARED_CIFAR, commit, machine, parser, run, write
 
 from pipeline.errors import PipelineError
 
@@ -108,19 +108,10 @@ def _filter_costs(X: np.ndarray, what: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=None, help="the JSON results (default: beside this script)")
+    p = parser(__doc__)
     p.add_argument("--folder", default=None, help="an image folder (default ../shared/data/cifar10)")
     args = p.parse_args(argv)
-    try:
-        bench_cache(out=args.out, folder=args.folder)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run(bench_cache, out=args.out, folder=args.folder)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import HERE, commit, machine, sample_images, worker_command, write
+from common import HERE, commit, machine, parser, run, sample_images, worker_command, write
 
 from pipeline.errors import PipelineError
 
@@ -108,23 +108,15 @@ def _watched_worker(args: dict, max_rss_gib: float, timeout: float) -> tuple[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=None, help="the JSON results (default: beside this script)")
+    p = parser(__doc__)
     p.add_argument("--backbone", default=None, help="comma-separated (default: all registered)")
     p.add_argument("--modes", default=None,
                    help="comma-separated feature modes: avg, max, layers, bottleneck, spatial "
                         "(default avg)")
     args = p.parse_args(argv)
-    try:
-        bench_conversions(out=args.out, backbones=args.backbone.split(",") if args.backbone else None,
-                          modes=args.modes.split(",") if args.modes else None)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run(bench_conversions, out=args.out,
+               backbones=args.backbone.split(",") if args.backbone else None,
+               modes=args.modes.split(",") if args.modes else None)
 
 
 if __name__ == "__main__":

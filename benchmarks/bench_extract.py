@@ -11,9 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import HERE, commit, machine, run_worker, sample_images, write
-
-from pipeline.errors import PipelineError
+from common import HERE, commit, machine, parser, run, run_worker, sample_images, sizes, write
 
 # (backbone, alpha, N or None for the --sizes): the two offline ImageNet models, and a
 # compute-bound one the offline weights do not cover (random weights: the same compute).
@@ -106,27 +104,14 @@ def _extract_summary(runs: list[dict], autos: dict[str, str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=None, help="the JSON results (default: beside this script)")
+    p = parser(__doc__)
     p.add_argument("--sizes", default=None, help="comma-separated dataset sizes")
     p.add_argument("--backbone", default=None,
                    help="one backbone (default: MobileNet 0.25, MobileNetV2 0.35 and ResNet50)")
     p.add_argument("--alpha", type=float, default=None, help="its MobileNet width")
     args = p.parse_args(argv)
-    try:
-        try:
-            sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else None
-        except ValueError:
-            raise PipelineError(f"--sizes {args.sizes!r}: write whole numbers, e.g. 2000,8000") from None
-        models = [(args.backbone, args.alpha, None)] if args.backbone else BENCH_MODELS
-        bench_extract(out=args.out, sizes=sizes, models=models)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    models = [(args.backbone, args.alpha, None)] if args.backbone else BENCH_MODELS
+    return run(lambda: bench_extract(out=args.out, sizes=sizes(args.sizes, None), models=models))
 
 
 if __name__ == "__main__":

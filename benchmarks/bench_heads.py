@@ -8,7 +8,7 @@ import sys
 import time
 
 import numpy as np
-from common import HERE, commit, machine, write
+from common import HERE, commit, machine, parser, run, write
 
 from pipeline.errors import PipelineError
 
@@ -72,20 +72,11 @@ def bench_heads(out: str | None = None, features: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=None, help="the JSON results (default: beside this script)")
+    p = parser(__doc__)
     p.add_argument("--features", default=None,
                    help="a feature file (default: the smallest in features_cache/ with 20,000+ rows)")
     args = p.parse_args(argv)
-    try:
-        bench_heads(out=args.out, features=args.features)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run(bench_heads, out=args.out, features=args.features)
 
 
 if __name__ == "__main__":

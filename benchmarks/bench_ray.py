@@ -8,9 +8,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import HERE, commit, machine, run_worker, sample_images, write
-
-from pipeline.errors import PipelineError
+from common import HERE, commit, machine, parser, run, run_worker, sample_images, sizes, write
 
 
 def bench_ray(out: str | None = None, n: int = 2000, backbone: str = "mobilenet_v2",
@@ -51,25 +49,13 @@ def bench_ray(out: str | None = None, n: int = 2000, backbone: str = "mobilenet_
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=None, help="the JSON results (default: beside this script)")
+    p = parser(__doc__)
     p.add_argument("--sizes", default=None, help="images (the first of a comma-separated list)")
     p.add_argument("--backbone", default="mobilenet_v2", help="the backbone")
     p.add_argument("--alpha", type=float, default=None, help="its MobileNet width")
     args = p.parse_args(argv)
-    try:
-        try:
-            sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else [2000]
-        except ValueError:
-            raise PipelineError(f"--sizes {args.sizes!r}: write whole numbers, e.g. 2000,8000") from None
-        bench_ray(out=args.out, n=sizes[0], backbone=args.backbone, alpha=args.alpha)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run(lambda: bench_ray(out=args.out, n=sizes(args.sizes, [2000])[0],
+                                 backbone=args.backbone, alpha=args.alpha))
 
 
 if __name__ == "__main__":

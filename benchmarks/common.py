@@ -97,3 +97,31 @@ def write(report: dict, out: str) -> None:
     path.write_text(json.dumps(report, indent=2, default=float))
     print(f"wrote {path}")
 
+
+
+def parser(doc: str):
+    """A benchmark's command line: its docstring's first line, defaults shown, ``--out``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=None, help="the JSON results (default: beside this script)")
+    return p
+
+
+def sizes(text: str | None, default: list[int] | None) -> list[int] | None:
+    """``--sizes 2000,8000``."""
+    try:
+        return [int(v) for v in text.split(",")] if text else default
+    except ValueError:
+        raise PipelineError(f"--sizes {text!r}: write whole numbers, e.g. 2000,8000") from None
+
+
+def run(bench, *args, **kwargs) -> int:
+    """The benchmark, its one-line errors as ``error: ...`` and exit status 2."""
+    try:
+        bench(*args, **kwargs)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
