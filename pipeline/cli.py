@@ -249,7 +249,8 @@ def _print_cause(exc: BaseException) -> None:
 
 
 def cmd_extract(args) -> int:
-    from pipeline.extract import ExtractionConfig, extract_features, option_fields
+    from pipeline.extract import extract_features
+    from pipeline.options import ExtractionConfig, option_fields
 
     config = ExtractionConfig(**{name: getattr(args, name) for name in option_fields()
                                  if hasattr(args, name)})  # all but the seed have flags
@@ -340,10 +341,7 @@ def cmd_verify(args) -> int:
     bad = 0
     for e in store.entries():
         if e.state == "orphaned" and args.repair:
-            import shutil
-
-            with store.lock_entry(e.path):
-                shutil.rmtree(e.path)
+            store.remove(e.path)
             print(f"removed   {e.path.name}: {e.detail.split(';')[0]}")
             continue
         if e.state in ("partial", "orphaned"):
@@ -389,8 +387,6 @@ def cmd_compare(args) -> int:
 
 def cmd_gc(args) -> int:
     """Remove superseded feature files and orphaned work, after asking (or with --yes)."""
-    import shutil
-
     from pipeline.store import FeatureStore
 
     store = FeatureStore(args.cache_dir)
@@ -412,13 +408,8 @@ def cmd_gc(args) -> int:
     removed = 0
     for e in garbage:
         try:
-            with store.lock_entry(e.path):  # never from under a writer still at work on it
-                if e.path.is_dir():
-                    shutil.rmtree(e.path)
-                else:
-                    e.path.unlink(missing_ok=True)
-                    shutil.rmtree(e.path.with_suffix(".shards"), ignore_errors=True)  # vds rows
-                removed += 1
+            store.remove(e.path)
+            removed += 1
         except PipelineError as exc:  # locked: being written right now
             log.warning("kept %s: %s", e.path.name, exc)
     print(f"removed {removed} entries ({total:.1f} MiB)" if removed == len(garbage)

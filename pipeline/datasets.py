@@ -498,8 +498,10 @@ def _pil():
     return Image
 
 
-def _decode(data: bytes, fit: tuple[int, int] | None = None, shrink: bool = False) -> np.ndarray:
-    """Any still image -> uint8 RGB (grey, palette, RGBA and 16-bit included).
+def _decode(data: bytes, fit: tuple[int, int] | None = None, shrink: bool = False,
+            turned: bool = False) -> np.ndarray:
+    """Any still image -> uint8 RGB (grey, palette, RGBA and 16-bit included); ``turned``
+    (what the scan read from its EXIF orientation tag): shown upright, as a viewer does.
 
     An image at least twice ``fit`` (width, height) in both directions, if it is over PIL's
     decompression-bomb threshold (89 MP) or ``shrink`` is asked for, is decoded at reduced
@@ -514,7 +516,7 @@ def _decode(data: bytes, fit: tuple[int, int] | None = None, shrink: bool = Fals
         if large and min(img.size[0] // fit[0], img.size[1] // fit[1]) >= 2:
             img.draft("RGB", fit)  # JPEG only: decodes at 1/2, 1/4 or 1/8 scale, >= fit
         img.load()
-        if _orientation(img) != 1:  # a photo's EXIF tag: show it as a viewer does, upright
+        if turned:
             from PIL import ImageOps
 
             img = ImageOps.exif_transpose(img)
@@ -538,9 +540,10 @@ def _decode(data: bytes, fit: tuple[int, int] | None = None, shrink: bool = Fals
 
 
 def _orientation(img) -> int:
-    """The EXIF orientation tag (1: stored upright; 2-8: turned and/or mirrored). A PNG
-    whose header holds no eXIf chunk counts as upright: Pillow would decode the whole image
-    to look further (one after the pixels is rare, and seen once decoded)."""
+    """The EXIF orientation tag (1: stored upright; 2-8: turned and/or mirrored), read once,
+    at the scan, from the file's header. A PNG whose header holds no eXIf chunk counts as
+    upright: Pillow would decode the whole image to look further (one after the pixels is
+    rare)."""
     if img.format == "PNG" and "exif" not in img.info:
         return 1
     try:
@@ -577,7 +580,7 @@ def _scan_file(item: _ImageFile) -> _ImageFile:
                 orientation = _orientation(img)
                 item.size = img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
                 item.turned = orientation != 1
-        _decode(data, _SCAN_FIT, shrink=True)
+        _decode(data, _SCAN_FIT, shrink=True, turned=item.turned)
     except Exception as exc:
         item.error = _reason(exc)
     return item
@@ -812,26 +815,26 @@ def _one_label_per_file(spec: str, classes: list[str], files: dict[str, list[_Im
                         skip_bad: bool) -> tuple[dict[str, list[_ImageFile]], list[str]]:
     """A file reached twice (links) counts once; reached under two classes it is an error
     naming both paths (``skip_bad`` drops it, recorded as skipped)."""
-    first: dict[str, tuple[str, _ImageFile]] = {}
+    first: dict[str, _ImageFile] = {}
     conflicts: dict[str, list[_ImageFile]] = {}
+    dropped: set[int] = set()  # id() of every item left out: a second link, or a conflict
     again = 0
-    for split, items in files.items():
-        for item in items:
-            real = item.real or os.path.realpath(item.path)
-            if real not in first:
-                first[real] = (split, item)
-            elif first[real][1].label != item.label:
-                conflicts.setdefault(real, [first[real][1]]).append(item)
-            else:
-                again += 1
-                item.error = "duplicate"
+    for item in (i for items in files.values() for i in items):
+        seen = first.setdefault(item.real, item)
+        if seen is item:
+            continue
+        dropped.add(id(item))
+        if seen.label != item.label:
+            conflicts.setdefault(item.real, [seen]).append(item)
+            dropped.add(id(seen))
+        else:
+            again += 1
     if conflicts and not skip_bad:
         a, b = next(iter(conflicts.values()))[:2]
         raise PipelineError(f"dataset {spec!r}: the same file is labelled {classes[a.label]} as "
                             f"{a.path} and {classes[b.label]} as {b.path}"
                             + (f" ({len(conflicts) - 1} more such files)" if len(conflicts) > 1 else "")
                             + "; remove one of the links, or rerun with --skip-bad to drop them")
-    dropped = {id(i) for items in conflicts.values() for i in items}
     skipped = [f"{i.path}: labelled {' and '.join(classes[j.label] for j in items)} "
                "(the same file under two classes)" for items in conflicts.values() for i in items]
     if again:
@@ -840,8 +843,7 @@ def _one_label_per_file(spec: str, classes: list[str], files: dict[str, list[_Im
     if skipped:
         log.warning("dataset %r: dropped %d file(s) reached under two classes, e.g. %s",
                     spec, len(skipped), skipped[0])
-    kept = {s: [i for i in items if id(i) not in dropped and i.error != "duplicate"]
-            for s, items in files.items()}
+    kept = {s: [i for i in items if id(i) not in dropped] for s, items in files.items()}
     return kept, skipped
 
 
@@ -861,12 +863,12 @@ def _check_train_covers(spec: str, classes: list[str], files: dict[str, list[_Im
 def _warn_few_per_class(dataset: Dataset) -> None:
     """Every head carves a stratified validation split from the training rows (unless one is
     given), so each class needs two: said when the data is read, not first in train."""
-    labels = dataset.splits["train"].labels
-    fit = labels[:len(labels) - dataset.validation]
-    counts = np.bincount(fit, minlength=len(dataset.classes))
+    labels, n = dataset.splits["train"].labels, len(dataset.classes)
+    counts = np.bincount(labels[:len(labels) - dataset.validation], minlength=n)
+    in_val = np.bincount(labels[len(labels) - dataset.validation:], minlength=n)
     need = 1 if dataset.validation else 2
     few = [f"{dataset.classes[c]} ({counts[c]})" for c in np.flatnonzero(counts < need)
-           if counts[c] or c in set(labels.tolist())]
+           if counts[c] or in_val[c]]
     if few:
         log.warning("dataset %r: class(es) %s have fewer than %d training images; the features "
                     "can be extracted, but no head can be trained on them (its validation split "
@@ -978,7 +980,7 @@ def _folder_split(items: list[_ImageFile], size: tuple[int, int], shrink: bool =
             raise PipelineError(f"{item.path} changed after the dataset was scanned (its sha256 "
                                 "differs); rerun to extract the new content")
         try:
-            arr = _decode(data, size, shrink)
+            arr = _decode(data, size, shrink, item.turned)
         except Exception as exc:  # decoded at the scan; fails now only if PIL itself changed
             raise PipelineError(f"cannot decode {item.path} ({_reason(exc)})") from exc
         if arr.shape[1::-1] != size:

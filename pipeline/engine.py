@@ -36,7 +36,7 @@ from pipeline.extract import (
     worker_provenance,
 )
 from pipeline.options import ExtractionConfig
-from pipeline.store import LAYOUTS, FeatureStore, ShardSet
+from pipeline.store import LAYOUTS, ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ class RayRunner:
         self.engine, self.layout = engine, engine.layout
         self.actors: list = []
 
-    def start(self, config: ExtractionConfig, dataset: Dataset, store: FeatureStore,
-              runtime: str) -> None:
+    def start(self, config: ExtractionConfig, dataset: Dataset, runtime: str) -> None:
         self.config, self.dataset = replace(config, runtime=runtime), dataset
         self.wanted, gpus, threads, decode_threads = self.engine.slots()
         # The driver's dataset goes to the actors through the object store, once (when there

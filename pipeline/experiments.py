@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import results
-from pipeline.backbones import get_spec, missing_imagenet_weights
+from pipeline.backbones import missing_imagenet_weights
 from pipeline.datasets import KERAS_DATASETS, Dataset, keras_dataset_is_local
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_features, open_dataset
@@ -26,7 +26,7 @@ from pipeline.heads import (
     check_params,
     check_threads,
 )
-from pipeline.options import MODES, ExtractionConfig, option_fields, option_problem
+from pipeline.options import MODES, ExtractionConfig, describe, option_fields, option_problem
 from pipeline.reports import compare
 from pipeline.results import (
     DEFAULT_RESULTS_DIR,
@@ -275,7 +275,7 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                                              **_options("datasets", d), **_options("backbones", b),
                                              **_options("features", f)})
                 config.validate()
-                fit = config.image_size or get_spec(config.backbone).input_size
+                fit = config.input_size
                 if fit not in datasets:  # the same rows for every input size but large photos'
                     datasets[fit] = open_dataset(config, scan_map=scan_map)
                 dataset = datasets[fit]
@@ -290,7 +290,7 @@ def plan(exp: Experiment, *, fetch: bool = True, scan_map=None) -> list[Job]:
                          if (HEADS[h["name"]].takes == "spatial") == (takes == "spatial")
                          and (not h.get("modes") or f["mode"] in h["modes"])
                          and ("heads" not in f or h["name"] in f["heads"])]
-                label = f"{d['name']} / " + " / ".join(config.describe())
+                label = f"{d['name']} / " + " / ".join(describe(parts))
                 if not fetch and state != "cached" and config.weights == "imagenet":
                     missing = missing_imagenet_weights(config.backbone, config.alpha)
                     label += f"  (ImageNet weights: {missing})" if missing else ""

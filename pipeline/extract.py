@@ -35,16 +35,7 @@ from pipeline import SPLITS, runtimes
 from pipeline import backbones as bb
 from pipeline.datasets import Dataset, Split, load_dataset, parse_dataset, stratified_subset
 from pipeline.errors import PipelineError
-from pipeline.options import (  # noqa: F401 - the option names, re-exported
-    EXTRACTOR_VERSION,
-    MODES,
-    ExtractionConfig,
-    FeatureMode,
-    KeyPart,
-    option_fields,
-    option_problem,
-    option_type,
-)
+from pipeline.options import MODES, ExtractionConfig  # (ExtractionConfig: also re-exported)
 from pipeline.store import (
     NEWER_FORMAT,
     FeatureStore,
@@ -113,7 +104,7 @@ class FeatureModel:
     def __init__(self, config: ExtractionConfig, image_shape: tuple[int, int, int],
                  threads: int | None = None):
         self.config, self.image_shape, self.threads = config, tuple(image_shape), threads
-        self.size = config.image_size or bb.get_spec(config.backbone).input_size
+        self.size = config.input_size
         self.backbone_name, self.mode, self.tta = config.backbone, MODES[config.mode], config.tta
         self.projection = None  # (mean, components) for the bottleneck mode
         self.runtime, self.runner = "tensorflow", None
@@ -432,11 +423,17 @@ def worker_provenance(config: ExtractionConfig, runtime: str) -> dict:
             "host": socket.gethostname(), "pid": os.getpid()}
 
 
+def requested(config: ExtractionConfig) -> dict:
+    """What was asked for, as a feature file's provenance and its shards record it: the
+    options and the dataset's absolute source (``store.lineage`` reads both)."""
+    return {"config": asdict(config), "dataset_source": parse_dataset(config.dataset).absolute()}
+
+
 def extraction_provenance(config: ExtractionConfig, dataset: Dataset, feature_shape, feature_dtype,
                           seconds: float, images: int, resumed: bool, **more) -> dict:
     """What a feature file records about how it was made (``more``: versions, device, ...)."""
     return {
-        "config": asdict(config), "dataset_source": parse_dataset(config.dataset).absolute(),
+        **requested(config),
         "dataset_splits": {s: len(dataset.splits[s]) for s in SPLITS},
         "image_shape": list(dataset.splits["train"].image_shape),
         "feature_shape": list(feature_shape), "feature_dtype": str(feature_dtype),
@@ -530,8 +527,7 @@ class Runner(Protocol):
     name: str  # recorded in the provenance
     layout: str  # how the shards become one file: "merge" or "vds"
 
-    def start(self, config: ExtractionConfig, dataset: Dataset, store: FeatureStore,
-              runtime: str) -> None: ...
+    def start(self, config: ExtractionConfig, dataset: Dataset, runtime: str) -> None: ...
     def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]: ...
     def shard_rows(self, n: int, projection) -> int: ...
     def run(self, todo: list[tuple[str, int, int]], shards: ShardSet, key: str, projection,
@@ -567,8 +563,7 @@ class LocalRunner:
 
     name, layout = "local", "merge"
 
-    def start(self, config: ExtractionConfig, dataset: Dataset, store: FeatureStore,
-              runtime: str) -> None:
+    def start(self, config: ExtractionConfig, dataset: Dataset, runtime: str) -> None:
         self.config, self.dataset, self._row_bytes = config, dataset, None
         self.model, self.runtime = start_model(config, dataset.splits["train"].image_shape, runtime)
 
@@ -626,7 +621,7 @@ def open_dataset(config: ExtractionConfig, scan_map=None) -> Dataset:
     return load_dataset(config.dataset, limit=config.limit, skip_bad=config.skip_bad,
                         seed=config.seed, scan_index=FeatureStore(config.cache_dir).scan_dir,
                         rescan=config.rescan, scan_map=scan_map,
-                        fit=config.image_size or bb.get_spec(config.backbone).input_size)
+                        fit=config.input_size)
 
 
 def cached_result(final: Path, t0: float, waited: bool = False) -> ExtractionResult | None:
@@ -658,7 +653,7 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
     """Holding the key's lock: resume what is done, run the rest, publish one file."""
     shards, final = store.shards_for(parts), store.path_for(parts)
     start_over, done, runtime = _resume_point(config, store, shards, final, rebuild)
-    runner.start(config, dataset, store, runtime)
+    runner.start(config, dataset, runtime)
     try:
         if start_over:
             final.unlink()
@@ -670,8 +665,7 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
         projection = _projection(config, shards, runner)
         todo = _missing_shards(config, dataset, shards, runner, projection)
         if todo:  # so that `gc` can tell these shards apart once the data changes
-            shards.record_identity({"key_parts": parts, "provenance": {
-                "config": asdict(config), "dataset_source": parse_dataset(config.dataset).absolute()}})
+            shards.record_identity({"key_parts": parts, "provenance": requested(config)})
         images = sum(hi - lo for _, lo, hi in todo)
         progress = Progress(dataset.spec, images)
         t_extract = time.monotonic()

@@ -19,6 +19,8 @@ from pipeline.errors import PipelineError
 from pipeline.store import COMPRESSIONS, DEFAULT_CACHE_DIR
 
 EXTRACTOR_VERSION = 1
+
+
 @dataclass(frozen=True)
 class FeatureMode:
     """What a feature file holds (the key's ``mode``), declared once: every place that
@@ -108,8 +110,7 @@ class ExtractionConfig:
                           key_part=KeyPart(graph=True, value=lambda c: bb.weights_identity(c.weights)),
                           where=("backbones",))
     image_size: int | None = option(None, "model input size (default: the backbone's native)",
-                                    key_part=KeyPart(graph=True, value=lambda c: c.image_size or
-                                                     bb.get_spec(c.backbone).input_size),
+                                    key_part=KeyPart(graph=True, value=lambda c: c.input_size),
                                     where=("backbones",), positive=True)
     layers: tuple[str, ...] = option((), "pool this layer instead of the last (repeat to "
                                      "concatenate layers)", where=("features",), flag="--layer",
@@ -150,6 +151,11 @@ class ExtractionConfig:
     def __post_init__(self):
         self.layers = tuple(self.layers)
 
+    @property
+    def input_size(self) -> int:
+        """The side of the model's input: ``image_size``, else the backbone's native one."""
+        return self.image_size or bb.get_spec(self.backbone).input_size
+
     def validate(self) -> None:
         """Every option's type and range, then what depends on the backbone (one line each)."""
         for f in fields(self):
@@ -180,10 +186,6 @@ class ExtractionConfig:
     def file_compression(self) -> str:
         """The HDF5 filter feature files get: ``auto`` is the mode's (see ``FeatureMode``)."""
         return MODES[self.mode].compression if self.compression == "auto" else self.compression
-
-    def describe(self) -> tuple[str, str]:
-        """(backbone, features) in the words people read: see ``describe``."""
-        return describe(self._declared_parts(graph_only=False))
 
     def _declared_parts(self, graph_only: bool) -> dict:
         parts: dict = {}

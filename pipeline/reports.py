@@ -75,10 +75,12 @@ def collect_results(results_dir: str | Path, leave_out: set[str] | frozenset = f
                     ) -> list[dict]:
     """One row per (feature file, head) with a complete result record, but those on the
     feature files (keys) in ``leave_out``."""
+    return _rows([r for r in results.collect(results_dir) if not r.feature_keys & set(leave_out)])
+
+
+def _rows(records: list[ResultRecord]) -> list[dict]:
     rows = []
-    for record in results.collect(results_dir):
-        if record.feature_keys & set(leave_out):
-            continue
+    for record in records:
         features = record.features
         backbone, mode = feature_labels(features)
         rows.append({
@@ -218,8 +220,9 @@ def compare(results_dir: str | Path = results.DEFAULT_RESULTS_DIR, *, out=print,
     the same data) are left out, and said so."""
     results_dir = Path(results_dir)
     superseded = FeatureStore(cache_dir).superseded_keys() if cache_dir else set()
-    rows = collect_results(results_dir, superseded)
-    left_out = len(collect_results(results_dir)) - len(rows) if superseded else 0
+    records = results.collect(results_dir)  # read once
+    rows = _rows([r for r in records if not r.feature_keys & superseded])
+    left_out = len(records) - len(rows)
     if left_out:
         out(f"left out {left_out} result(s) on feature files of older data (superseded; "
             "`python -m pipeline ls` marks them, `python -m pipeline gc` removes them)")

@@ -415,16 +415,26 @@ class FeatureStore:
     # locking ----------------------------------------------------------------------------
     def lock(self, parts: dict, *, wait: bool = True) -> contextlib.AbstractContextManager:
         """Exclusive writer lock on one key; a second writer waits (or fails if wait=False)."""
+        return self._lock(self.name_for(parts), wait)
+
+    def _lock(self, name: str, wait: bool) -> contextlib.AbstractContextManager:
+        """The lock of the entry ``name`` (a file's name without its suffix: the file, its
+        shards and older work of it share it)."""
         try:
             (self.cache_dir / ".locks").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _disk_error(exc, self.cache_dir) from None
-        return file_lock(self.cache_dir / ".locks" / f"{self.name_for(parts)}.lock", wait=wait)
+        return file_lock(self.cache_dir / ".locks" / f"{name}.lock", wait=wait)
 
-    def lock_entry(self, path: Path, *, wait: bool = False) -> contextlib.AbstractContextManager:
-        """The writer lock of the entry at ``path`` (a file, its shards or older work)."""
-        (self.cache_dir / ".locks").mkdir(parents=True, exist_ok=True)
-        return file_lock(self.cache_dir / ".locks" / f"{path.name.split('.')[0]}.lock", wait=wait)
+    def remove(self, path: Path) -> None:
+        """Remove a cache entry (a file with a virtual file's shards, or a folder of work),
+        holding its writer lock: never from under a writer at work on it (then one line)."""
+        with self._lock(path.name.split(".")[0], wait=False):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+                shutil.rmtree(path.with_suffix(".shards"), ignore_errors=True)  # a vds's rows
 
     # publishing -------------------------------------------------------------------------
     def publish(self, shards: ShardSet, parts: dict, *, classes: list[str],

@@ -576,7 +576,7 @@ def test_the_options_declared_key_parts_are_the_ones_that_change_the_key(npz_dat
     from dataclasses import replace
 
     from pipeline.datasets import load_dataset
-    from pipeline.extract import option_fields
+    from pipeline.options import option_fields
     from pipeline.store import cache_key
 
     dataset = load_dataset(npz_dataset)
@@ -605,7 +605,8 @@ def test_every_option_that_changes_the_graph_keys_the_converted_graph(npz_datase
     import keras
 
     from pipeline.datasets import load_dataset
-    from pipeline.extract import FeatureModel, option_fields
+    from pipeline.extract import FeatureModel
+    from pipeline.options import option_fields
     from pipeline.store import cache_key
 
     images = load_dataset(npz_dataset).splits["train"].load(np.arange(6))
