@@ -293,7 +293,7 @@ def test_the_streaming_head_comes_within_a_point_of_logreg_on_real_class_sorted_
     assert accuracy["sgd_linear"] >= accuracy["logreg"] - 0.01, accuracy
 
 
-def test_a_given_validation_split_is_the_one_every_sweep_chooses_on():
+def test_a_given_validation_split_is_the_one_the_sweep_chooses_on():
     from sklearn.linear_model import LogisticRegression
 
     from pipeline.heads import SweepClassifier
@@ -345,6 +345,8 @@ def test_knn_votes_like_dinov2_and_chooses_k_on_validation():
     head = WeightedKNN().fit(X, y)
     assert [r["k"] for r in head.sweep_] == [10, 20, 100, 200] and head.k_ in (10, 20, 100, 200)
     assert head.best_params_ == {"k": head.k_, "temperature": 0.07}
+    best = max(r["val_accuracy"] for r in head.sweep_)
+    assert head.k_ == min(r["k"] for r in head.sweep_ if r["val_accuracy"] == best)
     expected = _knn_reference(X, y, Xq, head.k_, 0.07)
     assert np.allclose(head.predict_proba(Xq), expected, atol=1e-5)
     assert np.array_equal(head.predict(Xq), expected.argmax(1))

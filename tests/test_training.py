@@ -91,21 +91,27 @@ def test_threads_caps_every_pool_a_head_fits_and_predicts_with(blobs_file, tmp_p
 
     from pipeline import heads
 
-    seen = []
-    real_fit = heads.SweepClassifier.fit
+    seen, predicted = [], []
+    real_fit, real_predict = heads.SweepClassifier.fit, heads.SweepClassifier.predict
 
     def fit(self, X, y):
         seen.append((self.n_jobs, {p["internal_api"]: p["num_threads"] for p in threadpool_info()}))
         return real_fit(self, X, y)
 
+    def predict(self, X):
+        predicted.append({p["num_threads"] for p in threadpool_info()})
+        return real_predict(self, X)
+
     def pools_now():
         return sorted((p["filepath"], p["num_threads"]) for p in threadpool_info())
 
     monkeypatch.setattr(heads.SweepClassifier, "fit", fit)
+    monkeypatch.setattr(heads.SweepClassifier, "predict", predict)
     before = pools_now()
     _, out = train_one(blobs_file, "logreg", results_dir=tmp_path / "r", threads=1)
     [(n_jobs, pools)] = seen
     assert n_jobs == 1 and pools and set(pools.values()) == {1}, pools
+    assert predicted and all(threads == {1} for threads in predicted)  # the test rows too
     assert json.loads((out / "metrics.json").read_text())["threads"] == 1
     assert pools_now() == before  # the caps go with the fit
 
