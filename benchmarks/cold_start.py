@@ -25,7 +25,8 @@ def steps() -> dict:
 
     import tensorflow as tf  # noqa: F401
     out = {"import tensorflow": lap()}
-    from pipeline import extract, runtimes
+    from pipeline import extraction as extract
+    from pipeline import runtimes
     out["import pipeline"] = lap()
     config = extract.ExtractionConfig(dataset="npz:unused", backbone="mobilenet_v2", alpha=0.35,
                                       weights="none", image_size=224)

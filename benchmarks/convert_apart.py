@@ -24,7 +24,7 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 if sys.argv[2] == "here":
     import tensorflow  # loaded: the conversion runs in this process
-from pipeline.extract import ExtractionConfig, extract_features
+from pipeline.extraction import ExtractionConfig, extract_features
 config = ExtractionConfig(dataset=f"npz:{sys.argv[1]}", backbone="mobilenet_v2", alpha=0.35,
                           weights="none", batch_size=64, cache_dir=sys.argv[3],
                           compression="none", runtime="onnxruntime")

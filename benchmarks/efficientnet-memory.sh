@@ -14,7 +14,7 @@ for args in "efficientnet_b0 64" "efficientnet_b5 4" "efficientnet_b5 16"; do
     .venv/bin/python - $args $runtime 2>/dev/null <<'PY'
 import sys, time
 import numpy as np
-from pipeline.extract import ExtractionConfig, FeatureModel
+from pipeline.extraction import ExtractionConfig, FeatureModel
 
 backbone, n, runtime = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 x = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), np.uint8)

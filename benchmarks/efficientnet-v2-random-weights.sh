@@ -16,7 +16,7 @@ for backbone in efficientnet_v2_b0 efficientnet_v2_m efficientnet_v2_l; do
 import sys
 import numpy as np
 from pipeline.bench import _images
-from pipeline.extract import ExtractionConfig, FeatureModel
+from pipeline.extraction import ExtractionConfig, FeatureModel
 
 backbone, how, out = sys.argv[1:]
 x = _images(16)[0]

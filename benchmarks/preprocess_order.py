@@ -20,7 +20,8 @@ import tensorflow as tf  # noqa: E402
 from common import sample_images  # noqa: E402
 
 from pipeline import backbones as bb  # noqa: E402
-from pipeline import extract, runtimes  # noqa: E402
+from pipeline import extraction as extract  # noqa: E402
+from pipeline import runtimes
 
 
 class ResizeFirst(extract.FeatureModel):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from pipeline.bench import _images
-from pipeline.extract import ExtractionConfig, FeatureModel
+from pipeline.extraction import ExtractionConfig, FeatureModel
 
 x = _images(400)[0]
 config = ExtractionConfig(dataset="npz:unused", backbone="resnet50", weights="none", batch_size=64,

@@ -16,7 +16,7 @@ import numpy as np
 from common import sample_images
 
 from pipeline import runtimes
-from pipeline.extract import ExtractionConfig, FeatureModel
+from pipeline.extraction import ExtractionConfig, FeatureModel
 
 CASES = [("mobilenet", 0.25, 224, 2048), ("mobilenet_v2", 0.35, 224, 2048),
          ("mobilenet_v2", 0.35, 112, 4096), ("resnet50", None, 224, 128)]

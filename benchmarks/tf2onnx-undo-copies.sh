@@ -11,7 +11,7 @@ for undo in default FALSE default FALSE; do
   .venv/bin/python - 2>/dev/null <<'PY'
 import os, time
 import tf2onnx
-from pipeline.extract import ExtractionConfig, FeatureModel
+from pipeline.extraction import ExtractionConfig, FeatureModel
 
 def peak_mib():
     with open("/proc/self/status") as f:

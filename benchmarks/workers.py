@@ -34,7 +34,7 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
         big = preprocess_input(backbone)(big)
         rows = len(pooled.predict(big, batch_size=batch_size, verbose=0))
     else:
-        from pipeline.extract import ExtractionConfig, FeatureModel, extract_features
+        from pipeline.extraction import ExtractionConfig, FeatureModel, extract_features
 
         runtime = method.split(":")[1] if method.startswith(("ours:", "raw:")) else "auto"
         config = ExtractionConfig(dataset=f"npz:{npz}", backbone=backbone, alpha=alpha,
@@ -71,7 +71,7 @@ def _conversion_worker(backbone: str, npz: str, cache: str, converted: list[str]
     earlier ones. Parts are named RUNTIME for avg, RUNTIME:MODE for the others."""
     import logging.handlers
 
-    from pipeline.extract import ExtractionConfig, FeatureModel
+    from pipeline.extraction import ExtractionConfig, FeatureModel
 
     warnings = logging.handlers.BufferingHandler(100)  # a fallback's one line
     logging.getLogger("pipeline").addHandler(warnings)

@@ -249,7 +249,7 @@ def _print_cause(exc: BaseException) -> None:
 
 
 def cmd_extract(args) -> int:
-    from pipeline.extract import extract_features
+    from pipeline.extraction import extract_features
     from pipeline.options import ExtractionConfig, option_fields
 
     config = ExtractionConfig(**{name: getattr(args, name) for name in option_fields()

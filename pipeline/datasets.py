@@ -64,9 +64,16 @@ class Split:
     image_shape: tuple[int, int, int]
     load: Callable[[np.ndarray], np.ndarray]
     content_digests: Callable[[], Iterator[bytes]]
+    ids: list[str] | None = None  # what each row is (see ``row_ids``)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def row_ids(self) -> list[str]:
+        """One id per row, naming its image: the path relative to an image folder's root,
+        ``FILE:ROW`` inside CIFAR batches and IDX files, else the row's index in its array.
+        A subset (``--limit``) keeps the ids of the rows it keeps."""
+        return self.ids if self.ids is not None else [str(i) for i in range(len(self))]
 
     def batches(self, batch_size: int, start: int = 0) -> Iterator[np.ndarray]:
         """uint8 batches of shape (b, h, w, 3), from row ``start`` to the end."""
@@ -191,22 +198,18 @@ def _to_rgb(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
-def _array_split(x: np.ndarray, y: np.ndarray) -> Split:
+def _array_split(x: np.ndarray, y: np.ndarray, ids: list[str] | None = None) -> Split:
     def digests() -> Iterator[bytes]:
         for lo in range(0, len(x), 4096):
             yield hashlib.sha256(np.ascontiguousarray(x[lo:lo + 4096]).tobytes()).digest()
 
     shape = _to_rgb(x[:1]).shape[1:]
     return Split(labels=y, image_shape=shape, load=lambda idx: _to_rgb(x[idx]),
-                 content_digests=digests)
+                 content_digests=digests, ids=ids)
 
 
-def _check_arrays(spec: str, x: np.ndarray, y: np.ndarray, split: str, n_classes: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y).reshape(-1)
-    if len(x) != len(y):
-        raise PipelineError(f"dataset {spec!r}: {split} has {len(x)} images but {len(y)} labels; "
-                            "they must match")
+def _check_images(spec: str, x: np.ndarray, split: str) -> np.ndarray:
+    """Images as uint8 (floats 0-1 and integers 0-255 converted), or one line saying why not."""
     if len(x) == 0:
         raise PipelineError(f"dataset {spec!r}: {split} split is empty")
     if x.dtype.kind not in "uifb":
@@ -227,6 +230,16 @@ def _check_arrays(spec: str, x: np.ndarray, y: np.ndarray, split: str, n_classes
         else:
             raise PipelineError(f"dataset {spec!r}: {split} images are {x.dtype} in "
                                 f"[{x.min()}, {x.max()}]; give uint8, integers 0-255 or floats 0-1")
+    return x
+
+
+def _check_arrays(spec: str, x: np.ndarray, y: np.ndarray, split: str, n_classes: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y).reshape(-1)
+    if len(x) != len(y):
+        raise PipelineError(f"dataset {spec!r}: {split} has {len(x)} images but {len(y)} labels; "
+                            "they must match")
+    x = _check_images(spec, x, split)
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)):
             y = y.astype(np.int64)
@@ -239,13 +252,44 @@ def _check_arrays(spec: str, x: np.ndarray, y: np.ndarray, split: str, n_classes
     return x, y.astype(np.int64)
 
 
+def as_images(x, fit: int | None = None) -> np.ndarray:
+    """uint8 RGB images (n, h, w, 3) from what a notebook holds: an image array (uint8, ints
+    0-255 or floats 0-1; grey or RGBA made RGB, as every source is) or a list of image file
+    paths (decoded upright; sizes that differ are resized to the most common one, as an image
+    folder's are; ``fit``: the network's input side, see ``_decode``)."""
+    if isinstance(x, (str, os.PathLike)):
+        x = [x]
+    if isinstance(x, (list, tuple)) and x and all(isinstance(p, (str, os.PathLike)) for p in x):
+        decoded = []
+        for p in x:
+            try:
+                decoded.append(_decode(Path(p).read_bytes(), (fit, fit) if fit else None,
+                                       turned=True))
+            except Exception as exc:
+                raise PipelineError(f"image {str(p)!r} cannot be read ({_reason(exc)}); give "
+                                    "paths of image files") from None
+        size = Counter(a.shape[1::-1] for a in decoded).most_common(1)[0][0]
+        Image = _pil()
+        return np.stack([a if a.shape[1::-1] == size else
+                         np.asarray(Image.fromarray(a).resize(size, Image.Resampling.BILINEAR))
+                         for a in decoded])
+    try:
+        array = np.asarray(x)
+    except Exception:
+        array = np.asarray([], dtype=object)
+    if array.dtype == object or array.ndim == 0:
+        raise PipelineError(f"images: got {type(x).__name__}; give an array of images (n, h, w) or "
+                            "(n, h, w, c), or a list of image file paths")
+    return _to_rgb(_check_images("images", array, "given"))
+
+
 def _from_arrays(spec: str, arrays: dict[str, tuple[np.ndarray, np.ndarray]],
-                 classes: list[str] | None) -> Dataset:
+                 classes: list[str] | None, ids: dict[str, list[str]] | None = None) -> Dataset:
     arrays, classes = _index_labels(spec, arrays, classes)
     splits = {}
     for name in SPLITS:
         x, y = _check_arrays(spec, *arrays[name], name, len(classes))
-        splits[name] = _array_split(x, y)
+        splits[name] = _array_split(x, y, (ids or {}).get(name))
     only_test = sorted(set(splits["test"].labels.tolist()) - set(splits["train"].labels.tolist()))
     if only_test:
         raise PipelineError(f"dataset {spec!r}: class(es) {', '.join(classes[i] for i in only_test[:5])} "
@@ -292,10 +336,10 @@ def _read_idx(spec: str, path: Path, want_dims: int) -> np.ndarray:
     return body.reshape(dims)
 
 
-def _load_idx(spec: str, path: Path) -> tuple[dict, list[str]]:
+def _load_idx(spec: str, path: Path) -> tuple[dict, list[str], dict[str, list[str]]]:
     names = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-    arrays = {}
+    arrays, ids = {}, {}
     for split, (images, labels) in names.items():
         found = []
         for stem in (images, labels):
@@ -307,6 +351,7 @@ def _load_idx(spec: str, path: Path) -> tuple[dict, list[str]]:
             found.append(hit)
         x, y = _read_idx(spec, found[0], 3), _read_idx(spec, found[1], 1)
         arrays[split] = (x, y)
+        ids[split] = [f"{found[0].name}:{i}" for i in range(len(x))]
     n_classes = int(max(arrays["train"][1].max(), arrays["test"][1].max())) + 1
     classes_file = path / "classes.txt"
     if classes_file.exists():
@@ -315,7 +360,7 @@ def _load_idx(spec: str, path: Path) -> tuple[dict, list[str]]:
         classes = FASHION_MNIST_CLASSES
     else:
         classes = None  # the distinct training labels (_index_labels)
-    return arrays, classes
+    return arrays, classes, ids
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -359,21 +404,21 @@ def _names(spec: str, meta: dict, key: bytes, path: Path) -> list[str]:
                             "names; is it a CIFAR python batches folder?") from None
 
 
-def _load_cifar_batches(spec: str, path: Path) -> tuple[dict, list[str]]:
+def _load_cifar_batches(spec: str, path: Path) -> tuple[dict, list[str], dict[str, list[str]]]:
     if (path / "data_batch_1").exists():  # CIFAR-10 python layout
-        train = [_unpickle(spec, p) for p in sorted(path.glob("data_batch_*"))]
-        test = _unpickle(spec, path / "test_batch")
+        train_files = sorted(path.glob("data_batch_*"))
+        test_file = path / "test_batch"
         classes = _names(spec, _unpickle(spec, path / "batches.meta"), b"label_names",
                          path / "batches.meta")
         label_key = b"labels"
     elif (path / "train").exists():  # CIFAR-100 python layout
-        train = [_unpickle(spec, path / "train")]
-        test = _unpickle(spec, path / "test")
+        train_files, test_file = [path / "train"], path / "test"
         classes = _names(spec, _unpickle(spec, path / "meta"), b"fine_label_names", path / "meta")
         label_key = b"fine_labels"
     else:
         raise PipelineError(f"dataset {spec!r}: {path} holds neither data_batch_1 (CIFAR-10) "
                             "nor train (CIFAR-100) python batches")
+    train, test = [_unpickle(spec, p) for p in train_files], _unpickle(spec, test_file)
     try:
         arrays = {
             "train": (np.concatenate([_cifar_images(b) for b in train]),
@@ -383,7 +428,10 @@ def _load_cifar_batches(spec: str, path: Path) -> tuple[dict, list[str]]:
     except (KeyError, ValueError, TypeError) as exc:
         raise PipelineError(f"dataset {spec!r}: CIFAR batches in {path} are malformed "
                             f"({type(exc).__name__}: {str(exc)[:120]})") from None
-    return arrays, classes
+    ids = {"train": [f"{p.name}:{i}" for p, b in zip(train_files, train)
+                     for i in range(len(b[label_key]))],
+           "test": [f"{test_file.name}:{i}" for i in range(len(test[label_key]))]}
+    return arrays, classes, ids
 
 
 def _load_npz(spec: str, path: Path) -> tuple[dict, list[str] | None]:
@@ -934,8 +982,8 @@ def _load_image_folder(spec: str, root: Path, *, skip_bad: bool, test_fraction: 
     _warn_duplicates(spec, classes, files)
     size, shrink = _served_size(files, fit)
     validation = len(files.get("val", []))
-    splits = {"train": _folder_split(files["train"] + files.get("val", []), size, shrink),
-              "test": _folder_split(files["test"], size, shrink)}
+    splits = {"train": _folder_split(root, files["train"] + files.get("val", []), size, shrink),
+              "test": _folder_split(root, files["test"], size, shrink)}
     return Dataset(spec=spec, classes=classes, splits=splits, validation=validation,
                    skipped=[f"{f.path}: {f.error}" for f in bad] + conflicts)
 
@@ -967,7 +1015,8 @@ def _split_files(items: list[_ImageFile], test_fraction: float, seed: int) -> di
             "test": [items[i] for i in sorted(test_idx)]}
 
 
-def _folder_split(items: list[_ImageFile], size: tuple[int, int], shrink: bool = False) -> Split:
+def _folder_split(root: Path, items: list[_ImageFile], size: tuple[int, int],
+                  shrink: bool = False) -> Split:
     Image = _pil()
 
     def load_one(item: _ImageFile) -> np.ndarray:
@@ -994,7 +1043,30 @@ def _folder_split(items: list[_ImageFile], size: tuple[int, int], shrink: bool =
                  image_shape=(size[1], size[0], 3), load=load,
                  # a turned photo's pixels are not its bytes': marked, so that its features
                  # are keyed apart from those extracted before EXIF tags were applied
-                 content_digests=lambda: (f.digest + b"upright" * f.turned for f in items))
+                 content_digests=lambda: (f.digest + b"upright" * f.turned for f in items),
+                 ids=[f.path.relative_to(root).as_posix() for f in items])
+
+
+def original_images(source: str, split: str, ids: list[str]) -> list[np.ndarray | None]:
+    """The images rows named by ``ids`` came from, as uint8 RGB (shown upright), read from
+    the dataset's original ``source`` (an absolute spec); None for an image that is gone or
+    unreadable now. For pictures of results (mistakes), never for features: nothing here
+    checks that the content is what was extracted."""
+    parsed = parse_dataset(source)
+    if parsed.kind == "folder":
+        found = []
+        for name in ids:
+            try:
+                found.append(_decode((parsed.path / name).read_bytes(), (256, 256), True, True))
+            except Exception:  # gone, moved, or no longer an image
+                found.append(None)
+        return found
+    dataset = load_dataset(source)
+    where = {row_id: i for i, row_id in enumerate(dataset.splits[split].row_ids())}
+    rows = [where.get(name) for name in ids]
+    known = [i for i in rows if i is not None]
+    images = iter(dataset.splits[split].load(np.array(known, dtype=np.int64)) if known else [])
+    return [None if i is None else next(images) for i in rows]
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -1002,8 +1074,7 @@ def _folder_split(items: list[_ImageFile], size: tuple[int, int], shrink: bool =
 def _arrays(loader: Callable) -> Callable:
     """An array source as a dataset loader (the image-folder options do not apply)."""
     def load(spec: str, path: Path, **_) -> Dataset:  # (fit: arrays are served as stored)
-        arrays, classes = loader(spec, path)
-        return _from_arrays(spec, arrays, classes)
+        return _from_arrays(spec, *loader(spec, path))
     return load
 
 
@@ -1058,5 +1129,7 @@ def _subset_split(split: Split, keep: np.ndarray) -> Split:
         for lo in range(0, len(keep), 4096):
             yield hashlib.sha256(split.load(keep[lo:lo + 4096]).tobytes()).digest()
 
+    ids = split.row_ids()
     return Split(labels=split.labels[keep], image_shape=split.image_shape,
-                 load=lambda idx: split.load(keep[idx]), content_digests=digests)
+                 load=lambda idx: split.load(keep[idx]), content_digests=digests,
+                 ids=[ids[i] for i in keep])

@@ -26,7 +26,7 @@ import ray
 
 from pipeline.datasets import Dataset, parse_dataset
 from pipeline.errors import PipelineError
-from pipeline.extract import (
+from pipeline.extraction import (
     ExtractionResult,
     Progress,
     extract_features,

@@ -20,7 +20,7 @@ from pipeline import results
 from pipeline.backbones import missing_imagenet_weights
 from pipeline.datasets import KERAS_DATASETS, Dataset, keras_dataset_is_local
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_features, open_dataset
+from pipeline.extraction import extract_features, open_dataset
 from pipeline.heads import (
     HEADS,
     check_params,

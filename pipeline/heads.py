@@ -35,6 +35,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.metaestimators import available_if
 
 from pipeline import SPLITS, runtimes
 from pipeline.errors import PipelineError
@@ -215,6 +216,19 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X):
         return self.model_.predict(X)
 
+    def _fitted_or_estimator(self):
+        """What answers for the chosen model: itself once fitted, else the estimator it will fit
+        (so that ``hasattr`` tells the truth before ``fit``, as scikit-learn's meta-estimators do)."""
+        return getattr(self, "model_", None) or self.estimator or LogisticRegression()
+
+    @available_if(lambda self: hasattr(self._fitted_or_estimator(), "predict_proba"))
+    def predict_proba(self, X) -> np.ndarray:
+        return self.model_.predict_proba(X)
+
+    @available_if(lambda self: hasattr(self._fitted_or_estimator(), "decision_function"))
+    def decision_function(self, X) -> np.ndarray:
+        return self.model_.decision_function(X)
+
 
 class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
     """One hidden layer (100 units, as in the course material), stopped on our validation split."""
@@ -257,6 +271,9 @@ class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         return self.model_.predict(X)
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self.model_.predict_proba(X)
 
 
 class Conv1x1MLP(ClassifierMixin, BaseEstimator):
@@ -665,7 +682,7 @@ def check_threads(threads: int | None) -> int:
 
 
 def check_head(name: str) -> None:
-    if name not in HEADS:
+    if not isinstance(name, str) or name not in HEADS:
         raise PipelineError(f"unknown head {name!r}; valid: {', '.join(HEADS)}")
 
 
@@ -683,18 +700,29 @@ def check_params(name: str, params: dict) -> None:
 
 
 def make_head(name: str, params: dict | None = None, *, n_train: int | None = None):
-    """The estimator for ``name`` with ``params``; ``rbf_svm`` becomes its approximation for
-    large N (the returned note says which ran and why)."""
+    """Head ``name`` as a plain scikit-learn estimator (``fit``/``predict``/``score``, and
+    ``predict_proba`` where the head has it), its hyper-parameters chosen on validation
+    inside ``fit``. With ``n_train``, the head that will run on that many rows (see
+    ``head_ran``)."""
+    ran, params, _ = head_ran(name, params, n_train)
+    return HEADS[ran].factory(**params)
+
+
+def head_ran(name: str, params: dict | None = None, n_train: int | None = None
+             ) -> tuple[str, dict, str]:
+    """(head that runs, its params, a note saying why if it is not ``name``): ``rbf_svm``
+    becomes its approximation for large N."""
+    if params is not None and not isinstance(params, dict):
+        raise PipelineError(f"params: got {type(params).__name__}; give a dict such as {{'C': 1.0}}")
     params = dict(params or {})
     check_params(name, params)
-    note = ""
     if name == "rbf_svm" and n_train is not None and n_train > EXACT_RBF_LIMIT:
-        note = (f"rbf_svm ran as rbf_svm_approx (Nystroem, {NYSTROEM_COMPONENTS} components + "
-                f"LinearSVC): "
-                f"{n_train:,} training rows > {EXACT_RBF_LIMIT:,}, where exact SVC is too slow")
         params.pop("gamma", None)
-        name = "rbf_svm_approx"
-    return HEADS[name].factory(**params), note
+        return "rbf_svm_approx", params, (
+            f"rbf_svm ran as rbf_svm_approx (Nystroem, {NYSTROEM_COMPONENTS} components + "
+            f"LinearSVC): {n_train:,} training rows > {EXACT_RBF_LIMIT:,}, where exact SVC is "
+            "too slow")
+    return name, params, ""
 
 
 # ----------------------------------------------------------------------------- data + evaluation
@@ -707,6 +735,7 @@ class FeatureSet:
     y_test: np.ndarray
     classes: list[str]
     validation_rows: int = 0  # the last training rows are the user's validation split
+    test_ids: list[str] | None = None  # the test rows' images (None: a file without ids)
 
 
 def available_memory_bytes() -> int:
@@ -754,7 +783,8 @@ def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None 
         X_train, X_test = ff.features("train"), ff.features("test")
     else:
         X_train, X_test = _read_checked(ff, "train"), _read_checked(ff, "test")
-    return FeatureSet(X_train, y_train, X_test, y_test, ff.classes, ff.validation_rows)
+    return FeatureSet(X_train, y_train, X_test, y_test, ff.classes, ff.validation_rows,
+                      ff.ids("test"))
 
 
 def load_fused_features(files: list[FeatureFile], head: str, *,
@@ -791,7 +821,7 @@ def load_fused_features(files: list[FeatureFile], head: str, *,
     X_train, X_test = (np.concatenate([_read_checked(ff, s) for ff in files], axis=1)
                        for s in SPLITS)
     return FeatureSet(X_train, first.labels("train"), X_test, first.labels("test"), first.classes,
-                      first.validation_rows)
+                      first.validation_rows, first.ids("test"))
 
 
 def _read_checked(ff: FeatureFile, split: str) -> np.ndarray:
@@ -802,11 +832,12 @@ def _read_checked(ff: FeatureFile, split: str) -> np.ndarray:
     return X.astype(np.float32) if X.dtype != np.float32 and X.ndim == 2 else X
 
 
-def class_scores(model, X) -> np.ndarray | None:
+def class_scores(model, X, *, probabilities: bool = False) -> np.ndarray | None:
     """(rows, classes) scores, columns in ``model.classes_`` order: probabilities where the
-    head has them, else decision values; None for a head with neither."""
+    head has them, else decision values (unless ``probabilities``); None for a head with
+    neither."""
     for owner in (model, getattr(model, "model_", None)):
-        for name in ("predict_proba", "decision_function"):
+        for name in ("predict_proba",) + (() if probabilities else ("decision_function",)):
             method = getattr(owner, name, None)  # a Pipeline hides what its last step lacks
             if method is None:
                 continue
@@ -816,33 +847,60 @@ def class_scores(model, X) -> np.ndarray | None:
     return None
 
 
+def _top_k(classes: np.ndarray, scores: np.ndarray | None, y: np.ndarray, k: int = 5) -> float | None:
+    if len(classes) <= k or scores is None:
+        return None
+    top = np.asarray(classes)[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+    return float(np.mean((top == np.asarray(y)[:, None]).any(axis=1)))
+
+
 def top_k_accuracy(model, X, y: np.ndarray, k: int = 5) -> float | None:
     """How often the true class is among the head's ``k`` highest scores (None with ``k`` or
     fewer classes, where it says nothing, or without scores)."""
     if len(model.classes_) <= k:
         return None
-    scores = class_scores(model, X)
-    if scores is None:
-        return None
-    top = np.asarray(model.classes_)[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
-    return float(np.mean((top == np.asarray(y)[:, None]).any(axis=1)))
+    return _top_k(model.classes_, class_scores(model, X), y, k)
 
 
-def evaluate(model, X_test, y_test: np.ndarray, classes: list[str]) -> dict:
-    """Test metrics a user compares heads by, plus the prediction cost."""
+def _mistakes(model, pred: np.ndarray, scores: np.ndarray | None, probabilities: bool,
+              y: np.ndarray, classes: list[str], ids: list[str] | None) -> list[dict]:
+    """Each misclassified test row: its id, true and predicted class and, for heads that give
+    probabilities, the probability of the class they chose (most confident first)."""
+    wrong = np.flatnonzero(pred != y)
+    column = {c: i for i, c in enumerate(np.asarray(model.classes_).tolist())}
+    rows = []
+    for i in wrong.tolist():
+        confidence = (float(scores[i, column[int(pred[i])]])
+                      if probabilities and scores is not None else None)
+        rows.append({"row": i, "id": ids[i] if ids is not None else None,
+                     "true": classes[int(y[i])], "predicted": classes[int(pred[i])],
+                     "confidence": confidence})
+    return sorted(rows, key=lambda r: -(r["confidence"] or 0.0))
+
+
+def evaluate(model, X_test, y_test: np.ndarray, classes: list[str],
+             ids: list[str] | None = None) -> dict:
+    """Test metrics a user compares heads by, the prediction cost, and ``mistakes``: what the
+    head got wrong (``ids`` name the test rows' images)."""
     t0 = time.perf_counter()
     pred = model.predict(X_test)
     predict_s = time.perf_counter() - t0
+    scores = class_scores(model, X_test, probabilities=True)
+    probabilities = scores is not None
+    if scores is None:
+        scores = class_scores(model, X_test)
     labels = np.arange(len(classes))
     precision, recall, _, support = precision_recall_fscore_support(
         y_test, pred, labels=labels, zero_division=0)
     return {
         "test_accuracy": float(accuracy_score(y_test, pred)),
-        "top5_accuracy": top_k_accuracy(model, X_test, y_test),
+        "top5_accuracy": _top_k(model.classes_, scores, y_test),
         "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
         "macro_f1": float(f1_score(y_test, pred, average="macro", labels=labels, zero_division=0)),
         "per_class": {c: {"precision": float(p), "recall": float(r), "support": int(s)}
                       for c, p, r, s in zip(classes, precision, recall, support)},
         "confusion_matrix": confusion_matrix(y_test, pred, labels=labels).tolist(),
         "predict_ms_per_image": 1000 * predict_s / max(len(y_test), 1),
+        "mistakes": _mistakes(model, np.asarray(pred), scores, probabilities, np.asarray(y_test),
+                              classes, ids),
     }

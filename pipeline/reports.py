@@ -18,7 +18,7 @@ from pipeline.store import FeatureStore
 
 COLUMNS = ["dataset", "backbone", "mode", "head", "validation_accuracy", "test_accuracy",
            "top5_accuracy", "macro_f1", "fit_seconds", "predict_ms_per_image", "feature_width",
-           "n_train", "per_class_recall"]
+           "n_train", "per_class_recall", "result"]
 
 
 def _pyplot():
@@ -53,6 +53,85 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], title: str, path
     plt.close(fig)
 
 
+MISTAKE_COLUMNS = ["row", "id", "true", "predicted", "confidence"]
+
+
+def write_mistakes(mistakes: list[dict], path: Path) -> None:
+    """``mistakes.csv``: one line per misclassified test row, most confident first."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MISTAKE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(mistakes)
+
+
+def read_mistakes(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{**row, "row": int(row["row"]),
+                 "confidence": float(row["confidence"]) if row["confidence"] else None}
+                for row in csv.DictReader(f)]
+
+
+def worst_pairs(mistakes: list[dict], pairs: int = 6, per_pair: int = 6) -> list[tuple[tuple, list]]:
+    """The class pairs a head confuses most (true, predicted), each with its most confident
+    mistakes (``mistakes`` come most confident first)."""
+    by_pair: dict[tuple, list] = {}
+    for m in mistakes:
+        by_pair.setdefault((m["true"], m["predicted"]), []).append(m)
+    ranked = sorted(by_pair.items(), key=lambda item: (-len(item[1]), item[0]))[:pairs]
+    return [(pair, rows[:per_pair]) for pair, rows in ranked]
+
+
+def plot_mistakes(mistakes: list[dict], source: str, title: str, path: Path, *,
+                  pairs: int = 6, per_pair: int = 6) -> str | None:
+    """A contact sheet of the most confident mistakes per confused class pair, drawn from
+    the original images (``source``: the dataset's absolute spec). Returns why none was drawn
+    (no mistakes, no row ids, images gone), or None."""
+    from pipeline.datasets import original_images
+    from pipeline.errors import PipelineError
+
+    if not mistakes:
+        return "no mistakes"
+    if any(m["id"] in (None, "") for m in mistakes):
+        return "the feature file has no row ids (extracted before rows named their images)"
+    chosen = worst_pairs(mistakes, pairs, per_pair)
+    shown = [m for _, rows in chosen for m in rows]
+    try:
+        images = original_images(source, "test", [m["id"] for m in shown])
+    except PipelineError as exc:
+        return f"the images are not readable: {exc}"
+    if all(image is None for image in images):
+        return f"none of the images is at {source} any more"
+    pictures = iter(images)  # in the order of ``shown``: pair by pair
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(chosen), per_pair, figsize=(1.5 * per_pair, 1.75 * len(chosen)),
+                             squeeze=False)
+    for r, ((true, predicted), rows) in enumerate(chosen):
+        count = sum(1 for m in mistakes if (m["true"], m["predicted"]) == (true, predicted))
+        for c in range(per_pair):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if c >= len(rows):
+                continue
+            image = next(pictures)
+            if image is None:
+                ax.text(0.5, 0.5, "image\ngone", ha="center", va="center", fontsize=7)
+            else:
+                ax.imshow(image, interpolation="nearest")
+            confidence = rows[c]["confidence"]
+            ax.set_xlabel(f"{confidence:.2f}" if confidence is not None else "", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"{true} ->\n{predicted}\n({count})", fontsize=7, rotation=0,
+                              ha="right", va="center")
+    fig.suptitle(f"{title}: most confident mistakes, true -> predicted (count)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
 def feature_labels(features: dict) -> tuple[str, str]:
     """("mobilenet@0.25", "avg[6 layers]"): the words that tell two feature files apart
     (``options.describe``; a fusion joins its files' words with " + ")."""
@@ -78,9 +157,9 @@ def collect_results(results_dir: str | Path, leave_out: set[str] | frozenset = f
     return _rows([r for r in results.collect(results_dir) if not r.feature_keys & set(leave_out)])
 
 
-def _rows(records: list[ResultRecord]) -> list[dict]:
+def _rows(records: dict[Path, ResultRecord], results_dir: Path) -> list[dict]:
     rows = []
-    for record in records:
+    for folder, record in records.items():
         features = record.features
         backbone, mode = feature_labels(features)
         rows.append({
@@ -92,6 +171,7 @@ def _rows(records: list[ResultRecord]) -> list[dict]:
             "macro_f1": record.macro_f1, "fit_seconds": record.fit_seconds,
             "predict_ms_per_image": record.predict_ms_per_image,
             "feature_width": features.get("width"), "n_train": record.n_train,
+            "result": folder.relative_to(results_dir).as_posix(),
         })
     rows.sort(key=lambda r: (r["dataset"], -r["test_accuracy"]))
     return rows
@@ -220,8 +300,9 @@ def compare(results_dir: str | Path = results.DEFAULT_RESULTS_DIR, *, out=print,
     the same data) are left out, and said so."""
     results_dir = Path(results_dir)
     superseded = FeatureStore(cache_dir).superseded_keys() if cache_dir else set()
-    records = results.collect(results_dir)  # read once
-    rows = _rows([r for r in records if not r.feature_keys & superseded])
+    records = results.collect_folders(results_dir)  # read once
+    current = {f: r for f, r in records.items() if not r.feature_keys & superseded}
+    rows = _rows(current, results_dir)
     left_out = len(records) - len(rows)
     if left_out:
         out(f"left out {left_out} result(s) on feature files of older data (superseded; "
@@ -236,6 +317,207 @@ def compare(results_dir: str | Path = results.DEFAULT_RESULTS_DIR, *, out=print,
     table = markdown_table(rows)
     (results_dir / "compare.md").write_text(table)
     plot_accuracy_vs_cost(rows, results_dir / "compare.png")
+    write_report(rows, current, results_dir)
     out(table.rstrip())
-    out(f"wrote {results_dir}/compare.csv, compare.md, compare.png")
+    out(f"wrote {results_dir}/compare.csv, compare.md, compare.png, report.html")
     return rows
+
+
+# ----------------------------------------------------------------------------- the report page
+
+def feature_view(path: Path, out: Path, *, rows: int = 1000, seed: int = 0) -> str | None:
+    """``out``: the feature file's test rows in 2-D, coloured by class: PCA, and t-SNE (on at
+    most ``rows`` rows), so people can judge by eye whether the classes separate. Returns why
+    none was drawn, or None. Kept: drawn again only when missing (the name holds the key)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    from pipeline.errors import PipelineError
+    from pipeline.store import FeatureFile
+
+    if out.exists():
+        return None
+    try:
+        with FeatureFile(path) as ff:
+            y = ff.labels("test")
+            keep = np.sort(np.random.default_rng(seed).permutation(len(y))[:rows])
+            X = ff.features("test")[keep].reshape(len(keep), -1).astype(np.float32)
+            y, classes = y[keep], ff.classes
+    except (PipelineError, OSError) as exc:
+        return str(exc)
+    if len(X) < 3 or X.shape[1] < 2:
+        return f"{len(X)} test row(s) of width {X.shape[1]}: nothing to draw"
+    X = (X - X.mean(0)) / (X.std(0) + 1e-6)
+    views = {"PCA": PCA(n_components=2, random_state=seed).fit_transform(X)}
+    if len(X) > 30:
+        views["t-SNE"] = TSNE(n_components=2, init="pca", random_state=seed,
+                              perplexity=min(30.0, (len(X) - 1) / 3)).fit_transform(X)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(views), figsize=(5 * len(views) + 1.5, 4.5), squeeze=False)
+    cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+    for ax, (name, points) in zip(axes[0], views.items()):
+        for c, label in enumerate(classes):
+            mine = y == c
+            if mine.any():
+                ax.scatter(points[mine, 0], points[mine, 1], s=6, alpha=0.7, color=cmap(c % cmap.N),
+                           label=label)
+        ax.set_title(f"{name} of {len(X):,} test rows", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if len(classes) <= 20:
+        axes[0, -1].legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return None
+
+
+def _data_uri(path: Path) -> str | None:
+    import base64
+
+    try:
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    except OSError:
+        return None
+
+
+def _img(path: Path, alt: str, missing: str) -> str:
+    from html import escape
+
+    uri = _data_uri(path)
+    if uri is None:
+        return f'<p class="missing">{escape(missing)}</p>'
+    return f'<img src="{uri}" alt="{escape(alt)}">'
+
+
+_PAGE_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+td.t{text-align:left} th{background:#eee;cursor:pointer;user-select:none}
+tr.best td{background:#e6f4e6;font-weight:600}
+img{max-width:100%;border:1px solid #ddd}
+.missing{color:#a33;font-style:italic}
+details{margin:0.4em 0} summary{cursor:pointer}
+pre{background:#f7f7f7;padding:0.6em;overflow:auto;font-size:12px}
+"""
+
+_PAGE_SCRIPT = """
+window.reportErrors = [];
+window.addEventListener('error', e => { window.reportErrors.push(String(e.message)); });
+function sortBy(th) {
+  const table = th.closest('table'), body = table.tBodies[0];
+  const col = Array.from(th.parentNode.children).indexOf(th);
+  const down = th.dataset.order !== 'desc';
+  th.dataset.order = down ? 'desc' : 'asc';
+  const key = tr => { const c = tr.children[col]; const v = c.dataset.v ?? c.textContent;
+                      const n = parseFloat(v); return isNaN(n) ? v : n; };
+  Array.from(body.rows).sort((a, b) => { const x = key(a), y = key(b);
+      const r = x < y ? -1 : x > y ? 1 : 0; return down ? -r : r; })
+    .forEach(tr => body.appendChild(tr));
+}
+window.addEventListener('load', () => {
+  const broken = Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0));
+  document.body.dataset.images = document.images.length;
+  document.body.dataset.brokenImages = broken.length;
+  document.body.dataset.errors = window.reportErrors.length;
+  document.body.dataset.ready = 'yes';
+});
+"""
+
+_TABLE = [("dataset", "dataset", None), ("backbone", "backbone", None), ("features", "mode", None),
+          ("head", "head", None), ("val acc", "validation_accuracy", "%"),
+          ("test acc", "test_accuracy", "%"), ("top-5", "top5_accuracy", "%"),
+          ("macro-F1", "macro_f1", "%"), ("fit s", "fit_seconds", ".1f"),
+          ("predict ms/img", "predict_ms_per_image", ".3f"), ("width", "feature_width", "d"),
+          ("n train", "n_train", "d")]
+
+
+def _cell(value, fmt: str | None) -> str:
+    from html import escape
+
+    if fmt is None:
+        return f'<td class="t">{escape(str(value))}</td>'
+    if value is None:
+        return '<td data-v="-1">-</td>'
+    text = f"{100 * value:.2f}%" if fmt == "%" else format(value, fmt)
+    return f'<td data-v="{value}">{text}</td>'
+
+
+def write_report(rows: list[dict], records: dict[Path, ResultRecord], results_dir: Path) -> Path:
+    """``report.html``: one self-contained page (pictures inlined, no network, opens from
+    file://) with the sortable table (the pick on validation marked), the accuracy-vs-cost
+    plot, each result's confusion matrix and mistakes, and each feature file's 2-D view and
+    provenance. What is gone (a feature file, the images) is said, never a failure."""
+    import json
+    from html import escape
+
+    from pipeline.store import read_attrs
+
+    best = _best_per_dataset(rows)
+    head = "".join(f'<th onclick="sortBy(this)">{escape(title)}</th>' for title, _, _ in _TABLE)
+    body = []
+    for r in rows:
+        cells = "".join(_cell(r[key], fmt) for _, key, fmt in _TABLE)
+        mark = ' class="best" title="best on validation"' if id(r) in best else ""
+        body.append(f'<tr{mark}>{cells}</tr>')
+    sections = []
+    for r in rows:
+        folder = results_dir / r["result"]
+        mistakes = folder / "mistakes.csv"
+        listed = ""
+        if mistakes.exists():
+            listed = f" ({len(read_mistakes(mistakes)):,} mistakes, in {r['result']}/mistakes.csv)"
+        title = (f"{r['dataset']} · {r['backbone']} {r['mode']} + {r['head']}: "
+                 f"{100 * r['test_accuracy']:.2f}%{listed}")
+        sections.append(
+            f"<details><summary>{escape(title)}</summary>"
+            + _img(folder / "confusion.png", f"confusion matrix of {r['result']}",
+                   f"{r['result']}/confusion.png is missing")
+            + _img(folder / "mistakes.png", f"mistakes of {r['result']}",
+                   "no mistakes sheet: no mistakes, or the feature file has no row ids, or the "
+                   "original images could not be read when the head was trained")
+            + "</details>")
+    files: dict[str, str] = {}
+    for record in records.values():
+        for f in record.features_files or [{"path": record.features_file, "key": record.features_key}]:
+            files.setdefault(f["key"], f["path"])
+    views = []
+    for key, path in sorted(files.items(), key=lambda kv: kv[1]):
+        name = Path(path).name
+        png = results_dir / "views" / f"{key}.png"
+        why = feature_view(Path(path), png)
+        try:
+            provenance = json.dumps(read_attrs(Path(path)).get("provenance", {}), indent=1)
+            provenance_html = (f"<details><summary>provenance</summary><pre>{escape(provenance)}"
+                               "</pre></details>")
+        except OSError:
+            provenance_html = (f'<p class="missing">feature file {escape(path)} is gone (its '
+                               "provenance with it)</p>")
+        views.append(f"<h3>{escape(name)}</h3>"
+                     + (f'<p class="missing">no 2-D view: {escape(why)}</p>' if why else
+                        _img(png, f"2-D view of {name}", f"views/{key}.png is missing"))
+                     + provenance_html)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Head comparison</title>
+<style>{_PAGE_STYLE}</style><script>{_PAGE_SCRIPT}</script></head>
+<body>
+<h1>Head comparison: {len(rows)} result(s)</h1>
+<p>Click a column to sort. The row in green is, per dataset, the result with the best
+<em>validation</em> accuracy: the one to pick (test accuracy is for reporting).</p>
+<table id="results"><thead><tr>{head}</tr></thead><tbody>
+{chr(10).join(body)}
+</tbody></table>
+<h2>Accuracy against cost</h2>
+{_img(results_dir / "compare.png", "accuracy against fit time", "compare.png is missing")}
+<h2>Each result: confusion matrix and most confident mistakes</h2>
+{chr(10).join(sections)}
+<h2>Feature files: 2-D views and provenance</h2>
+{chr(10).join(views)}
+</body></html>
+"""
+    path, tmp = results_dir / "report.html", results_dir / ".report.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)  # a browser open on the old page never reads half a new one
+    return path

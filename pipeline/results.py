@@ -185,12 +185,17 @@ def writing(out: Path) -> Iterator[Path]:
 def collect(results_dir: str | Path) -> list[ResultRecord]:
     """The record of every complete result: not those of hidden folders (a result being
     written, or what a killed writer left)."""
-    found = []
+    return list(collect_folders(results_dir).values())
+
+
+def collect_folders(results_dir: str | Path) -> dict[Path, ResultRecord]:
+    """``collect``, by each result's folder (where its pictures and model are)."""
+    found = {}
     for path in sorted(Path(results_dir).glob(f"*/*/{RECORD}")):
         if any(part.startswith(".") for part in path.parts[-3:-1]):
             continue
         try:
-            found.append(ResultRecord.load(path))
+            found[path.parent] = ResultRecord.load(path)
         except (OSError, ValueError):
             continue
     return found

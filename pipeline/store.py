@@ -398,6 +398,22 @@ class FeatureStore:
         """Where image-folder scans are remembered between runs (``datasets.ScanIndex``)."""
         return self.cache_dir / ".scan"
 
+    def rows_path(self, parts: dict) -> Path:
+        """Where features computed for a caller's own image array are kept (``.rows/``, one
+        ``.npy`` per key: ``api.FrozenFeatures``), so a second fit or transform of the same
+        images does not pay for the network again."""
+        return self.cache_dir / ".rows" / f"{self.name_for(parts)}.npy"
+
+    def load_rows(self, parts: dict) -> np.ndarray | None:
+        path = self.rows_path(parts)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):  # none yet, or damaged: computed again
+            return None
+
+    def save_rows(self, parts: dict, rows: np.ndarray) -> None:
+        _write_npy_atomic(self.rows_path(parts), rows)
+
     def path_for(self, parts: dict) -> Path:
         return self.cache_dir / f"{self.name_for(parts)}.h5"
 
@@ -439,7 +455,8 @@ class FeatureStore:
     # publishing -------------------------------------------------------------------------
     def publish(self, shards: ShardSet, parts: dict, *, classes: list[str],
                 labels: dict[str, np.ndarray], attrs: dict, layout: str = "merge",
-                compression: str = "auto", extra: dict[str, np.ndarray] | None = None) -> Path:
+                compression: str = "auto", extra: dict[str, np.ndarray] | None = None,
+                ids: dict[str, list[str]] | None = None) -> Path:
         """One checked file of the complete shards: a merged copy (``layout="merge"``; the
         shards go) or an HDF5 virtual dataset mapping them (``"vds"``; they stay beside it)."""
         if layout not in LAYOUTS:
@@ -475,7 +492,7 @@ class FeatureStore:
             dset.attrs["sha256"] = digest.hexdigest()
 
         final = self._publish(parts, classes, labels, {**attrs, "layout": layout}, extra or {},
-                              write, need, compression)
+                              write, need, compression, ids or {})
         if layout == "merge":
             shutil.rmtree(shards.path, ignore_errors=True)
         for leftover in shards.path.glob("*/.r*.tmp-*"):  # from workers lost mid-write
@@ -484,7 +501,7 @@ class FeatureStore:
 
     def _publish(self, parts: dict, classes: list[str], labels: dict[str, np.ndarray],
                  attrs: dict, extra: dict[str, np.ndarray], write, need: int,
-                 compression: str) -> Path:
+                 compression: str, ids: dict[str, list[str]]) -> Path:
         """Write ``<name>.h5.tmp`` (``write`` fills each split's features), check it fully,
         rename it into place; the temporary file never outlives a failure."""
         filters(compression, ())  # an unknown name fails before anything is written
@@ -503,6 +520,8 @@ class FeatureStore:
                     group = f.create_group(split)
                     write(group, split, len(labels[split]))
                     group.create_dataset("labels", data=labels[split].astype(np.int64))
+                    if split in ids:
+                        _write_ids(group, ids[split])
                 f.attrs["complete"] = True
                 f.flush()
             problem = check_file(tmp, expect_key=cache_key(parts), full=True)
@@ -511,6 +530,36 @@ class FeatureStore:
             os.replace(tmp, final)
             _fsync_dir(final.parent)
         return final
+
+    def refresh_ids(self, path: Path, parts: dict, ids: dict[str, list[str]]) -> bool:
+        """Make ``path``'s row ids the dataset's current ones; True if they changed.
+
+        Ids are not in the key: the features follow from the images' content, and an image
+        folder whose files were renamed (same bytes, same order) keeps its key and its file.
+        Only the names move, so only they are rewritten (a new copy swapped in whole, under
+        the key's lock), and the features stay untouched."""
+        if stored_ids_match(path, ids):
+            return False
+        with self.lock(parts):
+            if stored_ids_match(path, ids):
+                return False
+            with h5py.File(path, "r") as f:
+                if f["train/features"].is_virtual:
+                    return False  # a virtual file points at its shards by relative path
+            tmp = path.with_name(path.name + ".tmp")
+            with _whole_or_nothing(tmp, path):
+                shutil.copyfile(path, tmp)
+                with h5py.File(tmp, "r+") as f:
+                    for split, names in ids.items():
+                        if "ids" in f[split]:
+                            del f[split]["ids"]
+                        _write_ids(f[split], names)
+                problem = check_file(tmp, expect_key=_key_of(path))
+                if problem:
+                    raise PipelineError(f"refusing to update the ids of {path.name}: {problem}")
+                os.replace(tmp, path)
+                _fsync_dir(path.parent)
+        return True
 
     # listing ----------------------------------------------------------------------------
     def entries(self) -> list[EntryStatus]:
@@ -599,6 +648,16 @@ def _key_of(path: Path) -> str:
     return m.group("key") if m else ""
 
 
+def _write_ids(group: h5py.Group, ids: list[str]) -> None:
+    group.create_dataset("ids", data=np.array(ids, dtype=h5py.string_dtype()))
+
+
+def stored_ids_match(path: Path, ids: dict[str, list[str]]) -> bool:
+    with h5py.File(path, "r") as f:
+        return all("ids" in f[split] and f[split]["ids"].asstr()[()].tolist() == names
+                   for split, names in ids.items())
+
+
 def read_attrs(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
@@ -646,6 +705,8 @@ def check_file(path: Path, *, expect_key: str | None = None, full: bool = False)
                         if not (path.parent / source.file_name).is_file():
                             return (f"{split}: shard {source.file_name} of its virtual dataset is "
                                     "missing (reading it would give zeros)")
+                if "ids" in f[split] and f[split]["ids"].shape[0] != labels.shape[0]:
+                    return f"{split}: {f[split]['ids'].shape[0]} row ids for {labels.shape[0]} rows"
                 y = labels[()]
                 if len(y) and (y.min() < 0 or y.max() >= n_classes):
                     return f"{split}: labels outside 0..{n_classes - 1}"
@@ -708,17 +769,55 @@ class FeatureFile:
         self.key = self.attrs["key"]
         self.classes = [c.decode() if isinstance(c, bytes) else c for c in self._file["classes"][()]]
 
+    def _split(self, split: str) -> str:
+        if split not in SPLITS:
+            raise PipelineError(f"split {split!r}: a feature file holds {' and '.join(SPLITS)}")
+        return split
+
     def features(self, split: str) -> h5py.Dataset:
-        return self._file[f"{split}/features"]
+        """The rows of ``split`` on disk (h5py: read in chunks by slicing, e.g. ``[:1000]``)."""
+        return self._file[f"{self._split(split)}/features"]
 
     def labels(self, split: str) -> np.ndarray:
-        return self._file[f"{split}/labels"][()]
+        return self._file[f"{self._split(split)}/labels"][()]
+
+    def load(self, split: str, *, memory_budget_gb: float | None = None
+             ) -> tuple[np.ndarray | h5py.Dataset, np.ndarray]:
+        """(X, y) of ``split``: X as a float32 numpy array (float16 spatial maps as stored),
+        y the class indices into ``classes``. Rows that would take more than the memory budget
+        (default: half of what is free) stay on disk: X is then the h5py dataset, read in
+        chunks by slicing, and a line says so."""
+        dset, y = self.features(split), self.labels(split)
+        dtype = np.float32 if dset.dtype != np.float16 else dset.dtype
+        need = dset.size * np.dtype(dtype).itemsize
+        budget = (memory_budget_gb * 2**30 if memory_budget_gb
+                  else 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        if need > budget:
+            log.warning("%s: %s features take %.1f GiB, over the %.1f GiB budget: returned on disk "
+                        "(an h5py dataset; slice it to read rows)", self.path.name, split,
+                        need / 2**30, budget / 2**30)
+            return dset, y
+        with reading(self.path):
+            return dset[()].astype(dtype, copy=False), y
+
+    @property
+    def provenance(self) -> dict:
+        """How the file was made: the options, dataset source, runtime, versions, machine,
+        time and speed of the extraction."""
+        return self.attrs.get("provenance", {})
 
     @property
     def validation_rows(self) -> int:
         """How many of the last training rows are the user's own validation split (0: none;
         heads then carve one)."""
         return int(self.attrs.get("validation_rows", 0))
+
+    def ids(self, split: str) -> list[str] | None:
+        """What image each row of ``split`` is (see ``datasets.Split.row_ids``); None for a
+        file written before rows named their images (extract it again with --rebuild to get
+        them)."""
+        group = self._file[split]
+        return group["ids"].asstr()[()].tolist() if "ids" in group else None
 
     def skipped_files(self) -> list[str]:
         """Images ``--skip-bad`` left out, with the reason for each."""

@@ -25,11 +25,12 @@ from pipeline.heads import (
     check_params,
     check_threads,
     evaluate,
+    head_ran,
     load_features,
     load_fused_features,
     make_head,
 )
-from pipeline.reports import plot_confusion, result_title
+from pipeline.reports import plot_confusion, plot_mistakes, result_title, write_mistakes
 from pipeline.results import (
     DEFAULT_RESULTS_DIR,
     ResultRecord,
@@ -103,7 +104,8 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                 data = load_features(files[0], head, memory_budget_gb=memory_budget_gb)
             else:
                 data = load_fused_features(files, head, memory_budget_gb=memory_budget_gb)
-            model, note = make_head(head, params, n_train=len(data.y_train))
+            ran, _, note = head_ran(head, params, len(data.y_train))
+            model = make_head(head, params, n_train=len(data.y_train))
             if note:
                 log.info(note)
             if data.validation_rows:  # the user's own val/ split: every head chooses on it
@@ -122,11 +124,12 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                 t0 = time.perf_counter()
                 model.fit(data.X_train, data.y_train)
                 fit_seconds = time.perf_counter() - t0
-                scores = evaluate(model, data.X_test, data.y_test, data.classes)
+                scores = evaluate(model, data.X_test, data.y_test, data.classes, data.test_ids)
+            mistakes = scores.pop("mistakes")
             summaries = [_features_summary(ff) for ff in files]
             record = ResultRecord(
                 **scores, threads=threads,
-                head=head, head_ran="rbf_svm_approx" if note else head, note=note,
+                head=head, head_ran=ran, note=note,
                 params=params, best_params=_jsonable(getattr(model, "best_params_", {})),
                 sweep=_jsonable(getattr(model, "sweep_", [])),
                 sweep_skipped_past_peak=_jsonable(getattr(model, "skipped_", [])),
@@ -149,7 +152,8 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                           "python": platform.python_version()},
                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             try:
-                _write_result(out, model, record, data.classes)
+                _write_result(out, model, record, data.classes, mistakes,
+                              files[0].attrs.get("provenance", {}).get("dataset_source"))
             except OSError as exc:  # the results folder's disk, not the feature file
                 raise PipelineError(f"cannot write the result to {out.parent}: "
                                     f"{exc.strerror or exc}; free space there (or pass "
@@ -184,7 +188,10 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def _write_result(out: Path, model, record: ResultRecord, classes: list[str]) -> None:
+def _write_result(out: Path, model, record: ResultRecord, classes: list[str],
+                  mistakes: list[dict], source: str | None) -> None:
+    """The result folder, whole or not at all: the model, metrics.json, confusion.png,
+    mistakes.csv and (where the original images can still be read) mistakes.png."""
     with results.writing(out) as tmp:
         if hasattr(model, "model_") and type(model.model_).__module__.startswith("keras"):
             model.model_.save(tmp / "model.keras")
@@ -194,6 +201,11 @@ def _write_result(out: Path, model, record: ResultRecord, classes: list[str]) ->
         else:
             joblib.dump(model, tmp / "model.joblib")
         plot_confusion(record.confusion_matrix, classes, result_title(record), tmp / "confusion.png")
+        write_mistakes(mistakes, tmp / "mistakes.csv")
+        why_not = (plot_mistakes(mistakes, source, result_title(record), tmp / "mistakes.png")
+                   if source else "the feature file does not record its dataset's source")
+        if why_not and mistakes:
+            log.info("no mistakes.png: %s", why_not)
         record.save(tmp)
 
 

@@ -25,7 +25,7 @@ except ImportError:
 from pipeline import runtimes  # noqa: E402
 from pipeline.engine import RayEngine  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.extract import ExtractionConfig, extract_features  # noqa: E402
+from pipeline.extraction import ExtractionConfig, extract_features  # noqa: E402
 from pipeline.heads import load_features  # noqa: E402
 from pipeline.store import FeatureFile, FeatureStore, check_file  # noqa: E402
 
@@ -225,7 +225,7 @@ def test_killing_the_driver_keeps_finished_shards_and_the_rerun_does_the_rest(no
     script = (
         "import sys, ray\n"
         "from pipeline.engine import RayEngine\n"
-        "from pipeline.extract import ExtractionConfig\n"
+        "from pipeline.extraction import ExtractionConfig\n"
         "ray.init(num_cpus=2, include_dashboard=False, logging_level='ERROR')\n"
         f"c = ExtractionConfig(dataset={dataset!r}, backbone='mobilenet_v2', alpha=0.35,\n"
         f"    weights='none', image_size=96, batch_size=8, cache_dir={str(tmp_path)!r})\n"

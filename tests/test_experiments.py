@@ -106,7 +106,7 @@ def test_an_option_has_one_name_on_the_command_line_in_experiment_files_and_in_p
     """Every extraction option set away from its default, once as flags and once as an
     experiment file, gives the same ExtractionConfig; the old spellings give it too."""
     from pipeline.cli import build_parser
-    from pipeline.extract import ExtractionConfig
+    from pipeline.extraction import ExtractionConfig
 
     npz = tmp_path / "a.npz"
     _npz(npz, seed=1)

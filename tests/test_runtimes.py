@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import REPO, write_npz_dataset
 
-from pipeline import extract as extract_module
+from pipeline import extraction as extract_module
 from pipeline import runtimes
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractionConfig, FeatureModel, extract_features
+from pipeline.extraction import ExtractionConfig, FeatureModel, extract_features
 from pipeline.store import FeatureFile
 
 # tf2onnx imports TensorFlow: conversions then run in this process (FeatureModel._converts_apart),
@@ -152,7 +152,7 @@ def test_a_half_written_graph_left_by_a_killed_conversion_is_removed(dataset, tm
 def extract_in_a_fresh_process(config: ExtractionConfig) -> str:
     """``extract_features(config)`` in a new Python process: its status, its runtime and
     whether it loaded TensorFlow or Keras."""
-    code = ("import json, sys; from pipeline.extract import ExtractionConfig, extract_features; "
+    code = ("import json, sys; from pipeline.extraction import ExtractionConfig, extract_features; "
             "r = extract_features(ExtractionConfig(**json.loads(sys.argv[1]))); "
             "print('RESULT', r.status, r.info['runtime'], "
             "sorted({'tensorflow', 'keras'} & set(sys.modules)))")

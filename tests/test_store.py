@@ -267,7 +267,7 @@ def test_feature_files_every_release_wrote_stay_readable_and_current(written_by,
     it whole and finds it up to date: no upgrade calls a cache damaged or re-extracts it."""
     import shutil
 
-    from pipeline.extract import ExtractionConfig, extract_features
+    from pipeline.extraction import ExtractionConfig, extract_features
     from pipeline.store import FeatureFile, check_file
 
     cache = tmp_path / "cache"

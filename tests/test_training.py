@@ -37,7 +37,7 @@ def test_crash_while_writing_a_result_never_leaves_a_done_result(blobs_file, tmp
 def test_a_val_folder_is_what_every_head_chooses_on_and_metrics_say_so(tmp_path):
     from conftest import write_image_folder_split
 
-    from pipeline.extract import ExtractionConfig, extract_features
+    from pipeline.extraction import ExtractionConfig, extract_features
 
     root = tmp_path / "photos"
     for split, n, seed in (("train", 8, 1), ("val", 3, 2), ("test", 4, 3)):

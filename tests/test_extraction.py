@@ -12,7 +12,7 @@ from conftest import LEDGER, REPO, audit_cache, make_images
 
 from pipeline import runtimes
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractionConfig, extract_features, extract_shards, shard_ranges
+from pipeline.extraction import ExtractionConfig, extract_features, extract_shards, shard_ranges
 from pipeline.store import FeatureFile, ShardSet, check_file
 
 
@@ -153,7 +153,7 @@ def test_bottleneck_is_a_pca_of_training_maps_stored_in_the_file(npz_dataset, tm
     assert np.allclose(comps.T @ comps, np.eye(4), atol=1e-6)
     # The components are the top eigenvectors of the channel covariance of training maps.
     from pipeline.datasets import load_dataset
-    from pipeline.extract import FeatureModel
+    from pipeline.extraction import FeatureModel
 
     ds = load_dataset(npz_dataset)
     model = FeatureModel(config, ds.splits["train"].image_shape)
@@ -190,7 +190,7 @@ def test_resizing_happens_in_the_graph_for_grey_28px_images(tmp_path):
     assert result.info["image_shape"] == [28, 28, 3]  # stored small; the model resized it
     import tensorflow as tf
 
-    from pipeline.extract import FeatureModel
+    from pipeline.extraction import FeatureModel
 
     model = FeatureModel(tiny("unused", tmp_path, image_size=40), (28, 28, 3))
     graph = model._features.get_concrete_function().graph
@@ -202,7 +202,7 @@ def test_resizing_happens_in_the_graph_for_grey_28px_images(tmp_path):
 @pytest.mark.parametrize("stored, preprocessed_first", [(28, True), (48, False)])
 def test_preprocessing_runs_on_the_smaller_of_the_stored_and_the_resized_image(
         tmp_path, stored, preprocessed_first):
-    from pipeline.extract import FeatureModel
+    from pipeline.extraction import FeatureModel
 
     model = FeatureModel(tiny("unused", tmp_path, image_size=40), (stored, stored, 3))
     graph = model._features.get_concrete_function().graph
@@ -605,7 +605,7 @@ def test_every_option_that_changes_the_graph_keys_the_converted_graph(npz_datase
     import keras
 
     from pipeline.datasets import load_dataset
-    from pipeline.extract import FeatureModel
+    from pipeline.extraction import FeatureModel
     from pipeline.options import option_fields
     from pipeline.store import cache_key
 
@@ -676,7 +676,7 @@ def test_rebuild_keeps_the_old_file_until_the_new_one_is_published(npz_dataset, 
                                            ("avg", "openvino"), ("spatial", "openvino")])
 def test_tta_flip_averages_each_image_with_its_mirror(npz_dataset, tmp_path, mode, runtime):
     from pipeline.datasets import load_dataset
-    from pipeline.extract import FeatureModel
+    from pipeline.extraction import FeatureModel
 
     ds = load_dataset(npz_dataset)
     images = ds.splits["train"].load(np.arange(12))

@@ -309,7 +309,7 @@ class FeatureModel:
 # The converting child: Keras imports scikit-learn and matplotlib when they are installed
 # (1.1-1.5 s of its 3-3.7 s start-up here); a process that only converts needs neither.
 CONVERT_CHILD = ("import sys; sys.modules.update(sklearn=None, matplotlib=None); "
-                 "from pipeline.extract import convert_main; convert_main()")
+                 "from pipeline.extraction import convert_main; convert_main()")
 
 
 def convert_main() -> None:
@@ -608,6 +608,7 @@ def extract_features(config: ExtractionConfig, *, rebuild: bool = False,
     parts = config.key_parts(dataset)
     final = store.path_for(parts)
     if not rebuild and (done := cached_result(final, t0)):
+        _refresh_ids(store, final, parts, dataset)
         return done
     with store.lock(parts):
         if not rebuild and (done := cached_result(final, t0, waited=True)):
@@ -622,6 +623,14 @@ def open_dataset(config: ExtractionConfig, scan_map=None) -> Dataset:
                         seed=config.seed, scan_index=FeatureStore(config.cache_dir).scan_dir,
                         rescan=config.rescan, scan_map=scan_map,
                         fit=config.input_size)
+
+
+def _refresh_ids(store: FeatureStore, final: Path, parts: dict, dataset: Dataset) -> None:
+    """An up-to-date file whose images were renamed (same bytes, same order) or that was
+    written before rows named their images gets the dataset's current row ids."""
+    if store.refresh_ids(final, parts, {s: dataset.splits[s].row_ids() for s in SPLITS}):
+        log.info("row ids of %s updated (images renamed since the extraction, or a file "
+                 "written before rows named their images); the features are unchanged", final.name)
 
 
 def cached_result(final: Path, t0: float, waited: bool = False) -> ExtractionResult | None:
@@ -747,5 +756,6 @@ def _publish(config: ExtractionConfig, dataset: Dataset, parts: dict, store: Fea
         attrs["validation_rows"] = dataset.validation
     path = store.publish(shards, parts, classes=dataset.classes,
                          labels={s: dataset.splits[s].labels for s in SPLITS}, attrs=attrs,
-                         layout=layout, compression=config.file_compression(), extra=extra)
+                         layout=layout, compression=config.file_compression(), extra=extra,
+                         ids={s: dataset.splits[s].row_ids() for s in SPLITS})
     return path, provenance
