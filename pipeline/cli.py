@@ -173,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory the features may take; beyond it, a head that can streams them "
                         "from the file (default: half of the free memory)")
     p.add_argument("--force", action="store_true", help="retrain even if up to date")
+    p.add_argument("--shots", default=None, metavar="K,K,...",
+                   help="learning curve: train on K images per class (seeded draws from the "
+                        "cached rows, validation carved from them), e.g. 1,5,10,25,100,all")
+    p.add_argument("--tries", type=positive_int, default=None,
+                   help="with --shots: seeded draws per K (default: 5)")
     _add_threads_arg(p)
 
     sub.add_parser("compare", help="table, CSV, Markdown and plot of every result")
@@ -320,7 +325,11 @@ def cmd_inspect(args) -> int:
             d = f.features(split)
             storage = (f"virtual over {len(d.virtual_sources())} shard files" if d.is_virtual
                        else f"chunks={d.chunks} compression={d.compression}")
-            print(f"{split}: features {d.shape} {d.dtype} {storage}, labels {f.labels(split).shape}")
+            ids = f.ids(split)
+            named = (f"row ids e.g. {ids[0]!r}" if ids else
+                     "no row ids (written before rows named their images; the next extract adds them)")
+            print(f"{split}: features {d.shape} {d.dtype} {storage}, labels {f.labels(split).shape}, "
+                  f"{named}")
         print(f"classes: {', '.join(f.classes)}")
         skipped = f.skipped_files()
         if skipped:
@@ -374,7 +383,7 @@ def cmd_train(args) -> int:
     train_heads(args.heads, features=args.features, cache_dir=args.cache_dir,
                 results_dir=args.results_dir, params=args.param,
                 memory_budget_gb=args.memory_budget_gb, force=args.force, fuse=args.fuse,
-                threads=args.threads)
+                threads=args.threads, shots=args.shots, tries=args.tries)
     return 0
 
 

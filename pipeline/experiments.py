@@ -31,6 +31,7 @@ from pipeline.reports import compare
 from pipeline.results import (
     DEFAULT_RESULTS_DIR,
     check_results_dir,
+    curve_point_dir,
     head_label,
     legacy_result_dir,
     result_dir,
@@ -41,7 +42,16 @@ from pipeline.store import (
     FeatureStore,
     check_file,
 )
-from pipeline.training import result_identity, train_one
+from pipeline.training import (
+    ALL,
+    check_curve_head,
+    check_shots,
+    check_tries,
+    curve_points,
+    result_identity,
+    train_curve,
+    train_one,
+)
 
 DEFAULT_CONFIG = Path("experiments", "default.toml")  # in the project folder, as make has it
 log = logging.getLogger(__name__)
@@ -77,7 +87,7 @@ _GRID_KEYS = {
     "datasets": {"name": str},
     "backbones": {},
     "features": {"name": str, "backbones": list, "datasets": list, "heads": list},
-    "heads": {"name": str, "params": dict, "modes": list},
+    "heads": {"name": str, "params": dict, "modes": list, "shots": list, "tries": int},
 }
 
 
@@ -152,6 +162,12 @@ def load_experiment(path: str | None = None, *, datasets: str | None = None,
                                 f"use one of {', '.join(HEADS)}")
         try:
             check_params(entry["name"], entry.get("params", {}))
+            if "shots" in entry:  # a learning curve (train --shots): its points, checked now
+                entry["shots"] = check_shots(entry["shots"])
+                check_curve_head(entry["name"], entry.get("params", {}))
+            elif "tries" in entry:
+                raise PipelineError("tries goes with shots (draws per number of images per class)")
+            check_tries(entry.get("tries"))
         except PipelineError as exc:
             raise PipelineError(f"{path}: [[heads]] {exc}") from None
     fusions = raw.get("fusions", [])
@@ -332,7 +348,24 @@ def _applies(features: dict, dataset: dict, backbone: dict) -> bool:
 
 
 def _head_key(job: Job, head: dict) -> tuple:
-    return id(job), head["name"], json.dumps(head.get("params", {}), sort_keys=True)
+    return (id(job), head["name"], json.dumps(head.get("params", {}), sort_keys=True),
+            json.dumps(head.get("shots")), head.get("tries"))
+
+
+def _is_current(h: dict, results_dir: str, parts: dict, checksum: str, legacy_key: str | None
+                ) -> bool:
+    """Whether head entry ``h`` is done: its result (at its readable or its legacy place) and,
+    for a learning curve, every point it asks for."""
+    params, shots = h.get("params", {}), h.get("shots")
+    places = [result_dir(results_dir, parts, h["name"], params)]
+    if legacy_key:
+        places.append(legacy_result_dir(results_dir, legacy_key, h["name"], params))
+    full = (shots is not None and ALL not in shots) or any(
+        results.is_current(out, checksum, params) for out in places)
+    return full and all(
+        results.is_current(curve_point_dir(results_dir, parts, h["name"], params, k, t), checksum,
+                           params)
+        for k, t in curve_points(shots or [], check_tries(h.get("tries"))))
 
 
 def _head_states(job: Job, results_dir: str) -> dict[tuple, str]:
@@ -341,14 +374,8 @@ def _head_states(job: Job, results_dir: str) -> dict[tuple, str]:
         return {_head_key(job, h): "after extraction" for h in job.heads}
     with FeatureFile(job.path) as ff:
         key, parts, checksum = ff.key, ff.attrs["key_parts"], ff.checksum()
-    states = {}
-    for h in job.heads:
-        params = h.get("params", {})
-        current = any(results.is_current(out, checksum, params) for out in (
-            result_dir(results_dir, parts, h["name"], params),
-            legacy_result_dir(results_dir, key, h["name"], params)))
-        states[_head_key(job, h)] = "cached" if current else "to train"
-    return states
+    return {_head_key(job, h): "cached" if _is_current(h, results_dir, parts, checksum, key)
+            else "to train" for h in job.heads}
 
 
 def _fusion_head_states(job: FusionJob, results_dir: str) -> dict[tuple, str]:
@@ -357,10 +384,8 @@ def _fusion_head_states(job: FusionJob, results_dir: str) -> dict[tuple, str]:
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(FeatureFile(p)) for p in job.paths]
         parts, checksum = result_identity(files, [ff.checksum() for ff in files])
-    return {_head_key(job, h): "cached" if results.is_current(
-                result_dir(results_dir, parts, h["name"], h.get("params", {})), checksum,
-                h.get("params", {})) else "to train"
-            for h in job.heads}
+    return {_head_key(job, h): "cached" if _is_current(h, results_dir, parts, checksum, None)
+            else "to train" for h in job.heads}
 
 
 def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False,
@@ -413,7 +438,8 @@ def _print_plan(exp: Experiment, jobs: list[Job], fusions: list[FusionJob], head
     print(f"experiment {exp.source}: {len(jobs)} feature files ({cached_files} cached), "
           f"{len(fusions)} fusions, {len(head_states)} head results ({cached_heads} cached)")
     for j in [*jobs, *fusions]:
-        heads = ", ".join(f"{head_label(h['name'], h.get('params'))}:"
+        heads = ", ".join(f"{head_label(h['name'], h.get('params'))}"
+                          f"{' curve ' + ','.join(map(str, h['shots'])) if 'shots' in h else ''}:"
                           f"{head_states[_head_key(j, h)]}" for h in j.heads)
         print(f"  [{j.state:8}] {j.label}  heads: {heads or '-'}")
 
@@ -452,13 +478,20 @@ def _train_stale(exp: Experiment, jobs: list, head_states: dict, map_calls, step
             if head_states[_head_key(job, h)] == "cached":
                 continue
             path = job.paths if isinstance(job, FusionJob) else job.path
-            calls.append({"feature_path": path, "head": h["name"],
-                          "params": h.get("params", {}), "results_dir": exp.results_dir,
-                          "threads": threads})
+            call = {"feature_path": path, "head": h["name"], "params": h.get("params", {}),
+                    "results_dir": exp.results_dir, "threads": threads}
+            if "shots" in h:
+                call.update(shots=h["shots"], tries=h.get("tries"))
+            calls.append(call)
             step = steps.next()
             if map_calls is None:
                 log.info("%s %s on %s", step, head_label(h["name"], h.get("params")), job.label)
-                train_one(**calls[-1])
+                _train(**call)
     if map_calls is not None and calls:
         log.info("training %d head(s) as cluster tasks", len(calls))
-        map_calls(train_one, calls)
+        map_calls(_train, calls)
+
+
+def _train(**call):
+    """One head entry: its result, or its learning curve (``shots``)."""
+    return train_curve(**call) if "shots" in call else train_one(**call)

@@ -39,11 +39,24 @@ from sklearn.utils.metaestimators import available_if
 
 from pipeline import SPLITS, runtimes
 from pipeline.errors import PipelineError
-from pipeline.store import FeatureFile
+from pipeline.store import FeatureFile, memory_budget
 
 EXACT_RBF_LIMIT = 20_000  # exact SVC costs O(n^2) memory and O(n^2..n^3) time beyond this
 NYSTROEM_COMPONENTS = 1000
 log = logging.getLogger(__name__)
+
+
+def _arrays(X, y) -> tuple[np.ndarray, np.ndarray]:
+    """What scikit-learn estimators accept (lists, arrays of any dtype, string labels), as the
+    arrays the heads index."""
+    return np.asarray(X), np.asarray(y)
+
+
+def _no_validation(head) -> bool:
+    """``validation_fraction=0`` (and no given validation rows): data too small to carve a
+    validation split from (a 1-shot draw); the head then fits its ``HeadSpec.fixed`` setting
+    on every row and chooses nothing. Users cannot ask for it (``FRACTION`` is open)."""
+    return not head.validation_fraction and not head.validation_rows
 
 
 def _validation_split(y: np.ndarray, fraction: float, seed: int, given: int = 0
@@ -81,6 +94,7 @@ def preprocessing(normalize: str = "none", pca: int = 0, seed: int = 0) -> list:
 
 
 def _flatten(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X)
     return X.reshape(len(X), -1).astype(np.float32, copy=False)
 
 
@@ -154,9 +168,17 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
         return scores
 
     def fit(self, X, y):
+        X, y = _arrays(X, y)
         self.estimator_ = self.estimator if self.estimator is not None else \
             LogisticRegression(max_iter=1000)
         grid = list(self.grid) if self.grid else [{}]
+        if _no_validation(self):  # nothing to choose on: the first setting, on every row
+            self.sweep_, self.skipped_, self.sweep_rows_ = [], [], 0
+            self.best_params_, self.validation_score_ = dict(grid[0]), None
+            self.model_ = self._pipeline(self.best_params_)
+            self.converged_ = _fit_converged(self.model_, X, y)
+            self.classes_ = self.model_.classes_
+            return self
         fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state,
                                              self.validation_rows)
         if len(fit_idx) > self.max_sweep_rows and len(grid) > 1:
@@ -250,21 +272,31 @@ class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X, y):
-        fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state,
-                                             self.validation_rows)
+        X, y = _arrays(X, y)
+        if _no_validation(self):  # no early stopping: max_epochs epochs on every row
+            fit_idx = val_idx = np.arange(len(y))
+        else:
+            fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state,
+                                                 self.validation_rows)
         prep = Pipeline(preprocessing(self.normalize, self.pca, self.random_state)).fit(X[fit_idx])
         Xf, Xv = prep.transform(X[fit_idx]), prep.transform(X[val_idx])
         mlp = MLPClassifier(hidden_layer_sizes=(self.hidden,), alpha=self.alpha,
-                            learning_rate_init=self.learning_rate, batch_size=self.batch_size,
+                            learning_rate_init=self.learning_rate,
+                            batch_size=min(self.batch_size, len(fit_idx)),  # (few-shot draws)
                             random_state=self.random_state)
         classes = np.unique(y)
-        best, best_score, self.history_ = _fit_with_patience(
-            mlp, lambda: mlp.partial_fit(Xf, y[fit_idx], classes=classes),
-            lambda: float(accuracy_score(y[val_idx], mlp.predict(Xv))),
-            self.max_epochs, self.patience)
+        if _no_validation(self):
+            for _ in range(self.max_epochs):
+                mlp.partial_fit(Xf, y[fit_idx], classes=classes)
+            best, best_score, self.history_, epochs = mlp, None, [], self.max_epochs
+        else:
+            best, best_score, self.history_ = _fit_with_patience(
+                mlp, lambda: mlp.partial_fit(Xf, y[fit_idx], classes=classes),
+                lambda: float(accuracy_score(y[val_idx], mlp.predict(Xv))),
+                self.max_epochs, self.patience)
+            epochs = int(np.argmax(self.history_)) + 1
         self.model_ = Pipeline(list(prep.steps) + [("clf", best)])
-        self.best_params_ = {"epochs": int(np.argmax(self.history_)) + 1, "hidden": self.hidden,
-                             "alpha": self.alpha}
+        self.best_params_ = {"epochs": epochs, "hidden": self.hidden, "alpha": self.alpha}
         self.validation_score_ = best_score
         self.classes_ = classes
         return self
@@ -295,6 +327,7 @@ class Conv1x1MLP(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X, y):
+        X, y = _arrays(X, y)
         import keras
 
         if X.ndim != 4:
@@ -387,6 +420,8 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
                              eta0=self.eta0, random_state=self.random_state)
 
     def fit(self, X, y):
+        y = np.asarray(y)
+        X = X if hasattr(X, "shape") else np.asarray(X)  # an h5py dataset stays on disk
         rng = np.random.default_rng(self.random_state)
         n_val = min(max(int(self.validation_fraction * len(y)), 1), self.max_validation_rows)
         val = np.zeros(len(y), bool)
@@ -437,11 +472,14 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
         return self
 
     def predict(self, X):
-        return np.concatenate([self.model_.predict(self.scaler_.transform(rows))
-                               for rows, _, _ in self._blocks(X, np.ones(X.shape[0], bool))])
+        return self._by_block(self.model_.predict, X)
 
     def decision_function(self, X) -> np.ndarray:
-        return np.concatenate([self.model_.decision_function(self.scaler_.transform(rows))
+        return self._by_block(self.model_.decision_function, X)
+
+    def _by_block(self, method, X) -> np.ndarray:
+        X = X if hasattr(X, "shape") else np.asarray(X)
+        return np.concatenate([method(self.scaler_.transform(rows))
                                for rows, _, _ in self._blocks(X, np.ones(X.shape[0], bool))])
 
 
@@ -466,11 +504,17 @@ class WeightedKNN(ClassifierMixin, BaseEstimator):
         self.block_rows = block_rows
 
     def fit(self, X, y):
+        X, y = _arrays(X, y)
         X = _unit_rows(X)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if self.k is not None and self.k > len(y):
             raise PipelineError(f"head 'knn': k={self.k} is more than the {len(y):,} training rows; "
                                 f"the largest k possible is {len(y):,}")
+        if _no_validation(self):  # nothing to choose on: k (default: the smallest of KS) as given
+            self.k_, self.validation_score_, self.sweep_ = min(self.k or self.KS[0], len(y)), None, []
+            self.best_params_ = {"k": self.k_, "temperature": self.temperature}
+            self.X_, self.codes_ = X, codes
+            return self
         fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state,
                                              self.validation_rows)
         ks = [self.k] if self.k is not None else [k for k in self.KS if k <= len(fit_idx)]
@@ -631,22 +675,26 @@ class HeadSpec:
     takes: str  # "pooled" vectors | "spatial" maps | "streamed" from disk
     params: dict
     about: str
+    # The setting it fits without a validation split (learning curves' 1-shot draws; pooled
+    # heads only): what is chosen on validation otherwise, fixed at a common default.
+    fixed: dict | None = None
 
 
 HEADS = {
     "logreg": HeadSpec(_logreg, "pooled", {**_SWEEP, "C": POSITIVE, "max_iter": COUNT},
-                       "multinomial logistic regression, C swept on validation"),
+                       "multinomial logistic regression, C swept on validation", fixed={"C": 1.0}),
     "linear_svm": HeadSpec(_linear_svm, "pooled", {**_SWEEP, "C": POSITIVE, "max_iter": COUNT},
-                           "LinearSVC, C swept on validation"),
+                           "LinearSVC, C swept on validation", fixed={"C": 1.0}),
     "rbf_svm": HeadSpec(_rbf_svm, "pooled",
                         {**_SWEEP, "C": POSITIVE, "gamma": Either(OneOf(("scale", "auto")), POSITIVE)},
-                        f"exact RBF SVC (Nystroem beyond {EXACT_RBF_LIMIT:,} rows)"),
+                        f"exact RBF SVC (Nystroem beyond {EXACT_RBF_LIMIT:,} rows)",
+                        fixed={"C": 1.0}),
     "rbf_svm_approx": HeadSpec(_rbf_svm_approx, "pooled",
                                {**_SWEEP, "C": POSITIVE, "n_components": COUNT},
-                               "Nystroem RBF features + LinearSVC"),
+                               "Nystroem RBF features + LinearSVC", fixed={"C": 1.0}),
     "mlp": HeadSpec(EarlyStoppingMLP, "pooled",
                     {**_PREPROCESSING, **_EPOCHS, "hidden": COUNT, "alpha": Number(float, 0)},
-                    "one hidden layer, early stopping on validation"),
+                    "one hidden layer, early stopping on validation", fixed={"max_epochs": 200}),
     "conv1x1_mlp": HeadSpec(Conv1x1MLP, "spatial",
                             {**_EPOCHS, "filters": COUNT, "hidden": COUNT,
                              "dropout": Number(float, 0, 1, high_open=True),
@@ -655,7 +703,8 @@ HEADS = {
     "knn": HeadSpec(WeightedKNN, "pooled",
                     {"k": COUNT, "temperature": POSITIVE, "validation_fraction": FRACTION,
                      "random_state": SEED, "block_rows": COUNT},
-                    "weighted k-NN on cosine similarity (DINOv2's), k chosen on validation"),
+                    "weighted k-NN on cosine similarity (DINOv2's), k chosen on validation",
+                    fixed={}),  # k = the smallest of KS (10), or every row where fewer
     "sgd_linear": HeadSpec(StreamingLinear, "streamed",
                            {"loss": OneOf(("log_loss", "hinge", "modified_huber", "squared_hinge")),
                             "alpha": Number(float, 0), "block_rows": COUNT, "max_epochs": COUNT,
@@ -738,13 +787,6 @@ class FeatureSet:
     test_ids: list[str] | None = None  # the test rows' images (None: a file without ids)
 
 
-def available_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 8 << 30
-
-
 def _bytes(n: float) -> str:
     """A size people read at a glance: 0.3 MiB, not 0.0 GiB."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
@@ -753,9 +795,6 @@ def _bytes(n: float) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
-def _memory_budget(gb: float | None) -> float:
-    """Bytes features may take in memory: ``gb`` if given, else half of what is free now."""
-    return gb * 2**30 if gb else 0.5 * available_memory_bytes()
 
 
 def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None = None
@@ -770,7 +809,7 @@ def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None 
     if len(np.unique(y_train)) < 2:
         raise PipelineError(f"{ff.path.name}: the training split has a single class; "
                             "a classifier needs at least two")
-    budget = _memory_budget(memory_budget_gb)
+    budget = memory_budget(memory_budget_gb)
     rows = shape[0] + ff.features("test").shape[0]
     # Vectors become float32 with a scaled and a split copy; spatial maps stay float16 (2 copies).
     need = rows * int(np.prod(shape[1:])) * (2 * 2 if spatial else 4 * 3)
@@ -812,7 +851,7 @@ def load_fused_features(files: list[FeatureFile], head: str, *,
                                     f"{what} differ, so their rows are not the same images; "
                                     "fuse files extracted from the same dataset (and --limit)")
     width = sum(ff.features("train").shape[1] for ff in files)
-    budget = _memory_budget(memory_budget_gb)
+    budget = memory_budget(memory_budget_gb)
     rows = first.features("train").shape[0] + first.features("test").shape[0]
     if rows * width * 4 * 3 > budget:
         raise PipelineError(f"fusing {len(files)} files needs about "

@@ -154,7 +154,9 @@ def collect_results(results_dir: str | Path, leave_out: set[str] | frozenset = f
                     ) -> list[dict]:
     """One row per (feature file, head) with a complete result record, but those on the
     feature files (keys) in ``leave_out``."""
-    return _rows([r for r in results.collect(results_dir) if not r.feature_keys & set(leave_out)])
+    results_dir = Path(results_dir)
+    return _rows({f: r for f, r in results.collect_folders(results_dir).items()
+                  if not r.feature_keys & set(leave_out)}, results_dir)
 
 
 def _rows(records: dict[Path, ResultRecord], results_dir: Path) -> list[dict]:
@@ -317,9 +319,99 @@ def compare(results_dir: str | Path = results.DEFAULT_RESULTS_DIR, *, out=print,
     table = markdown_table(rows)
     (results_dir / "compare.md").write_text(table)
     plot_accuracy_vs_cost(rows, results_dir / "compare.png")
-    write_report(rows, current, results_dir)
+    curves = write_curves(results_dir, current)
+    write_report(rows, current, results_dir, curves=bool(curves))
     out(table.rstrip())
-    out(f"wrote {results_dir}/compare.csv, compare.md, compare.png, report.html")
+    out(f"wrote {results_dir}/compare.csv, compare.md, compare.png, "
+        f"{'curves.csv, curves.png, ' if curves else ''}report.html")
+    return rows
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+CURVE_COLUMNS = ["dataset", "backbone", "mode", "head", "shots", "tries", "mean_test_accuracy",
+                 "std_test_accuracy", "mean_n_train", "validation"]
+
+
+def curve_rows(points: dict[Path, ResultRecord], full: dict[Path, ResultRecord]) -> list[dict]:
+    """Per (feature file, head, k): mean and standard deviation of test accuracy over the
+    draws, and each curve's full-data result (``shots`` "all") where it was trained."""
+    groups: dict[tuple, list[ResultRecord]] = {}
+    for record in points.values():
+        backbone, mode = feature_labels(record.features)
+        key = (record.features.get("dataset", "?"), backbone, mode, record.label, record.shots)
+        groups.setdefault(key, []).append(record)
+    rows = []
+    for (dataset, backbone, mode, head, shots), records in groups.items():
+        accuracy = np.array([r.test_accuracy for r in records])
+        rows.append({"dataset": dataset, "backbone": backbone, "mode": mode, "head": head,
+                     "shots": shots, "tries": len(records),
+                     "mean_test_accuracy": float(accuracy.mean()),
+                     "std_test_accuracy": float(accuracy.std(ddof=1)) if len(records) > 1 else 0.0,
+                     "mean_n_train": float(np.mean([r.n_train for r in records])),
+                     "validation": "carved from the draw" if all(
+                         "carved" in r.validation for r in records) else "none (fixed setting)"})
+    curves = {(r["dataset"], r["backbone"], r["mode"], r["head"]) for r in rows}
+    for record in full.values():
+        backbone, mode = feature_labels(record.features)
+        key = (record.features.get("dataset", "?"), backbone, mode, record.label)
+        if key in curves:
+            rows.append({**dict(zip(("dataset", "backbone", "mode", "head"), key)), "shots": "all",
+                         "tries": 1, "mean_test_accuracy": record.test_accuracy,
+                         "std_test_accuracy": 0.0, "mean_n_train": float(record.n_train or 0),
+                         "validation": "carved from all training rows"})
+    rows.sort(key=lambda r: (r["dataset"], r["backbone"], r["mode"], r["head"],
+                             float("inf") if r["shots"] == "all" else r["shots"]))
+    return rows
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Test accuracy against training images per class (log axis), one panel per dataset, a
+    line per (features, head) with a band of one standard deviation over the draws; the
+    full-data result, where trained, is the point at the right."""
+    plt = _pyplot()
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(8, 4.2 * len(datasets)), squeeze=False)
+    for ax, dataset in zip(axes[:, 0], datasets):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        lines = sorted({(r["backbone"], r["mode"], r["head"]) for r in mine})
+        n_classes = None
+        for i, line in enumerate(lines):
+            points = [r for r in mine if (r["backbone"], r["mode"], r["head"]) == line]
+            drawn = [r for r in points if r["shots"] != "all"]
+            ks = np.array([r["shots"] for r in drawn], dtype=float)
+            mean = 100 * np.array([r["mean_test_accuracy"] for r in drawn])
+            std = 100 * np.array([r["std_test_accuracy"] for r in drawn])
+            color = plt.get_cmap("tab10")(i % 10)
+            label = f"{line[2]} on {line[0]} {line[1]}" if len({(a, b) for a, b, _ in lines}) > 1 \
+                else line[2]
+            ax.plot(ks, mean, "o-", color=color, label=label, ms=4)
+            ax.fill_between(ks, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+            for r in points:
+                if r["shots"] == "all" and drawn:
+                    n_classes = n_classes or round(drawn[0]["mean_n_train"] / drawn[0]["shots"])
+                    per_class = r["mean_n_train"] / max(n_classes, 1)
+                    ax.plot([per_class], [100 * r["mean_test_accuracy"]], "*", color=color, ms=11)
+        ax.set_xscale("log")
+        ax.set_xlabel("training images per class (log); * = all training images")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{dataset}: mean over seeded draws, band = one standard deviation", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_curves(results_dir: Path, full: dict[Path, ResultRecord]) -> list[dict]:
+    """``curves.csv`` and ``curves.png`` of every learning curve under ``results_dir``."""
+    rows = curve_rows(results.collect_folders(results_dir, "*/curves/*/*"), full)
+    if rows:
+        with open(results_dir / "curves.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        plot_curves(rows, results_dir / "curves.png")
     return rows
 
 
@@ -328,7 +420,8 @@ def compare(results_dir: str | Path = results.DEFAULT_RESULTS_DIR, *, out=print,
 def feature_view(path: Path, out: Path, *, rows: int = 1000, seed: int = 0) -> str | None:
     """``out``: the feature file's test rows in 2-D, coloured by class: PCA, and t-SNE (on at
     most ``rows`` rows), so people can judge by eye whether the classes separate. Returns why
-    none was drawn, or None. Kept: drawn again only when missing (the name holds the key)."""
+    none was drawn, or None. Kept: drawn again only when missing (its folder is named after
+    the file, key included)."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
@@ -445,7 +538,16 @@ def _cell(value, fmt: str | None) -> str:
     return f'<td data-v="{value}">{text}</td>'
 
 
-def write_report(rows: list[dict], records: dict[Path, ResultRecord], results_dir: Path) -> Path:
+def _curves_section(results_dir: Path) -> str:
+    return ("<h2>Learning curves: which head for how many images per class</h2>\n<p>Each point: "
+            "the mean test accuracy over seeded draws of k training images per class (the same "
+            "draws for every head), validation carved from the draw's own rows; the band: one "
+            "standard deviation; the star: all training images. Numbers in curves.csv.</p>\n"
+            + _img(results_dir / "curves.png", "learning curves", "curves.png is missing"))
+
+
+def write_report(rows: list[dict], records: dict[Path, ResultRecord], results_dir: Path, *,
+                 curves: bool = False) -> Path:
     """``report.html``: one self-contained page (pictures inlined, no network, opens from
     file://) with the sortable table (the pick on validation marked), the accuracy-vs-cost
     plot, each result's confusion matrix and mistakes, and each feature file's 2-D view and
@@ -484,9 +586,9 @@ def write_report(rows: list[dict], records: dict[Path, ResultRecord], results_di
         for f in record.features_files or [{"path": record.features_file, "key": record.features_key}]:
             files.setdefault(f["key"], f["path"])
     views = []
-    for key, path in sorted(files.items(), key=lambda kv: kv[1]):
+    for path in sorted(files.values()):
         name = Path(path).name
-        png = results_dir / "views" / f"{key}.png"
+        png = results_dir / Path(path).stem / "features-2d.png"  # the file's results folder
         why = feature_view(Path(path), png)
         try:
             provenance = json.dumps(read_attrs(Path(path)).get("provenance", {}), indent=1)
@@ -497,7 +599,7 @@ def write_report(rows: list[dict], records: dict[Path, ResultRecord], results_di
                                "provenance with it)</p>")
         views.append(f"<h3>{escape(name)}</h3>"
                      + (f'<p class="missing">no 2-D view: {escape(why)}</p>' if why else
-                        _img(png, f"2-D view of {name}", f"views/{key}.png is missing"))
+                        _img(png, f"2-D view of {name}", f"{png} is missing"))
                      + provenance_html)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Head comparison</title>
@@ -511,6 +613,7 @@ def write_report(rows: list[dict], records: dict[Path, ResultRecord], results_di
 </tbody></table>
 <h2>Accuracy against cost</h2>
 {_img(results_dir / "compare.png", "accuracy against fit time", "compare.png is missing")}
+{_curves_section(results_dir) if curves else ""}
 <h2>Each result: confusion matrix and most confident mistakes</h2>
 {chr(10).join(sections)}
 <h2>Feature files: 2-D views and provenance</h2>

@@ -62,6 +62,8 @@ class ResultRecord:
     versions: dict = field(default_factory=dict)
     created: str = ""
     threads: int | None = None  # what the fit could use (--threads): not part of the answer
+    shots: int | None = None  # a learning curve's point: training images per class drawn
+    draw: int | None = None  # ... and which seeded draw of them (0, 1, ...)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -131,6 +133,14 @@ def result_dir(results_dir: str | Path, key_parts: dict, head: str, params: dict
     return Path(results_dir) / FeatureStore().name_for(key_parts) / _head_dir_name(head, params)
 
 
+def curve_point_dir(results_dir: str | Path, key_parts: dict, head: str, params: dict,
+                    shots: int, draw: int) -> Path:
+    """``results/<feature file>/curves/<head>[-<params hash>]/<k>-shot-<draw>/``: one point of
+    a learning curve (``metrics.json`` only), apart from the head's full-data result."""
+    return (Path(results_dir) / FeatureStore().name_for(key_parts) / "curves"
+            / _head_dir_name(head, params) / f"{shots}-shot-{draw}")
+
+
 def legacy_result_dir(results_dir: str | Path, key: str, head: str, params: dict) -> Path:
     """Where results lived before folders had readable names (``results/<key>/...``)."""
     return Path(results_dir) / key / _head_dir_name(head, params)
@@ -188,11 +198,13 @@ def collect(results_dir: str | Path) -> list[ResultRecord]:
     return list(collect_folders(results_dir).values())
 
 
-def collect_folders(results_dir: str | Path) -> dict[Path, ResultRecord]:
-    """``collect``, by each result's folder (where its pictures and model are)."""
+def collect_folders(results_dir: str | Path, pattern: str = "*/*") -> dict[Path, ResultRecord]:
+    """``collect``, by each result's folder (where its pictures and model are); with
+    ``pattern="*/curves/*/*"``, the points of learning curves."""
     found = {}
-    for path in sorted(Path(results_dir).glob(f"*/*/{RECORD}")):
-        if any(part.startswith(".") for part in path.parts[-3:-1]):
+    depth = pattern.count("/") + 1
+    for path in sorted(Path(results_dir).glob(f"{pattern}/{RECORD}")):
+        if any(part.startswith(".") for part in path.parts[-1 - depth:-1]):
             continue
         try:
             found[path.parent] = ResultRecord.load(path)

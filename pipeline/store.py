@@ -648,6 +648,16 @@ def _key_of(path: Path) -> str:
     return m.group("key") if m else ""
 
 
+def memory_budget(gb: float | None = None) -> float:
+    """Bytes features may take in memory: ``gb`` if given, else half of what is free now."""
+    if gb:
+        return gb * 2**30
+    try:
+        return 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 4 << 30
+
+
 def _write_ids(group: h5py.Group, ids: list[str]) -> None:
     group.create_dataset("ids", data=np.array(ids, dtype=h5py.string_dtype()))
 
@@ -790,8 +800,7 @@ class FeatureFile:
         dset, y = self.features(split), self.labels(split)
         dtype = np.float32 if dset.dtype != np.float16 else dset.dtype
         need = dset.size * np.dtype(dtype).itemsize
-        budget = (memory_budget_gb * 2**30 if memory_budget_gb
-                  else 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        budget = memory_budget(memory_budget_gb)
         if need > budget:
             log.warning("%s: %s features take %.1f GiB, over the %.1f GiB budget: returned on disk "
                         "(an h5py dataset; slice it to read rows)", self.path.name, split,

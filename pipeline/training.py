@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 from pipeline import results
 from pipeline.errors import PipelineError
 from pipeline.heads import (
+    HEADS,
     check_params,
     check_threads,
     evaluate,
@@ -35,6 +36,7 @@ from pipeline.results import (
     DEFAULT_RESULTS_DIR,
     ResultRecord,
     check_results_dir,
+    curve_point_dir,
     head_label,
     legacy_result_dir,
     result_dir,
@@ -126,31 +128,13 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                 fit_seconds = time.perf_counter() - t0
                 scores = evaluate(model, data.X_test, data.y_test, data.classes, data.test_ids)
             mistakes = scores.pop("mistakes")
-            summaries = [_features_summary(ff) for ff in files]
-            record = ResultRecord(
-                **scores, threads=threads,
-                head=head, head_ran=ran, note=note,
-                params=params, best_params=_jsonable(getattr(model, "best_params_", {})),
-                sweep=_jsonable(getattr(model, "sweep_", [])),
-                sweep_skipped_past_peak=_jsonable(getattr(model, "skipped_", [])),
-                converged=getattr(model, "converged_", None),
-                validation_accuracy=getattr(model, "validation_score_", None),
-                sweep_rows=getattr(model, "sweep_rows_", None),
-                validation=({"given": "the dataset's own validation split",
-                             "rows": data.validation_rows} if data.validation_rows else
-                            {"carved": "a seeded stratified share of the training rows",
-                             "fraction": model.get_params().get("validation_fraction")}),
-                fit_seconds=fit_seconds, n_train=len(data.y_train), n_test=len(data.y_test),
-                features_file=str(files[0].path), features_key=files[0].key,
-                features_checksum=checksum,
-                features_files=[{"path": str(ff.path), "key": ff.key, "checksum": c}
-                                for ff, c in zip(files, checksums)],
-                features=summaries[0] if len(files) == 1 else {
-                    "dataset": summaries[0]["dataset"], "fused": summaries,
-                    "width": sum(f["width"] for f in summaries)},
-                versions={**files[0].attrs.get("provenance", {}).get("versions", {}),
-                          "python": platform.python_version()},
-                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            record = _record(model, scores, files, checksums, checksum, head=head, ran=ran,
+                             note=note, params=params, threads=threads, fit_seconds=fit_seconds,
+                             n_train=len(data.y_train), n_test=len(data.y_test),
+                             validation=({"given": "the dataset's own validation split",
+                                          "rows": data.validation_rows} if data.validation_rows else
+                                         {"carved": "a seeded stratified share of the training rows",
+                                          "fraction": model.get_params().get("validation_fraction")}))
             try:
                 _write_result(out, model, record, data.classes, mistakes,
                               files[0].attrs.get("provenance", {}).get("dataset_source"))
@@ -161,6 +145,175 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
     log.info("%s: test accuracy %.2f%% (fit %.1f s) -> %s", head, 100 * record.test_accuracy,
              fit_seconds, out)
     return "trained", out
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+ALL = "all"  # a learning curve's full-data point: the head's ordinary result
+DEFAULT_TRIES = 5  # seeded draws per k
+
+
+def check_shots(shots) -> list:
+    """Images per class for a learning curve: positive whole numbers and ``"all"``, sorted,
+    each once (a comma-separated string as the command line gives it, or a list)."""
+    items = shots.split(",") if isinstance(shots, str) else list(shots) if isinstance(
+        shots, (list, tuple)) else [shots]
+    out = set()
+    for item in items:
+        text = str(item).strip()
+        if text == ALL:
+            out.add(ALL)
+        elif text.isdigit() and int(text) > 0 and not isinstance(item, (bool, float)):
+            out.add(int(text))
+        else:
+            raise PipelineError(f"shots {item!r}: give images per class as positive whole numbers "
+                                "or 'all', e.g. --shots 1,5,10,25,100,all")
+    if not out:
+        raise PipelineError("shots: give at least one number of images per class, e.g. 1,5,10,all")
+    return sorted(k for k in out if k != ALL) + ([ALL] if ALL in out else [])
+
+
+def check_curve_head(head: str, params: dict) -> None:
+    check_params(head, params)
+    if HEADS[head].takes != "pooled":
+        raise PipelineError(f"learning curves take the heads on pooled vectors "
+                            f"({', '.join(h for h, s in HEADS.items() if s.takes == 'pooled')}); "
+                            f"{head!r} is not one")
+
+
+def check_tries(tries) -> int:
+    if tries is None:
+        return DEFAULT_TRIES
+    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+        raise PipelineError(f"tries {tries!r}: give a whole number of draws per k, at least 1")
+    return tries
+
+
+def k_shot_rows(y: np.ndarray, k: int, draw: int) -> np.ndarray:
+    """Sorted indices of ``k`` rows per class (every row of a class with ``k`` or fewer),
+    drawn by a generator seeded with (k, draw) alone: every head, every feature file of the
+    same data, and every rerun get the same images."""
+    rng = np.random.default_rng([k, draw])
+    per_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+    return np.sort(np.concatenate([rng.choice(rows, min(k, len(rows)), replace=False)
+                                   for rows in per_class]))
+
+
+def curve_points(shots: list, tries: int) -> list[tuple[int, int]]:
+    """(k, draw) of every point a curve needs (``"all"`` is the full-data result, apart)."""
+    return [(k, t) for k in shots if k != ALL for t in range(tries)]
+
+
+def train_curve(feature_path: Path | list[Path], head: str, params: dict | None = None, *,
+                shots, tries: int | None = None, results_dir: str | Path = DEFAULT_RESULTS_DIR,
+                memory_budget_gb: float | None = None, force: bool = False,
+                threads: int | None = None) -> list[tuple[str, Path]]:
+    """A learning curve of ``head`` on cached features: for each k in ``shots``, ``tries``
+    seeded draws of k training images per class (``k_shot_rows``), each fitted and scored
+    on the whole test split; ``"all"`` is the head's full-data result (``train_one``).
+    Nothing is extracted: the rows come from the file. Each point is a result of its own
+    (``results.curve_point_dir``): adding a k or a draw trains only that.
+
+    No leakage: a draw's validation split is carved from its own k-shot rows only (the
+    head's usual carve, on those rows; a dataset's own val/ rows are never drawn). A draw
+    with a class of one image has nothing to carve: the head then fits its
+    ``HeadSpec.fixed`` setting on every row and chooses nothing (the record says so)."""
+    params = dict(params or {})
+    check_curve_head(head, params)
+    shots, tries, threads = check_shots(shots), check_tries(tries), check_threads(threads)
+    check_results_dir(results_dir)
+    done = []
+    paths = [Path(feature_path)] if isinstance(feature_path, (str, Path)) else list(feature_path)
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(FeatureFile(p)) for p in paths]
+        checksums = [ff.checksum() for ff in files]
+        parts, checksum = result_identity(files, checksums)
+        todo = []
+        for k, t in curve_points(shots, tries):
+            out = curve_point_dir(results_dir, parts, head, params, k, t)
+            if not force and results.is_current(out, checksum, params):
+                done.append(("up-to-date", out))
+            else:
+                todo.append((k, t, out))
+        if todo:
+            data = (load_features(files[0], head, memory_budget_gb=memory_budget_gb)
+                    if len(files) == 1 else
+                    load_fused_features(files, head, memory_budget_gb=memory_budget_gb))
+            pool = np.arange(len(data.y_train) - data.validation_rows)  # val/ rows: never drawn
+        for k, t, out in todo:
+            with results.locked(out):
+                if not force and results.is_current(out, checksum, params):  # done meanwhile
+                    done.append(("up-to-date", out))
+                    continue
+                rows = pool[k_shot_rows(data.y_train[pool], k, t)]
+                done.append(_fit_point(files, checksums, checksum, data, rows, head, params, k, t,
+                                       tries, threads, out))
+    if ALL in shots:
+        done.append(train_one(paths if len(paths) > 1 else paths[0], head, params,
+                              results_dir=results_dir, memory_budget_gb=memory_budget_gb,
+                              force=force, threads=threads))
+    accuracy: dict = {}
+    for _, out in done:
+        record = ResultRecord.load(out)
+        accuracy.setdefault(record.shots or ALL, []).append(100 * record.test_accuracy)
+    log.info("%s learning curve on %s: %s", head_label(head, params), paths[0].name, ", ".join(
+        f"{k}{'-shot' if k != ALL else ''} {np.mean(a):.2f}%" + (f" ± {np.std(a, ddof=1):.2f}"
+                                                               if len(a) > 1 else "")
+        for k, a in accuracy.items()))
+    return done
+
+
+def _fit_point(files, checksums, checksum, data, rows: np.ndarray, head: str, params: dict,
+               k: int, draw: int, tries: int, threads: int, out: Path) -> tuple[str, Path]:
+    y = data.y_train[rows]
+    fixed = np.unique(y, return_counts=True)[1].min() < 2  # nothing to carve a validation from
+    setting = {**(HEADS[head].fixed or {}), **params} if fixed else params
+    model = make_head(head, setting)
+    if fixed:
+        model.set_params(validation_fraction=0.0)
+    with _thread_budget(model, params, threads):
+        t0 = time.perf_counter()
+        model.fit(data.X_train[rows], y)
+        fit_seconds = time.perf_counter() - t0
+        scores = evaluate(model, data.X_test, data.y_test, data.classes)
+    scores.pop("mistakes")
+    validation = ({"none": "a class has one image: nothing chosen, the head's fixed setting",
+                   "fixed": setting} if fixed else
+                  {"carved": "a seeded stratified share of this draw's k-shot rows",
+                   "fraction": model.get_params().get("validation_fraction")})
+    record = _record(model, scores, files, checksums, checksum, head=head, ran=head, note="",
+                     params=params, threads=threads, fit_seconds=fit_seconds, n_train=len(rows),
+                     n_test=len(data.y_test), validation=validation, shots=k, draw=draw)
+    with results.writing(out) as tmp:
+        record.save(tmp)
+    log.info("%s %d-shot, draw %d/%d: test accuracy %.2f%% (%d rows, fit %.1f s)",
+             head_label(head, params), k, draw + 1, tries, 100 * record.test_accuracy, len(rows),
+             fit_seconds)
+    return "trained", out
+
+
+def _record(model, scores: dict, files: list[FeatureFile], checksums: list[str], checksum: str,
+            **fields) -> ResultRecord:
+    """The record of ``model`` fitted on ``files``: its test ``scores``, what it chose and
+    what it was fitted on (``fields``: head, params, sizes, ... as ``ResultRecord`` names them)."""
+    summaries = [_features_summary(ff) for ff in files]
+    return ResultRecord(
+        **scores, head=fields.pop("head"), head_ran=fields.pop("ran"),
+        best_params=_jsonable(getattr(model, "best_params_", {})),
+        sweep=_jsonable(getattr(model, "sweep_", [])),
+        sweep_skipped_past_peak=_jsonable(getattr(model, "skipped_", [])),
+        converged=getattr(model, "converged_", None),
+        validation_accuracy=getattr(model, "validation_score_", None),
+        sweep_rows=getattr(model, "sweep_rows_", None),
+        features_file=str(files[0].path), features_key=files[0].key, features_checksum=checksum,
+        features_files=[{"path": str(ff.path), "key": ff.key, "checksum": c}
+                        for ff, c in zip(files, checksums)],
+        features=summaries[0] if len(files) == 1 else {
+            "dataset": summaries[0]["dataset"], "fused": summaries,
+            "width": sum(f["width"] for f in summaries)},
+        versions={**files[0].attrs.get("provenance", {}).get("versions", {}),
+                  "python": platform.python_version()},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields)
 
 
 @contextlib.contextmanager
@@ -212,11 +365,19 @@ def _write_result(out: Path, model, record: ResultRecord, classes: list[str],
 def train_heads(heads: list[str], *, features: list[str] | None = None,
                 cache_dir: str = DEFAULT_CACHE_DIR, results_dir: str = DEFAULT_RESULTS_DIR,
                 params: list[str] | None = None, memory_budget_gb: float | None = None,
-                force: bool = False, fuse: bool = False, threads: int | None = None) -> None:
+                force: bool = False, fuse: bool = False, threads: int | None = None,
+                shots=None, tries: int | None = None) -> None:
     """``pipeline train``: each head on each given (or every complete) feature file, or with
-    ``fuse`` on the given files side by side."""
+    ``fuse`` on the given files side by side; with ``shots``, learning curves."""
     parsed = _parse_params(params or [])
     check_threads(threads)
+    if shots is not None:
+        check_shots(shots)
+        for head in heads:
+            check_curve_head(head, parsed)
+    elif tries is not None:
+        raise PipelineError("--tries goes with --shots (draws per number of images per class)")
+    check_tries(tries)
     for head in heads:
         check_params(head, parsed)
     check_results_dir(results_dir)
@@ -235,5 +396,9 @@ def train_heads(heads: list[str], *, features: list[str] | None = None,
                             "or keys as `python -m pipeline ls` prints them)")
     for path in [files] if fuse else files:
         for head in heads:
-            train_one(path, head, parsed, results_dir=results_dir,
-                      memory_budget_gb=memory_budget_gb, force=force, threads=threads)
+            if shots is None:
+                train_one(path, head, parsed, results_dir=results_dir,
+                          memory_budget_gb=memory_budget_gb, force=force, threads=threads)
+            else:
+                train_curve(path, head, parsed, shots=shots, tries=tries, results_dir=results_dir,
+                            memory_budget_gb=memory_budget_gb, force=force, threads=threads)

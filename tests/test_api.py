@@ -175,6 +175,7 @@ def test_every_head_is_a_plain_scikit_learn_estimator(blobs_file, name):
 
     with FeatureFile(blobs_file) as ff:
         (X, y), (X_test, y_test) = ff.load("train"), ff.load("test")
+        names = np.array(ff.classes)
     params = {"n_components": 50} if name == "rbf_svm_approx" else {}
     head = make_head(name, params)
     model = make_pipeline(StandardScaler(), clone(head)).fit(X, y)
@@ -182,6 +183,8 @@ def test_every_head_is_a_plain_scikit_learn_estimator(blobs_file, name):
     assert model.predict(X_test).shape == y_test.shape
     if hasattr(model, "predict_proba"):
         assert np.allclose(model.predict_proba(X_test).sum(1), 1, atol=1e-5)
+    alone = clone(head).fit(X.tolist(), names[y].tolist())  # lists, labels as class names
+    assert alone.score(X_test.tolist(), names[y_test]) > 0.9 and alone.classes_.tolist() == ff.classes
 
 
 def test_train_and_compare_return_what_the_command_line_writes(folder_features, tmp_path):
@@ -225,3 +228,31 @@ def test_extraction_config_is_the_same_options_as_the_command_line():
     config = ExtractionConfig(dataset="cifar10", **TINY)
     config.validate()
     assert config.input_size == 32
+
+
+@pytest.mark.slow
+def test_the_example_notebook_runs_end_to_end_on_cifar10_mini(cifar_mini, shared_weights, tmp_path):
+    """examples/seed_workflow.ipynb, executed cell by cell in a fresh kernel (real MobileNet
+    0.25 weights, the 1,500-image CIFAR-10 sample), in a scratch folder for its cache."""
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "examples" / "seed_workflow.ipynb", as_version=4)
+    os.environ["PIPELINE_DATA"] = str(cifar_mini)
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        del os.environ["PIPELINE_DATA"]
+    text = "\n".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                     for o in cell.outputs)
+    assert "1,000 training rows of 256 features (float32)" in text
+    assert "logreg   test accuracy" in text and "knn      test accuracy" in text
+    assert "test images wrong; the most confident:" in text and "called" in text
+    assert "200 training images: test accuracy" in text
+    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the accuracy-vs-cost plot and the mistakes sheet
+    assert (tmp_path / "results" / "report.html").exists()

@@ -53,7 +53,8 @@ def test_ls_inspect_and_verify_repair(tmp_path, blobs_file, capsys):
     out = capsys.readouterr().out
     assert "complete" in out and "corrupt" in out
     assert main(["inspect", str(blobs_file)]) == 0
-    assert '"format": "pipeline.features"' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"format": "pipeline.features"' in out and "no row ids (written before" in out
     assert main(["verify", "--cache-dir", str(cache)]) == 1
     assert "BAD       broken" in capsys.readouterr().out
     assert main(["verify", "--repair", "--cache-dir", str(cache)]) == 0
@@ -245,7 +246,8 @@ def test_skip_bad_says_how_many_were_skipped_and_where_they_are_listed(tmp_path,
     [h5] = list((tmp_path / "c").glob("*.h5"))
     assert "skipped 1 undecodable file(s)" in line and "broken.jpg" in line and str(h5) in line
     assert main(["inspect", str(h5)]) == 0
-    assert "skipped files (1):" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped files (1):" in out and "row ids e.g. 'train/cat/" in out
 
 
 @pytest.mark.bad_input

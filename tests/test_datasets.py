@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import make_images
+from conftest import make_images, write_image_folder_split
 from PIL import Image
 
 from pipeline.datasets import load_dataset, stratified_subset
@@ -110,6 +110,39 @@ def test_idx_with_wrong_magic_or_truncated_body_is_refused(tmp_path):
         load_dataset(f"idx:{tmp_path / 'd'}")
 
 
+def test_rows_are_named_by_their_images_and_a_subset_keeps_their_names(tmp_path, npz_dataset):
+    _idx_folder(tmp_path / "digits")
+    idx = load_dataset(f"idx:{tmp_path / 'digits'}")
+    assert idx.splits["train"].row_ids()[:2] == ["train-images-idx3-ubyte.gz:0",
+                                                 "train-images-idx3-ubyte.gz:1"]
+    assert idx.splits["test"].row_ids()[-1] == "t10k-images-idx3-ubyte.gz:19"
+    npz = load_dataset(npz_dataset)
+    assert npz.splits["test"].row_ids() == [str(i) for i in range(24)]
+    few = load_dataset(npz_dataset, limit=6)
+    kept = few.splits["train"].row_ids()
+    assert len(kept) == 6 and kept != [str(i) for i in range(6)]  # the rows' own indices
+    full = npz.splits["train"]
+    assert (_batches(few.splits["train"]) == full.load(np.array([int(i) for i in kept]))).all()
+    write_image_folder_split(tmp_path / "pics" / "train", 2, seed=0)
+    write_image_folder_split(tmp_path / "pics" / "test", 1, seed=1)
+    folder = load_dataset(f"folder:{tmp_path / 'pics'}")
+    assert folder.splits["test"].row_ids() == ["test/c0/0.png", "test/c1/1.png", "test/c2/2.png"]
+
+
+def test_original_images_are_found_again_by_their_row_ids(tmp_path, npz_dataset):
+    from pipeline.datasets import original_images
+
+    write_image_folder_split(tmp_path / "pics" / "train", 2, seed=0)
+    write_image_folder_split(tmp_path / "pics" / "test", 1, seed=1)
+    spec = f"folder:{tmp_path / 'pics'}"
+    ds = load_dataset(spec)
+    shown = original_images(spec, "test", ["test/c1/1.png", "test/gone.png"])
+    assert (shown[0] == ds.splits["test"].load(np.array([1]))[0]).all() and shown[1] is None
+    npz = load_dataset(npz_dataset)
+    shown = original_images(npz_dataset, "test", ["5", "no-such-row"])
+    assert (shown[0] == npz.splits["test"].load(np.array([5]))[0]).all() and shown[1] is None
+
+
 def test_cifar_python_batches(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
@@ -123,6 +156,9 @@ def test_cifar_python_batches(tmp_path):
     assert ds.classes == ["cat", "dog"] and len(ds.splits["train"]) == 16
     first = pickle.loads((folder / "data_batch_1").read_bytes())[b"data"][0]
     assert (_batches(ds.splits["train"])[0] == first.reshape(3, 32, 32).transpose(1, 2, 0)).all()
+    ids = ds.splits["train"].row_ids()
+    assert ids[0] == "data_batch_1:0" and ids[10] == "data_batch_2:0" and ids[-1] == "data_batch_2:5"
+    assert ds.splits["test"].row_ids()[3] == "test_batch:3"
 
 
 def _save(path, array, mode=None):

@@ -279,6 +279,7 @@ def test_results_in_the_old_key_only_folders_are_moved_not_retrained(tmp_path):
     [result] = [p for p in folder.iterdir() if p.is_dir()]
     stamp = (result / "metrics.json").stat().st_mtime_ns
     legacy = tmp_path / "results" / folder.name.rsplit("-", 1)[1]
+    (folder / "features-2d.png").unlink()  # (the report's, which came later)
     folder.rename(legacy)  # as written before folders had readable names
     [job] = experiments.plan(load_experiment(_config(tmp_path)))
     assert set(experiments._head_states(job, str(tmp_path / "results")).values()) == {"cached"}
@@ -500,3 +501,30 @@ def test_threads_in_an_experiment_file_caps_its_heads_and_a_bad_value_names_the_
     with pytest.raises(PipelineError, match=r"exp.toml: top level threads = 0: this machine gives "
                                             r"us \d+ core\(s\); use a whole number from 1 to \d+"):
         load_experiment(str(path))
+
+
+def test_a_learning_curve_in_an_experiment_trains_its_points_once(tmp_path, capsys):
+    path = _config(tmp_path)
+    text = Path(path).read_text() + '[[heads]]\nname = "knn"\nshots = [2, 4, "all"]\ntries = 2\n'
+    Path(path).write_text(text)
+    run_experiment(load_experiment(path))
+    results = tmp_path / "results" / exp_key(tmp_path)
+    points = sorted(p.parent.name for p in (results / "curves" / "knn").glob("*/metrics.json"))
+    assert points == ["2-shot-0", "2-shot-1", "4-shot-0", "4-shot-1"]
+    assert (results / "knn" / "metrics.json").exists()  # "all": the head's full-data result
+    assert (tmp_path / "results" / "curves.csv").exists()
+    capsys.readouterr()
+    run_experiment(load_experiment(path))
+    assert "nothing to do: everything is up to date" in capsys.readouterr().out
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("entry, message", [
+    ('shots = [0, 5]', "shots 0"), ('shots = "5"', "shots = '5': should be list"),
+    ('tries = 3', "tries goes with shots"), ('shots = [5]\ntries = 0', "tries 0"),
+])
+def test_bad_learning_curve_entries_are_named(tmp_path, entry, message):
+    path = _config(tmp_path)
+    Path(path).write_text(Path(path).read_text() + f'[[heads]]\nname = "knn"\n{entry}\n')
+    with pytest.raises(PipelineError, match=message):
+        load_experiment(path)

@@ -731,3 +731,34 @@ def test_a_resume_that_only_merges_says_so_instead_of_zero_images_per_second(npz
     assert result.status == "resumed"
     [wrote] = [m for m in caplog.messages if m.startswith("wrote ")]
     assert "every row was extracted before" in wrote and "img/s" not in wrote
+
+
+def test_renamed_images_keep_their_features_and_get_their_new_names(tmp_path, caplog):
+    """Ids are not in the key (the features follow from the images' content and order); a
+    rename that keeps both leaves the file current and rewrites only its row ids."""
+    from conftest import write_image_folder_split
+
+    from pipeline.store import FeatureFile, check_file
+
+    root = tmp_path / "photos"
+    write_image_folder_split(root / "train", 4, seed=1)
+    write_image_folder_split(root / "test", 2, seed=2)
+    config = ExtractionConfig(dataset=f"folder:{root}", backbone="mobilenet_v2", alpha=0.35,
+                              weights="none", image_size=32, cache_dir=str(tmp_path / "cache"))
+    first = extract_features(config)
+    with FeatureFile(first.path) as ff:
+        before, old_ids = ff.features("test")[()], ff.ids("test")
+    assert old_ids[0] == "test/c0/0.png"
+    (root / "test" / "c0" / "0.png").rename(root / "test" / "c0" / "0 (renamed).png")  # same order
+    with caplog.at_level("INFO", logger="pipeline.extraction"):
+        again = extract_features(config)
+    assert again.status == "up-to-date" and again.path == first.path
+    assert "row ids of" in caplog.text and "updated" in caplog.text
+    with FeatureFile(again.path) as ff:
+        assert ff.ids("test") == ["test/c0/0 (renamed).png", *old_ids[1:]]
+        assert np.array_equal(ff.features("test")[()], before)
+    assert check_file(again.path, full=True) is None
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.extraction"):
+        extract_features(config)
+    assert "row ids of" not in caplog.text  # nothing to update the second time

@@ -395,3 +395,20 @@ def test_top5_accuracy_is_left_out_with_five_classes_or_fewer(blobs_file):
     head = make_head("logreg")
     head.fit(data.X_train, data.y_train)
     assert evaluate(head, data.X_test, data.y_test, data.classes)["top5_accuracy"] is None
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in HEADS.items() if s.takes == "pooled"))
+def test_every_pooled_head_fits_its_fixed_setting_when_there_is_nothing_to_validate_on(
+        blobs_file, name):
+    """One row per class (a 1-shot draw): no validation split can be carved, so the head fits
+    ``HeadSpec.fixed`` on every row and reports no validation score."""
+    data = _data(blobs_file)
+    rows = np.array([np.flatnonzero(data.y_train == c)[0] for c in range(3)])
+    head = make_head(name, HEADS[name].fixed).set_params(validation_fraction=0.0)
+    head.fit(data.X_train[rows], data.y_train[rows])
+    assert head.validation_score_ is None and not getattr(head, "sweep_", [])
+    assert head.score(data.X_test, data.y_test) > 0.6
+    chosen = head.best_params_
+    expected = {"rbf_svm_approx": ("svm__C", 1.0), "mlp": ("epochs", 200), "knn": ("k", 3)}
+    key, value = expected.get(name, ("C", 1.0))
+    assert chosen[key] == value, chosen

@@ -1,4 +1,7 @@
 import csv
+from pathlib import Path
+
+import pytest
 
 from pipeline.reports import collect_results, compare, markdown_table, plot_confusion
 from pipeline.results import ResultRecord
@@ -147,3 +150,125 @@ def test_compare_plot_numbers_the_features_and_spells_them_out_under_the_panel(t
     assert legend == ["logreg", "mlp", "best on validation"]
     [ring] = [c for c in panel.collections if c.get_label() == "best on validation"]
     assert [tuple(o) for o in ring.get_offsets()] == [(5.0, 90.0)]  # logreg: best validation
+
+
+# ----------------------------------------------------------------------------- report.html
+
+ODD = 'odd <img src=x onerror=alert(1)> "data" ü'
+
+
+@pytest.fixture
+def real_results(tmp_path):
+    """Two heads trained on features of an image folder with an odd name: (results, cache)."""
+    from conftest import write_image_folder_split
+
+    from pipeline import extract, train
+
+    root = tmp_path / ODD
+    write_image_folder_split(root / "train", 8, seed=1)
+    write_image_folder_split(root / "test", 4, seed=2)
+    (root / "test" / "c0").rename(root / "test" / "swap")  # some mistakes to show
+    (root / "test" / "c1").rename(root / "test" / "c0")
+    (root / "test" / "swap").rename(root / "test" / "c1")
+    cache, results_dir = tmp_path / "cache", tmp_path / "results"
+    with extract(f"folder:{root}", backbone="mobilenet_v2", alpha=0.35, weights="none",
+                 image_size=32, cache_dir=str(cache)) as ff:
+        for head in ("logreg", "knn"):
+            train(ff, head, results_dir=results_dir)
+    return results_dir, cache
+
+
+def _browser(page: Path, out_dir: Path) -> tuple[str, str]:
+    """(DOM after the page's scripts ran, browser log) from headless Chromium; a screenshot
+    is kept in ``out_dir``."""
+    import os
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        message = "chromium is not installed (.ci/run installs Debian's chromium package)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+             "--v=0", "--virtual-time-budget=10000", f"--user-data-dir={out_dir / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    shot = subprocess.run([*flags, f"--screenshot={out_dir / 'report.png'}",
+                           "--window-size=1200,2000", page.as_uri()], capture_output=True,
+                          text=True, timeout=120)
+    assert dom.returncode == 0 and shot.returncode == 0, dom.stderr[-2000:] + shot.stderr[-2000:]
+    return dom.stdout, dom.stderr + shot.stderr
+
+
+def _body(dom: str) -> dict:
+    import re
+
+    tag = re.search(r"<body([^>]*)>", dom).group(1)
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', tag))
+
+
+def test_the_report_opens_offline_in_a_real_browser_with_every_picture(real_results, tmp_path):
+    results_dir, cache = real_results
+    rows = compare(results_dir, out=lambda *_: None, cache_dir=cache)
+    page = results_dir / "report.html"
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text  # nothing fetched: works from file://
+    dom, log = _browser(page, tmp_path)
+    body = _body(dom)
+    # compare.png, a confusion matrix and a mistakes sheet per result, one 2-D view per file
+    assert body["ready"] == "yes" and body["errors"] == "0" and body["broken-images"] == "0"
+    assert int(body["images"]) == 1 + 2 * len(rows) + 1
+    table = dom.split('<table id="results">')[1].split("</table>")[0]
+    assert table.split("<tbody>")[1].count("<tr") == len(rows) == 2
+    assert table.count('class="best"') == 1  # the pick on validation, per dataset
+    assert "Uncaught" not in log and "CONSOLE" not in log.replace("CONSOLE(0)", "")
+    assert (tmp_path / "report.png").stat().st_size > 20_000
+
+
+def test_odd_names_are_escaped_in_the_report(real_results):
+    results_dir, cache = real_results
+    compare(results_dir, out=lambda *_: None, cache_dir=cache)
+    text = (results_dir / "report.html").read_text()
+    assert "<img src=x" not in text
+    assert "&lt;img src=x onerror=alert(1)&gt; &quot;data&quot; ü" in text  # in the provenance
+
+
+def test_a_report_on_results_whose_features_and_images_are_gone_says_what_is_missing(
+        real_results, tmp_path):
+    results_dir, cache = real_results
+    for path in cache.glob("*.h5"):
+        path.unlink()
+    for sheet in results_dir.rglob("mistakes.png"):
+        sheet.unlink()
+    compare(results_dir, out=lambda *_: None)
+    text = (results_dir / "report.html").read_text()
+    assert text.count("is gone (its provenance with it)") == 1
+    assert "no 2-D view: feature file" in text and text.count("no mistakes sheet") == 2
+    body = _body(_browser(results_dir / "report.html", tmp_path)[0])
+    assert body["errors"] == "0" and body["broken-images"] == "0"
+
+
+def test_compare_summarises_learning_curves_per_k_with_their_spread(blobs_file, tmp_path):
+    from pipeline.results import ResultRecord
+    from pipeline.training import train_curve
+
+    results_dir = tmp_path / "results"
+    points = {}
+    for head in ("logreg", "knn"):
+        points[head] = train_curve(blobs_file, head, shots=[1, 3, "all"], tries=3,
+                                   results_dir=results_dir)
+    compare(results_dir, out=lambda *_: None)
+    with open(results_dir / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["head"], r["shots"], r["tries"]) for r in rows] == [
+        (h, k, t) for h in ("knn", "logreg") for k, t in (("1", "3"), ("3", "3"), ("all", "1"))]
+    import numpy as np
+
+    accuracy = [ResultRecord.load(out).test_accuracy for _, out in points["knn"][3:6]]  # k = 3
+    assert float(rows[1]["mean_test_accuracy"]) == pytest.approx(np.mean(accuracy))
+    assert float(rows[1]["std_test_accuracy"]) == pytest.approx(np.std(accuracy, ddof=1))
+    assert rows[0]["validation"] == "none (fixed setting)" and rows[1]["validation"] == "carved from the draw"
+    assert (results_dir / "curves.png").stat().st_size > 10_000
+    assert "Learning curves" in (results_dir / "report.html").read_text()
+    table = (results_dir / "compare.md").read_text()
+    assert table.count("\n") == 2 + 2  # the curves' points are not rows of the results table

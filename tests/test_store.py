@@ -279,10 +279,16 @@ def test_feature_files_every_release_wrote_stay_readable_and_current(written_by,
         assert ff.features("train").shape == (6, 1280) and ff.features("test").shape == (4, 1280)
         assert ff.labels("train").tolist() == [0, 1, 0, 1, 0, 1] and ff.classes == ["a", "b"]
         assert np.isfinite(ff.features("train")[()]).all() and ff.validation_rows == 0
+        assert ff.ids("train") is None  # written before rows named their images: said, not guessed
+        before = ff.features("train")[()]
     config = ExtractionConfig(dataset=f"npz:{tmp_path / 'tiny.npz'}", backbone="mobilenet_v2",
                               alpha=0.35, weights="none", image_size=32, cache_dir=str(cache))
     result = extract_features(config)
     assert result.status == "up-to-date" and result.path == path
+    with FeatureFile(path) as ff:  # the next extract names its rows; the features stay as they were
+        assert ff.ids("train") == [str(i) for i in range(6)] and ff.ids("test") == ["0", "1", "2", "3"]
+        assert np.array_equal(ff.features("train")[()], before)
+    assert check_file(path, full=True) is None
 
 
 @pytest.mark.bad_input

@@ -124,3 +124,135 @@ def test_threads_beyond_the_cores_or_below_one_are_refused_in_one_line(blobs_fil
         train_one(blobs_file, "logreg", results_dir=tmp_path / "r", threads=threads)
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").rglob("metrics.json"))
 
+
+
+def test_each_result_lists_its_mistakes_by_image_and_draws_the_worst(tmp_path, caplog):
+    import csv
+
+    from conftest import write_image_folder_split
+
+    from pipeline.extraction import ExtractionConfig, extract_features
+
+    root = tmp_path / "photos"
+    write_image_folder_split(root / "train", 8, seed=1)
+    write_image_folder_split(root / "test", 6, seed=2)
+    (root / "test" / "c0").rename(root / "test" / "swap")  # c0's and c1's test images swapped:
+    (root / "test" / "c1").rename(root / "test" / "c0")    # mistakes by construction
+    (root / "test" / "swap").rename(root / "test" / "c1")
+    path = extract_features(ExtractionConfig(
+        dataset=f"folder:{root}", backbone="mobilenet_v2", alpha=0.35, weights="none",
+        image_size=32, cache_dir=str(tmp_path / "cache"))).path
+    _, out = train_one(path, "logreg", {"C": 0.001}, results_dir=tmp_path / "results")
+    metrics = json.loads((out / "metrics.json").read_text())
+    matrix = np.array(metrics["confusion_matrix"])
+    with open(out / "mistakes.csv", newline="") as f:
+        mistakes = list(csv.DictReader(f))
+    assert len(mistakes) == matrix.sum() - np.trace(matrix) > 0  # every wrong test row, once
+    with FeatureFile(path) as ff:
+        ids, y, classes = ff.ids("test"), ff.labels("test"), ff.classes
+    for m in mistakes:
+        row = int(m["row"])
+        assert m["id"] == ids[row] and (root / m["id"]).is_file()
+        assert m["true"] == classes[y[row]] and m["predicted"] != m["true"]
+    confidences = [float(m["confidence"]) for m in mistakes]
+    assert confidences == sorted(confidences, reverse=True) and 0 < confidences[-1] <= 1
+    assert (out / "mistakes.png").stat().st_size > 5000
+
+    for image in (root / "test").rglob("*.png"):  # the images gone: mistakes listed, no sheet
+        image.unlink()
+    with caplog.at_level("INFO", logger="pipeline.training"):
+        _, out = train_one(path, "logreg", {"C": 0.001}, results_dir=tmp_path / "results", force=True)
+    assert (out / "mistakes.csv").exists() and not (out / "mistakes.png").exists()
+    assert "no mistakes.png: none of the images is at" in caplog.text
+
+
+def test_a_file_without_row_ids_still_lists_its_mistakes_by_row(blobs_file, tmp_path, caplog):
+    import csv
+
+    with caplog.at_level("INFO", logger="pipeline.training"):
+        _, out = train_one(blobs_file, "linear_svm", {"C": 0.0001}, results_dir=tmp_path / "r")
+    with open(out / "mistakes.csv", newline="") as f:
+        mistakes = list(csv.DictReader(f))
+    matrix = np.array(json.loads((out / "metrics.json").read_text())["confusion_matrix"])
+    assert len(mistakes) == matrix.sum() - np.trace(matrix)
+    assert all(m["id"] == "" and m["confidence"] == "" for m in mistakes)  # no ids; no probabilities
+    assert not (out / "mistakes.png").exists()
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+def test_a_k_shot_draw_is_k_rows_per_class_seeded_by_k_and_draw_alone():
+    from pipeline.training import k_shot_rows
+
+    y = np.repeat([0, 1, 2], [50, 30, 3])
+    rows = k_shot_rows(y, 5, 0)
+    assert np.bincount(y[rows]).tolist() == [5, 5, 3]  # a class with fewer gives all it has
+    assert np.array_equal(rows, k_shot_rows(y, 5, 0)) and not np.array_equal(rows, k_shot_rows(y, 5, 1))
+    assert set(k_shot_rows(y, 1, 0)) != set(k_shot_rows(y, 1, 1))
+
+
+def test_a_learning_curve_trains_each_draw_on_its_k_shot_rows_only(blobs_file, tmp_path, monkeypatch):
+    """Each point's head sees exactly its k rows per class (its validation carved from them by
+    the head itself), is scored on the whole test split, and records what it chose on."""
+    from pipeline.results import ResultRecord
+
+    seen = []
+    real = training.make_head
+
+    def spying(name, params=None, **kw):
+        head = real(name, params, **kw)
+        fit = head.fit
+        head.fit = lambda X, y: (seen.append((np.asarray(X).copy(), np.asarray(y).copy())), fit(X, y))[1]
+        return head
+
+    monkeypatch.setattr(training, "make_head", spying)
+    done = training.train_curve(blobs_file, "logreg", shots="1,5", tries=2,
+                                results_dir=tmp_path / "r")
+    monkeypatch.undo()  # (a spied head cannot be pickled as the full result's model)
+    done += training.train_curve(blobs_file, "logreg", shots="1,5,all", tries=2,
+                                 results_dir=tmp_path / "r")[4:]
+    assert [status for status, _ in done] == ["trained"] * 5
+    with FeatureFile(blobs_file) as ff:
+        X_train, y_train = ff.load("train")
+    assert len(seen) == 4
+    for X, y in seen:  # the four drawn points
+        assert np.bincount(y).tolist() in ([1, 1, 1], [5, 5, 5])
+        assert all((X_train == row).all(1).any() for row in X)  # training rows, never test rows
+    records = [ResultRecord.load(out) for _, out in done]
+    assert [(r.shots, r.draw, r.n_train, r.n_test) for r in records[:4]] == [
+        (1, 0, 3, 300), (1, 1, 3, 300), (5, 0, 15, 300), (5, 1, 15, 300)]
+    assert records[0].validation["fixed"] == {"C": 1.0} and records[0].validation_accuracy is None
+    assert "carved" in records[2].validation and records[2].best_params
+    assert records[4].shots is None and records[4].n_train == 600
+
+
+def test_a_learning_curve_is_incremental_and_reproducible(blobs_file, tmp_path, caplog):
+    from pipeline.results import ResultRecord
+
+    first = training.train_curve(blobs_file, "knn", shots=[2, 4], tries=2, results_dir=tmp_path / "a")
+    again = training.train_curve(blobs_file, "knn", shots=[2, 4], tries=3, results_dir=tmp_path / "a")
+    assert [s for s, _ in again].count("trained") == 2  # only the new draw of each k
+    with caplog.at_level("INFO", logger="pipeline.training"):
+        training.train_curve(blobs_file, "knn", shots=[2, 4], tries=3, results_dir=tmp_path / "a")
+    assert "learning curve on" in caplog.text and "2-shot" in caplog.text and "trained" not in caplog.text
+    elsewhere = training.train_curve(blobs_file, "knn", shots=[2, 4], tries=2,
+                                     results_dir=tmp_path / "b")
+    assert [ResultRecord.load(o).test_accuracy for _, o in first] == \
+        [ResultRecord.load(o).test_accuracy for _, o in elsewhere]  # the same seeds, the same numbers
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("args, message", [
+    (["--shots", "0,5"], "shots '0': give images per class as positive whole numbers or 'all'"),
+    (["--shots", "five"], "shots 'five'"),
+    (["--tries", "2"], "--tries goes with --shots"),
+    (["--shots", "5", "--head", "sgd_linear"], "learning curves take the heads on pooled vectors"),
+])
+def test_bad_learning_curve_options_get_one_line(blobs_file, tmp_path, capsys, args, message):
+    from pipeline.cli import main
+
+    code = main(["train", "--head", "logreg", *args, "--features", str(blobs_file),
+                 "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not list((tmp_path / "r").rglob("metrics.json"))
