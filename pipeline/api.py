@@ -178,10 +178,13 @@ class FrozenFeatures(TransformerMixin, BaseEstimator):
         return rows
 
     def _model(self, image_shape: tuple):
+        """The running model for these options and this image size (kept between calls; new
+        parameters, ``set_params``, get a new one)."""
         models = self.__dict__.setdefault("_models", {})
-        if image_shape not in models:
-            models[image_shape] = start_model(self.config_, image_shape, self.config_.runtime)[0]
-        return models[image_shape]
+        key = cache_key(self.config_.model_key(image_shape))
+        if key not in models:
+            models[key] = start_model(self.config_, image_shape, self.config_.runtime)[0]
+        return models[key]
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -92,7 +92,24 @@ class Dataset:
     splits: dict[str, Split]
     skipped: list[str] = field(default_factory=list)
     validation: int = 0
+    # An image folder's: the scan index (its folder and the dataset's root), and each image
+    # file read since the scan and found unchanged (path, stat signature, sha256, stat time).
+    scan_index: tuple[Path, Path] | None = None
+    checked: list = field(default_factory=list)
     _fingerprint: str | None = None
+
+    def remember_checked(self) -> int:
+        """Record in the scan index that the image files read since the scan (every read
+        checks the file's sha256) were unchanged at that time, so a file the scan found too
+        recently modified to trust by its stat ("racy") is trusted from then on, as git's
+        index does after a refresh: the first rerun after an extraction is as cheap as every
+        later one. Returns how many entries that confirmed."""
+        if self.scan_index is None or not self.checked:
+            return 0
+        index = ScanIndex(*self.scan_index)
+        confirmed = index.confirm(self.checked)
+        index.save()
+        return confirmed
 
     @property
     def fingerprint(self) -> str:
@@ -680,6 +697,10 @@ class ScanIndex:
 
     VERSION = 2  # 2: records whether an EXIF tag turns the image
     RACY_NS = 2_000_000_000  # coarser than any filesystem's timestamps (FAT: 2 s)
+    # An entry: [size, mtime_ns, inode, ctime_ns, sha256 hex, [w, h], error, turned, checked_ns]
+    # where checked_ns is when its content was last found to be that sha256 (the scan's start,
+    # or a later read: ``confirm``); entries written before it existed use the index's
+    # ``scanned_ns``.
 
     def __init__(self, folder: Path, root: Path, *, rescan: bool = False):
         root = Path(root).expanduser().resolve()
@@ -723,14 +744,32 @@ class ScanIndex:
             signature = self._signature(item.path)
         except OSError:
             return False  # let the scan report it
-        if entry is None or entry[:4] != signature or \
-                signature[1] >= self.scanned_ns - self.RACY_NS:
+        if entry is None or entry[:4] != signature or signature[1] >= self._checked(entry) - self.RACY_NS:
             self.changed = True
             return False
         item.digest, item.size, item.error = bytes.fromhex(entry[4]), tuple(entry[5]), entry[6]
         item.turned = bool(entry[7])
-        self.new[rel] = entry
+        self.new[rel] = [*entry[:8], self._checked(entry)]
         return True
+
+    def _checked(self, entry: list) -> int:
+        return int(entry[8]) if len(entry) > 8 else self.scanned_ns
+
+    def confirm(self, checked: list) -> int:
+        """Mark as confirmed at time ``t`` each entry whose file had, just before a read at
+        ``t`` found its sha256 unchanged, the very stat the entry records. Returns how many
+        entries became trusted."""
+        self.new = {rel: [*e[:8], self._checked(e)] for rel, e in self.old.items()}
+        confirmed = 0
+        for path, signature, digest, t_ns in checked:
+            entry = self.new.get(self._relative(Path(path)))
+            if entry is None or entry[:4] != signature or entry[4] != digest or t_ns <= entry[8]:
+                continue
+            racy_before = signature[1] >= entry[8] - self.RACY_NS
+            entry[8] = t_ns
+            confirmed += racy_before and signature[1] < t_ns - self.RACY_NS
+            self.changed = True
+        return confirmed
 
     def remember(self, item: _ImageFile) -> None:
         try:
@@ -738,7 +777,7 @@ class ScanIndex:
         except OSError:
             return
         self.new[self._relative(item.path)] = [*signature, item.digest.hex(), list(item.size),
-                                               item.error, item.turned]
+                                               item.error, item.turned, self.started_ns]
 
     def _relative(self, path: Path) -> str:
         """The index's name for ``path`` (under the root; faster than ``Path.relative_to``)."""
@@ -981,11 +1020,13 @@ def _load_image_folder(spec: str, root: Path, *, skip_bad: bool, test_fraction: 
     _check_train_covers(spec, classes, files, " once undecodable files are skipped")
     _warn_duplicates(spec, classes, files)
     size, shrink = _served_size(files, fit)
-    validation = len(files.get("val", []))
-    splits = {"train": _folder_split(root, files["train"] + files.get("val", []), size, shrink),
-              "test": _folder_split(root, files["test"], size, shrink)}
+    validation, checked = len(files.get("val", [])), []
+    splits = {"train": _folder_split(root, files["train"] + files.get("val", []), size, shrink,
+                                     checked),
+              "test": _folder_split(root, files["test"], size, shrink, checked)}
     return Dataset(spec=spec, classes=classes, splits=splits, validation=validation,
-                   skipped=[f"{f.path}: {f.error}" for f in bad] + conflicts)
+                   skipped=[f"{f.path}: {f.error}" for f in bad] + conflicts,
+                   scan_index=(scan_index, root) if scan_index else None, checked=checked)
 
 
 def _served_size(files: dict[str, list[_ImageFile]], fit: int | None) -> tuple[tuple[int, int], bool]:
@@ -1016,11 +1057,13 @@ def _split_files(items: list[_ImageFile], test_fraction: float, seed: int) -> di
 
 
 def _folder_split(root: Path, items: list[_ImageFile], size: tuple[int, int],
-                  shrink: bool = False) -> Split:
+                  shrink: bool = False, checked: list | None = None) -> Split:
+    checked = [] if checked is None else checked  # what each read found unchanged (Dataset.checked)
     Image = _pil()
 
     def load_one(item: _ImageFile) -> np.ndarray:
         try:
+            checked_ns, stat = time.time_ns(), os.stat(item.path)
             data = item.path.read_bytes()
         except OSError as exc:
             raise PipelineError(f"{item.path} cannot be read any more ({exc.strerror}); it was "
@@ -1028,6 +1071,8 @@ def _folder_split(root: Path, items: list[_ImageFile], size: tuple[int, int],
         if hashlib.sha256(data).digest() != item.digest:  # the features must match the key
             raise PipelineError(f"{item.path} changed after the dataset was scanned (its sha256 "
                                 "differs); rerun to extract the new content")
+        checked.append((str(item.path), [stat.st_size, stat.st_mtime_ns, stat.st_ino,
+                                         stat.st_ctime_ns], item.digest.hex(), checked_ns))
         try:
             arr = _decode(data, size, shrink, item.turned)
         except Exception as exc:  # decoded at the scan; fails now only if PIL itself changed
@@ -1121,7 +1166,8 @@ def _limit(dataset: Dataset, limit: int, seed: int) -> Dataset:
             keep = stratified_subset(split.labels, limit, seed)
         splits[name] = _subset_split(split, keep)
     return Dataset(spec=dataset.spec, classes=dataset.classes, splits=splits,
-                   skipped=dataset.skipped, validation=validation)
+                   skipped=dataset.skipped, validation=validation,
+                   scan_index=dataset.scan_index, checked=dataset.checked)
 
 
 def _subset_split(split: Split, keep: np.ndarray) -> Split:

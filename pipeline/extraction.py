@@ -689,6 +689,10 @@ def _extract_locked(config: ExtractionConfig, dataset: Dataset, parts: dict, sto
               "shard_count": sum(len(shards.files(s)) for s in SPLITS), **engine}
     path, provenance = _publish(config, dataset, parts, store, shards, runner.layout, projection,
                                 engine, images, seconds, resumed=bool(done))
+    confirmed = dataset.remember_checked()
+    if confirmed:
+        log.info("the scan index now trusts %s image file(s) modified just before the scan: "
+                 "their sha256 was checked when they were read", f"{confirmed:,}")
     rate = images / seconds if seconds > 0 else 0.0
     if images:
         log.info("wrote %s (%s images in %.1f s, %s img/s)", path, f"{images:,}", seconds, f"{rate:,.1f}")

@@ -371,22 +371,24 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     full-data result, where trained, is the point at the right."""
     plt = _pyplot()
     datasets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(8, 4.2 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, 4.8 * len(datasets)), squeeze=False)
     for ax, dataset in zip(axes[:, 0], datasets):
         mine = [r for r in rows if r["dataset"] == dataset]
         lines = sorted({(r["backbone"], r["mode"], r["head"]) for r in mine})
+        heads = sorted({head for _, _, head in lines})
+        features = sorted({(backbone, mode) for backbone, mode, _ in lines})
         n_classes = None
-        for i, line in enumerate(lines):
+        for line in lines:  # colour: the head; line style: the features
             points = [r for r in mine if (r["backbone"], r["mode"], r["head"]) == line]
             drawn = [r for r in points if r["shots"] != "all"]
             ks = np.array([r["shots"] for r in drawn], dtype=float)
             mean = 100 * np.array([r["mean_test_accuracy"] for r in drawn])
             std = 100 * np.array([r["std_test_accuracy"] for r in drawn])
-            color = plt.get_cmap("tab10")(i % 10)
-            label = f"{line[2]} on {line[0]} {line[1]}" if len({(a, b) for a, b, _ in lines}) > 1 \
-                else line[2]
-            ax.plot(ks, mean, "o-", color=color, label=label, ms=4)
-            ax.fill_between(ks, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+            color = plt.get_cmap("tab10")(heads.index(line[2]) % 10)
+            style = ("-", "--", ":", "-.")[features.index(line[:2]) % 4]
+            label = line[2] + (f" on {line[0]} {line[1]}" if len(features) > 1 else "")
+            ax.plot(ks, mean, marker="o", ls=style, color=color, label=label, ms=4)
+            ax.fill_between(ks, mean - std, mean + std, color=color, alpha=0.12, lw=0)
             for r in points:
                 if r["shots"] == "all" and drawn:
                     n_classes = n_classes or round(drawn[0]["mean_n_train"] / drawn[0]["shots"])
@@ -397,7 +399,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{dataset}: mean over seeded draws, band = one standard deviation", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right", ncol=2 if len(lines) > 6 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -719,3 +719,28 @@ def test_a_class_with_one_training_image_is_named_when_the_data_is_read(tmp_path
         load_dataset(f"folder:{tmp_path / 'd'}")
     [message] = caplog.messages
     assert "class(es) owl (1) have fewer than 2 training images" in message
+
+
+def test_files_read_and_checked_after_a_racy_scan_are_trusted_from_then_on(tmp_path, monkeypatch):
+    """Files copied just before the scan are "racy" (a change could share their timestamp
+    tick) and read again by the next scan, unless a later read checked their sha256 (what
+    every extraction does) and the scan index recorded it: then they are trusted."""
+    from pipeline import datasets
+
+    monkeypatch.setattr(datasets.ScanIndex, "RACY_NS", 300_000_000)  # 0.3 s instead of 2 s
+    spec, index = _tree(tmp_path / "d", age_s=0.1), tmp_path / "index"
+    read = _scanned(monkeypatch)
+    load_dataset(spec, scan_index=index)
+    again = load_dataset(spec, scan_index=index)
+    assert len(read) == 12 + 12  # racy: read again by the second scan (nothing recorded yet)
+    time.sleep(0.4)
+    for split in again.splits.values():  # as an extraction reads them, checking each sha256
+        split.load(np.arange(len(split)))
+    assert again.remember_checked() == 12
+    read.clear()
+    load_dataset(spec, scan_index=index)
+    assert read == []
+    path = tmp_path / "d" / "train" / "a" / "0.png"
+    _save(path, np.zeros((8, 8, 3), np.uint8))  # a real change after that is still seen
+    load_dataset(spec, scan_index=index)
+    assert read == ["0.png"]

@@ -762,3 +762,35 @@ def test_renamed_images_keep_their_features_and_get_their_new_names(tmp_path, ca
     with caplog.at_level("INFO", logger="pipeline.extraction"):
         extract_features(config)
     assert "row ids of" not in caplog.text  # nothing to update the second time
+
+
+def test_the_first_rerun_after_extracting_a_fresh_copy_reads_no_image_again(tmp_path, monkeypatch,
+                                                                           caplog):
+    """Copy, then extract, is what users do: the files are too new for the scan to trust by
+    their stat, but the extraction reads each one and checks its sha256; the scan index
+    records that, so the rerun is a no-op that reads nothing."""
+    from conftest import write_image_folder_split
+
+    from pipeline import datasets
+
+    monkeypatch.setattr(datasets.ScanIndex, "RACY_NS", 500_000_000)  # 0.5 s instead of 2 s
+    root = tmp_path / "photos"
+    write_image_folder_split(root / "train", 4, seed=1)
+    write_image_folder_split(root / "test", 2, seed=2)
+    just_now = time.time() - 0.2  # copied a moment before the scan: racy
+    for path in root.rglob("*.png"):
+        os.utime(path, (just_now, just_now))
+    config = ExtractionConfig(dataset=f"folder:{root}", backbone="mobilenet_v2", alpha=0.35,
+                              weights="none", image_size=32, cache_dir=str(tmp_path / "cache"))
+    from pipeline import extraction
+
+    start = extraction.start_model
+    monkeypatch.setattr(extraction, "start_model",  # as a real network's start-up takes seconds
+                        lambda *a, **k: (time.sleep(0.6), start(*a, **k))[1])
+    with caplog.at_level("INFO", logger="pipeline"):
+        extract_features(config)
+    assert "the scan index now trusts 18 image file(s)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline"):
+        assert extract_features(config).status == "up-to-date"
+    assert "scanned" not in caplog.text  # nothing read again
