@@ -11,8 +11,9 @@ CONFIG   ?= experiments/default.toml
 BENCH_ALPHA ?= 0.35  # bench-ray
 comma    := ,
 # On a CPU machine both CPU runtimes come with the install: `auto` runs ONNX Runtime for the
-# MobileNets and OpenVINO for the others (measured fastest here: docs/benchmarks.md).
-CPU_RUNTIMES := openvino$(comma)onnx
+# MobileNets and OpenVINO for the others (measured fastest here: docs/benchmarks.md); on
+# x86-64, oneDAL (the intel extra) too, for the exact RBF SVC.
+CPU_RUNTIMES := openvino$(comma)onnx$(if $(filter x86_64,$(shell uname -m)),$(comma)intel)
 EXTRAS   := $(if $(GPU),gpu,cpu$(comma)$(CPU_RUNTIMES)),dev$(if $(RAY)$(ENGINE),$(comma)ray)
 TEST_EXTRAS := $(if $(GPU),gpu,cpu$(comma)$(CPU_RUNTIMES)),dev,ray  # the tests cover Ray too
 

@@ -62,6 +62,7 @@ class ResultRecord:
     versions: dict = field(default_factory=dict)
     created: str = ""
     threads: int | None = None  # what the fit could use (--threads): not part of the answer
+    solver: str = ""  # what computed the head: "oneDAL" or "scikit-learn" (not part of the answer)
     shots: int | None = None  # a learning curve's point: training images per class drawn
     draw: int | None = None  # ... and which seeded draw of them (0, 1, ...)
     extra: dict = field(default_factory=dict)

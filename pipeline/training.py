@@ -30,6 +30,7 @@ from pipeline.heads import (
     load_features,
     load_fused_features,
     make_head,
+    solver,
 )
 from pipeline.reports import plot_confusion, plot_mistakes, result_title, write_mistakes
 from pipeline.results import (
@@ -313,7 +314,7 @@ def _record(model, scores: dict, files: list[FeatureFile], checksums: list[str],
             "width": sum(f["width"] for f in summaries)},
         versions={**files[0].attrs.get("provenance", {}).get("versions", {}),
                   "python": platform.python_version()},
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields)
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), solver=solver(model), **fields)
 
 
 @contextlib.contextmanager

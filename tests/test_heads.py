@@ -74,6 +74,7 @@ def test_standardisation_is_fitted_on_training_rows_only(tmp_path):
 
 def test_rbf_svm_switches_to_the_approximation_for_large_n_and_says_so(monkeypatch):
     monkeypatch.setattr(heads_module, "EXACT_RBF_LIMIT", 100)
+    monkeypatch.setattr(heads_module, "EXACT_RBF_LIMIT_ONEDAL", 100)
     head = make_head("rbf_svm", n_train=500)
     ran, _, note = head_ran("rbf_svm", n_train=500)
     assert ran == "rbf_svm_approx" and isinstance(head.estimator, heads_module.Pipeline)
@@ -412,3 +413,42 @@ def test_every_pooled_head_fits_its_fixed_setting_when_there_is_nothing_to_valid
     expected = {"rbf_svm_approx": ("svm__C", 1.0), "mlp": ("epochs", 200), "knn": ("k", 3)}
     key, value = expected.get(name, ("C", 1.0))
     assert chosen[key] == value, chosen
+
+
+def test_exact_rbf_svm_runs_on_onedal_where_installed_with_the_same_answers(blobs_file, caplog):
+    """scikit-learn-intelex (the ``intel`` extra) computes the exact RBF SVC; stock
+    scikit-learn gives the same predictions; without the extra the head says so once."""
+    from sklearn.base import clone
+    from sklearn.svm import SVC
+
+    pytest.importorskip("sklearnex", reason="the intel extra (make install adds it on x86-64)")
+    data = _data(blobs_file)
+    head = make_head("rbf_svm").fit(data.X_train, data.y_train)
+    assert heads_module.solver(head) == "oneDAL"
+    stock = clone(head).set_params(estimator=SVC(kernel="rbf", cache_size=1000))
+    stock.fit(data.X_train, data.y_train)
+    assert heads_module.solver(stock) == "scikit-learn"
+    assert np.mean(head.predict(data.X_test) == stock.predict(data.X_test)) >= 0.99
+    assert heads_module.exact_rbf_limit() == heads_module.EXACT_RBF_LIMIT_ONEDAL
+
+
+def test_without_onedal_the_rbf_svm_runs_on_scikit_learn_and_says_so_once(monkeypatch, caplog):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_sklearnex(name, *args, **kwargs):
+        if name.startswith("sklearnex"):
+            raise ImportError("No module named 'sklearnex'")
+        return real_import(name, *args, **kwargs)
+
+    heads_module.onedal_svc.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_sklearnex)
+    try:
+        with caplog.at_level("INFO", logger="pipeline.heads"):
+            first, second = make_head("rbf_svm"), make_head("rbf_svm")
+        assert heads_module.solver(first) == "scikit-learn" == heads_module.solver(second)
+        assert caplog.text.count("scikit-learn-intelex is not installed") == 1
+        assert heads_module.exact_rbf_limit() == heads_module.EXACT_RBF_LIMIT
+    finally:
+        heads_module.onedal_svc.cache_clear()
