@@ -606,10 +606,14 @@ def onedal_svc():
     scikit-learn's, measured 99.9-100% equal predictions), or None without it (said once)."""
     try:
         from sklearnex.svm import SVC as OneDALSVC
-    except ImportError:
+    except ModuleNotFoundError:
         log.info("scikit-learn-intelex is not installed: exact RBF SVC runs on stock "
                  "scikit-learn (slower; up to %s rows, then Nystroem); `make install` adds it "
                  "on x86-64", f"{EXACT_RBF_LIMIT:,}")
+        return None
+    except (ImportError, OSError) as exc:  # e.g. an older TBB already loaded by another library
+        log.warning("scikit-learn-intelex is installed but cannot be loaded (%s); exact RBF SVC "
+                    "runs on stock scikit-learn", str(exc).splitlines()[0][:160])
         return None
     return OneDALSVC
 

@@ -80,8 +80,20 @@ def _files_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def import_openvino():
+    """openvino, imported after oneDAL where the ``intel`` extra is installed. Both load Intel's
+    TBB into the process and whichever loads first serves both: OpenVINO's bundled copy is
+    older than what oneDAL needs (OpenVINO first: oneDAL's import fails with an undefined TBB
+    symbol), while OpenVINO runs on the newer one (its tests pass with oneDAL loaded first)."""
+    with contextlib.suppress(ImportError, OSError):
+        import daal4py  # noqa: F401  (its TBB, the newer, first)
+    import openvino
+
+    return openvino
+
+
 def _openvino_format():
-    import openvino as ov
+    ov = import_openvino()
 
     def save(model, folder: Path) -> None:
         ov.save_model(model, folder / "model.xml", compress_to_fp16=False)  # float32 weights
@@ -312,7 +324,7 @@ class OpenVINORunner:
     ``rows`` images at once (OpenVINO's THROUGHPUT hint gives each its own stream of cores)."""
 
     def __init__(self, model, requests: int = 2, threads: int | None = None, rows: int = 64):
-        import openvino as ov
+        ov = import_openvino()
 
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT"}
         if threads:

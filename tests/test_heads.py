@@ -439,7 +439,7 @@ def test_without_onedal_the_rbf_svm_runs_on_scikit_learn_and_says_so_once(monkey
 
     def no_sklearnex(name, *args, **kwargs):
         if name.startswith("sklearnex"):
-            raise ImportError("No module named 'sklearnex'")
+            raise ModuleNotFoundError("No module named 'sklearnex'")
         return real_import(name, *args, **kwargs)
 
     heads_module.onedal_svc.cache_clear()
@@ -452,3 +452,17 @@ def test_without_onedal_the_rbf_svm_runs_on_scikit_learn_and_says_so_once(monkey
         assert heads_module.exact_rbf_limit() == heads_module.EXACT_RBF_LIMIT
     finally:
         heads_module.onedal_svc.cache_clear()
+
+
+def test_onedal_still_loads_in_a_process_that_ran_openvino_first():
+    """OpenVINO and oneDAL both load Intel's TBB; OpenVINO's copy is older, so the runtimes
+    load oneDAL's first: a `make all` that extracts on OpenVINO then fits rbf_svm keeps oneDAL."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearnex", reason="the intel extra (make install adds it on x86-64)")
+    pytest.importorskip("openvino", reason="the openvino extra")
+    code = ("from pipeline import runtimes; runtimes.import_openvino().Core(); "
+            "from pipeline.heads import onedal_svc; print(onedal_svc())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "sklearnex" in out.stdout, out.stderr[-2000:]

@@ -22,10 +22,11 @@ from pipeline.store import FeatureFile
 # tf2onnx imports TensorFlow: conversions then run in this process (FeatureModel._converts_apart),
 # where the tests' monkeypatches reach them; tests of the converting child start fresh processes.
 if os.environ.get("CI"):  # CI installs the extras: these tests must run there
-    import openvino
+    openvino = runtimes.import_openvino()  # (as the pipeline does: after oneDAL's TBB)
     import tf2onnx
 else:
-    openvino = pytest.importorskip("openvino")
+    pytest.importorskip("openvino")
+    openvino = runtimes.import_openvino()
     tf2onnx = pytest.importorskip("tf2onnx")
     pytest.importorskip("onnxruntime")
 CONVERTED = ("openvino", "onnxruntime")
