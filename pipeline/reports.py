@@ -64,21 +64,15 @@ def write_mistakes(mistakes: list[dict], path: Path) -> None:
         writer.writerows(mistakes)
 
 
-def read_mistakes(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{**row, "row": int(row["row"]),
-                 "confidence": float(row["confidence"]) if row["confidence"] else None}
-                for row in csv.DictReader(f)]
-
-
-def worst_pairs(mistakes: list[dict], pairs: int = 6, per_pair: int = 6) -> list[tuple[tuple, list]]:
-    """The class pairs a head confuses most (true, predicted), each with its most confident
-    mistakes (``mistakes`` come most confident first)."""
+def worst_pairs(mistakes: list[dict], pairs: int = 6, per_pair: int = 6
+                ) -> list[tuple[tuple, int, list]]:
+    """The class pairs a head confuses most, (true, predicted), each with how many mistakes
+    it makes there and its most confident ones (``mistakes`` come most confident first)."""
     by_pair: dict[tuple, list] = {}
     for m in mistakes:
         by_pair.setdefault((m["true"], m["predicted"]), []).append(m)
     ranked = sorted(by_pair.items(), key=lambda item: (-len(item[1]), item[0]))[:pairs]
-    return [(pair, rows[:per_pair]) for pair, rows in ranked]
+    return [(pair, len(rows), rows[:per_pair]) for pair, rows in ranked]
 
 
 def plot_mistakes(mistakes: list[dict], source: str, title: str, path: Path, *,
@@ -94,7 +88,7 @@ def plot_mistakes(mistakes: list[dict], source: str, title: str, path: Path, *,
     if any(m["id"] in (None, "") for m in mistakes):
         return "the feature file has no row ids (extracted before rows named their images)"
     chosen = worst_pairs(mistakes, pairs, per_pair)
-    shown = [m for _, rows in chosen for m in rows]
+    shown = [m for _, _, rows in chosen for m in rows]
     try:
         images = original_images(source, "test", [m["id"] for m in shown])
     except PipelineError as exc:
@@ -105,8 +99,7 @@ def plot_mistakes(mistakes: list[dict], source: str, title: str, path: Path, *,
     plt = _pyplot()
     fig, axes = plt.subplots(len(chosen), per_pair, figsize=(1.5 * per_pair, 1.75 * len(chosen)),
                              squeeze=False)
-    for r, ((true, predicted), rows) in enumerate(chosen):
-        count = sum(1 for m in mistakes if (m["true"], m["predicted"]) == (true, predicted))
+    for r, ((true, predicted), count, rows) in enumerate(chosen):
         for c in range(per_pair):
             ax = axes[r, c]
             ax.set_xticks([])
@@ -571,8 +564,10 @@ def write_report(rows: list[dict], records: dict[Path, ResultRecord], results_di
         folder = results_dir / r["result"]
         mistakes = folder / "mistakes.csv"
         listed = ""
-        if mistakes.exists():
-            listed = f" ({len(read_mistakes(mistakes)):,} mistakes, in {r['result']}/mistakes.csv)"
+        if mistakes.exists():  # every off-diagonal count of the confusion matrix is a line there
+            matrix = np.asarray(records[folder].confusion_matrix)
+            listed = (f" ({int(matrix.sum() - np.trace(matrix)):,} mistakes, in "
+                      f"{r['result']}/mistakes.csv)")
         title = (f"{r['dataset']} · {r['backbone']} {r['mode']} + {r['head']}: "
                  f"{100 * r['test_accuracy']:.2f}%{listed}")
         sections.append(

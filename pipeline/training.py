@@ -23,6 +23,7 @@ from pipeline import results
 from pipeline.errors import PipelineError
 from pipeline.heads import (
     HEADS,
+    FeatureSet,
     check_params,
     check_threads,
     evaluate,
@@ -79,6 +80,22 @@ def result_identity(files: list[FeatureFile], checksums: list[str]) -> tuple[dic
     return parts, hashlib.sha256("".join(checksums).encode()).hexdigest()
 
 
+def _open_features(stack: contextlib.ExitStack, feature_path: Path | list[Path]
+                   ) -> tuple[list[FeatureFile], list[str], dict, str]:
+    """The feature file(s) ``feature_path`` names (several: a fusion), opened on ``stack``:
+    (files, their checksums, the result's key parts and checksum: ``result_identity``)."""
+    paths = [Path(feature_path)] if isinstance(feature_path, (str, Path)) else list(feature_path)
+    files = [stack.enter_context(FeatureFile(p)) for p in paths]
+    checksums = [ff.checksum() for ff in files]
+    return (files, checksums, *result_identity(files, checksums))
+
+
+def _load(files: list[FeatureFile], head: str, memory_budget_gb: float | None) -> FeatureSet:
+    if len(files) == 1:
+        return load_features(files[0], head, memory_budget_gb=memory_budget_gb)
+    return load_fused_features(files, head, memory_budget_gb=memory_budget_gb)
+
+
 def train_one(feature_path: Path | list[Path], head: str, params: dict | None = None, *,
               results_dir: str | Path = DEFAULT_RESULTS_DIR, memory_budget_gb: float | None = None,
               force: bool = False, threads: int | None = None) -> tuple[str, Path]:
@@ -89,11 +106,8 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
     check_params(head, params)
     threads = check_threads(threads)
     check_results_dir(results_dir)
-    paths = [Path(feature_path)] if isinstance(feature_path, (str, Path)) else list(feature_path)
     with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(FeatureFile(p)) for p in paths]
-        checksums = [ff.checksum() for ff in files]
-        parts, checksum = result_identity(files, checksums)
+        files, checksums, parts, checksum = _open_features(stack, feature_path)
         out = result_dir(results_dir, parts, head, params)
         legacy = legacy_result_dir(results_dir, files[0].key, head, params) \
             if len(files) == 1 else None
@@ -103,10 +117,7 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                 return "up-to-date", out
             for ff in files:  # the streaming head reads rows during fit and predict
                 stack.enter_context(reading(ff.path))
-            if len(files) == 1:
-                data = load_features(files[0], head, memory_budget_gb=memory_budget_gb)
-            else:
-                data = load_fused_features(files, head, memory_budget_gb=memory_budget_gb)
+            data = _load(files, head, memory_budget_gb)
             ran, _, note = head_ran(head, params, len(data.y_train))
             model = make_head(head, params, n_train=len(data.y_train))
             if note:
@@ -119,7 +130,7 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                 if few:
                     raise PipelineError(
                         f"{head}: class(es) {', '.join(few)} have a single training row in "
-                        f"{paths[0].name}; carving a validation split needs at least 2 per class: "
+                        f"{files[0].path.name}; carving a validation split needs at least 2 per class: "
                         "add images (or a val/ folder) and extract again")
             log.info("training %s on %s (%s train rows) ...", head_label(head, params),
                      " + ".join(ff.path.name for ff in files), f"{len(data.y_train):,}")
@@ -224,11 +235,8 @@ def train_curve(feature_path: Path | list[Path], head: str, params: dict | None 
     shots, tries, threads = check_shots(shots), check_tries(tries), check_threads(threads)
     check_results_dir(results_dir)
     done = []
-    paths = [Path(feature_path)] if isinstance(feature_path, (str, Path)) else list(feature_path)
     with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(FeatureFile(p)) for p in paths]
-        checksums = [ff.checksum() for ff in files]
-        parts, checksum = result_identity(files, checksums)
+        files, checksums, parts, checksum = _open_features(stack, feature_path)
         todo = []
         for k, t in curve_points(shots, tries):
             out = curve_point_dir(results_dir, parts, head, params, k, t)
@@ -237,9 +245,7 @@ def train_curve(feature_path: Path | list[Path], head: str, params: dict | None 
             else:
                 todo.append((k, t, out))
         if todo:
-            data = (load_features(files[0], head, memory_budget_gb=memory_budget_gb)
-                    if len(files) == 1 else
-                    load_fused_features(files, head, memory_budget_gb=memory_budget_gb))
+            data = _load(files, head, memory_budget_gb)
             pool = np.arange(len(data.y_train) - data.validation_rows)  # val/ rows: never drawn
         for k, t, out in todo:
             with results.locked(out):
@@ -250,14 +256,14 @@ def train_curve(feature_path: Path | list[Path], head: str, params: dict | None 
                 done.append(_fit_point(files, checksums, checksum, data, rows, head, params, k, t,
                                        tries, threads, out))
     if ALL in shots:
-        done.append(train_one(paths if len(paths) > 1 else paths[0], head, params,
+        done.append(train_one(feature_path, head, params,
                               results_dir=results_dir, memory_budget_gb=memory_budget_gb,
                               force=force, threads=threads))
     accuracy: dict = {}
     for _, out in done:
         record = ResultRecord.load(out)
         accuracy.setdefault(record.shots or ALL, []).append(100 * record.test_accuracy)
-    log.info("%s learning curve on %s: %s", head_label(head, params), paths[0].name, ", ".join(
+    log.info("%s learning curve on %s: %s", head_label(head, params), files[0].path.name, ", ".join(
         f"{k}{'-shot' if k != ALL else ''} {np.mean(a):.2f}%" + (f" ± {np.std(a, ddof=1):.2f}"
                                                                if len(a) > 1 else "")
         for k, a in accuracy.items()))
