@@ -97,8 +97,10 @@ def test_frozen_features_give_the_cached_rows_and_reuse_them(folder_features):
     assert frozen.get_feature_names_out()[:2].tolist() == ["mobilenet_v2_avg0", "mobilenet_v2_avg1"]
     kept = list((cache / ".rows").glob("*.npy"))
     assert len(kept) == 1
+    written = kept[0].stat().st_mtime_ns
     again = FrozenFeatures(cache_dir=str(cache), **TINY).fit(paths[:1]).transform(paths)
     assert np.array_equal(again, X) and list((cache / ".rows").glob("*.npy")) == kept
+    assert kept[0].stat().st_mtime_ns == written  # read back, not computed and written again
     from PIL import Image
 
     arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
@@ -224,10 +226,12 @@ def test_wrong_input_gets_one_line_pipeline_errors(call, message):
     assert "\n" not in str(info.value)
 
 
-def test_extraction_config_is_the_same_options_as_the_command_line():
+def test_extraction_config_is_exported_and_checks_its_options_in_one_line():
     config = ExtractionConfig(dataset="cifar10", **TINY)
     config.validate()
     assert config.input_size == 32
+    with pytest.raises(PipelineError, match="mode = 'median': use one of avg, max"):
+        ExtractionConfig(dataset="cifar10", mode="median").validate()
 
 
 @pytest.mark.slow

@@ -233,8 +233,11 @@ def test_a_learning_curve_is_incremental_and_reproducible(blobs_file, tmp_path, 
     again = training.train_curve(blobs_file, "knn", shots=[2, 4], tries=3, results_dir=tmp_path / "a")
     assert [s for s, _ in again].count("trained") == 2  # only the new draw of each k
     with caplog.at_level("INFO", logger="pipeline.training"):
-        training.train_curve(blobs_file, "knn", shots=[2, 4], tries=3, results_dir=tmp_path / "a")
-    assert "learning curve on" in caplog.text and "2-shot" in caplog.text and "trained" not in caplog.text
+        third = training.train_curve(blobs_file, "knn", shots=[2, 4], tries=3,
+                                     results_dir=tmp_path / "a")
+    assert [s for s, _ in third] == ["up-to-date"] * 6  # nothing fitted the third time
+    assert "learning curve on" in caplog.text and "2-shot" in caplog.text
+    assert "test accuracy" not in caplog.text  # (the line each fitted point logs)
     elsewhere = training.train_curve(blobs_file, "knn", shots=[2, 4], tries=2,
                                      results_dir=tmp_path / "b")
     assert [ResultRecord.load(o).test_accuracy for _, o in first] == \
