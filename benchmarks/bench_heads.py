@@ -1,82 +1,138 @@
-"""Head fit cost and accuracy on one cached feature file, and the logistic-regression
-sweep on 50,000 x 1,280 synthetic features. ``make bench-heads``; JSON beside this script."""
+"""Heads against the CNN pass they amortise: today's code against an older one, side by side.
+
+``make bench-heads``; JSON beside this script. One run: extract a dataset with one backbone
+(timed, a fresh process), then train every head on that file with this checkout and with
+``--old`` (a git ref, checked out in a temporary worktree), each head a fresh process timed
+with its peak RSS, old and new interleaved, on a quiet machine and with a competing
+single-threaded process on one core (a second job, as on a shared machine).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-import numpy as np
 from common import HERE, commit, machine, parser, run, write
 
 from pipeline.errors import PipelineError
 
+ROOT = HERE.parent
+HEADS = ("logreg", "linear_svm", "rbf_svm", "mlp", "sgd_linear", "knn")
+# The commit before the heads-speed work (#26): the code path the issue measured.
+OLD = "b4fd25e"
+COMPETITOR = ("import numpy as np; a = np.ones((1500, 1500)); [a @ a for _ in iter(int, 1)]")
 
-def bench_heads(out: str | None = None, features: str | None = None,
-                heads: tuple[str, ...] = ("logreg", "linear_svm", "rbf_svm", "mlp", "sgd_linear"),
-                min_rows: int = 20_000) -> dict:
-    """Fit seconds and accuracy per head on ``min_rows`` stratified training rows of one
-    feature file, plus the logistic-regression sweep on 50,000 x 1,280 synthetic features."""
-    from sklearn.datasets import make_classification
 
-    from pipeline.datasets import stratified_subset
-    from pipeline.heads import evaluate, load_features, make_head
-    from pipeline.store import DEFAULT_CACHE_DIR, FeatureFile, FeatureStore
+def _timed(cmd: list[str], code: Path, cwd: Path) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MiB of the process or its largest child, stderr tail)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
+        env = {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}
+        t0 = time.perf_counter()
+        done = subprocess.run(["/usr/bin/time", "-o", t.name, "-f", "%M", *cmd], cwd=cwd, env=env,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if done.returncode:
+            raise PipelineError(f"{' '.join(cmd[2:6])} failed ({code}): "
+                                f"{done.stderr.strip().splitlines()[-1:]}")
+        return wall, int(t.read().split()[-1]) / 1024, done.stderr[-400:]
 
-    if features is None:
-        candidates = []
-        for path in FeatureStore().complete_files():
-            with FeatureFile(path) as ff:
-                if ff.features("train").shape[0] >= min_rows:
-                    candidates.append(path)
-        if not candidates:
-            raise PipelineError(f"no feature file with {min_rows:,}+ training rows in {DEFAULT_CACHE_DIR}/; "
-                                "extract one (e.g. make features CONFIG=experiments/offline.toml) "
-                                "or pass --features FILE")
-        features = str(min(candidates, key=lambda p: p.stat().st_size))
-    report = {"what": "head fit cost", "features": features, "machine": machine(None),
-              "commit": commit(), "runs": []}
-    with FeatureFile(features) as ff:
-        for head in heads:
-            data = load_features(ff, head)
-            if head != "sgd_linear":  # the streaming head reads the whole file from disk
-                keep = stratified_subset(data.y_train, min_rows)
-                data.X_train, data.y_train = data.X_train[keep], data.y_train[keep]
-            model, note = make_head(head, n_train=len(data.y_train))
-            t0 = time.perf_counter()
-            model.fit(data.X_train, data.y_train)
-            fit = time.perf_counter() - t0
-            m = evaluate(model, data.X_test, data.y_test, data.classes)
-            row = {"head": head, "note": note, "n_train": len(data.y_train),
-                   "width": int(np.prod(data.X_train.shape[1:])), "fit_seconds": fit,
-                   "fits_in_sweep": len(getattr(model, "sweep_", [])) + 1,
-                   "test_accuracy": m["test_accuracy"], "best_params": model.best_params_}
-            print(f"bench heads: {head}: {fit:.1f} s, {100 * m['test_accuracy']:.2f}%", flush=True)
-            report["runs"].append(json.loads(json.dumps(row, default=float)))
-    X, y = make_classification(55_000, n_features=1280, n_informative=200, n_classes=10,
-                               random_state=0)
-    X = X.astype(np.float32)
-    model, _ = make_head("logreg")
-    t0 = time.perf_counter()
-    model.fit(X[:50_000], y[:50_000])
-    fit = time.perf_counter() - t0
-    report["logreg_sweep_50000x1280"] = {
-        "fit_seconds": fit, "fits": len(model.sweep_) + 1, "best_params": model.best_params_,
-        "test_accuracy": float(model.score(X[50_000:], y[50_000:])),
-        "data": "make_classification(55,000 x 1,280, 200 informative, 10 classes), 50,000 train"}
-    print(f"bench heads: logreg sweep on 50,000 x 1,280: {fit:.1f} s", flush=True)
+
+def _metrics(results: Path, head: str) -> dict:
+    [path] = results.glob(f"*/{head}/metrics.json")
+    m = json.loads(path.read_text())
+    return {k: m.get(k) for k in ("test_accuracy", "validation_accuracy", "fit_seconds",
+                                   "best_params", "solver", "note", "ran")}
+
+
+def bench_heads(out: str | None = None, dataset: str = "folder:../shared/data/cifar10",
+                backbone: str = "mobilenet", alpha: float = 0.25, old: str = OLD,
+                heads: tuple[str, ...] = HEADS, loaded_heads: tuple[str, ...] = ("logreg", "mlp"),
+                rounds: int = 1, loads: tuple[str, ...] = ("quiet", "loaded")) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench-heads-"))
+    cache, oldtree = work / "cache", work / "old"
+    dataset = dataset if not dataset.startswith("folder:") else \
+        "folder:" + str((ROOT / dataset.removeprefix("folder:")).resolve())
+    py = [sys.executable, "-m", "pipeline"]
+    report = {"what": "every head's wall time and peak RSS (fresh process each) against the "
+                      "extraction of the same file; this checkout ('new') against --old",
+              "dataset": dataset, "backbone": backbone, "alpha": alpha, "old": old,
+              "new": commit(), "machine": machine(None), "runs": []}
+    subprocess.run(["git", "worktree", "add", "--detach", str(oldtree), old], cwd=ROOT, check=True,
+                   capture_output=True)
+    try:
+        wall, rss, _ = _timed([*py, "extract", "--dataset", dataset, "--backbone", backbone,
+                               "--alpha", str(alpha), "--cache-dir", str(cache), "-q"], ROOT, work)
+        [feature_file] = cache.glob("*.h5")
+        report["extraction"] = {"wall_s": wall, "peak_rss_mib": rss, "file": feature_file.name}
+        print(f"bench heads: extraction {wall:.1f} s, {rss:.0f} MiB -> {feature_file.name}", flush=True)
+        for rnd in range(1, rounds + 1):
+            for load in loads:
+                competitor = subprocess.Popen(
+                    [sys.executable, "-c", COMPETITOR], start_new_session=True,
+                    env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}) \
+                    if load == "loaded" else None
+                try:
+                    for head in heads if load == "quiet" else loaded_heads:
+                        for code, tree in (("old", oldtree), ("new", ROOT)):
+                            if head == "knn" and code == "old":
+                                continue  # no such head before
+                            results = work / f"results-{code}-{rnd}-{load}-{head}"
+                            wall, rss, tail = _timed(
+                                [*py, "train", "--head", head, "--force", "--cache-dir", str(cache),
+                                 "--results-dir", str(results)], tree, work)
+                            row = {"round": rnd, "load": load, "code": code, "head": head,
+                                   "wall_s": wall, "peak_rss_mib": rss, **_metrics(results, head)}
+                            report["runs"].append(row)
+                            print(f"bench heads: round {rnd}, {load}, {code}, {head}: {wall:.1f} s, "
+                                  f"{rss:.0f} MiB, test {100 * row['test_accuracy']:.2f}%", flush=True)
+                finally:
+                    if competitor:
+                        os.killpg(competitor.pid, signal.SIGTERM)
+                        competitor.wait()
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(oldtree)], cwd=ROOT,
+                       capture_output=True)
+    report["summary"] = _summary(report)
+    print(json.dumps(report["summary"], indent=1), flush=True)
     write(report, out or HERE / "heads.json")
     return report
 
 
+def _summary(report: dict) -> dict:
+    """Best wall time per (load, code, head) over the rounds; the quiet sum of every head
+    against the extraction; each head's speed-up, new against old."""
+    best: dict = {}
+    for r in report["runs"]:
+        key = (r["load"], r["code"], r["head"])
+        best[key] = min(best.get(key, float("inf")), r["wall_s"])
+    new_quiet = {h: s for (load, code, h), s in best.items() if load == "quiet" and code == "new"}
+    extraction = report["extraction"]["wall_s"]
+    speedups = {f"{load}/{h}": best[(load, "old", h)] / s for (load, code, h), s in best.items()
+                if code == "new" and (load, "old", h) in best}
+    return {"extraction_s": extraction, "every_head_new_quiet_s": sum(new_quiet.values()),
+            "every_head_over_extraction": sum(new_quiet.values()) / extraction,
+            "speedup_old_over_new": speedups}
+
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
-    p.add_argument("--features", default=None,
-                   help="a feature file (default: the smallest in features_cache/ with 20,000+ rows)")
+    p.add_argument("--dataset", default="folder:../shared/data/cifar10", help="what to extract")
+    p.add_argument("--backbone", default="mobilenet", help="its backbone")
+    p.add_argument("--alpha", type=float, default=0.25, help="the backbone's width")
+    p.add_argument("--old", default=OLD, help="the git ref to compare with")
+    p.add_argument("--heads", default=",".join(HEADS), help="heads timed on a quiet machine")
+    p.add_argument("--loaded-heads", default="logreg,mlp", help="heads timed under load too")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds")
     args = p.parse_args(argv)
-    return run(bench_heads, out=args.out, features=args.features)
+    return run(bench_heads, out=args.out, dataset=args.dataset, backbone=args.backbone,
+               alpha=args.alpha, old=args.old, heads=tuple(args.heads.split(",")),
+               loaded_heads=tuple(args.loaded_heads.split(",")), rounds=args.rounds)
 
 
 if __name__ == "__main__":

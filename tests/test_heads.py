@@ -74,7 +74,7 @@ def test_standardisation_is_fitted_on_training_rows_only(tmp_path):
 
 def test_rbf_svm_switches_to_the_approximation_for_large_n_and_says_so(monkeypatch):
     monkeypatch.setattr(heads_module, "EXACT_RBF_LIMIT", 100)
-    monkeypatch.setattr(heads_module, "EXACT_RBF_LIMIT_ONEDAL", 100)
+    monkeypatch.setattr(heads_module, "EXACT_RBF_LIMIT_ACCELERATED", 100)
     head = make_head("rbf_svm", n_train=500)
     ran, _, note = head_ran("rbf_svm", n_train=500)
     assert ran == "rbf_svm_approx" and isinstance(head.estimator, heads_module.Pipeline)
@@ -238,13 +238,60 @@ def test_parameters_are_checked_against_their_declared_ranges(name, params, mess
     assert message in str(info.value)
 
 
-def test_linear_svm_takes_the_dual_solver_below_c_1e_2_and_the_primal_above(blobs_file):
-    head = make_head("linear_svm")
-    assert all(g["dual"] == (g["C"] < 1e-2) for g in head.grid) and len(head.grid) == 6
-    data = _data(blobs_file)
-    head.fit(data.X_train, data.y_train)
-    assert all(row["dual"] == (row["C"] < 1e-2) for row in head.sweep_)
-    assert head.model_.named_steps["clf"].dual == (head.best_params_["C"] < 1e-2)
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_linear_svm_solves_linearsvcs_problem(n_classes):
+    """The same squared-hinge one-vs-rest problem as liblinear's (bias regularised too):
+    the same coefficients to solver tolerance and the same predictions."""
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(0)
+    y = np.arange(600) % n_classes
+    X = (rng.normal(size=(600, 8)) + 1.5 * np.eye(8)[y]).astype(np.float32)
+    mine = heads_module.SquaredHingeSVM(C=0.1, tol=1e-7).fit(X, y)
+    theirs = LinearSVC(C=0.1, dual=False, tol=1e-9, max_iter=10_000).fit(X, y)
+    assert mine.coef_.shape == theirs.coef_.shape and mine.intercept_.shape == theirs.intercept_.shape
+    assert np.allclose(mine.coef_, theirs.coef_, atol=1e-3)
+    assert np.allclose(mine.intercept_, theirs.intercept_, atol=1e-3)
+    X_new = rng.normal(size=(400, 8)).astype(np.float32)
+    assert np.array_equal(mine.predict(X_new), theirs.predict(X_new))
+    warm = heads_module.SquaredHingeSVM(C=0.01, tol=1e-7, warm_start=True).fit(X, y)
+    warm.set_params(C=0.1).fit(X, y)  # from the C = 0.01 solution: the same answer
+    assert np.allclose(warm.coef_, mine.coef_, atol=1e-3)
+
+
+def test_the_linear_svm_at_its_iteration_cap_says_so():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 5)), np.arange(200) % 3
+    with pytest.warns(heads_module.ConvergenceWarning, match="max_iter=2"):
+        heads_module.SquaredHingeSVM(C=10.0, max_iter=2).fit(X, y)
+
+
+class _WarmPeakedAtMilliC(_PeakedAtMilliC):
+    """The same peak, warm-startable: records which object each fit ran on."""
+
+    fits: list = []
+
+    def __init__(self, C: float = 1.0, warm_start: bool = False):
+        self.C = C
+        self.warm_start = warm_start
+
+    def fit(self, X, y):
+        type(self).fits.append((id(self), self.C, self.warm_start))
+        return super().fit(X, y)
+
+
+def test_a_warm_startable_sweep_is_one_chain_up_the_grid_that_stops_past_the_peak():
+    y = np.arange(400) % 2
+    X = np.c_[2.0 * y - 1, np.zeros(400)]
+    _WarmPeakedAtMilliC.fits = []
+    head = SweepClassifier(_WarmPeakedAtMilliC(), grid=heads_module._log_grid("C", -5, 2),
+                           refine="C", n_jobs=2).fit(X, y)
+    assert [r["C"] for r in head.sweep_][:4] == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])
+    assert [c["C"] for c in head.skipped_] == pytest.approx([0.1, 1.0, 10.0, 100.0])
+    assert head.best_params_["C"] == pytest.approx(1e-3)
+    chain = _WarmPeakedAtMilliC.fits[:4]  # in this process, one model warm-started up the grid
+    assert len({fit[0] for fit in chain}) == 1 and all(fit[2] for fit in chain)
+    assert [fit[1] for fit in chain] == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])
 
 
 def test_l2_normalisation_and_pca_are_steps_fitted_with_the_head(blobs_file):
@@ -429,7 +476,7 @@ def test_exact_rbf_svm_runs_on_onedal_where_installed_with_the_same_answers(blob
     stock.fit(data.X_train, data.y_train)
     assert heads_module.solver(stock) == "scikit-learn"
     assert np.mean(head.predict(data.X_test) == stock.predict(data.X_test)) >= 0.99
-    assert heads_module.exact_rbf_limit() == heads_module.EXACT_RBF_LIMIT_ONEDAL
+    assert heads_module.exact_rbf_limit() == heads_module.EXACT_RBF_LIMIT_ACCELERATED
 
 
 def test_without_onedal_the_rbf_svm_runs_on_scikit_learn_and_says_so_once(monkeypatch, caplog):
@@ -466,3 +513,71 @@ def test_onedal_still_loads_in_a_process_that_ran_openvino_first():
             "from pipeline.heads import onedal_svc; print(onedal_svc())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "sklearnex" in out.stdout, out.stderr[-2000:]
+
+
+def test_sgd_linear_trains_its_alphas_together_as_each_would_alone():
+    """One pass over the rows per epoch serves every alpha: the same epochs and validation
+    scores as fitting each alpha by itself, and the same model whatever its threads."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 300)  # sorted by class, as a folder's rows are
+    X = (rng.normal(size=(900, 6)) + 1.2 * np.eye(6)[y]).astype(np.float32)
+    together = StreamingLinear(max_epochs=12, patience=3).fit(X, y)
+    for row in together.sweep_:
+        alone = StreamingLinear(alpha=row["alpha"], max_epochs=12, patience=3).fit(X, y)
+        assert alone.sweep_ == [row]
+    threaded = StreamingLinear(max_epochs=12, patience=3, n_jobs=2).fit(X, y)
+    assert np.array_equal(threaded.model_.coef_, together.model_.coef_)
+    assert threaded.sweep_ == together.sweep_
+
+
+class _FakeCumlSVC(heads_module.SVC):
+    """Stands for cuML's SVC where no GPU is lent: only its module name differs."""
+
+
+_FakeCumlSVC.__module__ = "cuml.svm"
+
+
+def test_rbf_svm_runs_on_cuml_first_where_it_sees_a_gpu(monkeypatch, blobs_file):
+    monkeypatch.setattr(heads_module, "cuml_svc", lambda: _FakeCumlSVC)
+    data = _data(blobs_file)
+    head = make_head("rbf_svm").fit(data.X_train, data.y_train)
+    assert isinstance(head.model_.named_steps["clf"], _FakeCumlSVC)
+    assert heads_module.solver(head) == "cuML"
+    assert heads_module.exact_rbf_limit() == heads_module.EXACT_RBF_LIMIT_ACCELERATED
+
+
+def test_rbf_svm_on_cuml_gives_scikit_learns_answers(blobs_file):
+    """On an NVIDIA GPU with cuML installed (skipped elsewhere: no GPU in CI)."""
+    from sklearn.base import clone
+    from sklearn.svm import SVC
+
+    pytest.importorskip("cuml", reason="cuML (RAPIDS) is not installed")
+    if heads_module.cuml_svc() is None:
+        pytest.skip("cuML sees no GPU")
+    data = _data(blobs_file)
+    head = make_head("rbf_svm").fit(data.X_train, data.y_train)
+    assert heads_module.solver(head) == "cuML"
+    stock = clone(head).set_params(estimator=SVC(kernel="rbf", cache_size=1000))
+    stock.fit(data.X_train, data.y_train)
+    assert np.mean(head.predict(data.X_test) == stock.predict(data.X_test)) >= 0.99
+
+
+def test_knn_answers_the_same_rows_twice_from_one_neighbour_search(monkeypatch):
+    from pipeline.heads import WeightedKNN
+
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 3
+    X = rng.normal(size=(300, 5)) + 3 * np.eye(5)[y]
+    head = WeightedKNN(k=10).fit(X, y)
+    searches = []
+    real = head._neighbours
+    monkeypatch.setattr(head, "_neighbours", lambda *a: searches.append(1) or real(*a))
+    queries = rng.normal(size=(50, 5))
+    first = head.predict_proba(queries)
+    assert np.array_equal(head.predict(queries), first.argmax(1)) and len(searches) == 1
+    other = queries[::-1].copy()
+    assert np.allclose(head.predict_proba(other), first[::-1]) and len(searches) == 2
+    head.fit(X[:150], y[:150])  # a new fit forgets the old answers
+    searches.clear()
+    head.predict_proba(other)
+    assert len(searches) == 1
