@@ -53,7 +53,9 @@ def _metrics(results: Path, head: str) -> dict:
 def bench_heads(out: str | None = None, dataset: str = "folder:../shared/data/cifar10",
                 backbone: str = "mobilenet", alpha: float = 0.25, old: str = OLD,
                 heads: tuple[str, ...] = HEADS, loaded_heads: tuple[str, ...] = ("logreg", "mlp"),
-                rounds: int = 1, loads: tuple[str, ...] = ("quiet", "loaded")) -> dict:
+                old_heads: tuple[str, ...] | None = None, rounds: int = 1,
+                loads: tuple[str, ...] = ("quiet", "loaded")) -> dict:
+    old_heads = heads if old_heads is None else old_heads
     work = Path(tempfile.mkdtemp(prefix="bench-heads-"))
     cache, oldtree = work / "cache", work / "old"
     dataset = dataset if not dataset.startswith("folder:") else \
@@ -72,7 +74,7 @@ def bench_heads(out: str | None = None, dataset: str = "folder:../shared/data/ci
         report["extraction"] = {"wall_s": wall, "peak_rss_mib": rss, "file": feature_file.name}
         print(f"bench heads: extraction {wall:.1f} s, {rss:.0f} MiB -> {feature_file.name}", flush=True)
         for rnd in range(1, rounds + 1):
-            for load in loads:
+            for load in [load for load in loads if load == "quiet" or loaded_heads]:
                 competitor = subprocess.Popen(
                     [sys.executable, "-c", COMPETITOR], start_new_session=True,
                     env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}) \
@@ -80,8 +82,8 @@ def bench_heads(out: str | None = None, dataset: str = "folder:../shared/data/ci
                 try:
                     for head in heads if load == "quiet" else loaded_heads:
                         for code, tree in (("old", oldtree), ("new", ROOT)):
-                            if head == "knn" and code == "old":
-                                continue  # no such head before
+                            if code == "old" and (head not in old_heads or head == "knn"):
+                                continue  # not asked for, or no such head before
                             results = work / f"results-{code}-{rnd}-{load}-{head}"
                             wall, rss, tail = _timed(
                                 [*py, "train", "--head", head, "--force", "--cache-dir", str(cache),
@@ -128,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old", default=OLD, help="the git ref to compare with")
     p.add_argument("--heads", default=",".join(HEADS), help="heads timed on a quiet machine")
     p.add_argument("--loaded-heads", default="logreg,mlp", help="heads timed under load too")
+    p.add_argument("--old-heads", default=None,
+                   help="heads also timed on --old (default: all; '' for none)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds")
     args = p.parse_args(argv)
     return run(bench_heads, out=args.out, dataset=args.dataset, backbone=args.backbone,
                alpha=args.alpha, old=args.old, heads=tuple(args.heads.split(",")),
-               loaded_heads=tuple(args.loaded_heads.split(",")), rounds=args.rounds)
+               loaded_heads=tuple(h for h in args.loaded_heads.split(",") if h),
+               old_heads=None if args.old_heads is None else
+               tuple(h for h in args.old_heads.split(",") if h), rounds=args.rounds)
 
 
 if __name__ == "__main__":

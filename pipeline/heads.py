@@ -500,9 +500,16 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
         alphas = [self.alpha] if self.alpha is not None else list(self.ALPHAS)
         models = {alpha: self._sgd(alpha) for alpha in alphas}
         order = np.random.default_rng(self.random_state)
+        t0, epochs_run = time.perf_counter(), [0]
+
+        def sweep_epoch(running: list) -> None:
+            epoch([models[a] for a in running], order)
+            epochs_run[0] += 1
+            log.info("  sgd_linear: epoch %d for alpha %s, %.0f s", epochs_run[0],
+                     ", ".join(f"{a:g}" for a in running), time.perf_counter() - t0)
+
         fitted = _fit_together(
-            models, lambda running: epoch([models[a] for a in running], order),
-            lambda alpha: float(accuracy_score(yv, models[alpha].predict(Xv))),
+            models, sweep_epoch, lambda alpha: float(accuracy_score(yv, models[alpha].predict(Xv))),
             self.max_epochs, self.patience)
         self.sweep_ = []
         best = None

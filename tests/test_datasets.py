@@ -427,7 +427,10 @@ def test_a_damaged_scan_index_is_rebuilt_never_trusted(tmp_path, monkeypatch, ca
     spec, index = _tree(tmp_path / "d"), tmp_path / ".scan"
     truth = load_dataset(spec, scan_index=index).fingerprint
     [path] = index.iterdir()
-    path.write_text(path.read_text().replace('"0.png"', '"0.png "', 1).replace("a", "b", 3))
+    data = bytearray(path.read_bytes())
+    at = data.index(b"0.png")  # a name in the names column: the file still opens
+    data[at:at + 5] = b"0.pnG"
+    path.write_bytes(bytes(data))
     read = _scanned(monkeypatch)
     with caplog.at_level("WARNING", logger="pipeline"):
         assert load_dataset(spec, scan_index=index).fingerprint == truth
@@ -435,6 +438,35 @@ def test_a_damaged_scan_index_is_rebuilt_never_trusted(tmp_path, monkeypatch, ca
     read.clear()
     load_dataset(spec, scan_index=index)
     assert read == []  # rewritten whole and sound
+
+
+def test_the_scan_index_gives_back_every_entry_as_written(tmp_path):
+    from pipeline.datasets import ScanIndex
+
+    names = ["train/a/0.png", "train/ü/ß é.jpg", "odd\nname.png", os.fsdecode(b"raw\xff.png")]
+    entries = {name: [100 + i, 10**18 + i, 2**63 + i, 5 + i, (bytes([i]) * 32).hex(),
+                      [3 * i, 4 * i], "broken" if i == 2 else "", i % 2 == 1, 7 * i]
+               for i, name in enumerate(names)}
+    index = ScanIndex(tmp_path, tmp_path / "root")
+    index.new, index.changed = {k: list(v) for k, v in entries.items()}, True
+    index.save()
+    (tmp_path / f"{index.path.stem}.json").write_text("{}")  # version 2's: removed on save
+    index.save()
+    again = ScanIndex(tmp_path, tmp_path / "root")
+    assert {name: again.old.get(name) for name in names} == entries
+    assert sorted(again.old.keys()) == sorted(names) and again.old.get("missing") is None
+    assert [p.suffix for p in tmp_path.iterdir() if p.is_file()] == [".npz"]
+
+
+def test_a_truncated_scan_index_is_rebuilt(tmp_path, monkeypatch, caplog):
+    spec, index = _tree(tmp_path / "d"), tmp_path / ".scan"
+    truth = load_dataset(spec, scan_index=index).fingerprint
+    [path] = index.iterdir()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    read = _scanned(monkeypatch)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        assert load_dataset(spec, scan_index=index).fingerprint == truth
+    assert len(read) == 12 and "is damaged" in caplog.text
 
 
 def test_decode_failures_are_remembered_too(tmp_path, monkeypatch):
