@@ -92,14 +92,22 @@ bench-conversions: install   # every registered backbone on each CPU runtime (ab
 	$(PY) benchmarks/bench_conversions.py --modes max,layers,bottleneck,spatial \
 		--backbone $(MODES_BACKBONES) --out benchmarks/conversions-modes.json
 
+# Every head against the extraction of its file, this checkout against the code before the
+# heads-speed work (quiet and under load); then Fashion-MNIST and the 1,280-wide MobileNetV2
+# 0.35 file (about 50 minutes in all; ../shared/data/cifar10, Debian's Fashion-MNIST).
 bench-heads: install
-	$(PY) benchmarks/bench_heads.py --out benchmarks/heads.json
+	$(PY) benchmarks/bench_heads.py --rounds 2 --out benchmarks/heads.json
+	$(PY) benchmarks/bench_heads.py --dataset idx:/usr/share/datasets/fashion-mnist \
+		--old-heads logreg,linear_svm,mlp,sgd_linear --loaded-heads "" --out benchmarks/heads-fashion-mnist.json
+	$(PY) benchmarks/bench_heads.py --backbone mobilenet_v2 --alpha 0.35 --old-heads "" \
+		--loaded-heads "" --out benchmarks/heads-1280.json
 
 bench-ray: install-test   # one process vs a local Ray instance with 2 workers, N = 2,000
 	$(PY) benchmarks/bench_ray.py --alpha $(BENCH_ALPHA) --out benchmarks/ray.json
 
-bench-cache: install   # ../shared/data/cifar10 (52,000 images): scans, no-op reruns, filter costs
+bench-cache: install   # ../shared/data/cifar10 (52,000 images): scans, no-op reruns, filter costs; the scan index at 1.28M entries
 	$(PY) benchmarks/bench_cache.py --out benchmarks/cache.json
+	$(PY) benchmarks/scan_index_scale.py --out benchmarks/scan_index_scale.json
 
 lint: install
 	$(PY) -m ruff check pipeline tests benchmarks

@@ -54,7 +54,7 @@ def bench_heads(out: str | None = None, dataset: str = "folder:../shared/data/ci
                 backbone: str = "mobilenet", alpha: float = 0.25, old: str = OLD,
                 heads: tuple[str, ...] = HEADS, loaded_heads: tuple[str, ...] = ("logreg", "mlp"),
                 old_heads: tuple[str, ...] | None = None, rounds: int = 1,
-                loads: tuple[str, ...] = ("quiet", "loaded")) -> dict:
+                loads: tuple[str, ...] = ("quiet", "loaded"), together: bool = True) -> dict:
     old_heads = heads if old_heads is None else old_heads
     work = Path(tempfile.mkdtemp(prefix="bench-heads-"))
     cache, oldtree = work / "cache", work / "old"
@@ -93,6 +93,16 @@ def bench_heads(out: str | None = None, dataset: str = "folder:../shared/data/ci
                             report["runs"].append(row)
                             print(f"bench heads: round {rnd}, {load}, {code}, {head}: {wall:.1f} s, "
                                   f"{rss:.0f} MiB, test {100 * row['test_accuracy']:.2f}%", flush=True)
+                    if load == "quiet" and together:  # what `make heads` runs: one process
+                        results = work / f"results-together-{rnd}"
+                        wall, rss, _ = _timed([*py, "train", *[a for h in heads for a in ("--head", h)],
+                                               "--force", "--cache-dir", str(cache),
+                                               "--results-dir", str(results)], ROOT, work)
+                        report["runs"].append({"round": rnd, "load": load, "code": "new",
+                                               "head": "all, one process", "wall_s": wall,
+                                               "peak_rss_mib": rss, "heads": list(heads)})
+                        print(f"bench heads: round {rnd}, every head in one process: {wall:.1f} s",
+                              flush=True)
                 finally:
                     if competitor:
                         os.killpg(competitor.pid, signal.SIGTERM)
@@ -113,13 +123,40 @@ def _summary(report: dict) -> dict:
     for r in report["runs"]:
         key = (r["load"], r["code"], r["head"])
         best[key] = min(best.get(key, float("inf")), r["wall_s"])
-    new_quiet = {h: s for (load, code, h), s in best.items() if load == "quiet" and code == "new"}
+    new_quiet = {h: s for (load, code, h), s in best.items()
+                 if load == "quiet" and code == "new" and h != "all, one process"}
     extraction = report["extraction"]["wall_s"]
+    together = best.get(("quiet", "new", "all, one process"))
     speedups = {f"{load}/{h}": best[(load, "old", h)] / s for (load, code, h), s in best.items()
                 if code == "new" and (load, "old", h) in best}
     return {"extraction_s": extraction, "every_head_new_quiet_s": sum(new_quiet.values()),
             "every_head_over_extraction": sum(new_quiet.values()) / extraction,
+            "every_head_one_process_s": together,
+            "every_head_one_process_over_extraction": together and together / extraction,
             "speedup_old_over_new": speedups}
+
+
+def table(report: dict) -> str:
+    """The report as the markdown table docs/benchmarks.md shows: best wall time over the
+    rounds per (load, head, code), peak RSS and test accuracy beside it."""
+    rows: dict = {}
+    for r in report["runs"]:
+        key = (r["load"], r["head"], r["code"])
+        if key not in rows or r["wall_s"] < rows[key]["wall_s"]:
+            rows[key] = r
+    lines = ["| load | head | old s | new s | old / new | old peak RSS MiB | new peak RSS MiB "
+             "| old test | new test |", "|---|---|---|---|---|---|---|---|---|"]
+    for load, head in dict.fromkeys((k[0], k[1]) for k in rows):
+        old, new = rows.get((load, head, "old")), rows.get((load, head, "new"))
+
+        def cell(r, field, fmt):
+            return fmt.format(r[field]) if r and r.get(field) is not None else "-"
+        ratio = f"{old['wall_s'] / new['wall_s']:.1f}x" if old and new else "-"
+        lines.append(f"| {load} | {head} | {cell(old, 'wall_s', '{:.1f}')} | "
+                     f"{cell(new, 'wall_s', '{:.1f}')} | {ratio} | "
+                     f"{cell(old, 'peak_rss_mib', '{:,.0f}')} | {cell(new, 'peak_rss_mib', '{:,.0f}')} | "
+                     f"{cell(old, 'test_accuracy', '{:.2%}')} | {cell(new, 'test_accuracy', '{:.2%}')} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,12 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old-heads", default=None,
                    help="heads also timed on --old (default: all; '' for none)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds")
+    p.add_argument("--table", default=None, metavar="JSON",
+                   help="print an earlier run's JSON as a markdown table, run nothing")
+    p.add_argument("--apart-only", action="store_true",
+                   help="skip the run of every head in one train process")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     return run(bench_heads, out=args.out, dataset=args.dataset, backbone=args.backbone,
                alpha=args.alpha, old=args.old, heads=tuple(args.heads.split(",")),
                loaded_heads=tuple(h for h in args.loaded_heads.split(",") if h),
                old_heads=None if args.old_heads is None else
-               tuple(h for h in args.old_heads.split(",") if h), rounds=args.rounds)
+               tuple(h for h in args.old_heads.split(",") if h), rounds=args.rounds,
+               together=not args.apart_only)
 
 
 if __name__ == "__main__":

@@ -226,11 +226,11 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
         n_jobs = self.n_jobs or min(4, os.cpu_count() or 1)
         tried: dict[str, float] = {}
 
-        # Warm-startable estimators (logistic regression) go up the grid as one chain, each
-        # fit starting from the last (a cold start at a high C cost more iterations than the
-        # whole chain below it, and settings warm-started past the peak barely move), in this
-        # process with every thread, and stop once past the validation peak. The others (SVMs,
-        # whose cost climbs steeply with C) go up the grid n_jobs settings at a time in
+        # Warm-startable estimators (logreg, linear_svm) go up the grid as one chain in this
+        # process, each fit starting from the last (a second chain starting cold at a high C
+        # cost more iterations than the whole chain below it, and settings warm-started past
+        # the peak barely move), and stop once past the validation peak. The others (kernel
+        # SVMs, whose cost climbs steeply with C) go up the grid n_jobs settings at a time in
         # parallel and stop once past the peak.
         warm = "warm_start" in self.estimator_.get_params()
 
@@ -295,12 +295,19 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
 
 
 class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
-    """One hidden layer (100 units, as in the course material), stopped on our validation split."""
+    """One hidden layer (100 units, as in the course material), stopped on our validation split.
+
+    Trained on ``fit_threads`` BLAS threads (default one): its products are small (a batch of
+    256 rows), and a BLAS thread pool that meets another process on the cores collapses on
+    them. Measured on the 45,000 x 256 CIFAR-10 file with a single-threaded job on one of
+    the 2 cores: the whole head 53.2 s with two threads (`benchmarks/heads.json`, round 1);
+    on a quiet machine one thread and two were within a second (`benchmarks/threads_heads.txt`)."""
 
     def __init__(self, hidden: int = 100, alpha: float = 1e-4, learning_rate: float = 1e-3,
                  batch_size: int = 256, max_epochs: int = 200, patience: int = 10,
                  normalize: str = "none", pca: int = 0, validation_fraction: float = 0.1,
-                 random_state: int = 0, validation_rows: int = 0):
+                 random_state: int = 0, validation_rows: int = 0, fit_threads: int | None = 1):
+        self.fit_threads = fit_threads
         self.validation_rows = validation_rows
         self.hidden = hidden
         self.alpha = alpha
@@ -314,7 +321,11 @@ class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X, y):
-        X, y = _arrays(X, y)
+        with threadpool_limits(limits=self.fit_threads) if self.fit_threads else \
+                contextlib.nullcontext():
+            return self._fit(*_arrays(X, y))
+
+    def _fit(self, X, y):
         if _no_validation(self):  # no early stopping: max_epochs epochs on every row
             fit_idx = val_idx = np.arange(len(y))
         else:

@@ -581,3 +581,24 @@ def test_knn_answers_the_same_rows_twice_from_one_neighbour_search(monkeypatch):
     searches.clear()
     head.predict_proba(other)
     assert len(searches) == 1
+
+
+def test_the_mlp_trains_on_one_blas_thread_whatever_the_process_allows(monkeypatch):
+    """Small products on a thread pool collapse when another process shares the cores."""
+    from sklearn.neural_network import MLPClassifier
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen = []
+    real = MLPClassifier.partial_fit
+
+    def partial_fit(self, *args, **kwargs):
+        seen.append({p["num_threads"] for p in threadpool_info()})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MLPClassifier, "partial_fit", partial_fit)
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 3
+    X = rng.normal(size=(300, 5)) + 3 * np.eye(5)[y]
+    with threadpool_limits(limits=2):
+        make_head("mlp", {"max_epochs": 3}).fit(X, y)
+    assert seen and all(threads == {1} for threads in seen)

@@ -1,6 +1,7 @@
 """Runtimes: OpenVINO and ONNX Runtime run the very graph TensorFlow runs, to float32 rounding,
 converted once and kept; what they cannot take runs on TensorFlow with one line saying so."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,11 +25,12 @@ from pipeline.store import FeatureFile
 if os.environ.get("CI"):  # CI installs the extras: these tests must run there
     openvino = runtimes.import_openvino()  # (as the pipeline does: after oneDAL's TBB)
     import tf2onnx
-else:
-    pytest.importorskip("openvino")
+else:  # looked up, not imported: importing OpenVINO before oneDAL breaks oneDAL's import
+    for name in ("openvino", "tf2onnx", "onnxruntime"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed", allow_module_level=True)
     openvino = runtimes.import_openvino()
-    tf2onnx = pytest.importorskip("tf2onnx")
-    pytest.importorskip("onnxruntime")
+    import tf2onnx
 CONVERTED = ("openvino", "onnxruntime")
 
 # Float32 on both sides; the engines sum in different orders. Features here range to about 6.
