@@ -696,8 +696,8 @@ def _relative_name(root: Path, path: Path) -> str:
 
 class _Entries:
     """A scan index's entries as columns (one numpy array per field), each read back as the
-    entry list ``ScanIndex`` works with only when asked for: 1.28M entries load in a
-    fraction of a second, where the same as JSON took seconds (``benchmarks/scan_index_scale.py``)."""
+    entry list ``ScanIndex`` works with only when asked for: 1.28M entries load in 0.78 s,
+    where the same as JSON took 10.3 s (``benchmarks/scan_index_scale.py``)."""
 
     def __init__(self, columns: dict, errors: dict[int, str]):
         blob = columns["names"].tobytes()
@@ -753,9 +753,8 @@ class ScanIndex:
     ctime_ns) -> sha256, header size, decode error. A rerun stats each file and reads only
     those whose stat changed, as git's index does. A file modified within ``RACY_NS`` of
     the scan that recorded it is read again (its change could share a timestamp tick with the
-    recording). Written whole (temporary file, rename) as columns (an uncompressed ``.npz``:
-    loads in a fraction of a second at 1.28M files) with a checksum of its own: a damaged
-    index is rebuilt, never trusted.
+    recording). Written whole (temporary file, rename) as columns (an uncompressed ``.npz``)
+    with a checksum of its own: a damaged index is rebuilt, never trusted.
     """
 
     VERSION = 3  # 2: records whether an EXIF tag turns the image; 3: columns, not JSON
@@ -800,6 +799,9 @@ class ScanIndex:
                 raise ValueError("names and entries differ in number")
             return entries
         except FileNotFoundError:
+            if self.path.with_suffix(".json").exists():
+                log.info("scan index %s is from an earlier version of this program (JSON); "
+                         "scanning the folder again, once", self.path.with_suffix(".json"))
             return {}
         except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises: rebuild it
             log.warning("scan index %s is damaged (%s); scanning the folder again",

@@ -469,6 +469,19 @@ def test_a_truncated_scan_index_is_rebuilt(tmp_path, monkeypatch, caplog):
     assert len(read) == 12 and "is damaged" in caplog.text
 
 
+def test_an_index_of_the_json_version_is_replaced_after_one_full_scan(tmp_path, monkeypatch, caplog):
+    spec, index = _tree(tmp_path / "d"), tmp_path / ".scan"
+    load_dataset(spec, scan_index=index)
+    [path] = index.iterdir()
+    path.unlink()
+    path.with_suffix(".json").write_text('{"version": 2}')  # what an earlier release wrote
+    read = _scanned(monkeypatch)
+    with caplog.at_level("INFO", logger="pipeline"):
+        load_dataset(spec, scan_index=index)
+    assert len(read) == 12 and "earlier version of this program (JSON)" in caplog.text
+    assert [p.suffix for p in index.iterdir()] == [".npz"]
+
+
 def test_decode_failures_are_remembered_too(tmp_path, monkeypatch):
     spec, index = _tree(tmp_path / "d"), tmp_path / ".scan"
     broken = tmp_path / "d" / "train" / "a" / "broken.png"
