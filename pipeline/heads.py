@@ -138,6 +138,11 @@ def _fit_together(models: dict, run_epoch, score, max_epochs: int, patience: int
     return {name: (*best[name], history[name]) for name in models}
 
 
+def _blas_threads(threads: int | None):
+    """BLAS/OpenMP capped at ``threads`` for a head's own fits (None: as the process allows)."""
+    return threadpool_limits(limits=threads) if threads else contextlib.nullcontext()
+
+
 def _fit_converged(model, X, y) -> bool:
     """Fit; False if the solver stopped at its iteration cap (recorded, not hidden)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -198,8 +203,7 @@ class SweepClassifier(ClassifierMixin, BaseEstimator):
 
     def _fit(self, model, X, y) -> bool:
         """``_fit_converged`` with BLAS/OpenMP capped at ``fit_threads`` where given."""
-        with threadpool_limits(limits=self.fit_threads) if self.fit_threads else \
-                contextlib.nullcontext():
+        with _blas_threads(self.fit_threads):
             return _fit_converged(model, X, y)
 
     def fit(self, X, y):
@@ -321,8 +325,7 @@ class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X, y):
-        with threadpool_limits(limits=self.fit_threads) if self.fit_threads else \
-                contextlib.nullcontext():
+        with _blas_threads(self.fit_threads):
             return self._fit(*_arrays(X, y))
 
     def _fit(self, X, y):
