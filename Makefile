@@ -8,7 +8,6 @@ PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 CONFIG   ?= experiments/default.toml
-BENCH_ALPHA ?= 0.35  # bench-ray
 comma    := ,
 # On a CPU machine both CPU runtimes come with the install: `auto` runs ONNX Runtime for the
 # MobileNets and OpenVINO for the others (measured fastest here: docs/benchmarks.md); on
@@ -102,8 +101,8 @@ bench-heads: install
 	$(PY) benchmarks/bench_heads.py --backbone mobilenet_v2 --alpha 0.35 --old-heads "" \
 		--loaded-heads "" --out benchmarks/heads-1280.json
 
-bench-ray: install-test   # one process vs a local Ray instance with 2 workers, N = 2,000
-	$(PY) benchmarks/bench_ray.py --alpha $(BENCH_ALPHA) --out benchmarks/ray.json
+bench-ray: install-test   # one process vs Ray on the same cores: N = 8,000 and ../shared/data/cifar10, MobileNet 0.25 and V2 0.35, shard cost, two nodes, heads
+	$(PY) benchmarks/bench_ray.py --out benchmarks/ray.json
 
 bench-cache: install   # ../shared/data/cifar10 (52,000 images): scans, no-op reruns, filter costs; the scan index at 1.28M entries
 	$(PY) benchmarks/bench_cache.py --out benchmarks/cache.json

@@ -1,61 +1,140 @@
-"""The same extraction in one process and on a local Ray instance, side by side, each in a
-fresh process. ``make bench-ray``; JSON beside this script."""
+"""One process against Ray on the same cores, side by side, each run in a fresh process:
+extraction (N images and the 52,000-image folder, per backbone), Ray's per-shard cost, a
+two-node cluster on this machine, and a grid of heads. ``make bench-ray``; JSON beside this
+script."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import HERE, commit, machine, parser, run, run_worker, sample_images, sizes, write
+from common import (
+    HERE,
+    SHARED_CIFAR,
+    commit,
+    machine,
+    parser,
+    run,
+    run_worker,
+    sample_images,
+    sizes,
+    worker_result,
+    write,
+)
+
+BACKBONES = {"mobilenet": 0.25, "mobilenet_v2": 0.35}  # the weights ../shared holds
+HEADS = ["logreg", "linear_svm", "rbf_svm", "mlp", "sgd_linear", "knn"]  # the pooled defaults
+FOLDER = SHARED_CIFAR.parent / "cifar10"
 
 
-def bench_ray(out: str | None = None, n: int = 2000, backbone: str = "mobilenet_v2",
-              alpha: float | None = None, workers: int = 2, shards: int = 8,
-              batch_size: int = 64, size: int = 224) -> dict:
-    """The same extraction in one process and on a local Ray instance with ``workers``
-    single-threaded actors, side by side in one run (each in a fresh worker process)."""
+def _pair(label: str, data: str, backbone: str, cpus: int, tmp: str, batch_size: int,
+          size: int) -> dict:
+    """The same extraction in one process and on a local Ray instance of ``cpus`` CPUs, one
+    right after the other, each into a cache of its own."""
+    runs = {}
+    for method, name in (("ours", "one process"), (f"ray:{cpus}:0", "ray")):
+        print(f"bench ray: {label}, {backbone}, {name} ...", flush=True)
+        r = run_worker(method, data, backbone, BACKBONES[backbone], batch_size, size,
+                       str(Path(tmp, f"{label}-{backbone}-{name.replace(' ', '-')}")))
+        print(f"  {r['images_per_second']:.1f} img/s end to end, "
+              f"{r['in_loop_images_per_second']:.1f} img/s in the loop", flush=True)
+        runs[name] = r
+    one, ray = runs["one process"], runs["ray"]
+    return {"images": label, "backbone": backbone, "alpha": BACKBONES[backbone], "runs": runs,
+            "ratio_end_to_end": ray["images_per_second"] / one["images_per_second"],
+            "ratio_in_loop": ray["in_loop_images_per_second"] / one["in_loop_images_per_second"]}
+
+
+def _shard_cost(npz: str, backbone: str, cpus: int, counts: tuple[int, int], tmp: str,
+                batch_size: int, size: int) -> dict:
+    """Ray's cost per shard: the same extraction cut into few and into many shards."""
+    runs = {}
+    for shards in counts:
+        print(f"bench ray: {shards} shards per split ...", flush=True)
+        runs[shards] = run_worker(f"ray:{cpus}:{shards}", npz, backbone, BACKBONES[backbone],
+                                  batch_size, size, str(Path(tmp, f"shards-{shards}")))
+    few, many = (runs[c] for c in counts)
+    extra = many["engine"]["shards_this_run"] - few["engine"]["shards_this_run"]
+    return {"backbone": backbone, "runs": {str(c): r for c, r in runs.items()},
+            "seconds_per_shard": (many["extract_seconds"] - few["extract_seconds"]) / extra
+                                 if extra else None,  # too few images to cut finer
+            "rows_per_shard": {str(c): r["rows"] / r["engine"]["shards_this_run"]
+                               for c, r in runs.items()}}
+
+
+def _heads(features: str, heads: list[str], cpus: int, tmp: str) -> dict:
+    """Every head on one feature file, one after another in one process and as Ray tasks."""
+    runs = {}
+    for method in ("one process", "ray"):
+        print(f"bench ray: heads, {method} ...", flush=True)
+        args = {"worker": "heads", "method": method, "features": features, "heads": heads,
+                "threads": cpus, "results": str(Path(tmp, f"results-{method.replace(' ', '-')}"))}
+        runs[method] = worker_result(args, f"heads ({method})")
+        print(f"  {runs[method]['seconds']:.1f} s", flush=True)
+    return {"heads": heads, "features": Path(features).name, "runs": runs,
+            "ratio": runs["one process"]["seconds"] / runs["ray"]["seconds"]}
+
+
+def bench_ray(out: str | None = None, n: int = 8000, folder: Path | None = FOLDER,
+              backbones: list[str] = tuple(BACKBONES), heads: list[str] = tuple(HEADS),
+              shard_counts: tuple[int, int] = (4, 40), batch_size: int = 64,
+              size: int = 224) -> dict:
+    """Per node, Ray against one process on the same cores (a local instance of
+    ``os.cpu_count()`` CPUs): ``n`` tiled CIFAR-10-mini images and ``folder`` (when there),
+    for each backbone; the cost per shard; a two-node cluster sharing the cores; the heads."""
     import tensorflow as tf
 
+    cpus = os.cpu_count() or 1
     x, y, source = sample_images(n)
-    report = {"what": f"extraction: one process vs Ray with {workers} workers (local instance)",
-              "backbone": backbone, "alpha": alpha, "image_size": size, "batch_size": batch_size,
-              "n": n, "shards_per_split": shards, "images": source,
-              "weights": "none (same compute as imagenet)", "machine": machine(tf), "runs": [],
-              "commit": commit(),
+    report = {"what": f"one process against Ray on the same {cpus} cores (per node)",
+              "image_size": size, "batch_size": batch_size, "runtime": "auto",
+              "weights": "none (the same compute as imagenet)", "machine": machine(tf),
+              "commit": commit(), "extraction": [],
+              "in_loop": "wall_seconds of the extraction: actors (or the model) already started",
+              "end_to_end": "the fresh process's whole run: Ray's start, the folder scan, the "
+                            "conversion, the publish step",
               "peak_rss_mib": "the driver process only: Ray's raylet and workers are not counted"}
     with tempfile.TemporaryDirectory() as tmp:
         npz = str(Path(tmp) / "bench.npz")
-        np.savez(npz, x_train=x[: n // 2], y_train=y[: n // 2], x_test=x[n // 2:], y_test=y[n // 2:])
-        for method in ("ours", f"ray:{workers}:{shards}"):
-            print(f"bench ray: {method}, N={n} ...", flush=True)
-            r = run_worker(method, npz, backbone, alpha, batch_size, size,
-                            str(Path(tmp, method.split(":")[0])))
-            r["method"] = "one process" if method == "ours" else f"ray, {workers} workers"
-            r["extract_images_per_second"] = r["rows"] / r["extract_seconds"]
-            print(f"  {r['images_per_second']:.1f} img/s end to end, "
-                  f"{r['extract_images_per_second']:.1f} img/s extracting", flush=True)
-            report["runs"].append(r)
-    one, on_ray = report["runs"]
-    report["summary"] = {
-        "speedup_end_to_end": on_ray["images_per_second"] / one["images_per_second"],
-        "speedup_extracting": on_ray["extract_images_per_second"] / one["extract_images_per_second"],
-        "note": "end to end includes starting Ray, its actors and the finalize step",
-    }
+        np.savez(npz, x_train=x[0::2], y_train=y[0::2], x_test=x[1::2], y_test=y[1::2])  # all classes
+        data = [(f"{n} ({source})", npz)]
+        if folder is not None and folder.is_dir():
+            data.append((f"{folder.name} folder", f"folder:{folder}"))
+        for label, spec in data:
+            for backbone in backbones:
+                report["extraction"].append(_pair(label, spec, backbone, cpus, tmp, batch_size, size))
+        report["shard_cost"] = _shard_cost(npz, backbones[0], cpus, shard_counts, tmp,
+                                           batch_size, size)
+        print("bench ray: two-node cluster ...", flush=True)
+        cluster = run_worker("cluster:2:0", npz, backbones[0], BACKBONES[backbones[0]],
+                             batch_size, size, str(Path(tmp, "cluster")))
+        report["two_node_cluster"] = {"backbone": backbones[0], "nodes": 2,
+                                      "cpus_per_node": max(1, cpus // 2), **cluster}
+        on_folder = [p for p in report["extraction"] if "folder" in p["images"]] or report["extraction"]
+        features = on_folder[0]["runs"]["one process"]["path"]
+        report["heads"] = _heads(features, list(heads), cpus, tmp)
     write(report, out or HERE / "ray.json")
     return report
-
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--sizes", default=None, help="images (the first of a comma-separated list)")
-    p.add_argument("--backbone", default="mobilenet_v2", help="the backbone")
-    p.add_argument("--alpha", type=float, default=None, help="its MobileNet width")
+    p.add_argument("--backbones", default=",".join(BACKBONES), help="of: " + ", ".join(BACKBONES))
+    p.add_argument("--folder", default=str(FOLDER), help="an image folder ('' for none)")
+    p.add_argument("--heads", default=",".join(HEADS), help="heads trained both ways")
     args = p.parse_args(argv)
-    return run(lambda: bench_ray(out=args.out, n=sizes(args.sizes, [2000])[0],
-                                 backbone=args.backbone, alpha=args.alpha))
+    backbones = [b for b in args.backbones.split(",") if b]
+    if not backbones or set(backbones) - set(BACKBONES):
+        print(f"error: --backbones {args.backbones!r}: use some of {', '.join(BACKBONES)}",
+              file=sys.stderr)
+        return 2
+    return run(lambda: bench_ray(out=args.out, n=sizes(args.sizes, [8000])[0],
+                                 folder=Path(args.folder) if args.folder else None,
+                                 backbones=backbones, heads=args.heads.split(",")))
 
 
 if __name__ == "__main__":

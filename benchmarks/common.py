@@ -60,14 +60,21 @@ def worker_command(args: dict) -> list[str]:
     return [sys.executable, str(HERE / "workers.py"), json.dumps(args)]
 
 
+def worker_result(args: dict, label: str) -> dict:
+    """The JSON a fresh worker process prints after ``RESULT``; its failure in one line (the
+    last line it wrote to stderr)."""
+    proc = subprocess.run(worker_command(args), capture_output=True, text=True)
+    if proc.returncode != 0 or "RESULT" not in proc.stdout:
+        said = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+        raise PipelineError(f"benchmark worker {label} failed (status {proc.returncode}): {said}")
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
 def run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, size: int,
                 cache: str) -> dict:
     args = dict(method=method, npz=npz, backbone=backbone, alpha=alpha, batch_size=batch_size,
                 size=size, cache=cache)
-    proc = subprocess.run(worker_command(args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    if proc.returncode != 0 or "RESULT" not in proc.stdout:
-        raise PipelineError(f"benchmark worker {method} failed (status {proc.returncode})")
-    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    result = worker_result(args, method)
     result["images_per_second"] = result["rows"] / result["seconds"]
     if "extract_seconds" in result:
         result["in_loop_images_per_second"] = result["rows"] / result["extract_seconds"]

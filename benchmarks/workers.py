@@ -1,6 +1,6 @@
 """Measured runs, each in a fresh process (``common.worker_command``): ``python workers.py
-JSON`` runs the worker the JSON names (``extract``, the default, or ``conversion``) and prints
-``RESULT`` and its JSON (a conversion prints each ``PART`` as it finishes)."""
+JSON`` runs the worker the JSON names (``extract``, the default, ``conversion`` or ``heads``)
+and prints ``RESULT`` and its JSON (a conversion prints each ``PART`` as it finishes)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
             size: int, cache: str) -> dict:
     """One measured run: ``naive``, ``ours:RUNTIME`` (the extract command's code path; with
     ``:kept``, on the graph an earlier run converted into ``cache``), ``raw:RUNTIME`` (the
-    same converted graph fed from memory in a tight loop) or ``ray:WORKERS:SHARDS``."""
-    data = np.load(npz)
-    x = data["x_train"]
+    same converted graph fed from memory in a tight loop), ``ray:CPUS:SHARDS`` (a local Ray
+    instance of CPUS; SHARDS per split, 0: the engine's default) or ``cluster:NODES:SHARDS``
+    (a ``ray.cluster_utils.Cluster`` of NODES nodes sharing this machine's cores). ``npz``: an
+    .npz file, or a dataset spec (``folder:PATH``) for ``ours`` and Ray."""
+    dataset = npz if npz.startswith(("folder:", "npz:")) else f"npz:{npz}"
     t0 = time.perf_counter()
     result: dict = {}
     if method == "naive":
@@ -28,6 +30,7 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
 
         from pipeline.backbones import build_backbone, preprocess_input
 
+        x = np.load(npz)["x_train"]
         model = build_backbone(backbone, weights="none", alpha=alpha, input_size=size)
         pooled = keras.Sequential([model, keras.layers.GlobalAveragePooling2D()])
         big = tf.image.resize(x.astype(np.float32), (size, size)).numpy()  # all of it, in RAM
@@ -37,10 +40,11 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
         from pipeline.extraction import ExtractionConfig, FeatureModel, extract_features
 
         runtime = method.split(":")[1] if method.startswith(("ours:", "raw:")) else "auto"
-        config = ExtractionConfig(dataset=f"npz:{npz}", backbone=backbone, alpha=alpha,
+        config = ExtractionConfig(dataset=dataset, backbone=backbone, alpha=alpha,
                                   weights="none", image_size=size, batch_size=batch_size,
                                   cache_dir=cache, compression="none", runtime=runtime)
         if method.startswith("raw:"):
+            x = np.load(npz)["x_train"]
             model = FeatureModel(config, x.shape[1:])
             model.use_runtime(runtime, Path(cache) / "model", backbone)
             batches = [x[lo:lo + batch_size] for lo in range(0, len(x), batch_size)]
@@ -48,19 +52,67 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
             rows = sum(len(f) for f in model.map(batches))
             result["extract_seconds"] = time.perf_counter() - t1
         else:
-            if method.startswith("ray:"):  # ray:WORKERS:SHARDS
-                from pipeline.engine import RayEngine
-
-                workers, shards = (int(v) for v in method.split(":")[1:])
-                with RayEngine(num_cpus=workers, shards=shards) as engine:
-                    done = engine.extract(config)
+            if method.startswith(("ray:", "cluster:")):
+                done = _on_ray(method, config)
+                result["engine"] = done.info["engine"]
             else:
                 done = extract_features(config)
             rows = sum(done.info["dataset_splits"].values())
-            result.update(extract_seconds=done.info["wall_seconds"], runtime=done.info["runtime"])
+            result.update(extract_seconds=done.info["wall_seconds"], runtime=done.info["runtime"],
+                          path=str(done.path))
         result["tensorflow_imported"] = "tensorflow" in sys.modules
     return {"rows": int(rows), "seconds": time.perf_counter() - t0, **result,
             "peak_rss_mib": peak_rss_mib(), "children_peak_rss_mib": children_peak_rss_mib()}
+
+
+def _on_ray(method: str, config):
+    """The extraction on a local Ray instance (``ray:CPUS:SHARDS``) or on a cluster of
+    several nodes on this machine (``cluster:NODES:SHARDS``)."""
+    import os
+
+    from pipeline.engine import RayEngine
+
+    kind, count, shards = method.split(":")
+    shards = int(shards) or None
+    if kind == "ray":
+        with RayEngine(num_cpus=int(count), shards=shards) as engine:
+            return engine.extract(config)
+    from ray.cluster_utils import Cluster
+
+    cpus = max(1, (os.cpu_count() or 1) // int(count))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus,
+                                                            "include_dashboard": False})
+    try:
+        for _ in range(int(count) - 1):
+            cluster.add_node(num_cpus=cpus)
+        cluster.wait_for_nodes()
+        with RayEngine(address=cluster.address, shards=shards) as engine:
+            return engine.extract(config)
+    finally:
+        cluster.shutdown()
+
+
+def _heads_worker(method: str, features: str, heads: list[str], threads: int, results: str) -> dict:
+    """Every head in ``heads`` on one feature file: one after another in this process
+    (``one process``), or as tasks on a local Ray instance of ``threads`` CPUs (``ray``)."""
+    from pipeline.training import train_one
+
+    calls = [{"feature_path": features, "head": h, "results_dir": results, "threads": threads}
+             for h in heads]
+    t0 = time.perf_counter()
+    if method == "ray":
+        from pipeline.engine import RayEngine
+
+        with RayEngine(num_cpus=threads) as engine:
+            engine.map(train_one, calls)
+    else:
+        for call in calls:
+            train_one(**call)
+    metrics = {p.parent.name.split("-")[0]: json.loads(p.read_text())
+               for p in Path(results).glob("*/*/metrics.json")}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(),
+            "test_accuracy": {h: m["test_accuracy"] for h, m in sorted(metrics.items())},
+            "fit_seconds": {h: m.get("fit_seconds") for h, m in sorted(metrics.items())}}
 
 
 def _conversion_worker(backbone: str, npz: str, cache: str, converted: list[str],
@@ -148,7 +200,8 @@ def _part(name: str, row: dict) -> None:
 def _worker_main() -> None:
     """A worker process's entry: the worker's name and its arguments as JSON in argv[1]."""
     args = json.loads(sys.argv[1])
-    worker = {"extract": _worker, "conversion": _conversion_worker}[args.pop("worker", "extract")]
+    workers = {"extract": _worker, "conversion": _conversion_worker, "heads": _heads_worker}
+    worker = workers[args.pop("worker", "extract")]
     print("RESULT", json.dumps(worker(**args)))
 
 

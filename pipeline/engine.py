@@ -1,9 +1,10 @@
 """Scale-out on Ray: sharded extraction on a pool of backbone actors, head fits as Ray tasks.
 
 Only ``--engine ray`` imports this module (and so Ray). Extraction is ``extract_features``'
-one flow with a ``RayRunner`` as the place the shards run: actors, one per GPU (or per CPU
-slot without GPUs), each build the backbone once and write one HDF5 shard per task, the same
-shard files a single process writes. The flow then publishes one logical feature file: a
+one flow with a ``RayRunner`` as the place the shards run: actors, one per GPU (or, without
+GPUs, one per node using all its cores as one process does), each load the graph the driver
+converted once and write one HDF5 shard per task, the same shard files a single process
+writes. The flow then publishes one logical feature file: a
 virtual dataset over the shards (``--layout vds``) or a merged copy. Shards are written whole
 or not at all, so a lost worker or a killed driver costs only the unfinished shards, and a
 rerun does only those.
@@ -11,7 +12,8 @@ rerun does only those.
 Every node must see the cache and results folders, and image folders, at the same paths (a
 shared filesystem). Actors get the driver's dataset through Ray's object store (arrays, or
 image paths with their sha256, nothing scanned twice) and check each image file against its
-sha256 as they read it, so a node that sees other bytes stops with a clear error.
+sha256 as they read it, so a node that sees other bytes stops with a clear error. Head fits
+are tasks of a node's cores each, run as one process runs them there.
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ from pipeline.extraction import (
     Progress,
     extract_features,
     extract_shards,
+    feature_row_bytes,
     fit_projection,
+    keep_converted,
+    rows_of_8_mib,
     start_model,
     worker_provenance,
 )
 from pipeline.options import ExtractionConfig
+from pipeline.runtimes import cpu_cores
 from pipeline.store import LAYOUTS, ShardSet
 
 log = logging.getLogger(__name__)
@@ -53,16 +59,24 @@ def _absolute(config: ExtractionConfig) -> ExtractionConfig:
 
 @ray.remote
 class ShardExtractor:
-    """Holds one backbone (built once) and the dataset; extracts shard after shard."""
+    """Holds one backbone (built once), the dataset and its provenance; extracts shard after
+    shard. Sized to its node (``RayEngine.slots``): it runs as one process runs there."""
 
     def __init__(self, config: ExtractionConfig, dataset: Dataset, threads: int,
                  decode_threads: int = 2):
         self.config = config
         self.dataset = dataset  # the driver's: arrays, or image paths with their sha256
-        # the driver's runtime, on a fair share of the node, started as in one process
+        # the driver's runtime (its graph converted once, by the driver), started as in one process
         self.model, self.runtime = start_model(config, dataset.splits["train"].image_shape,
                                                config.runtime, threads=threads or None)
         self.decode_threads = decode_threads
+        self.provenance = worker_provenance(config, self.runtime)  # once per actor, not per shard
+
+    def ready(self) -> str:
+        return self.runtime
+
+    def row_bytes(self, projection) -> int:
+        return feature_row_bytes(self.model, self.dataset, projection)
 
     def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:
         return fit_projection(self.model, self.dataset, self.config)
@@ -71,13 +85,12 @@ class ShardExtractor:
                 projection, compression: str) -> dict:
         t0 = time.monotonic()
         self.model.projection = projection
-        provenance = worker_provenance(self.config, self.runtime)
         extract_shards(self.model, ShardSet(Path(shards_path)), self.dataset.splits,
                        [(split, start, stop)], batch_size=self.config.batch_size, key=key,
-                       provenance=provenance, compression=compression,
+                       provenance=self.provenance, compression=compression,
                        decode_threads=self.decode_threads)
         return {"split": split, "rows": stop - start, "seconds": time.monotonic() - t0,
-                "host": provenance["host"]}
+                "host": self.provenance["host"]}
 
 
 def _run_shards(new_actor, actors: list, todo: list[tuple[str, int, int]], shards: ShardSet,
@@ -128,9 +141,9 @@ def _run_shards(new_actor, actors: list, todo: list[tuple[str, int, int]], shard
 class _ActorFactory:
     """Starts one more ``ShardExtractor`` like the others, and says whether one would fit."""
 
-    def __init__(self, args, gpus: float):
-        self.args, self.gpus = args, gpus  # args: made on the first start (the object store put)
-        self.options = ShardExtractor.options(num_cpus=1, num_gpus=gpus)
+    def __init__(self, args, cpus: int, gpus: float):
+        self.args, self.cpus, self.gpus = args, cpus, gpus  # args: made on the first start
+        self.options = ShardExtractor.options(num_cpus=cpus, num_gpus=gpus)
 
     def __call__(self):
         if callable(self.args):
@@ -139,49 +152,70 @@ class _ActorFactory:
 
     def has_room(self) -> bool:
         free = ray.available_resources()
-        return free.get("CPU", 0) >= 1 and free.get("GPU", 0) >= self.gpus
+        return free.get("CPU", 0) >= self.cpus and free.get("GPU", 0) >= self.gpus
 
 
 class RayRunner:
-    """Extraction on a pool of ``ShardExtractor`` actors (an ``extract.Runner``):
-    actors start when there is work, each builds the backbone once and writes whole shards."""
+    """Extraction on a pool of ``ShardExtractor`` actors (an ``extract.Runner``): the graph
+    converted once by the driver into the cache folder, then every actor started, each
+    building (or loading) its backbone once and writing whole shards."""
 
     name = "ray"
 
     def __init__(self, engine: RayEngine):
         self.engine, self.layout = engine, engine.layout
         self.actors: list = []
+        self._row_bytes = None
 
     def start(self, config: ExtractionConfig, dataset: Dataset, runtime: str) -> None:
+        t0 = time.monotonic()
+        self.wanted, cpus, gpus, threads, decode_threads = self.engine.slots()
+        if not gpus:  # CPU workers run what this driver would choose: converted here, once
+            runtime = keep_converted(config, dataset.splits["train"].image_shape, runtime)
         self.config, self.dataset = replace(config, runtime=runtime), dataset
-        self.wanted, gpus, threads, decode_threads = self.engine.slots()
-        # The driver's dataset goes to the actors through the object store, once (when there
-        # is work): nothing is scanned again, each image file is checked against its sha256.
+        # The driver's dataset goes to the actors through the object store, once: nothing is
+        # scanned again, each image file is checked against its sha256.
         self.new_actor = _ActorFactory(
-            lambda: (self.config, ray.put(dataset), threads, decode_threads), gpus)
-
-    def _actors(self, n: int) -> list:
-        while len(self.actors) < n:
-            self.actors.append(self.new_actor())
-        return self.actors
+            lambda: (self.config, ray.put(dataset), threads, decode_threads), cpus, gpus)
+        self.actors = [self.new_actor() for _ in range(self.wanted)]
+        try:  # bad options fail here, before any work, as in one process
+            for actor in self.actors:
+                _get(actor.ready.remote())
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - t0
+        log.info("%d actor(s) of %d CPU(s)%s ready in %.1f s", self.wanted, cpus,
+                 f" and {gpus:g} GPU" * bool(gpus), self.start_seconds)
 
     def fit_bottleneck(self) -> tuple[np.ndarray, np.ndarray]:
-        return _get(self._actors(1)[0].fit_bottleneck.remote())
+        return _get(self.actors[0].fit_bottleneck.remote())
 
     def shard_rows(self, n: int, projection) -> int:
-        """About four shards per actor (or ``--shards`` in all) per split: work stays balanced."""
-        return -(-n // (self.engine.shards or 4 * self.wanted))
+        """``--shards`` in all per split (or ``shard_rows`` each); else up to four per actor
+        (work stays balanced), of at least 8 MiB of features as in one process (where their
+        own costs vanish), but never fewer shards than actors."""
+        if self.engine.shards:
+            return -(-n // self.engine.shards)
+        if self.config.shard_rows:
+            return self.config.shard_rows
+        if self._row_bytes is None:
+            self._row_bytes = _get(self.actors[0].row_bytes.remote(projection))
+        floor = rows_of_8_mib(self._row_bytes, self.config.batch_size)
+        return max(-(-n // (4 * self.wanted)), min(floor, -(-n // self.wanted)))
 
     def run(self, todo: list[tuple[str, int, int]], shards: ShardSet, key: str, projection,
             progress: Progress) -> dict:
-        actors, self.actors = self._actors(max(1, min(self.wanted, len(todo)))), []
+        actors, self.actors = self.actors, []
         log.info("%d shard(s) on %d actor(s)", len(todo), len(actors))
         compression = self.config.file_compression() if self.layout == "vds" else "none"
         stats, redone = _run_shards(self.new_actor, actors, todo, shards, key, projection,
                                     compression, progress)  # which stops the actors in the end
         return {"ray": ray.__version__, "address": self.engine.address or "local",
-                "actors": len(actors), "gpus_per_actor": self.new_actor.gpus,
-                "shards_redone": redone, "hosts": sorted({s["host"] for s in stats})}
+                "actors": len(actors), "cpus_per_actor": self.new_actor.cpus,
+                "gpus_per_actor": self.new_actor.gpus, "shards_redone": redone,
+                "actors_start_seconds": round(self.start_seconds, 3),
+                "hosts": sorted({s["host"] for s in stats})}
 
     def stop(self) -> None:
         for actor in self.actors:
@@ -219,13 +253,17 @@ class RayEngine:
         if self._started:
             ray.shutdown()
 
-    def slots(self) -> tuple[int, float, int, int]:
-        """(actors, GPUs per actor, TensorFlow threads, decode threads per actor): one actor per
-        GPU, decoding with the CPU cores that come with its GPU; else one single-threaded actor
-        per CPU."""
+    def slots(self) -> tuple[int, int, float, int, int]:
+        """(actors, CPUs and GPUs per actor, TensorFlow threads, decode threads per actor).
+        With GPUs: one actor per GPU, decoding with the CPU cores that come with it. Without:
+        one actor per node, holding and using all its cores as one process does there (on
+        unequal nodes, actors of the smallest node's size, so a big node runs several)."""
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), max(int(resources.get("CPU", 1)), 1)
-        return (gpus, 1.0, 0, max(2, cpus // gpus)) if gpus else (cpus, 0.0, 1, 2)
+        if gpus:
+            return gpus, 1, 1.0, 0, max(2, cpus // gpus)
+        per_node = node_cpus()
+        return sum(c // per_node for c in _alive_cpus()), per_node, 0.0, per_node, 2
 
     # extraction -----------------------------------------------------------------------
     def extract(self, config: ExtractionConfig, *, rebuild: bool = False,
@@ -244,23 +282,36 @@ class RayEngine:
 
     # head fits and anything else ------------------------------------------------------
     def map(self, fn, calls: list[dict]) -> list:
-        """``fn(**call)`` for every call as Ray tasks; joblib inside them (the heads'
-        hyper-parameter sweeps) runs on the cluster too."""
-        task = ray.remote(num_cpus=1, max_retries=2)(_with_ray_joblib)
-        return [_get(ref) for ref in [task.remote(fn, call) for call in calls]]
+        """``fn(**call)`` for every call as Ray tasks, each holding a node's cores (or the
+        call's ``threads``, if fewer) and using them as one process does there: its sweep's
+        joblib workers times their BLAS threads within them (training's thread budget)."""
+        per_node = node_cpus()
+        refs = []
+        for call in calls:
+            cpus = min(call.get("threads") or per_node, per_node)
+            task = ray.remote(num_cpus=cpus, max_retries=2)(_on_cores)
+            refs.append(task.remote(fn, {**call, "threads": cpus}))
+        return [_get(ref) for ref in refs]
+
+
+def _alive_cpus() -> list[int]:
+    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+            if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+
+
+def node_cpus() -> int:
+    """The CPUs of the cluster's smallest node (one task or actor of this size fits on any)."""
+    return min(_alive_cpus(), default=1)
 
 
 def _map_chunk(fn, chunk: list) -> list:
     return [fn(item) for item in chunk]
 
 
-def _with_ray_joblib(fn, call: dict):
-    import joblib
-    from ray.util.joblib import register_ray
-
-    register_ray()
-    with joblib.parallel_backend("ray"):
-        return fn(**call)
+def _on_cores(fn, call: dict):
+    """``fn(**call)`` on a worker, its threads no more than the cores of the node it landed
+    on (a local instance may declare more CPUs than the machine has)."""
+    return fn(**{**call, "threads": min(call["threads"], cpu_cores())})
 
 
 class WorkerLost(Exception):

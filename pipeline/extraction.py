@@ -551,11 +551,48 @@ def start_model(config: ExtractionConfig, image_shape: tuple[int, int, int], run
     return model, runtime
 
 
+def keep_converted(config: ExtractionConfig, image_shape: tuple[int, int, int],
+                   runtime: str) -> str:
+    """The runtime workers of ``config`` should run, its graph converted and kept in the cache
+    folder if it is not yet: what a Ray driver does once, so that each worker only loads it
+    (converting per worker would cost every worker the converter's time and memory). The
+    graph is not loaded here; where it cannot be converted, TensorFlow (said once)."""
+    model = FeatureModel(config, image_shape)
+    name = runtimes.choose(runtime, config.backbone)
+    if name == "tensorflow" or config.precision != "float32":
+        return runtime  # the workers say why a precision runs on TensorFlow
+    folder = FeatureStore(config.cache_dir).model_dir(config.model_key(image_shape))
+    label = f"{config.backbone} {config.mode}"
+    try:
+        if runtimes.load_kept(folder, name) is None:
+            if "tensorflow" in sys.modules:  # a notebook's driver: no second start-up
+                runtimes.load_or_convert(folder, lambda: model._features, label, name)
+            else:
+                model._convert_apart(name, folder, label)
+    except runtimes.ConversionError as exc:
+        log.warning("%s; running on TensorFlow instead", exc)
+        return "tensorflow"
+    return name
+
+
 def fit_projection(model: FeatureModel, dataset: Dataset, config: ExtractionConfig
                    ) -> tuple[np.ndarray, np.ndarray]:
     """The bottleneck's (mean, components) for ``config``, fitted on its training images."""
     return fit_bottleneck(model, dataset, config.bottleneck_k, config.bottleneck_fit_images,
                           config.batch_size, config.seed)
+
+
+def feature_row_bytes(model: FeatureModel, dataset: Dataset, projection) -> int:
+    """The bytes of one row of features: one image through the model."""
+    model.projection = projection
+    return model(dataset.splits["train"].load(np.arange(1)))[0].nbytes
+
+
+def rows_of_8_mib(row_bytes: int, batch_size: int) -> int:
+    """The rows of a shard of about 8 MiB of features: big enough that its own costs (a
+    file, its fsync, the runtime's pipeline drained) are about 1% of extracting it, small
+    enough that a resume loses little."""
+    return max(batch_size, (8 << 20) // max(row_bytes, 1))
 
 
 class LocalRunner:
@@ -574,10 +611,9 @@ class LocalRunner:
         """``shard_rows``, or about 8 MiB of features: resume loses at most one shard."""
         if self.config.shard_rows:
             return self.config.shard_rows
-        if self._row_bytes is None:  # one image through the model, once for both splits
-            self.model.projection = projection
-            self._row_bytes = self.model(self.dataset.splits["train"].load(np.arange(1)))[0].nbytes
-        return max(self.config.batch_size, (8 << 20) // max(self._row_bytes, 1))
+        if self._row_bytes is None:  # once for both splits
+            self._row_bytes = feature_row_bytes(self.model, self.dataset, projection)
+        return rows_of_8_mib(self._row_bytes, self.config.batch_size)
 
     def run(self, todo: list[tuple[str, int, int]], shards: ShardSet, key: str, projection,
             progress: Progress) -> dict:

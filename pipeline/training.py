@@ -328,7 +328,7 @@ def _thread_budget(model, params: dict, threads: int):
     """At most ``threads`` busy at once: the sweep's joblib workers (at most 4, as before)
     times their BLAS threads, and every BLAS/OpenMP pool of this process (the refit, the
     MLP, prediction: scikit-learn's float64 L-BFGS and numpy's and scipy's OpenBLAS each
-    start one thread per core otherwise). On a Ray task joblib's backend is Ray's: kept."""
+    start one thread per core otherwise), also inside a Ray task (it holds a node's cores)."""
     from joblib import parallel_config
     from joblib.parallel import get_active_backend
 
