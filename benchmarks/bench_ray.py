@@ -6,8 +6,10 @@ script."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ from common import (
     write,
 )
 
+from pipeline.errors import PipelineError
+
 BACKBONES = {"mobilenet": 0.25, "mobilenet_v2": 0.35}  # the weights ../shared holds
 HEADS = ["logreg", "linear_svm", "rbf_svm", "mlp", "sgd_linear", "knn"]  # the pooled defaults
 FOLDER = SHARED_CIFAR.parent / "cifar10"
@@ -32,20 +36,37 @@ FOLDER = SHARED_CIFAR.parent / "cifar10"
 
 def _pair(label: str, data: str, backbone: str, cpus: int, tmp: str, batch_size: int,
           size: int) -> dict:
-    """The same extraction in one process and on a local Ray instance of ``cpus`` CPUs, one
-    right after the other, each into a cache of its own."""
+    """The same extraction in one process, on a local Ray instance of ``cpus`` CPUs that the
+    command starts (and stops), and on one running already (as a cluster is: ``ray start``),
+    one right after the other, each into a cache of its own."""
     runs = {}
-    for method, name in (("ours", "one process"), (f"ray:{cpus}:0", "ray")):
+    for method, name in (("ours", "one process"), (f"ray:{cpus}:0", "ray"),
+                         (f"running:{cpus}:0", "ray, running instance")):
         print(f"bench ray: {label}, {backbone}, {name} ...", flush=True)
-        r = run_worker(method, data, backbone, BACKBONES[backbone], batch_size, size,
-                       str(Path(tmp, f"{label}-{backbone}-{name.replace(' ', '-')}")))
+        with _running_instance(cpus) if name.endswith("running instance") else nullcontext():
+            r = run_worker(method, data, backbone, BACKBONES[backbone], batch_size, size,
+                           str(Path(tmp, f"{label}-{backbone}-{name.replace(' ', '-')}")))
         print(f"  {r['images_per_second']:.1f} img/s end to end, "
               f"{r['in_loop_images_per_second']:.1f} img/s in the loop", flush=True)
         runs[name] = r
-    one, ray = runs["one process"], runs["ray"]
+    one = runs["one process"]
+    ratios = {name: {"end_to_end": r["images_per_second"] / one["images_per_second"],
+                     "in_loop": r["in_loop_images_per_second"] / one["in_loop_images_per_second"]}
+              for name, r in runs.items() if name != "one process"}
     return {"images": label, "backbone": backbone, "alpha": BACKBONES[backbone], "runs": runs,
-            "ratio_end_to_end": ray["images_per_second"] / one["images_per_second"],
-            "ratio_in_loop": ray["in_loop_images_per_second"] / one["in_loop_images_per_second"]}
+            "ratios": ratios}
+
+
+@contextmanager
+def _running_instance(cpus: int):
+    """A local Ray instance of ``cpus`` CPUs, started before the timed run and stopped after."""
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    subprocess.run([*ray, "start", "--head", f"--num-cpus={cpus}", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*ray, "stop", "--force"], check=False, capture_output=True)
 
 
 def _shard_cost(npz: str, backbone: str, cpus: int, counts: tuple[int, int], tmp: str,
@@ -68,23 +89,30 @@ def _shard_cost(npz: str, backbone: str, cpus: int, counts: tuple[int, int], tmp
 def _heads(features: str, heads: list[str], cpus: int, tmp: str) -> dict:
     """Every head on one feature file, one after another in one process and as Ray tasks."""
     runs = {}
-    for method in ("one process", "ray"):
+    for method in ("one process", "ray", "ray, running instance"):
         print(f"bench ray: heads, {method} ...", flush=True)
         args = {"worker": "heads", "method": method, "features": features, "heads": heads,
                 "threads": cpus, "results": str(Path(tmp, f"results-{method.replace(' ', '-')}"))}
-        runs[method] = worker_result(args, f"heads ({method})")
+        with _running_instance(cpus) if method.endswith("running instance") else nullcontext():
+            runs[method] = worker_result(args, f"heads ({method})")
         print(f"  {runs[method]['seconds']:.1f} s", flush=True)
     return {"heads": heads, "features": Path(features).name, "runs": runs,
-            "ratio": runs["one process"]["seconds"] / runs["ray"]["seconds"]}
+            "ratios": {m: runs["one process"]["seconds"] / r["seconds"]
+                       for m, r in runs.items() if m != "one process"}}
+
+
+PARTS = ("extraction", "shards", "cluster", "heads")
 
 
 def bench_ray(out: str | None = None, n: int = 8000, folder: Path | None = FOLDER,
               backbones: list[str] = tuple(BACKBONES), heads: list[str] = tuple(HEADS),
-              shard_counts: tuple[int, int] = (4, 40), batch_size: int = 64,
+              features: str | None = None, parts: list[str] = PARTS,
+              shard_counts: tuple[int, int] = (1, 32), batch_size: int = 64,
               size: int = 224) -> dict:
     """Per node, Ray against one process on the same cores (a local instance of
     ``os.cpu_count()`` CPUs): ``n`` tiled CIFAR-10-mini images and ``folder`` (when there),
-    for each backbone; the cost per shard; a two-node cluster sharing the cores; the heads."""
+    for each backbone; the cost per shard; a two-node cluster sharing the cores; the heads on
+    ``features`` (default: the folder's file from the first backbone)."""
     import tensorflow as tf
 
     cpus = os.cpu_count() or 1
@@ -103,19 +131,28 @@ def bench_ray(out: str | None = None, n: int = 8000, folder: Path | None = FOLDE
         data = [(f"{n} ({source})", npz)]
         if folder is not None and folder.is_dir():
             data.append((f"{folder.name} folder", f"folder:{folder}"))
-        for label, spec in data:
-            for backbone in backbones:
-                report["extraction"].append(_pair(label, spec, backbone, cpus, tmp, batch_size, size))
-        report["shard_cost"] = _shard_cost(npz, backbones[0], cpus, shard_counts, tmp,
-                                           batch_size, size)
-        print("bench ray: two-node cluster ...", flush=True)
-        cluster = run_worker("cluster:2:0", npz, backbones[0], BACKBONES[backbones[0]],
-                             batch_size, size, str(Path(tmp, "cluster")))
-        report["two_node_cluster"] = {"backbone": backbones[0], "nodes": 2,
-                                      "cpus_per_node": max(1, cpus // 2), **cluster}
-        on_folder = [p for p in report["extraction"] if "folder" in p["images"]] or report["extraction"]
-        features = on_folder[0]["runs"]["one process"]["path"]
-        report["heads"] = _heads(features, list(heads), cpus, tmp)
+        if "extraction" in parts:
+            for label, spec in data:
+                for backbone in backbones:
+                    report["extraction"].append(_pair(label, spec, backbone, cpus, tmp,
+                                                      batch_size, size))
+        if "shards" in parts:
+            report["shard_cost"] = _shard_cost(npz, backbones[0], cpus, shard_counts, tmp,
+                                               batch_size, size)
+        if "cluster" in parts:
+            print("bench ray: two-node cluster ...", flush=True)
+            cluster = run_worker("cluster:2:0", npz, backbones[0], BACKBONES[backbones[0]],
+                                 batch_size, size, str(Path(tmp, "cluster")))
+            report["two_node_cluster"] = {"backbone": backbones[0], "nodes": 2,
+                                          "cpus_per_node": max(1, cpus // 2), **cluster}
+        if "heads" in parts:
+            if features is None:
+                pairs = report["extraction"]
+                if not pairs:
+                    raise PipelineError("--parts heads without extraction needs --features FILE")
+                on_folder = [p for p in pairs if "folder" in p["images"]] or pairs
+                features = on_folder[0]["runs"]["one process"]["path"]
+            report["heads"] = _heads(features, list(heads), cpus, tmp)
     write(report, out or HERE / "ray.json")
     return report
 
@@ -126,15 +163,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", default=",".join(BACKBONES), help="of: " + ", ".join(BACKBONES))
     p.add_argument("--folder", default=str(FOLDER), help="an image folder ('' for none)")
     p.add_argument("--heads", default=",".join(HEADS), help="heads trained both ways")
+    p.add_argument("--features", default=None,
+                   help="the feature file the heads train on (default: the folder's, extracted)")
+    p.add_argument("--parts", default=",".join(PARTS), help="of: " + ", ".join(PARTS))
     args = p.parse_args(argv)
     backbones = [b for b in args.backbones.split(",") if b]
-    if not backbones or set(backbones) - set(BACKBONES):
-        print(f"error: --backbones {args.backbones!r}: use some of {', '.join(BACKBONES)}",
-              file=sys.stderr)
+    parts = [b for b in args.parts.split(",") if b]
+    for given, names, chosen in (("backbones", BACKBONES, backbones), ("parts", PARTS, parts)):
+        if not chosen or set(chosen) - set(names):
+            print(f"error: --{given} {getattr(args, given)!r}: use some of {', '.join(names)}",
+                  file=sys.stderr)
+            return 2
+    if args.features and not Path(args.features).is_file():
+        print(f"error: --features {args.features}: no such file", file=sys.stderr)
         return 2
     return run(lambda: bench_ray(out=args.out, n=sizes(args.sizes, [8000])[0],
                                  folder=Path(args.folder) if args.folder else None,
-                                 backbones=backbones, heads=args.heads.split(",")))
+                                 backbones=backbones, heads=args.heads.split(","),
+                                 features=args.features, parts=parts))
 
 
 if __name__ == "__main__":

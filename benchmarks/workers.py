@@ -18,7 +18,8 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
     """One measured run: ``naive``, ``ours:RUNTIME`` (the extract command's code path; with
     ``:kept``, on the graph an earlier run converted into ``cache``), ``raw:RUNTIME`` (the
     same converted graph fed from memory in a tight loop), ``ray:CPUS:SHARDS`` (a local Ray
-    instance of CPUS; SHARDS per split, 0: the engine's default) or ``cluster:NODES:SHARDS``
+    instance of CPUS started by the run; SHARDS per split, 0: the engine's default),
+    ``running:CPUS:SHARDS`` (the local instance running already) or ``cluster:NODES:SHARDS``
     (a ``ray.cluster_utils.Cluster`` of NODES nodes sharing this machine's cores). ``npz``: an
     .npz file, or a dataset spec (``folder:PATH``) for ``ours`` and Ray."""
     dataset = npz if npz.startswith(("folder:", "npz:")) else f"npz:{npz}"
@@ -52,7 +53,7 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
             rows = sum(len(f) for f in model.map(batches))
             result["extract_seconds"] = time.perf_counter() - t1
         else:
-            if method.startswith(("ray:", "cluster:")):
+            if method.startswith(("ray:", "running:", "cluster:")):
                 done = _on_ray(method, config)
                 result["engine"] = done.info["engine"]
             else:
@@ -74,8 +75,9 @@ def _on_ray(method: str, config):
 
     kind, count, shards = method.split(":")
     shards = int(shards) or None
-    if kind == "ray":
-        with RayEngine(num_cpus=int(count), shards=shards) as engine:
+    if kind in ("ray", "running"):  # running: a local instance started before (``ray start``)
+        address = "auto" if kind == "running" else None
+        with RayEngine(address, num_cpus=None if address else int(count), shards=shards) as engine:
             return engine.extract(config)
     from ray.cluster_utils import Cluster
 
@@ -94,16 +96,18 @@ def _on_ray(method: str, config):
 
 def _heads_worker(method: str, features: str, heads: list[str], threads: int, results: str) -> dict:
     """Every head in ``heads`` on one feature file: one after another in this process
-    (``one process``), or as tasks on a local Ray instance of ``threads`` CPUs (``ray``)."""
+    (``one process``), or as tasks on a local Ray instance of ``threads`` CPUs started here
+    (``ray``) or running already (``ray, running instance``)."""
     from pipeline.training import train_one
 
     calls = [{"feature_path": features, "head": h, "results_dir": results, "threads": threads}
              for h in heads]
     t0 = time.perf_counter()
-    if method == "ray":
+    if method.startswith("ray"):
         from pipeline.engine import RayEngine
 
-        with RayEngine(num_cpus=threads) as engine:
+        running = method.endswith("running instance")
+        with RayEngine("auto" if running else None, num_cpus=None if running else threads) as engine:
             engine.map(train_one, calls)
     else:
         for call in calls:

@@ -62,17 +62,18 @@ class ShardExtractor:
     """Holds one backbone (built once), the dataset and its provenance; extracts shard after
     shard. Sized to its node (``RayEngine.slots``): it runs as one process runs there."""
 
-    def __init__(self, config: ExtractionConfig, dataset: Dataset, threads: int,
-                 decode_threads: int = 2):
+    def __init__(self, threads: int, decode_threads: int = 2):
+        # Started empty: its process spawns and imports while the driver converts the graph.
+        self.threads, self.decode_threads = threads, decode_threads
+
+    def start(self, config: ExtractionConfig, dataset: Dataset) -> str:
+        """Build (or load) the backbone: the driver's runtime, its graph converted once, by
+        the driver, started as in one process. Returns the runtime."""
         self.config = config
         self.dataset = dataset  # the driver's: arrays, or image paths with their sha256
-        # the driver's runtime (its graph converted once, by the driver), started as in one process
         self.model, self.runtime = start_model(config, dataset.splits["train"].image_shape,
-                                               config.runtime, threads=threads or None)
-        self.decode_threads = decode_threads
+                                               config.runtime, threads=self.threads or None)
         self.provenance = worker_provenance(config, self.runtime)  # once per actor, not per shard
-
-    def ready(self) -> str:
         return self.runtime
 
     def row_bytes(self, projection) -> int:
@@ -141,14 +142,23 @@ def _run_shards(new_actor, actors: list, todo: list[tuple[str, int, int]], shard
 class _ActorFactory:
     """Starts one more ``ShardExtractor`` like the others, and says whether one would fit."""
 
-    def __init__(self, args, cpus: int, gpus: float):
-        self.args, self.cpus, self.gpus = args, cpus, gpus  # args: made on the first start
+    def __init__(self, cpus: int, gpus: float, threads: int, decode_threads: int):
+        self.cpus, self.gpus, self.args = cpus, gpus, None  # args: (config, dataset ref)
         self.options = ShardExtractor.options(num_cpus=cpus, num_gpus=gpus)
+        self.threads, self.decode_threads = threads, decode_threads
+
+    def spawn(self):
+        """An actor not started yet (its process comes up meanwhile)."""
+        return self.options.remote(self.threads, self.decode_threads)
+
+    def start(self, actor):
+        """``actor.start`` queued: the shards sent after it run once it is done."""
+        return actor.start.remote(*self.args)
 
     def __call__(self):
-        if callable(self.args):
-            self.args = self.args()
-        return self.options.remote(*self.args)
+        actor = self.spawn()
+        self.start(actor)
+        return actor
 
     def has_room(self) -> bool:
         free = ray.available_resources()
@@ -170,17 +180,17 @@ class RayRunner:
     def start(self, config: ExtractionConfig, dataset: Dataset, runtime: str) -> None:
         t0 = time.monotonic()
         self.wanted, cpus, gpus, threads, decode_threads = self.engine.slots()
-        if not gpus:  # CPU workers run what this driver would choose: converted here, once
-            runtime = keep_converted(config, dataset.splits["train"].image_shape, runtime)
-        self.config, self.dataset = replace(config, runtime=runtime), dataset
-        # The driver's dataset goes to the actors through the object store, once: nothing is
-        # scanned again, each image file is checked against its sha256.
-        self.new_actor = _ActorFactory(
-            lambda: (self.config, ray.put(dataset), threads, decode_threads), cpus, gpus)
-        self.actors = [self.new_actor() for _ in range(self.wanted)]
-        try:  # bad options fail here, before any work, as in one process
-            for actor in self.actors:
-                _get(actor.ready.remote())
+        self.new_actor = _ActorFactory(cpus, gpus, threads, decode_threads)
+        self.actors = [self.new_actor.spawn() for _ in range(self.wanted)]
+        try:
+            if not gpus:  # CPU workers run what this driver would choose: converted here, once
+                runtime = keep_converted(config, dataset.splits["train"].image_shape, runtime)
+            self.config, self.dataset = replace(config, runtime=runtime), dataset
+            # The driver's dataset goes to the actors through the object store, once: nothing
+            # is scanned again, each image file is checked against its sha256.
+            self.new_actor.args = (self.config, ray.put(dataset))
+            for ref in [self.new_actor.start(actor) for actor in self.actors]:
+                _get(ref)  # bad options fail here, before any work, as in one process
         except BaseException:
             self.stop()
             raise
