@@ -90,8 +90,10 @@ class ShardExtractor:
                        [(split, start, stop)], batch_size=self.config.batch_size, key=key,
                        provenance=self.provenance, compression=compression,
                        decode_threads=self.decode_threads)
+        checked = self.dataset.checked  # image files read and found unchanged: for the driver's
+        read, checked[:] = checked[:], []  # scan index, as one process records them
         return {"split": split, "rows": stop - start, "seconds": time.monotonic() - t0,
-                "host": self.provenance["host"]}
+                "host": self.provenance["host"], "checked": read}
 
 
 def _run_shards(new_actor, actors: list, todo: list[tuple[str, int, int]], shards: ShardSet,
@@ -221,6 +223,8 @@ class RayRunner:
         compression = self.config.file_compression() if self.layout == "vds" else "none"
         stats, redone = _run_shards(self.new_actor, actors, todo, shards, key, projection,
                                     compression, progress)  # which stops the actors in the end
+        for shard in stats:  # the extraction's end records them in the scan index
+            self.dataset.checked.extend(shard.pop("checked"))
         return {"ray": ray.__version__, "address": self.engine.address or "local",
                 "actors": len(actors), "cpus_per_actor": self.new_actor.cpus,
                 "gpus_per_actor": self.new_actor.gpus, "shards_redone": redone,

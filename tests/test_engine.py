@@ -108,6 +108,26 @@ def test_sharded_extraction_equals_the_single_process_one(cluster, dataset, tmp_
     assert (tmp_path / "ray" / result.path.name.replace(".h5", ".shards")).exists() == (layout == "vds")
 
 
+def test_without_gpus_one_actor_holds_the_nodes_cores_and_shards_are_as_big_as_one_process_writes(
+        cluster, dataset, tmp_path):
+    with RayEngine() as engine:
+        result = engine.extract(tiny(dataset, tmp_path))
+    engine_info = result.info["engine"]
+    assert engine_info["actors"] == 1 and engine_info["cpus_per_actor"] == 2  # ray.init(num_cpus=2)
+    # 70 + 30 rows of 1,280 floats are far under 8 MiB: one shard per split, as in one process
+    assert engine_info["shards_this_run"] == 2
+    runtime = runtimes.choose("auto", "mobilenet_v2")
+    assert result.info["runtime"] == runtime
+    if runtime != "tensorflow":  # the graph the driver converted, kept for the actors to load
+        assert len(list(tmp_path.glob(f".models/*/{runtime}/manifest.json"))) == 1
+
+
+def test_head_fits_on_ray_hold_a_nodes_cores_or_the_threads_asked_for(cluster):
+    with RayEngine() as engine:  # dict(**call): each call as the task gave it to the head
+        calls = engine.map(dict, [{"threads": None}, {"threads": 1}, {"threads": 64}])
+    assert [c["threads"] for c in calls] == [2, 1, 2]  # 2 CPUs: never more than the node's cores
+
+
 def test_the_bottleneck_is_fitted_once_on_the_cluster_and_applied_to_every_shard(cluster, dataset,
                                                                                  tmp_path):
     config = dict(mode="bottleneck", bottleneck_k=4, bottleneck_fit_images=40)
@@ -193,6 +213,31 @@ def test_an_image_that_changed_after_the_scan_stops_the_worker_in_one_line(clust
         with pytest.raises(PipelineError, match=f"{victim.name} changed after the dataset was scanned"):
             engine.extract(tiny(spec, tmp_path / "cache"), dataset=scanned)
     assert not list((tmp_path / "cache").glob("*.h5"))
+
+
+def test_image_files_the_actors_checked_are_trusted_by_the_next_scan(cluster, tmp_path,
+                                                                      monkeypatch, caplog):
+    """Files copied just before the scan are "racy"; the actors read each one and check its
+    sha256, and the driver records those checks in the scan index as one process does: the
+    first rerun reads nothing again."""
+    from PIL import Image
+
+    from pipeline import datasets
+
+    monkeypatch.setattr(datasets.ScanIndex, "RACY_NS", 300_000_000)  # 0.3 s instead of 2 s
+    x, y = make_images(24, seed=5)
+    for i, (image, label) in enumerate(zip(x, y)):
+        (tmp_path / "imgs" / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "imgs" / f"c{label}" / f"{i:03d}.png")
+    spec, cache = f"folder:{tmp_path / 'imgs'}", tmp_path / "cache"
+    with caplog.at_level("INFO", logger="pipeline"), RayEngine(shards=2) as engine:
+        engine.extract(tiny(spec, cache))  # the actors read every file > 0.3 s after the copy
+    assert any("the scan index now trusts 24 image file(s)" in m for m in caplog.messages)
+    read = []
+    scan_file = datasets._scan_file
+    monkeypatch.setattr(datasets, "_scan_file", lambda item: read.append(item.name) or scan_file(item))
+    datasets.load_dataset(spec, scan_index=FeatureStore(cache).scan_dir)
+    assert read == []
 
 
 def test_a_folder_scan_runs_as_cluster_tasks_and_gives_the_local_key(cluster, tmp_path):

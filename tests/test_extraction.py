@@ -1,4 +1,5 @@
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -12,8 +13,15 @@ from conftest import LEDGER, REPO, audit_cache, make_images
 
 from pipeline import runtimes
 from pipeline.errors import PipelineError
-from pipeline.extraction import ExtractionConfig, extract_features, extract_shards, shard_ranges
-from pipeline.store import FeatureFile, ShardSet, check_file
+from pipeline.extraction import (
+    ExtractionConfig,
+    FeatureModel,
+    extract_features,
+    extract_shards,
+    keep_converted,
+    shard_ranges,
+)
+from pipeline.store import FeatureFile, FeatureStore, ShardSet, check_file
 
 
 def tiny(dataset: str, cache: Path, **kw) -> ExtractionConfig:
@@ -795,3 +803,35 @@ def test_the_first_rerun_after_extracting_a_fresh_copy_reads_no_image_again(tmp_
     monkeypatch.setattr(datasets, "_scan_file", lambda item: (read.append(item.path), scan_file(item))[1])
     assert extract_features(config).status == "up-to-date"
     assert read == []  # nothing read again (before, all 18 files were: racy by their stat)
+
+
+@pytest.mark.skipif(not runtimes.installed("onnxruntime"), reason="needs ONNX Runtime")
+def test_a_ray_driver_converts_the_graph_once_into_the_cache_without_loading_tensorflow(
+        npz_dataset, tmp_path):
+    """``keep_converted``: what the Ray driver runs before its actors start, so that each of
+    them only loads the graph."""
+    config = tiny(npz_dataset, tmp_path, runtime="onnxruntime")
+    code = ("import sys, pickle; from pipeline.extraction import keep_converted; "
+            "config = pickle.loads(sys.stdin.buffer.read()); "
+            "print(keep_converted(config, (32, 32, 3), 'onnxruntime'), 'tensorflow' in sys.modules)")
+    said = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(config), cwd=REPO,
+                          capture_output=True, check=True).stdout.decode().split()
+    assert said[-2:] == ["onnxruntime", "False"]
+    kept = FeatureStore(tmp_path).model_dir(config.model_key((32, 32, 3))) / "onnxruntime"
+    stamp = (kept / "manifest.json").stat().st_mtime_ns
+    assert keep_converted(config, (32, 32, 3), "onnxruntime") == "onnxruntime"
+    assert (kept / "manifest.json").stat().st_mtime_ns == stamp  # kept: not converted again
+
+
+def test_a_graph_the_runtime_cannot_take_sends_the_ray_workers_to_tensorflow(npz_dataset, tmp_path,
+                                                                              monkeypatch, caplog):
+    def cannot(*args, **kwargs):
+        raise runtimes.ConversionError("openvino cannot convert mobilenet_v2 avg (a test)")
+
+    monkeypatch.setattr(runtimes, "installed", lambda name: True)
+    monkeypatch.setattr(runtimes, "load_kept", lambda folder, name: None)
+    monkeypatch.setattr(runtimes, "load_or_convert", cannot)
+    monkeypatch.setattr(FeatureModel, "_convert_apart", cannot)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        assert keep_converted(tiny(npz_dataset, tmp_path), (32, 32, 3), "openvino") == "tensorflow"
+    assert [m for m in caplog.messages if "cannot convert" in m and "TensorFlow instead" in m]
