@@ -67,8 +67,9 @@ def _worker(method: str, npz: str, backbone: str, alpha: float | None, batch_siz
 
 
 def _on_ray(method: str, config):
-    """The extraction on a local Ray instance (``ray:CPUS:SHARDS``) or on a cluster of
-    several nodes on this machine (``cluster:NODES:SHARDS``)."""
+    """The extraction on a local Ray instance started here (``ray:CPUS:SHARDS``) or running
+    already (``running:CPUS:SHARDS``), or on a cluster of several nodes on this machine
+    (``cluster:NODES:SHARDS``)."""
     import os
 
     from pipeline.engine import RayEngine
