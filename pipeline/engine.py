@@ -65,14 +65,21 @@ class ShardExtractor:
     def __init__(self, threads: int, decode_threads: int = 2):
         # Started empty: its process spawns and imports while the driver converts the graph.
         self.threads, self.decode_threads = threads, decode_threads
+        self.failed: PipelineError | None = None
 
     def start(self, config: ExtractionConfig, dataset: Dataset) -> str:
         """Build (or load) the backbone: the driver's runtime, its graph converted once, by
-        the driver, started as in one process. Returns the runtime."""
+        the driver, started as in one process. Returns the runtime. A failure is kept: each
+        shard sent after it gets the same one line (a replacement actor's start is not
+        awaited)."""
         self.config = config
         self.dataset = dataset  # the driver's: arrays, or image paths with their sha256
-        self.model, self.runtime = start_model(config, dataset.splits["train"].image_shape,
-                                               config.runtime, threads=self.threads or None)
+        try:
+            self.model, self.runtime = start_model(config, dataset.splits["train"].image_shape,
+                                                   config.runtime, threads=self.threads or None)
+        except PipelineError as exc:
+            self.failed = exc
+            raise
         self.provenance = worker_provenance(config, self.runtime)  # once per actor, not per shard
         return self.runtime
 
@@ -84,6 +91,8 @@ class ShardExtractor:
 
     def extract(self, split: str, start: int, stop: int, shards_path: str, key: str,
                 projection, compression: str) -> dict:
+        if self.failed:
+            raise self.failed
         t0 = time.monotonic()
         self.model.projection = projection
         extract_shards(self.model, ShardSet(Path(shards_path)), self.dataset.splits,
@@ -252,16 +261,22 @@ class RayEngine:
 
     # the cluster ----------------------------------------------------------------------
     def __enter__(self) -> RayEngine:
-        if not ray.is_initialized():
-            try:
-                ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
-                         include_dashboard=False, logging_level="WARNING", log_to_driver=True)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise PipelineError(f"cannot reach the Ray cluster at {self.address or 'a new local'}"
-                                    f" ({str(exc).splitlines()[0][:160]}); start one with "
-                                    "`ray start --head` or leave out --address") from None
-            self._started = True
-        return self
+        return self  # Ray is started (or reached) by the first work that needs it: see _connect
+
+    def _connect(self) -> None:
+        """Start a local instance, or reach the cluster, once. Only work that needs Ray calls
+        it, so a no-op rerun (the file cached, every image known to the scan index) never
+        pays Ray's start and stop (about 3.5 s on a local instance here)."""
+        if ray.is_initialized():
+            return
+        try:
+            ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
+                     include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise PipelineError(f"cannot reach the Ray cluster at {self.address or 'a new local'}"
+                                f" ({str(exc).splitlines()[0][:160]}); start one with "
+                                "`ray start --head` or leave out --address") from None
+        self._started = True
 
     def __exit__(self, *exc) -> None:
         if self._started:
@@ -272,6 +287,7 @@ class RayEngine:
         With GPUs: one actor per GPU, decoding with the CPU cores that come with it. Without:
         one actor per node, holding and using all its cores as one process does there (on
         unequal nodes, actors of the smallest node's size, so a big node runs several)."""
+        self._connect()
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), max(int(resources.get("CPU", 1)), 1)
         if gpus:
@@ -289,6 +305,7 @@ class RayEngine:
     def scan_map(self, fn, items: list, chunk: int = 500) -> list:
         """``fn`` over ``items`` as Ray tasks of ``chunk`` items each, results in order: the
         first scan of an image folder spread over the cluster (the driver reads no image)."""
+        self._connect()
         task = ray.remote(num_cpus=1, max_retries=2)(_map_chunk)
         refs = [task.remote(fn, items[lo:lo + chunk]) for lo in range(0, len(items), chunk)]
         log.info("scanning %s file(s) as %d cluster task(s)", f"{len(items):,}", len(refs))
@@ -299,6 +316,7 @@ class RayEngine:
         """``fn(**call)`` for every call as Ray tasks, each holding a node's cores (or the
         call's ``threads``, if fewer) and using them as one process does there: its sweep's
         joblib workers times their BLAS threads within them (training's thread budget)."""
+        self._connect()
         per_node = node_cpus()
         refs = []
         for call in calls:

@@ -122,6 +122,25 @@ def test_without_gpus_one_actor_holds_the_nodes_cores_and_shards_are_as_big_as_o
         assert len(list(tmp_path.glob(f".models/*/{runtime}/manifest.json"))) == 1
 
 
+@pytest.mark.bad_input
+def test_an_actor_whose_start_failed_answers_each_shard_with_the_same_one_line(cluster, dataset,
+                                                                             tmp_path):
+    """A replacement actor's start is not awaited: its first shard must still get the one
+    line, not an attribute error from a model that was never built."""
+    from pipeline.datasets import load_dataset
+    from pipeline.engine import ShardExtractor, _get
+
+    bad = tiny(dataset, tmp_path, mode="bottleneck", bottleneck_k=5000)  # over the map's channels
+    actor = ShardExtractor.options(num_cpus=1).remote(1)
+    with pytest.raises(PipelineError) as started:
+        _get(actor.start.remote(bad, load_dataset(dataset)))
+    with pytest.raises(PipelineError) as shard:
+        _get(actor.extract.remote("train", 0, 8, str(tmp_path / "shards"), "k", None, "none"))
+    assert str(shard.value) == str(started.value) and "\n" not in str(shard.value)
+    assert "--bottleneck-k 5000 exceeds" in str(shard.value)
+    ray.kill(actor)
+
+
 def test_head_fits_on_ray_hold_a_nodes_cores_or_the_threads_asked_for(cluster):
     with RayEngine() as engine:  # dict(**call): each call as the task gave it to the head
         calls = engine.map(dict, [{"threads": None}, {"threads": 1}, {"threads": 64}])
@@ -454,6 +473,16 @@ def test_without_engine_ray_is_never_imported(dataset, tmp_path):
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_no_op_rerun_never_starts_ray(no_cluster, dataset, tmp_path):
+    with RayEngine(num_cpus=2) as engine:
+        engine.extract(tiny(dataset, tmp_path))
+        assert ray.is_initialized()  # there was work: Ray started for it ...
+    assert not ray.is_initialized()  # ... and stopped with the engine
+    with RayEngine(num_cpus=2) as engine:
+        assert engine.extract(tiny(dataset, tmp_path)).status == "up-to-date"
+        assert not ray.is_initialized()  # nothing to do: no start, no stop (about 3.5 s here)
 
 
 @pytest.mark.bad_input
