@@ -293,7 +293,7 @@ class RayEngine:
         if gpus:
             return gpus, 1, 1.0, 0, max(2, cpus // gpus)
         per_node = node_cpus()
-        return sum(c // per_node for c in _alive_cpus()), per_node, 0.0, per_node, 2
+        return max(1, sum(c // per_node for c in _alive_cpus())), per_node, 0.0, per_node, 2
 
     # extraction -----------------------------------------------------------------------
     def extract(self, config: ExtractionConfig, *, rebuild: bool = False,
