@@ -1,0 +1,42 @@
+"""Ray's own fixed costs on a local instance, as ``--engine ray`` pays them when it starts
+one: ``ray.init``, the CPU its daemons use while idle (10 s), ``ray.shutdown``. One line per
+run; ``python benchmarks/ray_fixed_costs.py`` (results: ray_fixed_costs.txt)."""
+
+import os
+import time
+
+t0 = time.perf_counter()
+import ray  # noqa: E402
+
+t1 = time.perf_counter()
+ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+t2 = time.perf_counter()
+
+
+def cpu_seconds_of_ray_processes() -> float:
+    """User + system CPU of every process but this one whose command line names Ray."""
+    total, me = 0, os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"ray" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+time.sleep(3)
+c0 = cpu_seconds_of_ray_processes()
+time.sleep(10)
+c1 = cpu_seconds_of_ray_processes()
+t3 = time.perf_counter()
+ray.shutdown()
+t4 = time.perf_counter()
+print(f"import {t1 - t0:.2f}s init {t2 - t1:.2f}s shutdown {t4 - t3:.2f}s; "
+      f"ray processes idle CPU {100 * (c1 - c0) / 10:.1f}% of one core")
