@@ -76,9 +76,8 @@ def _on_ray(method: str, config):
 
     kind, count, shards = method.split(":")
     shards = int(shards) or None
-    if kind in ("ray", "running"):  # running: a local instance started before (``ray start``)
-        address = "auto" if kind == "running" else None
-        with RayEngine(address, num_cpus=None if address else int(count), shards=shards) as engine:
+    if kind in ("ray", "running"):
+        with _local_engine(kind == "running", int(count), shards) as engine:
             return engine.extract(config)
     from ray.cluster_utils import Cluster
 
@@ -95,6 +94,14 @@ def _on_ray(method: str, config):
         cluster.shutdown()
 
 
+def _local_engine(running: bool, cpus: int, shards: int | None = None):
+    """The Ray engine on a local instance running already (``ray start``: reached at
+    ``auto``), or on one of ``cpus`` CPUs it starts itself."""
+    from pipeline.engine import RayEngine
+
+    return RayEngine("auto" if running else None, num_cpus=None if running else cpus, shards=shards)
+
+
 def _heads_worker(method: str, features: str, heads: list[str], threads: int, results: str) -> dict:
     """Every head in ``heads`` on one feature file: one after another in this process
     (``one process``), or as tasks on a local Ray instance of ``threads`` CPUs started here
@@ -105,10 +112,7 @@ def _heads_worker(method: str, features: str, heads: list[str], threads: int, re
              for h in heads]
     t0 = time.perf_counter()
     if method.startswith("ray"):
-        from pipeline.engine import RayEngine
-
-        running = method.endswith("running instance")
-        with RayEngine("auto" if running else None, num_cpus=None if running else threads) as engine:
+        with _local_engine(method.endswith("running instance"), threads) as engine:
             engine.map(train_one, calls)
     else:
         for call in calls:

@@ -317,12 +317,11 @@ class RayEngine:
         call's ``threads``, if fewer) and using them as one process does there: its sweep's
         joblib workers times their BLAS threads within them (training's thread budget)."""
         self._connect()
-        per_node = node_cpus()
+        per_node, task = node_cpus(), ray.remote(max_retries=2)(_on_cores)  # registered once
         refs = []
         for call in calls:
             cpus = min(call.get("threads") or per_node, per_node)
-            task = ray.remote(num_cpus=cpus, max_retries=2)(_on_cores)
-            refs.append(task.remote(fn, {**call, "threads": cpus}))
+            refs.append(task.options(num_cpus=cpus).remote(fn, {**call, "threads": cpus}))
         return [_get(ref) for ref in refs]
 
 
