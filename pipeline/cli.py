@@ -135,8 +135,12 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="pipeline", description=__doc__.splitlines()[0])
     common = OneLineParser(add_help=False)
-    common.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="feature cache folder")
-    common.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="head results folder")
+    # Given on the command line, these win over an experiment file's (run); unset, each
+    # command takes its default (filled in by main).
+    common.add_argument("--cache-dir", help=f"feature cache folder (default: {DEFAULT_CACHE_DIR}, "
+                        "or the experiment file's cache_dir)")
+    common.add_argument("--results-dir", help=f"head results folder (default: "
+                        f"{DEFAULT_RESULTS_DIR}, or the experiment file's results_dir)")
     common.add_argument("-v", "--verbose", action="store_true", help="more messages")
     common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     common.add_argument("--debug", action="store_true",
@@ -224,6 +228,9 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "run":
+        args.cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
+        args.results_dir = args.results_dir or DEFAULT_RESULTS_DIR
     setup_logging(args.verbose, args.quiet)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -431,8 +438,10 @@ def cmd_run(args) -> int:
 
     experiment = load_experiment(args.config, datasets=args.datasets, backbones=args.backbones,
                                  heads=args.heads, limit=args.limit)
-    experiment.options.update({name: getattr(args, name) for name in ("rescan", "runtime")
+    experiment.options.update({name: getattr(args, name) for name in ("rescan", "runtime", "cache_dir")
                                if getattr(args, name) is not None})
+    if args.results_dir is not None:
+        experiment.results_dir = args.results_dir
     engine = None if args.dry_run else _engine(args)
     if engine is None:
         return run_experiment(experiment, stage=args.stage, dry_run=args.dry_run,

@@ -467,3 +467,20 @@ def test_threads_out_of_range_on_the_command_line(blobs_file, threads, message):
                              str(blobs_file.parent), "--results-dir", str(blobs_file.parent / "r"))
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (blobs_file.parent / "r").exists() or not list((blobs_file.parent / "r").rglob("*.json"))
+
+
+def test_run_writes_where_the_command_line_says_over_the_experiment_file(tmp_path, npz_dataset):
+    config = tmp_path / "exp.toml"
+    config.write_text(f'cache_dir = "{tmp_path / "file-cache"}"\n'
+                      f'results_dir = "{tmp_path / "file-results"}"\n'
+                      f'[[datasets]]\nname = "tiny"\nsource = "{npz_dataset}"\n'
+                      '[[backbones]]\nname = "mobilenet_v2"\nalpha = 0.35\nweights = "none"\n'
+                      'image_size = 32\n[[features]]\nmode = "avg"\n'
+                      '[[heads]]\nname = "logreg"\nparams = { C = 1.0 }\n')
+    assert main(["run", "--config", str(config), "--cache-dir", str(tmp_path / "cli-cache"),
+                 "--results-dir", str(tmp_path / "cli-results")]) == 0
+    assert list((tmp_path / "cli-cache").glob("*.h5"))
+    assert list((tmp_path / "cli-results").rglob("metrics.json"))
+    assert not (tmp_path / "file-cache").exists() and not (tmp_path / "file-results").exists()
+    assert main(["run", "--config", str(config), "--stage", "features"]) == 0  # unset: the file's
+    assert list((tmp_path / "file-cache").glob("*.h5"))
