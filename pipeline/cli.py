@@ -112,6 +112,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows every default; ``{heads}`` in a help text lists the registered heads
     (imported only when help is shown: scikit-learn's import would slow every command)."""
 
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # An option without a default (its help says what it falls back to) gets no "(default: None)".
+        return action.help if action.default is None else super()._get_help_string(action)
+
     def _expand_help(self, action: argparse.Action) -> str:
         text = super()._expand_help(action)
         if "{heads}" in text:
