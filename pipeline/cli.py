@@ -141,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = OneLineParser(add_help=False)
     # Given on the command line, these win over an experiment file's (run); unset, each
     # command takes its default (filled in by main).
-    common.add_argument("--cache-dir", help=f"feature cache folder (default: {DEFAULT_CACHE_DIR}, "
-                        "or the experiment file's cache_dir)")
+    common.add_argument("--cache-dir", help=f"feature cache folder (default: {DEFAULT_CACHE_DIR}; "
+                        "for run, the experiment file's cache_dir)")
     common.add_argument("--results-dir", help=f"head results folder (default: "
-                        f"{DEFAULT_RESULTS_DIR}, or the experiment file's results_dir)")
+                        f"{DEFAULT_RESULTS_DIR}; for run, the experiment file's results_dir)")
     common.add_argument("-v", "--verbose", action="store_true", help="more messages")
     common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     common.add_argument("--debug", action="store_true",

@@ -398,7 +398,8 @@ def test_every_option_of_every_command_has_help_and_help_shows_defaults(capsys):
         build_parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "the head to train (repeatable): logreg, linear_svm" in text
-    assert "(default: results)" in text
+    assert "(default: results; for run, the experiment file's results_dir)" in text
+    assert "(default: None)" not in text
 
 
 @pytest.mark.bad_input
