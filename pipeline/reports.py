@@ -303,7 +303,11 @@ def compare(results_dir: str | Path = results.DEFAULT_RESULTS_DIR, *, out=print,
         out(f"left out {left_out} result(s) on feature files of older data (superseded; "
             "`python -m pipeline ls` marks them, `python -m pipeline gc` removes them)")
     if not rows:
-        out(f"no results under {results_dir}/ yet; train heads first (make heads)")
+        if write_curves(results_dir, current):  # learning curves without a full-data result
+            out(f"wrote {results_dir}/curves.csv, curves.png (learning curves only: no head "
+                "trained on all rows to compare)")
+        else:
+            out(f"no results under {results_dir}/ yet; train heads first (make heads)")
         return rows
     with open(results_dir / "compare.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -263,10 +263,11 @@ def train_curve(feature_path: Path | list[Path], head: str, params: dict | None 
     for _, out in done:
         record = ResultRecord.load(out)
         accuracy.setdefault(record.shots or ALL, []).append(100 * record.test_accuracy)
-    log.info("%s learning curve on %s: %s", head_label(head, params), files[0].path.name, ", ".join(
-        f"{k}{'-shot' if k != ALL else ''} {np.mean(a):.2f}%" + (f" ± {np.std(a, ddof=1):.2f}"
-                                                               if len(a) > 1 else "")
-        for k, a in accuracy.items()))
+    log.info("%s learning curve on %s: %s", head_label(head, params),
+             " + ".join(ff.path.name for ff in files), ", ".join(  # every file of a fusion
+                 f"{k}{'-shot' if k != ALL else ''} {np.mean(a):.2f}%"
+                 + (f" ± {np.std(a, ddof=1):.2f}" if len(a) > 1 else "")
+                 for k, a in accuracy.items()))
     return done
 
 

@@ -485,3 +485,21 @@ def test_run_writes_where_the_command_line_says_over_the_experiment_file(tmp_pat
     assert not (tmp_path / "file-cache").exists() and not (tmp_path / "file-results").exists()
     assert main(["run", "--config", str(config), "--stage", "features"]) == 0  # unset: the file's
     assert list((tmp_path / "file-cache").glob("*.h5"))
+
+
+def test_a_learning_curve_on_a_fusion_fits_both_files_columns_and_names_both(tmp_path, capsys):
+    a, b = _blobs_pair(tmp_path)
+    results = tmp_path / "results"
+    assert main(["train", "--head", "logreg", "--fuse", "--features", str(a), str(b),
+                 "--shots", "2,5", "--tries", "2", "--cache-dir", str(tmp_path / "cache"),
+                 "--results-dir", str(results)]) == 0
+    points = [json.loads(p.read_text()) for p in results.glob("synthetic-fusion-2files-*/curves/"
+                                                                "logreg/*/metrics.json")]
+    assert len(points) == 4 and {p["features"]["width"] for p in points} == {40}
+    assert all([f["key"] for f in p["features_files"]] == [a.stem.rsplit("-", 1)[1],
+                                                          b.stem.rsplit("-", 1)[1]] for p in points)
+    assert f"learning curve on {a.name} + {b.name}:" in capsys.readouterr().err
+    assert main(["compare", "--results-dir", str(results)]) == 0  # curve points only: still drawn
+    assert "learning curves only" in capsys.readouterr().out
+    curves = (results / "curves.csv").read_text()
+    assert "synthetic,b0 + b1,avg + avg,logreg,5,2," in curves
