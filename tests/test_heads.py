@@ -602,3 +602,21 @@ def test_the_mlp_trains_on_one_blas_thread_whatever_the_process_allows(monkeypat
     with threadpool_limits(limits=2):
         make_head("mlp", {"max_epochs": 3}).fit(X, y)
     assert seen and all(threads == {1} for threads in seen)
+
+
+def test_an_mlp_with_seeds_averages_that_many_networks_from_different_starts():
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 3
+    X = (rng.normal(size=(300, 6)) + 1.2 * np.eye(6)[y]).astype(np.float32)
+    one = make_head("mlp", {"max_epochs": 20}).fit(X, y)
+    three = make_head("mlp", {"max_epochs": 20, "seeds": 3}).fit(X, y)
+    assert len(one.members_) == 1 and len(three.members_) == 3
+    assert [m.named_steps["clf"].random_state for m in three.members_] == [0, 1, 2]
+    X_new = rng.normal(size=(50, 6)).astype(np.float32)
+    # the first network is the one-seed head's; the three are averaged
+    assert np.array_equal(three.members_[0].predict_proba(X_new), one.predict_proba(X_new))
+    mean = np.mean([m.predict_proba(X_new) for m in three.members_], axis=0)
+    assert np.allclose(three.predict_proba(X_new), mean)
+    assert np.array_equal(three.predict(X_new), three.classes_[mean.argmax(1)])
+    assert len(three.best_params_["epochs"]) == 3 and isinstance(one.best_params_["epochs"], int)
+    assert 0 <= three.validation_score_ <= 1
