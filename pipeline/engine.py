@@ -292,8 +292,9 @@ class RayEngine:
         gpus, cpus = int(resources.get("GPU", 0)), max(int(resources.get("CPU", 1)), 1)
         if gpus:
             return gpus, 1, 1.0, 0, max(2, cpus // gpus)
-        per_node = node_cpus()
-        return max(1, sum(c // per_node for c in _alive_cpus())), per_node, 0.0, per_node, 2
+        alive = _alive_cpus()
+        per_node = node_cpus(alive)
+        return max(1, sum(c // per_node for c in alive)), per_node, 0.0, per_node, 2
 
     # extraction -----------------------------------------------------------------------
     def extract(self, config: ExtractionConfig, *, rebuild: bool = False,
@@ -330,9 +331,10 @@ def _alive_cpus() -> list[int]:
             if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
 
 
-def node_cpus() -> int:
-    """The CPUs of the cluster's smallest node (one task or actor of this size fits on any)."""
-    return min(_alive_cpus(), default=1)
+def node_cpus(alive: list[int] | None = None) -> int:
+    """The CPUs of the cluster's smallest node (one task or actor of this size fits on any);
+    ``alive``: the nodes' CPUs as ``_alive_cpus`` read them, where the caller has them."""
+    return min(_alive_cpus() if alive is None else alive, default=1)
 
 
 def _map_chunk(fn, chunk: list) -> list:
