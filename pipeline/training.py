@@ -17,7 +17,6 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from pipeline import results
 from pipeline.errors import PipelineError
@@ -32,6 +31,7 @@ from pipeline.heads import (
     load_fused_features,
     make_head,
     solver,
+    solver_threads,
 )
 from pipeline.reports import plot_confusion, plot_mistakes, result_title, write_mistakes
 from pipeline.results import (
@@ -341,7 +341,7 @@ def _thread_budget(model, params: dict, threads: int):
         if local:
             stack.enter_context(parallel_config(backend="loky",
                                                 inner_max_num_threads=max(1, threads // workers)))
-        stack.enter_context(threadpool_limits(limits=threads))
+        stack.enter_context(solver_threads(threads))
         yield
 
 

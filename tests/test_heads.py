@@ -406,6 +406,50 @@ def test_knn_votes_like_dinov2_and_chooses_k_on_validation():
     assert np.allclose(small_blocks.predict_proba(Xq), _knn_reference(X, y, Xq, 7, 0.07), atol=1e-5)
 
 
+def test_knn_searches_on_onedal_where_installed_with_scikit_learns_neighbours():
+    from sklearn.neighbors import NearestNeighbors
+
+    from pipeline.heads import WeightedKNN
+
+    pytest.importorskip("sklearnex", reason="the intel extra (make install adds it on x86-64)")
+    rng = np.random.default_rng(1)
+    y = np.arange(2000) % 5
+    X = (rng.normal(size=(2000, 32)) + 2 * np.eye(32)[y]).astype(np.float32)
+    queries = rng.normal(size=(300, 32)).astype(np.float32)
+    head = WeightedKNN(k=20).fit(X, y)
+    assert heads_module.solver(head) == "oneDAL"
+    sims, idx = head._neighbours(heads_module._unit_rows(queries), head.index_, 20)
+    stock = NearestNeighbors(algorithm="brute").fit(heads_module._unit_rows(X))
+    _, expected = stock.kneighbors(heads_module._unit_rows(queries), n_neighbors=20)
+    assert np.mean([set(a) == set(b) for a, b in zip(idx, expected)]) >= 0.99
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)  # most similar first
+
+
+def test_without_onedal_knn_searches_with_scikit_learn_and_says_so_once(monkeypatch, caplog):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_sklearnex(name, *args, **kwargs):
+        if name.startswith("sklearnex"):
+            raise ModuleNotFoundError("No module named 'sklearnex'")
+        return real_import(name, *args, **kwargs)
+
+    heads_module.neighbours_class.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_sklearnex)
+    try:
+        rng = np.random.default_rng(0)
+        y = np.arange(300) % 3
+        X = rng.normal(size=(300, 5)) + 3 * np.eye(5)[y]
+        with caplog.at_level("INFO", logger="pipeline.heads"):
+            first, second = make_head("knn").fit(X, y), make_head("knn").fit(X, y)
+        assert heads_module.solver(first) == "scikit-learn" == heads_module.solver(second)
+        assert caplog.text.count("knn searches with stock scikit-learn") == 1
+        assert first.score(X, y) > 0.9
+    finally:
+        heads_module.neighbours_class.cache_clear()
+
+
 @pytest.mark.bad_input
 def test_knn_with_k_over_the_training_rows_names_the_largest_k():
     from pipeline.heads import WeightedKNN
@@ -477,6 +521,32 @@ def test_exact_rbf_svm_runs_on_onedal_where_installed_with_the_same_answers(blob
     assert heads_module.solver(stock) == "scikit-learn"
     assert np.mean(head.predict(data.X_test) == stock.predict(data.X_test)) >= 0.99
     assert heads_module.exact_rbf_limit() == heads_module.EXACT_RBF_LIMIT_ACCELERATED
+
+
+def test_rbf_svm_labels_are_svc_votes_read_from_one_pass_of_decision_values(monkeypatch):
+    """The labels equal scikit-learn's SVC.predict (one-against-one votes, ties to the first
+    class) though read from the decision values: the test rows cost one kernel pass."""
+    from sklearn.svm import SVC
+
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 5
+    X = rng.normal(size=(400, 8)) + 1.5 * np.eye(8)[y]
+    queries = rng.normal(size=(300, 8)) + 0.5 * np.eye(8)[np.arange(300) % 5]
+    head = make_head("rbf_svm", {"C": 1.0}).fit(X, y)
+    prepare = head.model_[:-1]  # the head's own flatten + standardise, fitted on X
+    reference = SVC(kernel="rbf", C=1.0).fit(prepare.transform(X), y)
+    assert np.array_equal(head.predict(queries), reference.predict(prepare.transform(queries)))
+    passes = []
+    inner = head.model_.decision_function
+    monkeypatch.setattr(head.model_, "decision_function", lambda A: passes.append(1) or inner(A))
+    other = queries[::-1].copy()
+    labels, scores = head.predict(other), head.decision_function(other)
+    assert len(passes) == 1 and np.array_equal(labels, head.classes_[np.rint(scores).argmax(1)])
+    head.fit(X[:200], y[:200])  # a new fit forgets the old answers
+    inner = head.model_.decision_function
+    monkeypatch.setattr(head.model_, "decision_function", lambda A: passes.append(1) or inner(A))
+    head.predict(other)
+    assert len(passes) == 2
 
 
 def test_without_onedal_the_rbf_svm_runs_on_scikit_learn_and_says_so_once(monkeypatch, caplog):

@@ -116,6 +116,22 @@ def test_threads_caps_every_pool_a_head_fits_and_predicts_with(blobs_file, tmp_p
     assert pools_now() == before  # the caps go with the fit
 
 
+def test_threads_caps_onedal_too_where_the_intel_extra_is_installed(blobs_file, tmp_path,
+                                                                   monkeypatch):
+    """oneDAL (rbf_svm, knn) threads through TBB, which threadpoolctl does not see."""
+    daal4py = pytest.importorskip("daal4py", reason="the intel extra (make install adds it on x86-64)")
+    from pipeline import heads
+
+    seen = []
+    real_fit = heads.WeightedKNN.fit
+    monkeypatch.setattr(heads.WeightedKNN, "fit",
+                        lambda self, X, y: seen.append(daal4py.num_threads()) or real_fit(self, X, y))
+    before = daal4py.num_threads()
+    _, out = train_one(blobs_file, "knn", results_dir=tmp_path / "r", threads=1)
+    assert seen == [1] and json.loads((out / "metrics.json").read_text())["solver"] == "oneDAL"
+    assert daal4py.num_threads() == before  # the cap goes with the fit
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("threads", [0, 10_000, True])
 def test_threads_beyond_the_cores_or_below_one_are_refused_in_one_line(blobs_file, tmp_path, threads):
