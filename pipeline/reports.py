@@ -95,34 +95,49 @@ def plot_mistakes(mistakes: list[dict], source: str, title: str, path: Path, *,
         return f"the images are not readable: {exc}"
     if all(image is None for image in images):
         return f"none of the images is at {source} any more"
-    pictures = iter(images)  # in the order of ``shown``: pair by pair
+    sheet, (h, w) = _contact_sheet(chosen, images, per_pair)
     plt = _pyplot()
-    fig, axes = plt.subplots(len(chosen), per_pair, figsize=(1.5 * per_pair, 1.75 * len(chosen)),
-                             squeeze=False)
+    # One image in one axes: 36 small axes took 0.45 s a sheet to make and 0.3 s to save.
+    inches = 1.5 * per_pair, 1.5 * per_pair * sheet.shape[0] / sheet.shape[1]  # the sheet's
+    width, height = inches[0] + 1.3, inches[1] + 0.5  # and room for the labels and the title
+    fig = plt.figure(figsize=(width, height))
+    ax = fig.add_axes((1.2 / width, 0.1 / height, inches[0] / width, inches[1] / height))
+    ax.imshow(sheet, interpolation="nearest")
+    ax.set_axis_off()
+    gap = max(h, w) // 8
     for r, ((true, predicted), count, rows) in enumerate(chosen):
-        for c in range(per_pair):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for side in ax.spines.values():
-                side.set_visible(False)
-            if c >= len(rows):
-                continue
-            image = next(pictures)
-            if image is None:
-                ax.text(0.5, 0.5, "image\ngone", ha="center", va="center", fontsize=7)
-            else:
-                ax.imshow(image, interpolation="nearest")
-            confidence = rows[c]["confidence"]
-            ax.set_xlabel(f"{confidence:.2f}" if confidence is not None else "", fontsize=7)
-            if c == 0:
-                ax.set_ylabel(f"{true} ->\n{predicted}\n({count})", fontsize=7, rotation=0,
-                              ha="right", va="center")
+        top = r * (h + 2 * gap)
+        ax.text(-gap, top + h / 2, f"{true} ->\n{predicted}\n({count})", fontsize=7,
+                ha="right", va="center")
+        for c, row in enumerate(rows):
+            if row["confidence"] is not None:
+                ax.text(c * (w + gap) + w / 2, top + h + gap, f"{row['confidence']:.2f}",
+                        fontsize=7, ha="center", va="center")
     fig.suptitle(f"{title}: most confident mistakes, true -> predicted (count)", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
+
+
+def _contact_sheet(chosen: list, images: list, per_pair: int) -> tuple[np.ndarray, tuple]:
+    """The images pair by pair as one RGB array: a row per pair, a cell per image (each
+    scaled to the largest image's size, nearest pixel), white between, grey where an image
+    is gone; and the cell's (height, width)."""
+    present = [image for image in images if image is not None]
+    h, w = max(i.shape[0] for i in present), max(i.shape[1] for i in present)
+    gap = max(h, w) // 8
+    sheet = np.full((len(chosen) * (h + 2 * gap), per_pair * (w + gap), 3), 255, np.uint8)
+    pictures = iter(images)  # in the order of ``shown``: pair by pair
+    for r, (_, _, rows) in enumerate(chosen):
+        for c in range(len(rows)):
+            image = next(pictures)
+            cell = sheet[r * (h + 2 * gap):r * (h + 2 * gap) + h, c * (w + gap):c * (w + gap) + w]
+            if image is None:
+                cell[:] = 200
+                continue
+            image = np.atleast_3d(image)  # RGB; a grey one broadcasts
+            cell[:] = image[np.arange(h) * image.shape[0] // h][:, np.arange(w) * image.shape[1] // w]
+    return sheet, (h, w)
 
 
 def feature_labels(features: dict) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.reports import collect_results, compare, markdown_table, plot_confusion
@@ -272,3 +273,19 @@ def test_compare_summarises_learning_curves_per_k_with_their_spread(blobs_file, 
     assert "Learning curves" in (results_dir / "report.html").read_text()
     table = (results_dir / "compare.md").read_text()
     assert table.count("\n") == 2 + 2  # the curves' points are not rows of the results table
+
+
+def test_the_mistakes_sheet_puts_each_image_in_its_cell_and_marks_the_gone_ones():
+    from pipeline.reports import _contact_sheet
+
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0] = 255  # red
+    grey = np.full((16, 16), 90, np.uint8)  # smaller and grey: scaled up, same in every channel
+    chosen = [(("cat", "dog"), 5, [{}, {}]), (("dog", "cat"), 1, [{}])]
+    sheet, (h, w) = _contact_sheet(chosen, [rgb, grey, None], per_pair=3)
+    gap = 4
+    assert (h, w) == (32, 32) and sheet.shape == (2 * (32 + 2 * gap), 3 * (32 + gap), 3)
+    assert (sheet[:32, :32] == rgb).all()
+    assert (sheet[:32, 36:68] == 90).all()
+    assert (sheet[40:72, :32] == 200).all()  # gone: grey
+    assert (sheet[:32, 72:] == 255).all() and (sheet[40:72, 36:] == 255).all()  # no image: white
