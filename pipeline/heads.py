@@ -593,7 +593,10 @@ class StreamingLinear(ClassifierMixin, BaseEstimator):
 
         # Every alpha in lockstep on one stream of epochs: the same rows in the same order
         # as each would see alone (one seeded order), read and standardised once for all; on
-        # a stratified ``max_sweep_rows`` of the training rows, as the other heads sweep.
+        # a stratified ``max_sweep_rows`` of the training rows, as the other heads sweep: on
+        # 20,000, 73.06% (CIFAR-10) and 87.51% (Fashion-MNIST) against 73.11% and 87.49% on
+        # every row, fit 9.3 s and 14.8 s against 22.6 s and 28.5 s; on 10,000 CIFAR-10 lost
+        # half a point (benchmarks/sgd_sweep_rows.txt).
         alphas = [self.alpha] if self.alpha is not None else list(self.ALPHAS)
         models = {alpha: self._sgd(alpha) for alpha in alphas}
         order = np.random.default_rng(self.random_state)
