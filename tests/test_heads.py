@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from conftest import write_feature_file
@@ -292,6 +294,46 @@ def test_a_warm_startable_sweep_is_one_chain_up_the_grid_that_stops_past_the_pea
     chain = _WarmPeakedAtMilliC.fits[:4]  # in this process, one model warm-started up the grid
     assert len({fit[0] for fit in chain}) == 1 and all(fit[2] for fit in chain)
     assert [fit[1] for fit in chain] == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])
+
+
+class _OneDALPeakedAtRootTen(heads_module.ClassifierMixin, heads_module.BaseEstimator):
+    """Stands for oneDAL's SVC (only its module name says so): validation accuracy highest
+    at C = 10^0.5, lower half a decade either side; records the process of each fit."""
+
+    fits: list = []
+
+    def __init__(self, C: float = 1.0, kernel: str = "rbf", gamma="scale", cache_size: int = 200):
+        self.C, self.kernel, self.gamma, self.cache_size = C, kernel, gamma, cache_size
+
+    def fit(self, X, y):
+        type(self).fits.append((os.getpid(), self.C))
+        self.classes_ = np.unique(y)
+        return self
+
+    def decision_function(self, X):
+        right = (X[:, 0] > 0).astype(float)
+        wrong = int(round(len(right) * abs(np.log10(self.C) - 0.5) / 4))
+        right[:wrong] = 1 - right[:wrong]
+        return 2 * right - 1
+
+
+_OneDALPeakedAtRootTen.__module__ = "sklearnex.svm"
+
+
+def test_rbf_svm_on_onedal_sweeps_in_process_half_a_decade_apart_stopping_past_the_peak(
+        monkeypatch):
+    monkeypatch.setattr(heads_module, "svc_class", lambda: _OneDALPeakedAtRootTen)
+    _OneDALPeakedAtRootTen.fits = []
+    y = np.arange(400) % 2
+    X = np.c_[2.0 * y - 1, np.zeros(400)]
+    head = make_head("rbf_svm").fit(X, y)
+    assert heads_module.solver(head) == "oneDAL"
+    # 1, 10^0.5, 10 (below the best: stop); the refinement around 10^0.5 fits nothing again
+    assert [r["C"] for r in head.sweep_] == pytest.approx([1.0, 10 ** 0.5, 10.0])
+    assert [c["C"] for c in head.skipped_] == pytest.approx([10 ** 1.5, 100.0])
+    assert head.best_params_["C"] == pytest.approx(10 ** 0.5)
+    assert len(_OneDALPeakedAtRootTen.fits) == 4  # three settings, then the refit on all rows
+    assert {pid for pid, _ in _OneDALPeakedAtRootTen.fits} == {os.getpid()}  # no workers
 
 
 def test_l2_normalisation_and_pca_are_steps_fitted_with_the_head(blobs_file):
