@@ -296,7 +296,8 @@ class SweepClassifier(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
         # threads against 6.0 s on one, and a worker pays its start). The others (stock
         # kernel SVMs, one thread each) go up the grid n_jobs settings at a time in parallel
         # and stop once past the peak.
-        warm = "warm_start" in self.estimator_.get_params() or solver(self.estimator_) != "scikit-learn"
+        in_process = ("warm_start" in self.estimator_.get_params()
+                      or solver(self.estimator_) != "scikit-learn")
 
         def record(settings: list[dict], scored: list[tuple[float, bool]], left: int) -> None:
             for c, (score, converged) in zip(settings, scored):
@@ -309,7 +310,7 @@ class SweepClassifier(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
 
         def sweep(candidates: list[dict], stop_past_peak: bool) -> None:
             todo = [c for c in candidates if _same(c) not in tried]
-            if warm and todo:
+            if in_process and todo:
                 scored = self._score_chain(todo, X, y, fit_idx, val_idx, stop_past_peak)
                 record(todo, scored, 0)
                 self.skipped_ += [dict(c) for c in todo[len(scored):]]
@@ -671,6 +672,7 @@ class WeightedKNN(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         self._forget_answers()
+        self.__dict__.pop("_index", None)
         X, y = _arrays(X, y)
         X = _unit_rows(X)
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -680,8 +682,7 @@ class WeightedKNN(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
         if _no_validation(self):  # nothing to choose on: k (default: the smallest of KS) as given
             self.k_, self.validation_score_, self.sweep_ = min(self.k or self.KS[0], len(y)), None, []
             self.best_params_ = {"k": self.k_, "temperature": self.temperature}
-            self.codes_ = codes
-            self.index_ = neighbours_class()(algorithm="brute").fit(X)
+            self.X_, self.codes_ = X, codes
             return self
         fit_idx, val_idx = _validation_split(y, self.validation_fraction, self.random_state,
                                              self.validation_rows)
@@ -697,9 +698,20 @@ class WeightedKNN(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
         best = max(self.sweep_, key=lambda r: r["val_accuracy"])  # the smallest k on a tie
         self.k_, self.validation_score_ = best["k"], best["val_accuracy"]
         self.best_params_ = {"k": self.k_, "temperature": self.temperature}
-        self.codes_ = codes  # every training row, the validation rows included
-        self.index_ = neighbours_class()(algorithm="brute").fit(X)
+        self.X_, self.codes_ = X, codes  # every training row, the validation rows included
         return self
+
+    @property
+    def index_(self):
+        """The neighbour index over ``X_``, built on first use and never saved: oneDAL's
+        pickled index held three copies of the rows (a 691 MB model.joblib for 230 MB of
+        1,280-wide rows)."""
+        if "_index" not in self.__dict__:
+            self._index = neighbours_class()(algorithm="brute").fit(self.X_)
+        return self._index
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in super().__getstate__().items() if k != "_index"}
 
     def _neighbours(self, queries: np.ndarray, rows, k: int):
         """(similarities, indices) of each query's k most similar rows, most similar first:
@@ -919,9 +931,10 @@ def _rbf_svm(**kw):
     # 60,000 x 256 C = 100 against 3.2, 91.16% against 91.18%, 45 s against 98 s. 5,000 rows
     # chose C = 1 on CIFAR-10: 77.07%, for 4 s less.
     # Its labels read from its decision values: one kernel pass over the test rows where
-    # predict and decision_function took two (3.4 s each on CIFAR-10's 7,000).
-    return SweepClassifier(svc_class()(kernel="rbf", cache_size=1000), grid=grid, refine="C",
-                           vote_from_scores=True, **kw)
+    # predict and decision_function took two (3.4 s each on CIFAR-10's 7,000). Checked for
+    # scikit-learn's and oneDAL's decision values, not cuML's (no GPU to check them on).
+    svc = svc_class()(kernel="rbf", cache_size=1000)
+    return SweepClassifier(svc, grid=grid, refine="C", vote_from_scores=solver(svc) != "cuML", **kw)
 
 
 def _rbf_svm_approx(**kw):

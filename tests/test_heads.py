@@ -492,6 +492,24 @@ def test_without_onedal_knn_searches_with_scikit_learn_and_says_so_once(monkeypa
         heads_module.neighbours_class.cache_clear()
 
 
+def test_a_saved_knn_holds_its_rows_once_and_answers_the_same_when_loaded(tmp_path):
+    import joblib
+
+    from pipeline.heads import WeightedKNN
+
+    rng = np.random.default_rng(2)
+    y = np.arange(2000) % 4
+    X = (rng.normal(size=(2000, 64)) + 2 * np.eye(64)[y]).astype(np.float32)
+    queries = rng.normal(size=(100, 64)).astype(np.float32)
+    head = WeightedKNN(k=10).fit(X, y)
+    expected = head.predict_proba(queries)
+    joblib.dump(head, tmp_path / "model.joblib")
+    assert (tmp_path / "model.joblib").stat().st_size < 1.3 * X.nbytes  # no index beside the rows
+    loaded = joblib.load(tmp_path / "model.joblib")
+    assert "_index" not in loaded.__dict__ and "_last" not in loaded.__dict__
+    assert np.allclose(loaded.predict_proba(queries), expected)
+
+
 @pytest.mark.bad_input
 def test_knn_with_k_over_the_training_rows_names_the_largest_k():
     from pipeline.heads import WeightedKNN
@@ -655,6 +673,7 @@ def test_rbf_svm_runs_on_cuml_first_where_it_sees_a_gpu(monkeypatch, blobs_file)
     head = make_head("rbf_svm").fit(data.X_train, data.y_train)
     assert isinstance(head.model_.named_steps["clf"], _FakeCumlSVC)
     assert heads_module.solver(head) == "cuML"
+    assert head.vote_from_scores is False  # its own predict: cuML's decision values unchecked
     assert heads_module.exact_rbf_limit() == heads_module.EXACT_RBF_LIMIT_ACCELERATED
 
 
