@@ -467,7 +467,9 @@ def test_knn_searches_on_onedal_where_installed_with_scikit_learns_neighbours():
     assert np.all(np.diff(sims, axis=1) <= 1e-6)  # most similar first
 
 
-def test_without_onedal_knn_searches_with_scikit_learn_and_says_so_once(monkeypatch, caplog):
+@pytest.fixture
+def without_sklearnex(monkeypatch):
+    """A process where importing scikit-learn-intelex fails, as where the extra is absent."""
     import builtins
 
     real_import = builtins.__import__
@@ -477,19 +479,24 @@ def test_without_onedal_knn_searches_with_scikit_learn_and_says_so_once(monkeypa
             raise ModuleNotFoundError("No module named 'sklearnex'")
         return real_import(name, *args, **kwargs)
 
-    heads_module.neighbours_class.cache_clear()
+    for cached in (heads_module.onedal_svc, heads_module.neighbours_class):
+        cached.cache_clear()
     monkeypatch.setattr(builtins, "__import__", no_sklearnex)
-    try:
-        rng = np.random.default_rng(0)
-        y = np.arange(300) % 3
-        X = rng.normal(size=(300, 5)) + 3 * np.eye(5)[y]
-        with caplog.at_level("INFO", logger="pipeline.heads"):
-            first, second = make_head("knn").fit(X, y), make_head("knn").fit(X, y)
-        assert heads_module.solver(first) == "scikit-learn" == heads_module.solver(second)
-        assert caplog.text.count("knn searches with stock scikit-learn") == 1
-        assert first.score(X, y) > 0.9
-    finally:
-        heads_module.neighbours_class.cache_clear()
+    yield
+    monkeypatch.undo()
+    for cached in (heads_module.onedal_svc, heads_module.neighbours_class):
+        cached.cache_clear()
+
+
+def test_without_onedal_knn_searches_with_scikit_learn_and_says_so_once(without_sklearnex, caplog):
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 3
+    X = rng.normal(size=(300, 5)) + 3 * np.eye(5)[y]
+    with caplog.at_level("INFO", logger="pipeline.heads"):
+        first, second = make_head("knn").fit(X, y), make_head("knn").fit(X, y)
+    assert heads_module.solver(first) == "scikit-learn" == heads_module.solver(second)
+    assert caplog.text.count("knn searches with stock scikit-learn") == 1
+    assert first.score(X, y) > 0.9
 
 
 def test_a_saved_knn_holds_its_rows_once_and_answers_the_same_when_loaded(tmp_path):
@@ -609,26 +616,13 @@ def test_rbf_svm_labels_are_svc_votes_read_from_one_pass_of_decision_values(monk
     assert len(passes) == 2
 
 
-def test_without_onedal_the_rbf_svm_runs_on_scikit_learn_and_says_so_once(monkeypatch, caplog):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_sklearnex(name, *args, **kwargs):
-        if name.startswith("sklearnex"):
-            raise ModuleNotFoundError("No module named 'sklearnex'")
-        return real_import(name, *args, **kwargs)
-
-    heads_module.onedal_svc.cache_clear()
-    monkeypatch.setattr(builtins, "__import__", no_sklearnex)
-    try:
-        with caplog.at_level("INFO", logger="pipeline.heads"):
-            first, second = make_head("rbf_svm"), make_head("rbf_svm")
-        assert heads_module.solver(first) == "scikit-learn" == heads_module.solver(second)
-        assert caplog.text.count("scikit-learn-intelex is not installed") == 1
-        assert heads_module.exact_rbf_limit() == heads_module.EXACT_RBF_LIMIT
-    finally:
-        heads_module.onedal_svc.cache_clear()
+def test_without_onedal_the_rbf_svm_runs_on_scikit_learn_and_says_so_once(without_sklearnex,
+                                                                           caplog):
+    with caplog.at_level("INFO", logger="pipeline.heads"):
+        first, second = make_head("rbf_svm"), make_head("rbf_svm")
+    assert heads_module.solver(first) == "scikit-learn" == heads_module.solver(second)
+    assert caplog.text.count("scikit-learn-intelex is not installed") == 1
+    assert heads_module.exact_rbf_limit() == heads_module.EXACT_RBF_LIMIT
 
 
 def test_onedal_still_loads_in_a_process_that_ran_openvino_first():
