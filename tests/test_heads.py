@@ -654,6 +654,26 @@ def test_sgd_linear_trains_its_alphas_together_as_each_would_alone():
     assert threaded.sweep_ == together.sweep_
 
 
+def test_sgd_linear_sweeps_on_max_sweep_rows_then_refits_on_every_row(monkeypatch):
+    from sklearn.linear_model import SGDClassifier
+
+    seen: dict = {}
+    real = SGDClassifier.partial_fit
+
+    def partial_fit(self, X, y, classes=None):
+        seen.setdefault(id(self), []).append(len(X))
+        return real(self, X, y, classes=classes)
+
+    monkeypatch.setattr(SGDClassifier, "partial_fit", partial_fit)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 300)
+    X = (rng.normal(size=(900, 6)) + 1.2 * np.eye(6)[y]).astype(np.float32)
+    head = StreamingLinear(alpha=1e-3, max_sweep_rows=300, max_epochs=4, patience=10).fit(X, y)
+    [sweep, refit] = seen.values()  # one alpha's model, then the refit's, in that order
+    assert sum(sweep) == 4 * 300  # four epochs on 300 of the 810 training rows
+    assert sum(refit) == head.best_params_["epochs"] * 900  # every row, validation included
+
+
 class _FakeCumlSVC(heads_module.SVC):
     """Stands for cuML's SVC where no GPU is lent: only its module name differs."""
 
