@@ -185,7 +185,11 @@ def _setting(row: dict) -> dict:
 class _KeepsLastAnswer:
     """The last rows' scores kept, keyed by the rows' bytes: ``evaluate`` asks a head for the
     labels, then for the scores of the same test rows, and where scoring is most of a head's
-    cost (a neighbour search, a kernel SVC's 45,000 x 7,000 kernel: 3.5 s) it pays once."""
+    cost (a neighbour search, a kernel SVC's 45,000 x 7,000 kernel: 3.5 s) it pays once.
+    ``_DERIVED`` names what is computed from the fitted model on demand: forgotten by a new
+    fit, never saved with the model."""
+
+    _DERIVED: tuple[str, ...] = ("_last",)
 
     def _answer(self, X: np.ndarray, compute) -> np.ndarray:
         key = (X.shape, hashlib.blake2b(np.ascontiguousarray(X).tobytes(), digest_size=16).digest())
@@ -193,11 +197,12 @@ class _KeepsLastAnswer:
             self._last = (key, compute(X))
         return self._last[1].copy()
 
-    def _forget_answers(self) -> None:
-        self.__dict__.pop("_last", None)
+    def _forget_derived(self) -> None:
+        for name in self._DERIVED:
+            self.__dict__.pop(name, None)
 
-    def __getstate__(self) -> dict:  # a saved model does not carry the test rows' answers
-        return {k: v for k, v in super().__getstate__().items() if k != "_last"}
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in super().__getstate__().items() if k not in self._DERIVED}
 
 
 def _vote_winner(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -264,7 +269,7 @@ class SweepClassifier(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
             return _fit_converged(model, X, y)
 
     def fit(self, X, y):
-        self._forget_answers()
+        self._forget_derived()
         X, y = _arrays(X, y)
         self.estimator_ = self.estimator if self.estimator is not None else \
             LogisticRegression(max_iter=1000)
@@ -659,6 +664,7 @@ class WeightedKNN(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
     similarities whatever the sizes."""
 
     KS = (10, 20, 100, 200)
+    _DERIVED = ("_last", "_index")
 
     def __init__(self, k: int | None = None, temperature: float = 0.07,
                  validation_fraction: float = 0.1, random_state: int = 0,
@@ -671,8 +677,7 @@ class WeightedKNN(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
         self.block_rows = block_rows
 
     def fit(self, X, y):
-        self._forget_answers()
-        self.__dict__.pop("_index", None)
+        self._forget_derived()
         X, y = _arrays(X, y)
         X = _unit_rows(X)
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -688,7 +693,7 @@ class WeightedKNN(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
                                              self.validation_rows)
         ks = [self.k] if self.k is not None else [k for k in self.KS if k <= len(fit_idx)]
         ks = [min(k, len(fit_idx)) for k in ks or [len(fit_idx)]]
-        sims, idx = self._neighbours(X[val_idx], X[fit_idx], max(ks))
+        sims, idx = self._neighbours(X[val_idx], _search_index(X[fit_idx]), max(ks))
         neighbour_codes = codes[fit_idx][idx]
         self.sweep_ = []
         for k in ks:
@@ -707,21 +712,15 @@ class WeightedKNN(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
         pickled index held three copies of the rows (a 691 MB model.joblib for 230 MB of
         1,280-wide rows)."""
         if "_index" not in self.__dict__:
-            self._index = neighbours_class()(algorithm="brute").fit(self.X_)
+            self._index = _search_index(self.X_)
         return self._index
 
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in super().__getstate__().items() if k != "_index"}
-
-    def _neighbours(self, queries: np.ndarray, rows, k: int):
-        """(similarities, indices) of each query's k most similar rows, most similar first:
-        a Euclidean search of unit rows (``rows``: an index fitted on them), whose distances
-        give the cosine similarities, 1 - d^2 / 2."""
-        if not hasattr(rows, "kneighbors"):
-            rows = neighbours_class()(algorithm="brute").fit(rows)
+    def _neighbours(self, queries: np.ndarray, index, k: int):
+        """(similarities, indices) of each query's k most similar rows in ``index``
+        (``_search_index`` of unit rows), most similar first."""
         sims, idx = [], []
         for lo in range(0, len(queries), self.block_rows):
-            distances, found = rows.kneighbors(queries[lo:lo + self.block_rows], n_neighbors=k)
+            distances, found = index.kneighbors(queries[lo:lo + self.block_rows], n_neighbors=k)
             sims.append(1 - np.square(distances, dtype=np.float32) / 2)
             idx.append(found)
         return np.concatenate(sims), np.concatenate(idx)
@@ -742,6 +741,12 @@ class WeightedKNN(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+def _search_index(unit_rows: np.ndarray):
+    """A brute-force Euclidean neighbour index over rows of length one, whose distances give
+    the cosine similarities: 1 - d^2 / 2."""
+    return neighbours_class()(algorithm="brute").fit(unit_rows)
 
 
 def _unit_rows(X) -> np.ndarray:

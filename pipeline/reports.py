@@ -95,7 +95,7 @@ def plot_mistakes(mistakes: list[dict], source: str, title: str, path: Path, *,
         return f"the images are not readable: {exc}"
     if all(image is None for image in images):
         return f"none of the images is at {source} any more"
-    sheet, (h, w) = _contact_sheet(chosen, images, per_pair)
+    sheet, (h, w, gap) = _contact_sheet(chosen, images, per_pair)
     plt = _pyplot()
     # One image in one axes: 36 small axes took 0.45 s a sheet to make and 0.3 s to save.
     inches = 1.5 * per_pair, 1.5 * per_pair * sheet.shape[0] / sheet.shape[1]  # the sheet's
@@ -104,7 +104,6 @@ def plot_mistakes(mistakes: list[dict], source: str, title: str, path: Path, *,
     ax = fig.add_axes((1.2 / width, 0.1 / height, inches[0] / width, inches[1] / height))
     ax.imshow(sheet, interpolation="nearest")
     ax.set_axis_off()
-    gap = max(h, w) // 8
     for r, ((true, predicted), count, rows) in enumerate(chosen):
         top = r * (h + 2 * gap)
         ax.text(-gap, top + h / 2, f"{true} ->\n{predicted}\n({count})", fontsize=7,
@@ -122,7 +121,7 @@ def plot_mistakes(mistakes: list[dict], source: str, title: str, path: Path, *,
 def _contact_sheet(chosen: list, images: list, per_pair: int) -> tuple[np.ndarray, tuple]:
     """The images pair by pair as one RGB array: a row per pair, a cell per image (each
     scaled to the largest image's size, nearest pixel), white between, grey where an image
-    is gone; and the cell's (height, width)."""
+    is gone; and the cell's (height, width, gap)."""
     present = [image for image in images if image is not None]
     h, w = max(i.shape[0] for i in present), max(i.shape[1] for i in present)
     gap = max(h, w) // 8
@@ -137,7 +136,7 @@ def _contact_sheet(chosen: list, images: list, per_pair: int) -> tuple[np.ndarra
                 continue
             image = np.atleast_3d(image)  # RGB; a grey one broadcasts
             cell[:] = image[np.arange(h) * image.shape[0] // h][:, np.arange(w) * image.shape[1] // w]
-    return sheet, (h, w)
+    return sheet, (h, w, gap)
 
 
 def feature_labels(features: dict) -> tuple[str, str]:

@@ -282,9 +282,8 @@ def test_the_mistakes_sheet_puts_each_image_in_its_cell_and_marks_the_gone_ones(
     rgb[..., 0] = 255  # red
     grey = np.full((16, 16), 90, np.uint8)  # smaller and grey: scaled up, same in every channel
     chosen = [(("cat", "dog"), 5, [{}, {}]), (("dog", "cat"), 1, [{}])]
-    sheet, (h, w) = _contact_sheet(chosen, [rgb, grey, None], per_pair=3)
-    gap = 4
-    assert (h, w) == (32, 32) and sheet.shape == (2 * (32 + 2 * gap), 3 * (32 + gap), 3)
+    sheet, (h, w, gap) = _contact_sheet(chosen, [rgb, grey, None], per_pair=3)
+    assert (h, w, gap) == (32, 32, 4) and sheet.shape == (2 * (32 + 2 * gap), 3 * (32 + gap), 3)
     assert (sheet[:32, :32] == rgb).all()
     assert (sheet[:32, 36:68] == 90).all()
     assert (sheet[40:72, :32] == 200).all()  # gone: grey
