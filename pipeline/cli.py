@@ -17,7 +17,7 @@ import traceback
 from dataclasses import MISSING
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import LANE, PipelineError
 from pipeline.results import DEFAULT_RESULTS_DIR
 from pipeline.store import DEFAULT_CACHE_DIR
 
@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
+        if record.threadName.startswith(LANE):  # a head trained beside others: say which
+            text = f"[{record.threadName[len(LANE):]}] {text}"
         return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
 
 

@@ -49,8 +49,8 @@ from pipeline.training import (
     check_tries,
     curve_points,
     result_identity,
-    train_curve,
-    train_one,
+    run_heads,
+    train_call,
 )
 
 DEFAULT_CONFIG = Path("experiments", "default.toml")  # in the project folder, as make has it
@@ -468,8 +468,8 @@ def _extract_missing(todo: list[Job], extract, steps: _Steps) -> None:
 def _train_stale(exp: Experiment, jobs: list, head_states: dict, map_calls, steps: _Steps,
                  threads: int | None) -> None:
     """Every head result not up to date, fusions last (their parts are extracted by then): here
-    one after another, or all at once as cluster tasks (``map_calls``)."""
-    calls = []
+    on this machine's cores (``run_heads``), or all at once as cluster tasks (``map_calls``)."""
+    calls, announce = [], []
     for job in jobs:
         if job.state != "cached":
             log.warning("skipping heads on %s: features not extracted (make features)", job.label)
@@ -483,15 +483,9 @@ def _train_stale(exp: Experiment, jobs: list, head_states: dict, map_calls, step
             if "shots" in h:
                 call.update(shots=h["shots"], tries=h.get("tries"))
             calls.append(call)
-            step = steps.next()
-            if map_calls is None:
-                log.info("%s %s on %s", step, head_label(h["name"], h.get("params")), job.label)
-                _train(**call)
-    if map_calls is not None and calls:
+            announce.append(f"{steps.next()} {head_label(h['name'], h.get('params'))} on {job.label}")
+    if map_calls is None:
+        run_heads(calls, threads, announce)
+    elif calls:
         log.info("training %d head(s) as cluster tasks", len(calls))
-        map_calls(_train, calls)
-
-
-def _train(**call):
-    """One head entry: its result, or its learning curve (``shots``)."""
-    return train_curve(**call) if "shots" in call else train_one(**call)
+        map_calls(train_call, calls)

@@ -21,21 +21,29 @@ COLUMNS = ["dataset", "backbone", "mode", "head", "validation_accuracy", "test_a
            "n_train", "per_class_recall", "result"]
 
 
-def _pyplot():
+def _figure(**kw):
+    """A figure of its own, outside pyplot's global figure registry: heads trained side by
+    side (``training.run_heads``) draw their plots at the same time, in threads."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)  # drawn by Agg, as pyplot's "Agg" backend drew it
+    return fig
+
+
+def _colormap(name: str):
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return matplotlib.colormaps[name]
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], title: str, path: Path) -> None:
-    plt = _pyplot()
     m = np.asarray(matrix, dtype=float)
     norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     size = max(4.0, 0.45 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = _figure(figsize=(size + 1, size))
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(classes)), classes, fontsize=8)
@@ -50,7 +58,6 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], title: str, path
     fig.colorbar(im, ax=ax, fraction=0.046, label="row-normalised")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 MISTAKE_COLUMNS = ["row", "id", "true", "predicted", "confidence"]
@@ -96,11 +103,10 @@ def plot_mistakes(mistakes: list[dict], source: str, title: str, path: Path, *,
     if all(image is None for image in images):
         return f"none of the images is at {source} any more"
     sheet, (h, w, gap) = _contact_sheet(chosen, images, per_pair)
-    plt = _pyplot()
     # One image in one axes: 36 small axes took 0.45 s a sheet to make and 0.3 s to save.
     inches = 1.5 * per_pair, 1.5 * per_pair * sheet.shape[0] / sheet.shape[1]  # the sheet's
     width, height = inches[0] + 1.3, inches[1] + 0.5  # and room for the labels and the title
-    fig = plt.figure(figsize=(width, height))
+    fig = _figure(figsize=(width, height))
     ax = fig.add_axes((1.2 / width, 0.1 / height, inches[0] / width, inches[1] / height))
     ax.imshow(sheet, interpolation="nearest")
     ax.set_axis_off()
@@ -114,7 +120,6 @@ def plot_mistakes(mistakes: list[dict], source: str, title: str, path: Path, *,
                         fontsize=7, ha="center", va="center")
     fig.suptitle(f"{title}: most confident mistakes, true -> predicted (count)", fontsize=9)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return None
 
 
@@ -219,19 +224,19 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path) -> None:
     head, a number the features: the key under each panel spells the features out (best
     first), so long names never cover points. A ring marks the result the table marks best
     (chosen on validation accuracy)."""
-    plt = _pyplot()
     from matplotlib.ticker import NullFormatter
 
     datasets = sorted({r["dataset"] for r in rows})
     heads = sorted({r["head"] for r in rows})
     markers = dict(zip(heads, "osD^v<>pP*hX"))
-    colors = {h: plt.get_cmap("tab10")(i % 10) for i, h in enumerate(heads)}
+    colors = {h: _colormap("tab10")(i % 10) for i, h in enumerate(heads)}
     best = _best_per_dataset(rows)
     keys = {d: _feature_numbers([r for r in rows if r["dataset"] == d]) for d in datasets}
     line = 0.16  # inches per line of a key
     heights = [h for d in datasets for h in (3.4, 0.15 + line * len(keys[d]))]
-    fig, axes = plt.subplots(2 * len(datasets), 1, figsize=(9, sum(heights)),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig = _figure(figsize=(9, sum(heights)))
+    axes = fig.subplots(2 * len(datasets), 1, gridspec_kw={"height_ratios": heights},
+                        squeeze=False)
     for i, dataset in enumerate(datasets):
         ax, key_ax = axes[2 * i, 0], axes[2 * i + 1, 0]
         points = [r for r in rows if r["dataset"] == dataset]
@@ -262,7 +267,6 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path) -> None:
                     family="monospace")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _feature_numbers(points: list[dict]) -> dict[tuple[str, str], int]:
@@ -380,9 +384,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     """Test accuracy against training images per class (log axis), one panel per dataset, a
     line per (features, head) with a band of one standard deviation over the draws; the
     full-data result, where trained, is the point at the right."""
-    plt = _pyplot()
     datasets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, 4.8 * len(datasets)), squeeze=False)
+    fig = _figure(figsize=(9, 4.8 * len(datasets)))
+    axes = fig.subplots(len(datasets), 1, squeeze=False)
     for ax, dataset in zip(axes[:, 0], datasets):
         mine = [r for r in rows if r["dataset"] == dataset]
         lines = sorted({(r["backbone"], r["mode"], r["head"]) for r in mine})
@@ -395,7 +399,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             ks = np.array([r["shots"] for r in drawn], dtype=float)
             mean = 100 * np.array([r["mean_test_accuracy"] for r in drawn])
             std = 100 * np.array([r["std_test_accuracy"] for r in drawn])
-            color = plt.get_cmap("tab10")(heads.index(line[2]) % 10)
+            color = _colormap("tab10")(heads.index(line[2]) % 10)
             style = ("-", "--", ":", "-.")[features.index(line[:2]) % 4]
             label = line[2] + (f" on {line[0]} {line[1]}" if len(features) > 1 else "")
             ax.plot(ks, mean, marker="o", ls=style, color=color, label=label, ms=4)
@@ -413,7 +417,6 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7, loc="lower right", ncol=2 if len(lines) > 6 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_curves(results_dir: Path, full: dict[Path, ResultRecord]) -> list[dict]:
@@ -458,9 +461,9 @@ def feature_view(path: Path, out: Path, *, rows: int = 1000, seed: int = 0) -> s
     if len(X) > 30:
         views["t-SNE"] = TSNE(n_components=2, init="pca", random_state=seed,
                               perplexity=min(30.0, (len(X) - 1) / 3)).fit_transform(X)
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(views), figsize=(5 * len(views) + 1.5, 4.5), squeeze=False)
-    cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+    fig = _figure(figsize=(5 * len(views) + 1.5, 4.5))
+    axes = fig.subplots(1, len(views), squeeze=False)
+    cmap = _colormap("tab20" if len(classes) > 10 else "tab10")
     for ax, (name, points) in zip(axes[0], views.items()):
         for c, label in enumerate(classes):
             mine = y == c
@@ -475,7 +478,6 @@ def feature_view(path: Path, out: Path, *, rows: int = 1000, seed: int = 0) -> s
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
-    plt.close(fig)
     return None
 
 

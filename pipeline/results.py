@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -110,7 +111,7 @@ def check_results_dir(results_dir: str | Path) -> Path:
     path = Path(results_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
+        probe = path / f".write-test-{os.getpid()}-{threading.get_ident()}"  # heads side by side
         probe.touch()
         probe.unlink()
     except (FileExistsError, NotADirectoryError):

@@ -73,6 +73,21 @@ def test_train_then_compare_from_the_command_line(tmp_path, blobs_file, capsys):
     assert main(["train", "--head", "logreg", "--param", "C", "--features", str(blobs_file)]) == 2
 
 
+def test_heads_trained_side_by_side_name_themselves_on_each_log_line(tmp_path, blobs_file, capsys,
+                                                                    monkeypatch):
+    from pipeline import runtimes
+
+    monkeypatch.setattr(runtimes, "cpu_cores", lambda: 2)
+    assert main(["train", "--head", "logreg", "--head", "linear_svm", "--features", str(blobs_file),
+                 "--results-dir", str(tmp_path / "r")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    for head in ("logreg", "linear_svm"):
+        mine = [line for line in lines if line.startswith(f"[{head}] ")]
+        assert any(f"training {head} on" in line for line in mine), lines
+        assert any("sweep:" in line for line in mine) and any("refit" in line for line in mine)
+    assert all(line.startswith(("[logreg] ", "[linear_svm] ")) for line in lines), lines
+
+
 @pytest.mark.bad_input
 def test_engine_ray_without_ray_installed_says_how_to_get_it(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed

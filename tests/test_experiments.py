@@ -13,8 +13,9 @@ from conftest import LEDGER, REPO, audit_cache, make_images
 
 from pipeline import experiments
 from pipeline.errors import PipelineError
-from pipeline.experiments import load_experiment, run_experiment, train_one
+from pipeline.experiments import load_experiment, run_experiment
 from pipeline.store import FeatureFile, check_file
+from pipeline.training import train_one
 
 
 def _npz(path, seed):

@@ -275,3 +275,121 @@ def test_bad_learning_curve_options_get_one_line(blobs_file, tmp_path, capsys, a
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not list((tmp_path / "r").rglob("metrics.json"))
+
+
+# ----------------------------------------------------------------------------- heads side by side
+
+def _hard_file(tmp_path):
+    """600/300 rows of 20-d features, 3 overlapping classes: heads make mistakes on it."""
+    from conftest import write_feature_file
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(900, n_features=20, n_informative=6, n_classes=3, class_sep=0.8,
+                               n_clusters_per_class=1,
+                               random_state=0)
+    X = X.astype(np.float32)
+    return write_feature_file(tmp_path / "cache", X[:600], y[:600], X[600:], y[600:])
+
+
+def test_one_core_heads_train_side_by_side_one_core_each_longest_first(blobs_file, tmp_path,
+                                                                        monkeypatch):
+    import threading
+    import time
+
+    from threadpoolctl import threadpool_info
+
+    from pipeline import runtimes
+    from pipeline.errors import LANE
+
+    monkeypatch.setattr(runtimes, "cpu_cores", lambda: 2)
+    ran, pools, real_train, real_evaluate = [], {}, training.train_one, training.evaluate
+
+    def train(feature_path, head, params=None, **kw):
+        start = time.perf_counter()
+        result = real_train(feature_path, head, params, **kw)
+        time.sleep(0.3)  # long enough for the other lane to start meanwhile
+        ran.append({"head": head, "threads": kw["threads"], "thread": threading.current_thread().name,
+                    "start": start, "end": time.perf_counter()})
+        return result
+
+    def evaluate(model, *args, **kw):  # within the head's thread budget, as its fit is
+        pools[threading.current_thread().name] = {p["num_threads"] for p in threadpool_info()}
+        return real_evaluate(model, *args, **kw)
+
+    monkeypatch.setattr(training, "train_one", train)
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    training.train_heads(["mlp", "knn", "logreg", "sgd_linear"], cache_dir=str(blobs_file.parent),
+                         results_dir=str(tmp_path / "r"))
+    by_head = {r["head"]: r for r in ran}
+    # knn's search uses every core: alone, first, on both
+    assert ran[0]["head"] == "knn" and by_head["knn"]["threads"] == 2
+    assert by_head["knn"]["thread"] == "MainThread" and pools["MainThread"] == {2}
+    lanes = sorted((r for r in ran if r["head"] != "knn"), key=lambda r: r["start"])
+    assert [r["head"] for r in lanes] == ["sgd_linear", "logreg", "mlp"]  # the longest first
+    for r in lanes:  # each on one core: every pool it sees (BLAS, OpenMP) at one thread
+        assert r["threads"] == 1 and r["thread"] == LANE + r["head"] and pools[r["thread"]] == {1}, r
+    first, second = lanes[0], lanes[1]
+    assert second["start"] < first["end"] and first["start"] < second["end"]  # at the same time
+    assert len(list((tmp_path / "r").glob("*/*/metrics.json"))) == 4
+
+
+def test_heads_side_by_side_give_the_answers_they_give_one_after_another(tmp_path, monkeypatch):
+    import joblib
+
+    from pipeline import runtimes
+    from pipeline.store import FeatureFile
+
+    monkeypatch.setattr(runtimes, "cpu_cores", lambda: 2)
+    path = _hard_file(tmp_path)
+    heads = ["logreg", "linear_svm", "mlp", "sgd_linear"]
+    for threads in (1, 2):  # one after another; side by side
+        training.train_heads(heads, cache_dir=str(path.parent), results_dir=str(tmp_path / f"r{threads}"),
+                             threads=threads)
+    with FeatureFile(path) as ff:
+        X, y = ff.features("test")[:], ff.labels("test")
+    for head in heads:
+        [apart] = (tmp_path / "r1").glob(f"*/{head}/model.joblib")
+        [beside] = (tmp_path / "r2").glob(f"*/{head}/model.joblib")
+        one, two = joblib.load(apart), joblib.load(beside)
+        assert 0.6 < one.score(X, y) < 0.95, head  # it makes mistakes: the answers can differ
+        np.testing.assert_array_equal(one.predict(X), two.predict(X), err_msg=head)
+        metrics = [json.loads(m.parent.joinpath("metrics.json").read_text()) for m in (apart, beside)]
+        assert [m["threads"] for m in metrics] == [1, 1]
+        assert metrics[0]["test_accuracy"] == metrics[1]["test_accuracy"]
+
+
+def test_a_head_failing_beside_another_stops_the_rest_and_is_raised(blobs_file, tmp_path, monkeypatch):
+    import time
+
+    from pipeline import runtimes
+
+    monkeypatch.setattr(runtimes, "cpu_cores", lambda: 2)
+    started, real = [], training.train_one
+
+    def spy(feature_path, head, params=None, **kw):
+        started.append(head)
+        if head == "logreg":
+            raise PipelineError("logreg: something the user must fix")
+        time.sleep(0.5)
+        return real(feature_path, head, params, **kw)
+
+    monkeypatch.setattr(training, "train_one", spy)
+    with pytest.raises(PipelineError, match="logreg: something the user must fix"):
+        training.train_heads(["logreg", "mlp", "sgd_linear"], cache_dir=str(blobs_file.parent),
+                             results_dir=str(tmp_path / "r"))
+    assert sorted(started) == ["logreg", "sgd_linear"]  # mlp, not started yet, never is
+    assert [m.parent.name for m in (tmp_path / "r").glob("*/*/metrics.json")] == ["sgd_linear"]
+
+
+def test_a_memory_budget_given_keeps_heads_one_after_another(blobs_file, tmp_path, monkeypatch):
+    import threading
+
+    from pipeline import runtimes
+
+    monkeypatch.setattr(runtimes, "cpu_cores", lambda: 2)
+    ran, real = [], training.train_one
+    monkeypatch.setattr(training, "train_one", lambda feature_path, head, params=None, **kw: ran.append(
+        (head, kw["threads"], threading.current_thread().name)) or real(feature_path, head, params, **kw))
+    training.train_heads(["logreg", "mlp"], cache_dir=str(blobs_file.parent),
+                         results_dir=str(tmp_path / "r"), memory_budget_gb=1.0)
+    assert ran == [("logreg", 2, "MainThread"), ("mlp", 2, "MainThread")]
