@@ -47,6 +47,7 @@ from pipeline.training import (
     check_curve_head,
     check_shots,
     check_tries,
+    cluster_tasks,
     curve_points,
     result_identity,
     run_heads,
@@ -488,4 +489,4 @@ def _train_stale(exp: Experiment, jobs: list, head_states: dict, map_calls, step
         run_heads(calls, threads, announce)
     elif calls:
         log.info("training %d head(s) as cluster tasks", len(calls))
-        map_calls(train_call, calls)
+        map_calls(train_call, cluster_tasks(calls, threads))

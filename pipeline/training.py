@@ -417,6 +417,26 @@ def train_call(**call) -> tuple[str, Path] | list:
     return train_curve(**call) if "shots" in call else train_one(**call)
 
 
+def _one_core(call: dict) -> bool:
+    return bool(HEADS[call["head"]].lane_seconds) and "shots" not in call
+
+
+def _one_core_last(calls: list[dict]) -> tuple[list[int], list[int]]:
+    """Indices of the entries that use every core, in order, and of the one-core entries
+    (``HeadSpec.lane_seconds``), the longest first."""
+    narrow = sorted((i for i, call in enumerate(calls) if _one_core(call)),
+                    key=lambda i: -HEADS[calls[i]["head"]].lane_seconds)
+    return [i for i in range(len(calls)) if i not in narrow], narrow
+
+
+def cluster_tasks(calls: list[dict], threads: int | None = None) -> list[dict]:
+    """Head entries as cluster tasks (``--engine ray``), sized as ``run_heads`` runs them on one
+    machine: a one-core head asks one core (two share a 2-core node, side by side), the others
+    ``threads`` (None: a whole node); in the same order, the one-core heads last."""
+    wide, narrow = _one_core_last(calls)
+    return [{**calls[i], "threads": 1 if i in narrow else threads} for i in wide + narrow]
+
+
 def run_heads(calls: list[dict], threads: int | None = None,
               announce: list[str] | None = None) -> None:
     """Head entries (``train_call``'s arguments) on ``threads`` cores: those whose solvers use
@@ -432,12 +452,11 @@ def run_heads(calls: list[dict], threads: int | None = None,
     entries finish."""
     threads = check_threads(threads)
     lines = announce or [""] * len(calls)
-    narrow = [i for i, call in enumerate(calls)
-              if HEADS[call["head"]].lane_seconds and "shots" not in call] if threads > 1 else []
-    if len(narrow) < 2 or any(calls[i].get("memory_budget_gb") for i in narrow):
-        narrow = []  # a memory budget the user gives is for one head's features at a time
-    narrow.sort(key=lambda i: -HEADS[calls[i]["head"]].lane_seconds)  # the longest first
-    for i in (i for i in range(len(calls)) if i not in narrow):
+    wide, narrow = _one_core_last(calls)
+    if threads < 2 or len(narrow) < 2 or any(calls[i].get("memory_budget_gb") for i in narrow):
+        # (a memory budget the user gives is for one head's features at a time)
+        wide, narrow = wide + narrow, []
+    for i in wide:
         if lines[i]:
             log.info("%s", lines[i])
         train_call(**{**calls[i], "threads": threads})

@@ -459,6 +459,7 @@ def test_run_on_ray_gives_the_single_process_results(no_cluster, dataset, tmp_pa
     local, on_ray = _metrics(tmp_path / "local" / "results"), _metrics(tmp_path / "ray" / "results")
     assert set(on_ray) == {"logreg", "mlp"} == set(local)
     assert len(on_ray["logreg"]["sweep"]) >= 8  # the C sweep ran (through Ray's joblib backend)
+    assert on_ray["logreg"]["threads"] == on_ray["mlp"]["threads"] == 1  # one-core heads: a core
     for head in local:  # features equal to float32 rounding: the same choices, and at most
         assert on_ray[head]["best_params"] == local[head]["best_params"]  # one test image apart
         n_test = local[head]["n_test"]

@@ -393,3 +393,13 @@ def test_a_memory_budget_given_keeps_heads_one_after_another(blobs_file, tmp_pat
     training.train_heads(["logreg", "mlp"], cache_dir=str(blobs_file.parent),
                          results_dir=str(tmp_path / "r"), memory_budget_gb=1.0)
     assert ran == [("logreg", 2, "MainThread"), ("mlp", 2, "MainThread")]
+
+
+def test_on_a_cluster_one_core_heads_ask_one_core_and_the_others_a_node():
+    calls = [{"head": h} for h in ("mlp", "rbf_svm", "logreg", "knn")] + [
+        {"head": "logreg", "shots": [1, "all"]}]  # a learning curve: many fits, every core
+    tasks = training.cluster_tasks(calls)
+    assert [(t["head"], t["threads"]) for t in tasks] == [
+        ("rbf_svm", None), ("knn", None), ("logreg", None), ("logreg", 1), ("mlp", 1)]
+    assert "shots" in tasks[2] and "shots" not in tasks[3]
+    assert [t["threads"] for t in training.cluster_tasks(calls, 2)] == [2, 2, 2, 1, 1]
