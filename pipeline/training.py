@@ -378,7 +378,8 @@ def train_heads(heads: list[str], *, features: list[str] | None = None,
                 force: bool = False, fuse: bool = False, threads: int | None = None,
                 shots=None, tries: int | None = None) -> None:
     """``pipeline train``: each head on each given (or every complete) feature file, or with
-    ``fuse`` on the given files side by side; with ``shots``, learning curves."""
+    ``fuse`` on the given files side by side; with ``shots``, learning curves; sharing the
+    cores as ``run_heads`` does."""
     parsed = _parse_params(params or [])
     check_threads(threads)
     if shots is not None:
@@ -415,6 +416,11 @@ def train_call(**call) -> tuple[str, Path] | list:
     """One head entry: its result (``train_one``'s arguments), or its learning curve (with
     ``shots``: ``train_curve``'s)."""
     return train_curve(**call) if "shots" in call else train_one(**call)
+
+
+def _file_names(feature_path) -> str:
+    paths = feature_path if isinstance(feature_path, (list, tuple)) else [feature_path]
+    return " + ".join(Path(p).stem for p in paths)
 
 
 def _one_core(call: dict) -> bool:
@@ -454,8 +460,9 @@ def run_heads(calls: list[dict], threads: int | None = None,
     lines = announce or [""] * len(calls)
     wide, narrow = _one_core_last(calls)
     if threads < 2 or len(narrow) < 2 or any(calls[i].get("memory_budget_gb") for i in narrow):
-        # (a memory budget the user gives is for one head's features at a time)
-        wide, narrow = wide + narrow, []
+        # in the order given (a memory budget the user gives is for one head's features at a time)
+        wide, narrow = list(range(len(calls))), []
+    several_files = len({str(call["feature_path"]) for call in calls}) > 1
     for i in wide:
         if lines[i]:
             log.info("%s", lines[i])
@@ -474,7 +481,8 @@ def run_heads(calls: list[dict], threads: int | None = None,
             except queue.Empty:
                 return
             call = calls[i]
-            threading.current_thread().name = LANE + head_label(call["head"], call.get("params"))
+            threading.current_thread().name = LANE + head_label(call["head"], call.get("params")) \
+                + (f" on {_file_names(call['feature_path'])}" if several_files else "")
             if lines[i]:
                 log.info("%s", lines[i])
             try:

@@ -403,3 +403,26 @@ def test_on_a_cluster_one_core_heads_ask_one_core_and_the_others_a_node():
         ("rbf_svm", None), ("knn", None), ("logreg", None), ("logreg", 1), ("mlp", 1)]
     assert "shots" in tasks[2] and "shots" not in tasks[3]
     assert [t["threads"] for t in training.cluster_tasks(calls, 2)] == [2, 2, 2, 1, 1]
+
+
+def test_heads_on_several_files_side_by_side_name_head_and_file(tmp_path, monkeypatch):
+    import threading
+
+    from conftest import write_feature_file
+
+    from pipeline import runtimes
+    from pipeline.errors import LANE
+
+    monkeypatch.setattr(runtimes, "cpu_cores", lambda: 2)
+    rng = np.random.default_rng(0)
+    paths = []
+    for seed in (1, 2):
+        X, y = rng.normal(size=(90, 4)).astype(np.float32) + seed, np.arange(90) % 3
+        paths.append(write_feature_file(tmp_path / "cache", X[:60], y[:60], X[60:], y[60:]))
+    seen, real = [], training.train_one
+    monkeypatch.setattr(training, "train_one", lambda feature_path, head, params=None, **kw: seen.append(
+        threading.current_thread().name) or real(feature_path, head, params, **kw))
+    training.train_heads(["logreg", "mlp"], cache_dir=str(tmp_path / "cache"),
+                         results_dir=str(tmp_path / "r"))
+    assert sorted(seen) == sorted(f"{LANE}{head} on {path.stem}" for head in ("logreg", "mlp")
+                                  for path in paths)
