@@ -289,6 +289,40 @@ def test_sigterm_during_extraction_gets_the_interrupt_message_and_keeps_the_work
     assert not list((cache / ".locks").iterdir())
 
 
+@pytest.mark.reliability
+def test_sigterm_while_heads_train_side_by_side_stops_at_once_and_leaves_no_result(tmp_path):
+    from conftest import write_feature_file
+
+    from pipeline.runtimes import cpu_cores
+
+    if cpu_cores() < 2:
+        pytest.skip("heads train side by side on 2 cores or more")
+    rng = np.random.default_rng(0)
+    y = np.arange(22_000) % 5
+    X = (rng.normal(size=(22_000, 64)) + 0.05 * y[:, None]).astype(np.float32)
+    path = write_feature_file(tmp_path / "cache", X[:20_000], y[:20_000], X[20_000:], y[20_000:])
+    results = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--head", "mlp", "--head",
+                             "sgd_linear", "--param", "max_epochs=1000", "--param", "patience=1000",
+                             "--features", str(path), "--results-dir", str(results)], cwd=REPO,
+                            env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started, deadline = set(), time.monotonic() + 120
+    while started != {"mlp", "sgd_linear"} and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        started |= {h for h in ("mlp", "sgd_linear")  # "[mlp(max_epochs=...)] training mlp(..."
+                    if line.startswith(f"[{h}(") and f"] training {h}(" in line}
+    assert started == {"mlp", "sgd_linear"}  # both lanes are fitting (1,000 epochs each)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert time.monotonic() - t0 < 15  # the lanes' fits are not waited for
+    assert err.strip().splitlines()[-1] == ("terminated: partial work is kept; rerun the same "
+                                            "command to resume")
+    assert not list(results.rglob("metrics.json")) and not list(results.rglob(".*.tmp-*"))
+
+
 def test_inspect_takes_the_key_ls_prints_and_writes_real_json_booleans(blobs_file, capsys):
     main(["ls", "--cache-dir", str(blobs_file.parent)])
     [key] = re.findall(r" ([0-9a-f]{16}) ", capsys.readouterr().out)
