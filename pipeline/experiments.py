@@ -480,7 +480,7 @@ def _train_stale(exp: Experiment, jobs: list, head_states: dict, map_calls, step
                 continue
             path = job.paths if isinstance(job, FusionJob) else job.path
             call = {"feature_path": path, "head": h["name"], "params": h.get("params", {}),
-                    "results_dir": exp.results_dir, "threads": threads}
+                    "results_dir": exp.results_dir}  # threads: set by run_heads or cluster_tasks
             if "shots" in h:
                 call.update(shots=h["shots"], tries=h.get("tries"))
             calls.append(call)
