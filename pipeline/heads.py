@@ -374,8 +374,9 @@ class SweepClassifier(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
         over rows), so on ``rows_ratio`` times the rows, C weighs ``rows_ratio`` times more:
         the sweep's solution at C x rows_ratio is the nearest, the one at C itself is not.
         On Fashion-MNIST's 60,000 x 256 features, logreg at C = 0.01 started from the sweep's
-        solution at C = 0.1: 72 L-BFGS iterations against 133 from zero (at C = 0.01 itself:
-        114); linear_svm's squared hinge took more from either (benchmarks/warm_refit.txt)."""
+        solution at C = 0.1: 72 L-BFGS iterations against 133 from zero (from C = 0.01 itself:
+        114); linear_svm's squared hinge took more iterations from there (167 against 129) and
+        a few fewer from its own C (122), so it refits from zero (benchmarks/warm_refit.txt)."""
         same = [s for s in self._starts if {k: v for k, v in s[0].items() if k != self.refine}
                 == {k: v for k, v in self.best_params_.items() if k != self.refine}]
         if not same or self.refine not in self.best_params_:
@@ -810,8 +811,10 @@ def _logreg(**kw):
     # 2.6 s against 3.9 s (256 wide), 16.0 s against 19.2 s (736 wide); the sweep's fits
     # on 18,000 rows took half the time on one thread.
     # Its refit starts from the sweep's solution (``SweepClassifier._refit_start``): whole
-    # head on one core, Fashion-MNIST 8.0-9.0 s against 11.7-12.0 s, CIFAR-10 4.4-4.5 s
-    # against 5.0-5.1 s; 99.7-99.9% of test predictions equal (benchmarks/warm_refit.txt).
+    # head on one core, two rounds, Fashion-MNIST 7.5-7.9 s against 10.7-11.9 s from zero,
+    # CIFAR-10 256 wide 4.2-4.4 s against 4.9-5.0 s, 1,280 wide 33.2-33.3 s against 37.9 s;
+    # test accuracy within 0.02 points, 99.7-99.9% of test predictions equal
+    # (benchmarks/warm_refit.txt).
     return SweepClassifier(est, grid=grid, refine="C", fit_threads=1, refit_from_sweep=True, **kw)
 
 

@@ -296,6 +296,51 @@ def test_a_warm_startable_sweep_is_one_chain_up_the_grid_that_stops_past_the_pea
     assert [fit[1] for fit in chain] == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])
 
 
+class _RecordedLogisticRegression(heads_module.LogisticRegression):
+    """scikit-learn's, recording where each fit starts (None: from zero) and where it ends."""
+
+    fits: list = []
+
+    def fit(self, X, y):
+        start = self.coef_.copy() if self.warm_start and hasattr(self, "coef_") else None
+        super().fit(X, y)
+        type(self).fits.append((self.C, len(y), start, self.coef_.copy()))
+        return self
+
+
+def test_logregs_refit_on_all_rows_starts_from_the_sweeps_solution_nearest_its_own():
+    assert make_head("logreg").refit_from_sweep and not make_head("linear_svm").refit_from_sweep
+    rng = np.random.default_rng(0)
+    y = np.arange(3000) % 3
+    X = rng.normal(size=(3000, 8)) + 0.4 * np.eye(3, 8)[y]  # overlapping: the answer depends on C
+    grid = heads_module._log_grid("C", -4, 2)
+
+    def head(from_sweep: bool, **kw) -> SweepClassifier:
+        _RecordedLogisticRegression.fits = []
+        est = _RecordedLogisticRegression(max_iter=1000, tol=1e-8)
+        return SweepClassifier(est, grid=grid, refine="C", max_sweep_rows=300,
+                               refit_from_sweep=from_sweep, **kw).fit(X, y)
+
+    warm = head(True)
+    *sweep, refit = _RecordedLogisticRegression.fits
+    assert refit[1] == 3000 and {n for _, n, _, _ in sweep} == {300}
+    # On 10x the rows C weighs 10x more: the nearest sweep solution is at 10x the chosen C
+    tried = np.log10([c for c, _, _, _ in sweep])
+    nearest = sweep[np.argmin(abs(tried - np.log10(warm.best_params_["C"] * 3000 / 300)))]
+    assert nearest[0] != pytest.approx(warm.best_params_["C"])
+    assert np.array_equal(refit[2], nearest[3])
+    clf = warm.model_.named_steps["clf"]
+    assert not clf.warm_start and "_starts" not in warm.__getstate__()  # a later fit starts afresh
+    # the same problem solved: the same solution as from zero, to the solver's tolerance
+    cold = head(False)
+    assert _RecordedLogisticRegression.fits[-1][2] is None
+    assert cold.best_params_ == warm.best_params_
+    assert np.allclose(cold.model_.named_steps["clf"].coef_, clf.coef_, atol=1e-4)
+    # behind a PCA (refit on all rows, its axes may turn), the refit starts from zero
+    head(True, pca=4)
+    assert _RecordedLogisticRegression.fits[-1][2] is None
+
+
 class _OneDALPeakedAtRootTen(heads_module.ClassifierMixin, heads_module.BaseEstimator):
     """Stands for oneDAL's SVC (only its module name says so): validation accuracy highest
     at C = 10^0.5, lower half a decade either side; records the process of each fit."""
