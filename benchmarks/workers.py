@@ -102,21 +102,23 @@ def _local_engine(running: bool, cpus: int, shards: int | None = None):
     return RayEngine("auto" if running else None, num_cpus=None if running else cpus, shards=shards)
 
 
-def _heads_worker(method: str, features: str, heads: list[str], threads: int, results: str) -> dict:
-    """Every head in ``heads`` on one feature file, as ``train`` and ``run`` do: in this
+def _heads_worker(method: str, features: list[str], heads: list[str], threads: int,
+                  results: str) -> dict:
+    """Every head in ``heads`` on each feature file, as ``train`` and ``run`` do: in this
     process (``one process``: ``run_heads``, the one-core heads side by side), or as tasks
     sized by ``cluster_tasks`` on a local Ray instance of ``threads`` CPUs started here
     (``ray``) or running already (``ray, running instance``)."""
     from pipeline.training import cluster_tasks, run_heads, train_call
 
-    calls = [{"feature_path": features, "head": h, "results_dir": results} for h in heads]
+    calls = [{"feature_path": f, "head": h, "results_dir": results} for f in features for h in heads]
     t0 = time.perf_counter()
     if method.startswith("ray"):
         with _local_engine(method.endswith("running instance"), threads) as engine:
             engine.map(train_call, cluster_tasks(calls))
     else:
         run_heads(calls, threads)
-    metrics = {p.parent.name.split("-")[0]: json.loads(p.read_text())
+    metrics = {(p.parent.name.split("-")[0] if len(features) == 1 else
+                f"{p.parent.parent.name}/{p.parent.name.split('-')[0]}"): json.loads(p.read_text())
                for p in Path(results).glob("*/*/metrics.json")}
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(),
             "test_accuracy": {h: m["test_accuracy"] for h, m in sorted(metrics.items())},
