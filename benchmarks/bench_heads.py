@@ -4,7 +4,10 @@
 (timed, a fresh process), then train every head on that file with this checkout and with
 ``--old`` (a git ref, checked out in a temporary worktree), each head a fresh process timed
 with its peak RSS, old and new interleaved, on a quiet machine and with a competing
-single-threaded process on one core (a second job, as on a shared machine).
+single-threaded process on one core (a second job, as on a shared machine). Then every head
+in one ``train`` process; from the second round on, each such run right after an extraction
+of its own, so that each round's ratio compares runs minutes apart (``--together-only``: only
+those).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def bench_heads(out: str | None = None, dataset: str = "folder:../shared/data/ci
                 backbone: str = "mobilenet", alpha: float = 0.25, old: str = OLD,
                 heads: tuple[str, ...] = HEADS, loaded_heads: tuple[str, ...] = ("logreg", "mlp"),
                 old_heads: tuple[str, ...] | None = None, rounds: int = 1,
-                loads: tuple[str, ...] = ("quiet", "loaded"), together: bool = True) -> dict:
+                loads: tuple[str, ...] = ("quiet", "loaded"), together: bool = True,
+                apart: bool = True) -> dict:
     old_heads = heads if old_heads is None else old_heads
     work = Path(tempfile.mkdtemp(prefix="bench-heads-"))
     cache, oldtree = work / "cache", work / "old"
@@ -67,20 +71,26 @@ def bench_heads(out: str | None = None, dataset: str = "folder:../shared/data/ci
               "new": commit(), "machine": machine(None), "runs": []}
     subprocess.run(["git", "worktree", "add", "--detach", str(oldtree), old], cwd=ROOT, check=True,
                    capture_output=True)
-    try:
+    def extract(into: Path) -> dict:
         wall, rss, _ = _timed([*py, "extract", "--dataset", dataset, "--backbone", backbone,
-                               "--alpha", str(alpha), "--cache-dir", str(cache), "-q"], ROOT, work)
-        [feature_file] = cache.glob("*.h5")
-        report["extraction"] = {"wall_s": wall, "peak_rss_mib": rss, "file": feature_file.name}
+                               "--alpha", str(alpha), "--cache-dir", str(into), "-q"], ROOT, work)
+        [feature_file] = into.glob("*.h5")
         print(f"bench heads: extraction {wall:.1f} s, {rss:.0f} MiB -> {feature_file.name}", flush=True)
+        return {"wall_s": wall, "peak_rss_mib": rss, "file": feature_file.name}
+
+    try:
+        report["extraction"] = extract(cache)
+        report["extraction_rounds"] = [report["extraction"]]
         for rnd in range(1, rounds + 1):
+            if rnd > 1 and together:  # again, into a cache of its own: beside this round's heads
+                report["extraction_rounds"].append(extract(work / f"cache-{rnd}"))
             for load in [load for load in loads if load == "quiet" or loaded_heads]:
                 competitor = subprocess.Popen(
                     [sys.executable, "-c", COMPETITOR], start_new_session=True,
                     env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}) \
                     if load == "loaded" else None
                 try:
-                    for head in heads if load == "quiet" else loaded_heads:
+                    for head in (heads if apart else ()) if load == "quiet" else loaded_heads:
                         for code, tree in (("old", oldtree), ("new", ROOT)):
                             if code == "old" and (head not in old_heads or head == "knn"):
                                 continue  # not asked for, or no such head before
@@ -136,10 +146,15 @@ def _summary(report: dict) -> dict:
     together = best.get(("quiet", "new", "all, one process"))
     speedups = {f"{load}/{h}": best[(load, "old", h)] / s for (load, code, h), s in best.items()
                 if code == "new" and (load, "old", h) in best}
+    rounds = {r["round"]: r["wall_s"] for r in report["runs"] if r["head"] == "all, one process"}
+    extractions = [e["wall_s"] for e in report.get("extraction_rounds", [report["extraction"]])]
     return {"extraction_s": extraction, "every_head_new_quiet_s": sum(new_quiet.values()),
-            "every_head_over_extraction": sum(new_quiet.values()) / extraction,
+            "every_head_over_extraction": sum(new_quiet.values()) / extraction if new_quiet else None,
             "every_head_one_process_s": together,
             "every_head_one_process_over_extraction": together and together / extraction,
+            # each round's six heads in one process over the extraction run just before them
+            "one_process_over_extraction_by_round": [
+                rounds[r] / extractions[r - 1] for r in sorted(rounds) if r <= len(extractions)],
             "speedup_old_over_new": speedups}
 
 
@@ -177,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="print an earlier run's JSON as a markdown table, run nothing")
     p.add_argument("--apart-only", action="store_true",
                    help="skip the run of every head in one train process")
+    p.add_argument("--together-only", action="store_true",
+                   help="only every head in one train process, beside an extraction each round")
     args = p.parse_args(argv)
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
@@ -186,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                loaded_heads=tuple(h for h in args.loaded_heads.split(",") if h),
                old_heads=None if args.old_heads is None else
                tuple(h for h in args.old_heads.split(",") if h), rounds=args.rounds,
-               together=not args.apart_only)
+               together=not args.apart_only, apart=not args.together_only)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the feature files the heads train on, comma-separated (default: the "
                         "folder's, extracted)")
     p.add_argument("--parts", default=",".join(PARTS), help="of: " + ", ".join(PARTS))
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of each extraction and of the heads")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="interleaved rounds of each extraction and of the heads")
     args = p.parse_args(argv)
     backbones = [b for b in args.backbones.split(",") if b]
     parts = [b for b in args.parts.split(",") if b]
