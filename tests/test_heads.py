@@ -104,12 +104,18 @@ def test_spatial_head_on_pooled_features_is_refused(blobs_file):
         _data(blobs_file, "conv1x1_mlp")
 
 
-def test_sgd_linear_streams_from_the_hdf5_dataset(blobs_file):
+def test_sgd_linear_reads_features_that_fit_once_and_streams_the_others_to_the_same_answer(
+        blobs_file):
     with FeatureFile(blobs_file) as ff:
-        data = load_features(ff, "sgd_linear")
-        assert not isinstance(data.X_train, np.ndarray)  # an h5py dataset, read block by block
-        head = StreamingLinear(block_rows=64).fit(data.X_train, data.y_train)
-        assert head.score(data.X_test, data.y_test) > 0.9
+        in_memory = load_features(ff, "sgd_linear")
+        streamed = load_features(ff, "sgd_linear", memory_budget_gb=1e-6)
+        assert isinstance(in_memory.X_train, np.ndarray)
+        assert not isinstance(streamed.X_train, np.ndarray)  # an h5py dataset, read block by block
+        heads = [StreamingLinear(block_rows=64).fit(data.X_train, data.y_train)
+                 for data in (in_memory, streamed)]
+        assert heads[0].score(in_memory.X_test, in_memory.y_test) > 0.9
+        assert np.array_equal(heads[0].model_.coef_, heads[1].model_.coef_)
+        assert np.array_equal(heads[0].predict(in_memory.X_test), heads[1].predict(streamed.X_test))
 
 
 @pytest.mark.bad_input
