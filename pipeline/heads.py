@@ -1218,8 +1218,9 @@ def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None 
             "extract with --limit N")
     if head in STREAMING_HEADS and need > budget:  # stay on disk; h5py datasets read in blocks
         X_train, X_test = ff.features("train"), ff.features("test")
-    else:  # sgd_linear too where its features fit: read once, not once per epoch (22 epochs
-        # on Fashion-MNIST: 1.8 s of its 21 in h5py reads)
+    else:  # sgd_linear too where its features fit: read once, not once per epoch (on one
+        # core, Fashion-MNIST fit 13.9-14.1 s against 15.2-16.8 s, CIFAR-10 10.1-10.5 against
+        # 10.7-11.4, the same model: benchmarks/sgd_in_memory.{py,txt})
         X_train, X_test = _read_checked(ff, "train"), _read_checked(ff, "test")
     return FeatureSet(X_train, y_train, X_test, y_test, ff.classes, ff.validation_rows,
                       ff.ids("test"))
