@@ -1065,7 +1065,7 @@ class HeadSpec:
     # Set where its solvers gain nothing from a second core (measured, see each factory):
     # several such heads train side by side, one core each, longest first (``training.run_heads``);
     # the seconds its fit took on one core beside another head, on the 60,000 x 256
-    # Fashion-MNIST file (benchmarks/lanes.txt), say which is longest. None: it uses every
+    # Fashion-MNIST file (benchmarks/lanes.txt, round 1), say which is longest. None: it uses every
     # core (oneDAL's SVC and search, Keras, a sweep in parallel workers) and trains alone.
     lane_seconds: float | None = None
 
@@ -1073,10 +1073,10 @@ class HeadSpec:
 HEADS = {
     "logreg": HeadSpec(_logreg, "pooled", {**_SWEEP, "C": POSITIVE, "max_iter": COUNT},
                        "multinomial logistic regression, C swept on validation", fixed={"C": 1.0},
-                       lane_seconds=12.3),
+                       lane_seconds=7.8),
     "linear_svm": HeadSpec(_linear_svm, "pooled", {**_SWEEP, "C": POSITIVE, "max_iter": COUNT},
                            "linear SVM (LinearSVC's squared hinge, by L-BFGS), C swept on validation",
-                           fixed={"C": 1.0}, lane_seconds=10.2),
+                           fixed={"C": 1.0}, lane_seconds=8.2),
     "rbf_svm": HeadSpec(_rbf_svm, "pooled",
                         {**_SWEEP, "C": POSITIVE, "gamma": Either(OneOf(("scale", "auto")), POSITIVE)},
                         f"exact RBF SVC (Nystroem beyond {EXACT_RBF_LIMIT_ACCELERATED:,} rows with "
@@ -1089,7 +1089,7 @@ HEADS = {
                     {**_PREPROCESSING, **_EPOCHS, "hidden": COUNT, "alpha": Number(float, 0),
                      "seeds": COUNT},
                     "one hidden layer, early stopping on validation (seeds > 1: an average of "
-                    "that many)", fixed={"max_epochs": 200}, lane_seconds=4.5),
+                    "that many)", fixed={"max_epochs": 200}, lane_seconds=4.3),
     "conv1x1_mlp": HeadSpec(Conv1x1MLP, "spatial",
                             {**_EPOCHS, "filters": COUNT, "hidden": COUNT,
                              "dropout": Number(float, 0, 1, high_open=True),
@@ -1109,7 +1109,7 @@ HEADS = {
                             "random_state": SEED,
                             "n_jobs": Number(int, -1)},
                            "linear SGD streamed from disk, for features larger than memory",
-                           lane_seconds=16.9),
+                           lane_seconds=14.0),
 }
 SPATIAL_HEADS = {name for name, spec in HEADS.items() if spec.takes == "spatial"}
 STREAMING_HEADS = {name for name, spec in HEADS.items() if spec.takes == "streamed"}

@@ -450,8 +450,8 @@ def run_heads(calls: list[dict], threads: int | None = None,
     side by side, one core each, longest first, in threads of this process (their solvers
     release the GIL).
     Measured in one process, 2 cores, the same answers: logreg, linear_svm, mlp and sgd_linear
-    side by side 23.5-24.1 s against 41.8-43.8 s one after another on the 60,000 x 256
-    Fashion-MNIST file, 15.2-16.3 s against 24.1-24.6 s on 45,000 x 256 CIFAR-10
+    side by side 19.8-20.1 s against 34.5-35.0 s one after another on the 60,000 x 256
+    Fashion-MNIST file, 13.9-14.5 s against 21.5-22.4 s on 45,000 x 256 CIFAR-10
     (benchmarks/lanes.txt). Side by side, two heads' features are in memory at once: with a
     ``memory_budget_gb`` given, every head trains alone. ``announce``: a line to log as each
     entry starts. The first error stops what has not started and is raised once the running
