@@ -316,14 +316,39 @@ class RayEngine:
     def map(self, fn, calls: list[dict]) -> list:
         """``fn(**call)`` for every call as Ray tasks, each holding a node's cores (or the
         call's ``threads``, if fewer) and using them as one process does there: its sweep's
-        joblib workers times their BLAS threads within them (training's thread budget)."""
+        joblib workers times their BLAS threads within them (training's thread budget).
+
+        Started in the order given: a task is submitted once the cluster's CPUs have room for
+        it beside those submitted before it (Ray's pattern of limiting pending tasks with
+        ``ray.wait``). Submitted all at once, Ray started one-core heads before an every-core
+        head queued ahead of them and left a core idle while that head waited for a whole node
+        (benchmarks/ray_heads_timeline.txt). The first error stops what has not started; it
+        is raised once the started tasks finish."""
         self._connect()
         per_node, task = node_cpus(), ray.remote(max_retries=2)(_on_cores)  # registered once
-        refs = []
+        total = max(per_node, int(ray.cluster_resources().get("CPU", per_node)))
+        refs, running, failed = [], {}, False
         for call in calls:
             cpus = min(call.get("threads") or per_node, per_node)
+            while running and sum(running.values()) + cpus > total and not failed:
+                [done], _ = ray.wait(list(running), num_returns=1)
+                running.pop(done)
+                failed = _failed(done)
+            if failed:
+                break
             refs.append(task.options(num_cpus=cpus).remote(fn, {**call, "threads": cpus}))
+            running[refs[-1]] = cpus
+        ray.wait(refs, num_returns=len(refs))  # every started task finished (results written)
         return [_get(ref) for ref in refs]
+
+
+def _failed(ref) -> bool:
+    """Whether a finished task raised (its error is raised later, in the calls' order)."""
+    try:
+        ray.get(ref)
+    except Exception:  # noqa: BLE001 - any task error: _get says it in one line
+        return True
+    return False
 
 
 def _alive_cpus() -> list[int]:

@@ -147,6 +147,45 @@ def test_head_fits_on_ray_hold_a_nodes_cores_or_the_threads_asked_for(cluster):
     assert [c["threads"] for c in calls] == [2, 1, 2]  # 2 CPUs: never more than the node's cores
 
 
+def _spans():
+    """A task that records when it ran (a file per task: the driver reads them after); made
+    here, so that Ray sends it by value (its workers cannot import this test module)."""
+    def span(name: str, seconds: float, threads: int, marks: str, fail: bool = False):
+        start = time.time()
+        time.sleep(seconds)
+        Path(marks, name).write_text(json.dumps([start, time.time(), threads]))
+        if fail:
+            raise PipelineError(f"{name} failed")
+        return name
+    return span
+
+
+def test_head_fits_on_ray_start_in_the_order_given_none_ahead_of_a_wider_one(cluster, tmp_path):
+    """Ray left to itself starts a later one-core task beside a running one while an
+    every-core task queued before it waits for a whole node (a core idle meanwhile)."""
+    calls = [{"name": "narrow-1", "seconds": 2.0, "threads": 1}, {"name": "wide", "seconds": 0.3}] + \
+        [{"name": f"narrow-{i}", "seconds": 0.3, "threads": 1} for i in (2, 3, 4)]
+    with RayEngine() as engine:
+        assert engine.map(_spans(), [{**c, "marks": str(tmp_path)} for c in calls]) == \
+            [c["name"] for c in calls]
+    ran = {c["name"]: json.loads((tmp_path / c["name"]).read_text()) for c in calls}
+    assert ran["wide"][2] == 2 and ran["narrow-2"][2] == 1
+    wide_start, wide_end = ran["wide"][:2]
+    assert ran["narrow-1"][1] <= wide_start  # the wide one had the node to itself ...
+    assert all(ran[f"narrow-{i}"][0] >= wide_end for i in (2, 3, 4))  # ... before the later ones
+
+
+@pytest.mark.bad_input
+def test_a_failed_head_fit_on_ray_stops_the_fits_not_started_and_says_it_in_one_line(cluster,
+                                                                                    tmp_path):
+    calls = [{"name": "fails", "seconds": 0.2, "threads": 1, "fail": True},
+             {"name": "runs", "seconds": 1.0, "threads": 1},
+             {"name": "never", "seconds": 0.2, "threads": 1}]
+    with RayEngine() as engine, pytest.raises(PipelineError, match="^fails failed$"):
+        engine.map(_spans(), [{**c, "marks": str(tmp_path)} for c in calls])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fails", "runs"]
+
+
 def test_the_bottleneck_is_fitted_once_on_the_cluster_and_applied_to_every_shard(cluster, dataset,
                                                                                  tmp_path):
     config = dict(mode="bottleneck", bottleneck_k=4, bottleneck_fit_images=40)
