@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,21 +191,29 @@ class RayRunner:
 
     def start(self, config: ExtractionConfig, dataset: Dataset, runtime: str) -> None:
         t0 = time.monotonic()
-        self.wanted, cpus, gpus, threads, decode_threads = self.engine.slots()
-        self.new_actor = _ActorFactory(cpus, gpus, threads, decode_threads)
-        self.actors = [self.new_actor.spawn() for _ in range(self.wanted)]
-        try:
-            if not gpus:  # CPU workers run what this driver would choose: converted here, once
-                runtime = keep_converted(config, dataset.splits["train"].image_shape, runtime)
-            self.config, self.dataset = replace(config, runtime=runtime), dataset
-            # The driver's dataset goes to the actors through the object store, once: nothing
-            # is scanned again, each image file is checked against its sha256.
-            self.new_actor.args = (self.config, ray.put(dataset))
-            for ref in [self.new_actor.start(actor) for actor in self.actors]:
-                _get(ref)  # bad options fail here, before any work, as in one process
-        except BaseException:
-            self.stop()
-            raise
+        shape = dataset.splits["train"].image_shape
+        with ThreadPoolExecutor(1) as pool:
+            # A local instance is this machine: the graph its CPU workers run is converted while
+            # Ray starts (2.2-3.4 s here), not after, in a child process as a CLI driver does
+            # (in a thread beside Ray's start, weights "none" gave other features). On a GPU
+            # machine `auto` converts nothing, as GPU actors want.
+            early = (pool.submit(keep_converted, config, shape, runtime, apart=True)
+                     if self.engine.address is None and not ray.is_initialized() else None)
+            self.wanted, cpus, gpus, threads, decode_threads = self.engine.slots()
+            self.new_actor = _ActorFactory(cpus, gpus, threads, decode_threads)
+            self.actors = [self.new_actor.spawn() for _ in range(self.wanted)]
+            try:
+                if not gpus:  # CPU workers run what this driver would choose: converted here, once
+                    runtime = early.result() if early else keep_converted(config, shape, runtime)
+                self.config, self.dataset = replace(config, runtime=runtime), dataset
+                # The driver's dataset goes to the actors through the object store, once:
+                # nothing is scanned again, each image file is checked against its sha256.
+                self.new_actor.args = (self.config, ray.put(dataset))
+                for ref in [self.new_actor.start(actor) for actor in self.actors]:
+                    _get(ref)  # bad options fail here, before any work, as in one process
+            except BaseException:
+                self.stop()
+                raise
         self.start_seconds = time.monotonic() - t0
         log.info("%d actor(s) of %d CPU(s)%s ready in %.1f s", self.wanted, cpus,
                  f" and {gpus:g} GPU" * bool(gpus), self.start_seconds)

@@ -552,11 +552,13 @@ def start_model(config: ExtractionConfig, image_shape: tuple[int, int, int], run
 
 
 def keep_converted(config: ExtractionConfig, image_shape: tuple[int, int, int],
-                   runtime: str) -> str:
+                   runtime: str, apart: bool = False) -> str:
     """The runtime workers of ``config`` should run, its graph converted and kept in the cache
     folder if it is not yet: what a Ray driver does once, so that each worker only loads it
     (converting per worker would cost every worker the converter's time and memory). The
-    graph is not loaded here; where it cannot be converted, TensorFlow (said once)."""
+    graph is not loaded here; where it cannot be converted, TensorFlow (said once).
+    ``apart``: in a child process, as a driver that has not imported TensorFlow converts,
+    even where it has (a notebook's): for a conversion beside other work in this process."""
     model = FeatureModel(config, image_shape)
     name = runtimes.choose(runtime, config.backbone)
     if name == "tensorflow" or config.precision != "float32":
@@ -565,7 +567,7 @@ def keep_converted(config: ExtractionConfig, image_shape: tuple[int, int, int],
     label = f"{config.backbone} {config.mode}"
     try:
         if runtimes.load_kept(folder, name) is None:
-            if "tensorflow" in sys.modules:  # a notebook's driver: no second start-up
+            if "tensorflow" in sys.modules and not apart:  # a notebook's: no second start-up
                 runtimes.load_or_convert(folder, lambda: model._features, label, name)
             else:
                 model._convert_apart(name, folder, label)

@@ -525,6 +525,37 @@ def test_a_no_op_rerun_never_starts_ray(no_cluster, dataset, tmp_path):
         assert not ray.is_initialized()  # nothing to do: no start, no stop (about 3.5 s here)
 
 
+def test_a_local_instance_starts_while_the_driver_converts_the_graph(no_cluster, dataset, tmp_path,
+                                                                    monkeypatch):
+    import tensorflow  # noqa: F401 - as in a notebook: the driver could convert in-process
+
+    import pipeline.engine as engine_module
+
+    spans = {}
+
+    def timed(name, fn):
+        def run(*args, **kw):
+            start = time.monotonic()
+            try:
+                return fn(*args, **kw)
+            finally:
+                spans[name] = (start, time.monotonic())
+        return run
+
+    monkeypatch.setattr(ray, "init", timed("ray.init", ray.init))
+    monkeypatch.setattr(engine_module, "keep_converted",
+                        timed("conversion", engine_module.keep_converted))
+    alone = _rows(extract_features(tiny(dataset, tmp_path / "one")).path)  # one process first
+    with RayEngine(num_cpus=2) as engine:
+        result = engine.extract(tiny(dataset, tmp_path / "ray"))
+    (init_start, init_end), (conv_start, conv_end) = spans["ray.init"], spans["conversion"]
+    assert conv_start < init_end and init_start < conv_end  # the two overlapped
+    assert result.info["runtime"] == runtimes.choose("auto", "mobilenet_v2") != "tensorflow"
+    for split, (features, labels) in _rows(result.path).items():
+        np.testing.assert_allclose(features, alone[split][0], rtol=RTOL, atol=ATOL)
+        np.testing.assert_array_equal(labels, alone[split][1])
+
+
 @pytest.mark.bad_input
 def test_an_unreachable_cluster_gets_one_line(no_cluster, tmp_path, dataset, capsys):
     from pipeline.cli import main
