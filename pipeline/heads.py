@@ -1211,12 +1211,13 @@ def load_features(ff: FeatureFile, head: str, *, memory_budget_gb: float | None 
     rows = shape[0] + ff.features("test").shape[0]
     # Vectors become float32 with a scaled and a split copy; spatial maps stay float16 (2 copies).
     need = rows * int(np.prod(shape[1:])) * (2 * 2 if spatial else 4 * 3)
-    if head not in STREAMING_HEADS and need > budget:
+    fits = need <= budget
+    if head not in STREAMING_HEADS and not fits:
         raise PipelineError(
             f"{ff.path.name}: head {head!r} needs about {_bytes(need)} in memory, over the "
             f"budget of {_bytes(budget)}; use --head sgd_linear (streams from disk) or "
             "extract with --limit N")
-    if head in STREAMING_HEADS and need > budget:  # stay on disk; h5py datasets read in blocks
+    if not fits:  # a streaming head: stay on disk; h5py datasets read in blocks
         X_train, X_test = ff.features("train"), ff.features("test")
     else:  # sgd_linear too where its features fit: read once, not once per epoch (on one
         # core, Fashion-MNIST fit 13.9-14.1 s against 15.2-16.8 s, CIFAR-10 10.1-10.5 against
