@@ -1,8 +1,10 @@
 """Ray's own fixed costs on a local instance, as ``--engine ray`` pays them when it starts
-one: ``ray.init``, the CPU its daemons use while idle (10 s), ``ray.shutdown``. One line per
-run; ``python benchmarks/ray_fixed_costs.py`` (results: ray_fixed_costs.txt)."""
+one: ``ray.init``, the CPU its daemons use while idle (10 s), ``ray.shutdown`` (with
+``--as-engine``: the engine's stop, ``pipeline.engine._shutdown``). One line per run;
+``python benchmarks/ray_fixed_costs.py [--as-engine]`` (results: ray_fixed_costs.txt)."""
 
 import os
+import sys
 import time
 
 t0 = time.perf_counter()
@@ -35,8 +37,14 @@ time.sleep(3)
 c0 = cpu_seconds_of_ray_processes()
 time.sleep(10)
 c1 = cpu_seconds_of_ray_processes()
+as_engine = "--as-engine" in sys.argv
+if as_engine:
+    from pipeline.engine import _shutdown as shutdown
+else:
+    shutdown = ray.shutdown
 t3 = time.perf_counter()
-ray.shutdown()
+shutdown()
 t4 = time.perf_counter()
-print(f"import {t1 - t0:.2f}s init {t2 - t1:.2f}s shutdown {t4 - t3:.2f}s; "
+print(f"import {t1 - t0:.2f}s init {t2 - t1:.2f}s "
+      f"{'engine stop' if as_engine else 'shutdown'} {t4 - t3:.2f}s; "
       f"ray processes idle CPU {100 * (c1 - c0) / 10:.1f}% of one core")

@@ -525,6 +525,17 @@ def test_a_no_op_rerun_never_starts_ray(no_cluster, dataset, tmp_path):
         assert not ray.is_initialized()  # nothing to do: no start, no stop (about 3.5 s here)
 
 
+def test_stopping_a_local_instance_leaves_none_of_its_processes_running(no_cluster):
+    with RayEngine(num_cpus=2) as engine:
+        engine.slots()  # work that needs Ray: the engine starts a local instance
+        processes = {kind: [info.process for info in infos] for kind, infos
+                     in ray._private.worker._global_node.all_processes.items()}
+    assert not ray.is_initialized()
+    assert "monitor" in processes and "raylet" in processes  # the ones the engine stops itself too
+    running = {kind: [p.pid for p in ps if p.poll() is None] for kind, ps in processes.items()}
+    assert not any(running.values()), running
+
+
 def test_a_local_instance_starts_while_the_driver_converts_the_graph(no_cluster, dataset, tmp_path,
                                                                     monkeypatch):
     import tensorflow  # noqa: F401 - as in a notebook: the driver could convert in-process
