@@ -19,6 +19,7 @@ are tasks of a node's cores each, run as one process runs them there.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -192,14 +193,22 @@ class RayRunner:
     def start(self, config: ExtractionConfig, dataset: Dataset, runtime: str) -> None:
         t0 = time.monotonic()
         shape = dataset.splits["train"].image_shape
+        stop = threading.Event()
         with ThreadPoolExecutor(1) as pool:
-            # A local instance is this machine: the graph its CPU workers run is converted while
-            # Ray starts (2.2-3.4 s here), not after, in a child process as a CLI driver does
-            # (in a thread beside Ray's start, weights "none" gave other features). On a GPU
-            # machine `auto` converts nothing, as GPU actors want.
-            early = (pool.submit(keep_converted, config, shape, runtime, apart=True)
-                     if self.engine.address is None and not ray.is_initialized() else None)
-            self.wanted, cpus, gpus, threads, decode_threads = self.engine.slots()
+            # The graph CPU workers run is converted while Ray starts (2.2-3.4 s here) or is
+            # reached (0.7 s), not after, in a child process as a CLI driver does (in a thread
+            # beside Ray's start, weights "none" gave other features); stopped if Ray cannot be
+            # reached or the cluster has GPUs, whose actors run TensorFlow. (On a GPU machine
+            # `auto` converts nothing.)
+            early = (pool.submit(keep_converted, config, shape, runtime, apart=True, stop=stop)
+                     if not ray.is_initialized() else None)
+            try:
+                self.wanted, cpus, gpus, threads, decode_threads = self.engine.slots()
+            except BaseException:
+                stop.set()
+                raise
+            if gpus:
+                stop.set()  # (its ConversionStopped is left in the future, unread)
             self.new_actor = _ActorFactory(cpus, gpus, threads, decode_threads)
             self.actors = [self.new_actor.spawn() for _ in range(self.wanted)]
             try:

@@ -241,16 +241,28 @@ class FeatureModel:
         and the converter's memory, stay in the child)."""
         return "tensorflow" not in sys.modules and not self.mode.projection
 
-    def _convert_apart(self, runtime: str, folder: Path, label: str) -> None:
+    def _convert_apart(self, runtime: str, folder: Path, label: str,
+                       stop: threading.Event | None = None) -> None:
         """Convert and keep the graph in a child process (``convert_main``); its errors are
-        raised here as the same one line."""
+        raised here as the same one line. ``stop``, once set, kills the child: ``ConversionStopped``."""
         import pickle
         import subprocess
 
         job = pickle.dumps((self.config, self.image_shape, self.threads, runtime, folder, label))
-        child = subprocess.run([sys.executable, "-c", CONVERT_CHILD], input=job,
-                               capture_output=True, check=False)
-        said, errors = (out.decode(errors="replace").strip() for out in (child.stdout, child.stderr))
+        child = subprocess.Popen([sys.executable, "-c", CONVERT_CHILD], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        while True:
+            try:
+                outputs = child.communicate(job, timeout=None if stop is None else 0.1)
+                break
+            except subprocess.TimeoutExpired:
+                job = None  # sent: a retry only reads
+                if stop.is_set():
+                    child.kill()
+                    child.communicate()
+                    runtimes.remove_stale(folder, runtime)
+                    raise ConversionStopped(label) from None
+        said, errors = (out.decode(errors="replace").strip() for out in outputs)
         if child.returncode == 0:
             return
         runtimes.remove_stale(folder, runtime)  # what it left half-written, if it was killed
@@ -551,14 +563,19 @@ def start_model(config: ExtractionConfig, image_shape: tuple[int, int, int], run
     return model, runtime
 
 
+class ConversionStopped(Exception):
+    """A conversion in a child process stopped by its caller (``keep_converted``'s ``stop``)."""
+
+
 def keep_converted(config: ExtractionConfig, image_shape: tuple[int, int, int],
-                   runtime: str, apart: bool = False) -> str:
+                   runtime: str, apart: bool = False, stop: threading.Event | None = None) -> str:
     """The runtime workers of ``config`` should run, its graph converted and kept in the cache
     folder if it is not yet: what a Ray driver does once, so that each worker only loads it
     (converting per worker would cost every worker the converter's time and memory). The
     graph is not loaded here; where it cannot be converted, TensorFlow (said once).
     ``apart``: in a child process, as a driver that has not imported TensorFlow converts,
-    even where it has (a notebook's): for a conversion beside other work in this process."""
+    even where it has (a notebook's): for a conversion beside other work in this process;
+    ``stop``, once set, kills that process (``ConversionStopped``; nothing kept)."""
     model = FeatureModel(config, image_shape)
     name = runtimes.choose(runtime, config.backbone)
     if name == "tensorflow" or config.precision != "float32":
@@ -570,7 +587,7 @@ def keep_converted(config: ExtractionConfig, image_shape: tuple[int, int, int],
             if "tensorflow" in sys.modules and not apart:  # a notebook's: no second start-up
                 runtimes.load_or_convert(folder, lambda: model._features, label, name)
             else:
-                model._convert_apart(name, folder, label)
+                model._convert_apart(name, folder, label, stop)
     except runtimes.ConversionError as exc:
         log.warning("%s; running on TensorFlow instead", exc)
         return "tensorflow"

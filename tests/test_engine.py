@@ -536,9 +536,11 @@ def test_stopping_a_local_instance_leaves_none_of_its_processes_running(no_clust
     assert not any(running.values()), running
 
 
-def test_a_local_instance_starts_while_the_driver_converts_the_graph(no_cluster, dataset, tmp_path,
-                                                                    monkeypatch):
+@pytest.mark.parametrize("instance", ["started", "running"])
+def test_ray_starts_or_is_reached_while_the_driver_converts_the_graph(no_cluster, dataset, tmp_path,
+                                                                      monkeypatch, instance):
     import tensorflow  # noqa: F401 - as in a notebook: the driver could convert in-process
+    from ray.cluster_utils import Cluster
 
     import pipeline.engine as engine_module
 
@@ -557,8 +559,14 @@ def test_a_local_instance_starts_while_the_driver_converts_the_graph(no_cluster,
     monkeypatch.setattr(engine_module, "keep_converted",
                         timed("conversion", engine_module.keep_converted))
     alone = _rows(extract_features(tiny(dataset, tmp_path / "one")).path)  # one process first
-    with RayEngine(num_cpus=2) as engine:
-        result = engine.extract(tiny(dataset, tmp_path / "ray"))
+    running = (Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+               if instance == "running" else None)  # as `ray start` leaves one
+    try:
+        with RayEngine(running and running.address, num_cpus=None if running else 2) as engine:
+            result = engine.extract(tiny(dataset, tmp_path / "ray"))
+    finally:
+        if running:
+            running.shutdown()
     (init_start, init_end), (conv_start, conv_end) = spans["ray.init"], spans["conversion"]
     assert conv_start < init_end and init_start < conv_end  # the two overlapped
     assert result.info["runtime"] == runtimes.choose("auto", "mobilenet_v2") != "tensorflow"

@@ -3,6 +3,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from conftest import LEDGER, REPO, audit_cache, make_images
 from pipeline import runtimes
 from pipeline.errors import PipelineError
 from pipeline.extraction import (
+    ConversionStopped,
     ExtractionConfig,
     FeatureModel,
     extract_features,
@@ -821,6 +823,30 @@ def test_a_ray_driver_converts_the_graph_once_into_the_cache_without_loading_ten
     stamp = (kept / "manifest.json").stat().st_mtime_ns
     assert keep_converted(config, (32, 32, 3), "onnxruntime") == "onnxruntime"
     assert (kept / "manifest.json").stat().st_mtime_ns == stamp  # kept: not converted again
+
+
+@pytest.mark.skipif(not runtimes.installed("onnxruntime"), reason="needs ONNX Runtime")
+def test_a_conversion_apart_stopped_midway_keeps_nothing_and_leaves_no_process(npz_dataset,
+                                                                              tmp_path, monkeypatch):
+    """What a Ray driver does when the cluster it reached has GPUs: the conversion it began
+    while connecting is stopped."""
+    config = tiny(npz_dataset, tmp_path, runtime="onnxruntime")
+    stop, children, popen = threading.Event(), [], subprocess.Popen
+
+    def recorded(*args, **kw):
+        children.append(popen(*args, **kw))
+        threading.Timer(0.5, stop.set).start()  # mid-start: the child imports TensorFlow
+        return children[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", recorded)
+    with pytest.raises(ConversionStopped):
+        keep_converted(config, (32, 32, 3), "onnxruntime", apart=True, stop=stop)
+    [child] = children
+    assert child.poll() == -signal.SIGKILL  # ended, and reaped
+    folder = FeatureStore(tmp_path).model_dir(config.model_key((32, 32, 3)))
+    assert not folder.exists() or not any(folder.iterdir())  # no graph kept, nothing half-written
+    monkeypatch.undo()
+    assert keep_converted(config, (32, 32, 3), "onnxruntime", apart=True) == "onnxruntime"
 
 
 def test_a_graph_the_runtime_cannot_take_sends_the_ray_workers_to_tensorflow(npz_dataset, tmp_path,
