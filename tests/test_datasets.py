@@ -143,6 +143,26 @@ def test_original_images_are_found_again_by_their_row_ids(tmp_path, npz_dataset)
     assert (shown[0] == npz.splits["test"].load(np.array([5]))[0]).all() and shown[1] is None
 
 
+def test_original_images_of_idx_rows_are_read_from_the_file_their_ids_name(tmp_path,
+                                                                            monkeypatch):
+    import pipeline.datasets as datasets_module
+    from pipeline.datasets import original_images
+
+    _idx_folder(tmp_path / "digits")
+    spec = f"idx:{tmp_path / 'digits'}"
+    test = load_dataset(spec).splits["test"]
+    read, reader = [], datasets_module._read_idx
+    monkeypatch.setattr(datasets_module, "_read_idx",
+                        lambda spec, path, dims: read.append(path.name) or reader(spec, path, dims))
+    ids = ["t10k-images-idx3-ubyte.gz:3", "t10k-images-idx3-ubyte.gz:0", "t10k-images-idx3-ubyte.gz:99",
+           "../digits/t10k-images-idx3-ubyte.gz:1", "gone.gz:1"]
+    shown = original_images(spec, "test", ids)
+    assert (shown[0] == test.load(np.array([3]))[0]).all()
+    assert (shown[1] == test.load(np.array([0]))[0]).all()
+    assert shown[2:] == [None, None, None]  # no such row; not a file of the folder; gone
+    assert read == ["t10k-images-idx3-ubyte.gz"]  # once, and nothing else
+
+
 def test_cifar_python_batches(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
