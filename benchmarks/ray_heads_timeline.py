@@ -1,6 +1,6 @@
 """Where Ray's heads lose time against one process: the six default heads on one cached file
 as Ray tasks on a local instance of 2 CPUs started here (what ``run --engine ray`` does),
-each head's start and end relative to the call, and its worker process. Run from the repo root:
+each task's start and end relative to the call, and its worker process. Run from the repo root:
   python benchmarks/ray_heads_timeline.py FILE > benchmarks/ray_heads_timeline.txt
 """
 import os
@@ -8,7 +8,6 @@ import sys
 import tempfile
 import time
 
-import pipeline.training as training
 from pipeline.engine import RayEngine
 from pipeline.training import cluster_tasks, train_call
 
@@ -16,28 +15,16 @@ HEADS = ["logreg", "linear_svm", "rbf_svm", "mlp", "sgd_linear", "knn"]
 
 
 def timed(**call):
-    """The task's heads, each with its threads, worker and span (a task of one-core heads
-    trains several side by side)."""
-    spans, train_one = [], training.train_one
-
-    def one(feature_path, head, params=None, **kw):
-        start = time.time()
-        train_one(feature_path, head, params, **kw)
-        spans.append((head, kw["threads"], os.getpid(), start, time.time()))
-
-    training.train_one = one  # (in the worker process: what train_call and run_heads call)
-    try:
-        train_call(**call)
-    finally:
-        training.train_one = train_one
-    return spans
+    start = time.time()
+    train_call(**call)
+    return call["head"], call["threads"], os.getpid(), start, time.time()
 
 
 out = tempfile.mkdtemp(prefix="ray-timeline-")
 calls = [{"feature_path": sys.argv[1], "head": h, "results_dir": out} for h in HEADS]
 t0 = time.time()
 with RayEngine(None, num_cpus=2) as engine:
-    spans = [s for task in engine.map(timed, cluster_tasks(calls)) for s in task]
+    spans = engine.map(timed, cluster_tasks(calls))
 print(f"{os.path.basename(sys.argv[1])}: {time.time() - t0:.1f} s in all (Ray's start included)")
 for head, threads, pid, start, end in sorted(spans, key=lambda s: s[3]):
     print(f"{head:11s} {threads} core(s), worker {pid}: {start - t0:5.1f} s -> {end - t0:5.1f} s"

@@ -106,15 +106,15 @@ def _heads_worker(method: str, features: list[str], heads: list[str], threads: i
                   results: str) -> dict:
     """Every head in ``heads`` on each feature file, as ``train`` and ``run`` do: in this
     process (``one process``: ``run_heads``, the one-core heads side by side), or as tasks
-    sized by ``cluster_tasks`` (``RayEngine.train``) on a local Ray instance of ``threads`` CPUs started here
+    sized by ``cluster_tasks`` on a local Ray instance of ``threads`` CPUs started here
     (``ray``) or running already (``ray, running instance``)."""
-    from pipeline.training import run_heads
+    from pipeline.training import cluster_tasks, run_heads, train_call
 
     calls = [{"feature_path": f, "head": h, "results_dir": results} for f in features for h in heads]
     t0 = time.perf_counter()
     if method.startswith("ray"):
         with _local_engine(method.endswith("running instance"), threads) as engine:
-            engine.train(calls)
+            engine.map(train_call, cluster_tasks(calls))
     else:
         run_heads(calls, threads)
     metrics = {(p.parent.name.split("-")[0] if len(features) == 1 else

@@ -454,7 +454,7 @@ def cmd_run(args) -> int:
                               threads=args.threads)
     with engine:
         return run_experiment(experiment, stage=args.stage, extract=engine.extract,
-                              train_calls=engine.train, scan_map=engine.scan_map, threads=args.threads)
+                              map_calls=engine.map, scan_map=engine.scan_map, threads=args.threads)
 
 
 COMMANDS = {"extract": cmd_extract, "backbones": cmd_backbones, "ls": cmd_ls,

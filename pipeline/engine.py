@@ -347,14 +347,6 @@ class RayEngine:
         return [result for ref in refs for result in _get(ref)]
 
     # head fits and anything else ------------------------------------------------------
-    def train(self, calls: list[dict], threads: int | None = None) -> None:
-        """Head entries (``training.train_call``'s arguments) as cluster tasks sized by
-        ``training.cluster_tasks``: the one-core heads a task per node, at most."""
-        from pipeline.training import cluster_tasks, train_call  # (not for extraction: sklearn)
-
-        self._connect()
-        self.map(train_call, cluster_tasks(calls, threads, nodes=len(_alive_cpus())))
-
     def map(self, fn, calls: list[dict]) -> list:
         """``fn(**call)`` for every call as Ray tasks, each holding a node's cores (or the
         call's ``threads``, if fewer) and using them as one process does there: its sweep's

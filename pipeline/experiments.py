@@ -47,9 +47,11 @@ from pipeline.training import (
     check_curve_head,
     check_shots,
     check_tries,
+    cluster_tasks,
     curve_points,
     result_identity,
     run_heads,
+    train_call,
 )
 
 DEFAULT_CONFIG = Path("experiments", "default.toml")  # in the project folder, as make has it
@@ -388,20 +390,20 @@ def _fusion_head_states(job: FusionJob, results_dir: str) -> dict[tuple, str]:
 
 
 def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False,
-                   extract=extract_features, train_calls=None, scan_map=None,
+                   extract=extract_features, map_calls=None, scan_map=None,
                    threads: int | None = None) -> int:
     """Plan, then extract what is missing and train what is stale (heads on ``threads``
     cores in all: ``heads.check_threads``).
 
-    ``extract``, ``train_calls(calls, threads)`` and ``scan_map(fn, items)`` are where the work
-    runs: in this process by default, or on a cluster (``pipeline.engine.RayEngine.extract`` /
-    ``.train`` / ``.scan_map``).
+    ``extract``, ``map_calls(fn, calls)`` and ``scan_map(fn, items)`` are where the work runs:
+    in this process by default, or on a cluster (``pipeline.engine.RayEngine.extract`` /
+    ``.map`` / ``.scan_map``).
     """
     t0 = time.monotonic()
     threads = threads or exp.threads
     if not dry_run and stage in ("heads", "all"):
         check_results_dir(exp.results_dir)
-        if train_calls is None:
+        if map_calls is None:
             check_threads(threads)
     jobs = plan(exp, fetch=not dry_run, scan_map=scan_map)
     fusions = plan_fusions(exp, jobs)
@@ -424,7 +426,7 @@ def run_experiment(exp: Experiment, *, stage: str = "all", dry_run: bool = False
     steps = _Steps(len(extract_todo) + heads_todo)
     _extract_missing(extract_todo, extract, steps)
     if stage in ("heads", "all"):
-        _train_stale(exp, [*jobs, *fusions], head_states, train_calls, steps, threads)
+        _train_stale(exp, [*jobs, *fusions], head_states, map_calls, steps, threads)
     if stage in ("compare", "all"):
         compare(exp.results_dir, cache_dir=exp.cache_dir)
     print(f"done in {time.monotonic() - t0:.1f} s")
@@ -464,10 +466,10 @@ def _extract_missing(todo: list[Job], extract, steps: _Steps) -> None:
         job.path, job.state = result.path, "cached"
 
 
-def _train_stale(exp: Experiment, jobs: list, head_states: dict, train_calls, steps: _Steps,
+def _train_stale(exp: Experiment, jobs: list, head_states: dict, map_calls, steps: _Steps,
                  threads: int | None) -> None:
     """Every head result not up to date, fusions last (their parts are extracted by then): here
-    on this machine's cores (``run_heads``), or all at once as cluster tasks (``train_calls``)."""
+    on this machine's cores (``run_heads``), or all at once as cluster tasks (``map_calls``)."""
     calls, announce = [], []
     for job in jobs:
         if job.state != "cached":
@@ -478,13 +480,13 @@ def _train_stale(exp: Experiment, jobs: list, head_states: dict, train_calls, st
                 continue
             path = job.paths if isinstance(job, FusionJob) else job.path
             call = {"feature_path": path, "head": h["name"], "params": h.get("params", {}),
-                    "results_dir": exp.results_dir}  # threads: set by run_heads or the engine
+                    "results_dir": exp.results_dir}  # threads: set by run_heads or cluster_tasks
             if "shots" in h:
                 call.update(shots=h["shots"], tries=h.get("tries"))
             calls.append(call)
             announce.append(f"{steps.next()} {head_label(h['name'], h.get('params'))} on {job.label}")
-    if train_calls is None:
+    if map_calls is None:
         run_heads(calls, threads, announce)
     elif calls:
         log.info("training %d head(s) as cluster tasks", len(calls))
-        train_calls(calls, threads)
+        map_calls(train_call, cluster_tasks(calls, threads))

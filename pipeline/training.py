@@ -412,12 +412,9 @@ def train_heads(heads: list[str], *, features: list[str] | None = None,
     run_heads(calls, threads)
 
 
-def train_call(**call) -> tuple[str, Path] | list | None:
+def train_call(**call) -> tuple[str, Path] | list:
     """One head entry: its result (``train_one``'s arguments), or its learning curve (with
-    ``shots``: ``train_curve``'s); or, with ``lanes``, one-core entries side by side on
-    ``threads`` cores (``run_heads``: what ``cluster_tasks`` gives a node)."""
-    if "lanes" in call:
-        return run_heads(call["lanes"], call["threads"])
+    ``shots``: ``train_curve``'s)."""
     return train_curve(**call) if "shots" in call else train_one(**call)
 
 
@@ -438,18 +435,12 @@ def _one_core_last(calls: list[dict]) -> tuple[list[int], list[int]]:
     return [i for i in range(len(calls)) if i not in narrow], narrow
 
 
-def cluster_tasks(calls: list[dict], threads: int | None = None, nodes: int = 1) -> list[dict]:
-    """Head entries as cluster tasks (``--engine ray``, ``train_call``'s arguments), run as
-    ``run_heads`` runs them on one machine: each head that uses every core a task of
-    ``threads`` cores (None: a whole node), in the order given; then the one-core heads,
-    dealt longest first into one task per node (at most ``nodes``), each training its share
-    side by side on the node's cores in one worker process. (As one-core tasks of their own,
-    a node's second one started 1.3 s late: Ray started and imported a second worker process
-    for it, benchmarks/ray_heads_timeline.txt.)"""
+def cluster_tasks(calls: list[dict], threads: int | None = None) -> list[dict]:
+    """Head entries as cluster tasks (``--engine ray``), sized as ``run_heads`` runs them on one
+    machine: a one-core head asks one core (two share a 2-core node, side by side), the others
+    ``threads`` (None: a whole node); in the same order, the one-core heads last."""
     wide, narrow = _one_core_last(calls)
-    shares = [narrow[n::nodes] for n in range(min(nodes, len(narrow)))]
-    return [{**calls[i], "threads": threads} for i in wide] + \
-        [{"lanes": [calls[i] for i in share], "threads": threads} for share in shares]
+    return [{**calls[i], "threads": 1 if i in narrow else threads} for i in wide + narrow]
 
 
 def run_heads(calls: list[dict], threads: int | None = None,

@@ -395,29 +395,14 @@ def test_a_memory_budget_given_keeps_heads_one_after_another(blobs_file, tmp_pat
     assert ran == [("logreg", 2, "MainThread"), ("mlp", 2, "MainThread")]
 
 
-def test_on_a_cluster_every_core_heads_hold_a_node_and_one_core_heads_share_a_task_per_node():
-    calls = [{"head": h} for h in ("mlp", "rbf_svm", "logreg", "knn", "sgd_linear")] + [
+def test_on_a_cluster_one_core_heads_ask_one_core_and_the_others_a_node():
+    calls = [{"head": h} for h in ("mlp", "rbf_svm", "logreg", "knn")] + [
         {"head": "logreg", "shots": [1, "all"]}]  # a learning curve: many fits, every core
     tasks = training.cluster_tasks(calls)
-    assert [(t.get("head"), t["threads"]) for t in tasks] == [
-        ("rbf_svm", None), ("knn", None), ("logreg", None), (None, None)]
-    assert "shots" in tasks[2]
-    assert [c["head"] for c in tasks[3]["lanes"]] == ["sgd_linear", "logreg", "mlp"]  # longest first
-    on_two = training.cluster_tasks(calls, 2, nodes=2)
-    assert [t["threads"] for t in on_two] == [2, 2, 2, 2, 2]
-    assert [[c["head"] for c in t["lanes"]] for t in on_two[3:]] == [["sgd_linear", "mlp"], ["logreg"]]
-    assert len(training.cluster_tasks(calls, nodes=8)) == 3 + 3  # no task without a head
-
-
-def test_a_cluster_task_of_one_core_heads_trains_them_side_by_side(tmp_path, monkeypatch):
-    import threading
-
-    ran = []
-    monkeypatch.setattr(training, "train_one", lambda feature_path, head, params=None, **kw: ran.append(
-        (head, kw["threads"], threading.current_thread().name.startswith(training.LANE))))
-    [task] = training.cluster_tasks([{"feature_path": "f.h5", "head": h} for h in ("mlp", "logreg")])
-    training.train_call(**{**task, "threads": 2})  # as the engine gives it a 2-core node
-    assert sorted(ran) == [("logreg", 1, True), ("mlp", 1, True)]
+    assert [(t["head"], t["threads"]) for t in tasks] == [
+        ("rbf_svm", None), ("knn", None), ("logreg", None), ("logreg", 1), ("mlp", 1)]
+    assert "shots" in tasks[2] and "shots" not in tasks[3]
+    assert [t["threads"] for t in training.cluster_tasks(calls, 2)] == [2, 2, 2, 1, 1]
 
 
 def test_heads_on_several_files_side_by_side_name_head_and_file(tmp_path, monkeypatch):
