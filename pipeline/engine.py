@@ -195,7 +195,7 @@ class RayRunner:
         shape = dataset.splits["train"].image_shape
         stop = threading.Event()
         with ThreadPoolExecutor(1) as pool:
-            # The graph CPU workers run is converted while Ray starts (2.2-3.4 s here) or is
+            # The graph CPU workers run is converted while Ray starts (2.2-3.9 s here) or is
             # reached (0.7 s), not after, in a child process as a CLI driver does (in a thread
             # beside Ray's start, weights "none" gave other features); stopped if Ray cannot be
             # reached or the cluster has GPUs, whose actors run TensorFlow. (On a GPU machine
@@ -268,7 +268,7 @@ def _shutdown() -> None:
     """``ray.shutdown()``, less the second a local instance waits on its autoscaler monitor.
     Ray stops a local instance's processes one kind at a time, the GCS before the monitor,
     whose SIGTERM handler then tries to report to the stopped GCS until Ray kills it a second
-    later: 1.4-1.5 s in all here, 0.3-0.4 s with the monitor stopped first
+    later: 1.1-1.4 s in all here, 0.15-0.35 s with the monitor stopped first
     (benchmarks/ray_fixed_costs.txt). A local instance has no nodes to scale, so its monitor
     is killed first (SIGKILL, as ``ray stop --force`` does). Reaching a cluster started
     elsewhere, this process holds none of its processes and only disconnects. Ray's node

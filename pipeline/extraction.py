@@ -249,19 +249,22 @@ class FeatureModel:
         import subprocess
 
         job = pickle.dumps((self.config, self.image_shape, self.threads, runtime, folder, label))
-        child = subprocess.Popen([sys.executable, "-c", CONVERT_CHILD], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        while True:
+        with subprocess.Popen([sys.executable, "-c", CONVERT_CHILD], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
             try:
-                outputs = child.communicate(job, timeout=None if stop is None else 0.1)
-                break
-            except subprocess.TimeoutExpired:
-                job = None  # sent: a retry only reads
-                if stop.is_set():
-                    child.kill()
-                    child.communicate()
-                    runtimes.remove_stale(folder, runtime)
-                    raise ConversionStopped(label) from None
+                while True:  # (with ``stop``, asked every 0.1 s)
+                    try:
+                        outputs = child.communicate(job, timeout=None if stop is None else 0.1)
+                        break
+                    except subprocess.TimeoutExpired:
+                        job = None  # sent: a retry only reads
+                        if stop.is_set():
+                            raise ConversionStopped(label) from None
+            except BaseException:  # stopped, or this process interrupted: the child ends too
+                child.kill()
+                child.wait()
+                runtimes.remove_stale(folder, runtime)
+                raise
         said, errors = (out.decode(errors="replace").strip() for out in outputs)
         if child.returncode == 0:
             return
