@@ -1,6 +1,6 @@
 """Ray's own fixed costs on a local instance, as ``--engine ray`` pays them when it starts
 one: ``ray.init``, the CPU its daemons use while idle (10 s), ``ray.shutdown`` (with
-``--as-engine``: the engine's stop, ``pipeline.engine._shutdown``). One line per run;
+``--as-engine``: the engine's stop, ``pipeline.engine.stop_ray``). One line per run;
 ``python benchmarks/ray_fixed_costs.py [--as-engine]`` (results: ray_fixed_costs.txt)."""
 
 import os
@@ -39,7 +39,7 @@ time.sleep(10)
 c1 = cpu_seconds_of_ray_processes()
 as_engine = "--as-engine" in sys.argv
 if as_engine:
-    from pipeline.engine import _shutdown as shutdown
+    from pipeline.engine import stop_ray as shutdown
 else:
     shutdown = ray.shutdown
 t3 = time.perf_counter()

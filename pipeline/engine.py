@@ -264,7 +264,7 @@ class RayRunner:
         self.actors = []
 
 
-def _shutdown() -> None:
+def stop_ray() -> None:
     """``ray.shutdown()``, less the second a local instance waits on its autoscaler monitor.
     Ray stops a local instance's processes one kind at a time, the GCS before the monitor,
     whose SIGTERM handler then tries to report to the stopped GCS until Ray kills it a second
@@ -314,7 +314,7 @@ class RayEngine:
 
     def __exit__(self, *exc) -> None:
         if self._started:
-            _shutdown()
+            stop_ray()
 
     def slots(self) -> tuple[int, int, float, int, int]:
         """(actors, CPUs and GPUs per actor, TensorFlow threads, decode threads per actor).
