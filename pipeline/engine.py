@@ -307,6 +307,13 @@ class RayEngine:
             ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
                      include_dashboard=False, logging_level="WARNING", log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            if self.address is None and "existing cluster" in str(exc):
+                # Without an address, ray.init joins the instance `ray start` left running
+                # (or RAY_ADDRESS names), whose CPUs were fixed when it started.
+                raise PipelineError(
+                    "--num-cpus sizes a Ray instance this command starts, but one is already "
+                    "running here (`ray start`, or RAY_ADDRESS): leave out --num-cpus to use "
+                    "it, or stop it with `ray stop`") from None
             raise PipelineError(f"cannot reach the Ray cluster at {self.address or 'a new local'}"
                                 f" ({str(exc).splitlines()[0][:160]}); start one with "
                                 "`ray start --head` or leave out --address") from None

@@ -585,3 +585,23 @@ def test_an_unreachable_cluster_gets_one_line(no_cluster, tmp_path, dataset, cap
     assert code == 2 and len(err) == 1 and "cannot reach the Ray cluster" in err[0]
     assert not list(tmp_path.glob("*.h5"))
 
+
+@pytest.mark.bad_input
+def test_num_cpus_beside_a_running_instance_says_to_drop_it_or_stop_that_instance(
+        no_cluster, tmp_path, dataset, capsys, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    from pipeline.cli import main
+
+    running = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    monkeypatch.setenv("RAY_ADDRESS", running.address)  # what ray.init finds without --address
+    try:
+        code = main(["extract", "--dataset", dataset, "--weights", "none", "--image-size", "32",
+                     "--cache-dir", str(tmp_path), "--engine", "ray", "--num-cpus", "2"])
+    finally:
+        running.shutdown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "already running" in err[0] and "leave out --num-cpus" in err[0] and "ray stop" in err[0]
+    assert not list(tmp_path.glob("*.h5"))
+
