@@ -19,6 +19,7 @@ are tasks of a node's cores each, run as one process runs them there.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -307,21 +308,31 @@ class RayEngine:
             ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
                      include_dashboard=False, logging_level="WARNING", log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            if self.address is None and "existing cluster" in str(exc):
-                # Without an address, ray.init joins the instance `ray start` left running
-                # (or RAY_ADDRESS names), whose CPUs were fixed when it started.
-                raise PipelineError(
-                    "--num-cpus sizes a Ray instance this command starts, but one is already "
-                    "running here (`ray start`, or RAY_ADDRESS): leave out --num-cpus to use "
-                    "it, or stop it with `ray stop`") from None
-            raise PipelineError(f"cannot reach the Ray cluster at {self.address or 'a new local'}"
-                                f" ({str(exc).splitlines()[0][:160]}); start one with "
-                                "`ray start --head` or leave out --address") from None
+            raise PipelineError(self._cannot_connect(str(exc).splitlines()[0][:160] if str(exc)
+                                                     else type(exc).__name__)) from None
         self._started = True
 
     def __exit__(self, *exc) -> None:
         if self._started:
             stop_ray()
+
+    def _cannot_connect(self, reason: str) -> str:
+        """The one line for a Ray that cannot be started or reached, with what to do. Without
+        an address, ray.init joins the cluster RAY_ADDRESS names, else an instance `ray
+        start` left running here (whose CPUs were fixed when it started), else starts one."""
+        if self.address:
+            return (f"cannot reach the Ray cluster at {self.address} ({reason}); start one with "
+                    "`ray start --head` or leave out --address")
+        if "existing cluster" in reason:  # --num-cpus given
+            return ("--num-cpus sizes a Ray instance this command starts, but one is already "
+                    "running here (`ray start`, or RAY_ADDRESS): leave out --num-cpus to use it, "
+                    "or stop it with `ray stop`")
+        if os.environ.get("RAY_ADDRESS"):
+            return (f"cannot reach the Ray cluster that RAY_ADDRESS names, "
+                    f"{os.environ['RAY_ADDRESS']} ({reason}); start it, or unset RAY_ADDRESS to "
+                    "start a local instance")
+        return (f"cannot start a local Ray instance ({reason}); check that `ray start --head` "
+                "works here, or give --address of a running cluster")
 
     def slots(self) -> tuple[int, int, float, int, int]:
         """(actors, CPUs and GPUs per actor, TensorFlow threads, decode threads per actor).

@@ -605,3 +605,31 @@ def test_num_cpus_beside_a_running_instance_says_to_drop_it_or_stop_that_instanc
     assert "already running" in err[0] and "leave out --num-cpus" in err[0] and "ray stop" in err[0]
     assert not list(tmp_path.glob("*.h5"))
 
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("ray_address, error, says", [
+    ("127.0.0.1:1", ConnectionError("Could not connect to 127.0.0.1:1"),
+     ["cannot reach the Ray cluster that RAY_ADDRESS names, 127.0.0.1:1", "unset RAY_ADDRESS"]),
+    (None, RuntimeError("Failed to start the GCS"),
+     ["cannot start a local Ray instance (Failed to start the GCS)", "--address"]),
+], ids=["RAY_ADDRESS-unreachable", "local-start-fails"])
+def test_without_address_a_failing_ray_gets_one_line_naming_what_failed(
+        no_cluster, tmp_path, dataset, capsys, monkeypatch, ray_address, error, says):
+    from pipeline.cli import main
+
+    def fails(**kw):
+        raise error
+
+    monkeypatch.setattr(ray, "init", fails)  # Ray's own failures, without waiting on them
+    if ray_address:
+        monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main(["extract", "--dataset", dataset, "--weights", "none", "--image-size", "32",
+                 "--cache-dir", str(tmp_path), "--engine", "ray"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert all(part in err[0] for part in says), err[0]
+    assert "leave out --address" not in err[0]  # no --address was given
+    assert not list(tmp_path.glob("*.h5"))
