@@ -1,7 +1,10 @@
 """Ray's own fixed costs on a local instance, as ``--engine ray`` pays them when it starts
-one: ``ray.init``, the CPU its daemons use while idle (10 s), ``ray.shutdown`` (with
-``--as-engine``: the engine's stop, ``pipeline.engine.stop_ray``). One line per run;
-``python benchmarks/ray_fixed_costs.py [--as-engine]`` (results: ray_fixed_costs.txt)."""
+one: ``ray.init``, the CPU its processes (daemons, pre-started workers) have used 3 s after
+it returns (their start), the CPU they use while idle (10 s), ``ray.shutdown`` (with
+``--as-engine``: the engine's stop, ``pipeline.engine.stop_ray``), and how long an actor
+of every CPU then takes to answer (``--no-prestart``: without the workers Ray pre-starts,
+one per CPU, for the first driver). One line per run; ``python
+benchmarks/ray_fixed_costs.py [--as-engine] [--no-prestart]`` (results: ray_fixed_costs.txt)."""
 
 import os
 import sys
@@ -11,7 +14,8 @@ t0 = time.perf_counter()
 import ray  # noqa: E402
 
 t1 = time.perf_counter()
-ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+         _system_config={"prestart_worker_first_driver": False} if "--no-prestart" in sys.argv else None)
 t2 = time.perf_counter()
 
 
@@ -37,6 +41,17 @@ time.sleep(3)
 c0 = cpu_seconds_of_ray_processes()
 time.sleep(10)
 c1 = cpu_seconds_of_ray_processes()
+
+
+@ray.remote(num_cpus=2)
+class Actor:
+    def pid(self) -> int:
+        return os.getpid()
+
+
+t_actor = time.perf_counter()
+ray.get(Actor.remote().pid.remote())
+actor_s = time.perf_counter() - t_actor
 as_engine = "--as-engine" in sys.argv
 if as_engine:
     from pipeline.engine import stop_ray as shutdown
@@ -47,4 +62,6 @@ shutdown()
 t4 = time.perf_counter()
 print(f"import {t1 - t0:.2f}s init {t2 - t1:.2f}s "
       f"{'engine stop' if as_engine else 'shutdown'} {t4 - t3:.2f}s; "
-      f"ray processes idle CPU {100 * (c1 - c0) / 10:.1f}% of one core")
+      f"ray processes idle CPU {100 * (c1 - c0) / 10:.1f}% of one core; "
+      f"their CPU by 3 s after init {c0:.2f}s; an actor of 2 CPUs answered in {actor_s:.2f}s"
+      f"{' (no pre-started workers)' if '--no-prestart' in sys.argv else ''}")
