@@ -327,10 +327,10 @@ class RayEngine:
             return ("--num-cpus sizes a Ray instance this command starts, but one is already "
                     "running here (`ray start`, or RAY_ADDRESS): leave out --num-cpus to use it, "
                     "or stop it with `ray stop`")
-        if os.environ.get("RAY_ADDRESS"):
-            return (f"cannot reach the Ray cluster that RAY_ADDRESS names, "
-                    f"{os.environ['RAY_ADDRESS']} ({reason}); start it, or unset RAY_ADDRESS to "
-                    "start a local instance")
+        named = os.environ.get("RAY_ADDRESS")
+        if named:
+            return (f"cannot reach the Ray cluster that RAY_ADDRESS names, {named} ({reason}); "
+                    "start it, or unset RAY_ADDRESS to start a local instance")
         return (f"cannot start a local Ray instance ({reason}); check that `ray start --head` "
                 "works here, or give --address of a running cluster")
 

@@ -606,7 +606,6 @@ def test_num_cpus_beside_a_running_instance_says_to_drop_it_or_stop_that_instanc
     assert not list(tmp_path.glob("*.h5"))
 
 
-
 @pytest.mark.bad_input
 @pytest.mark.parametrize("ray_address, error, says", [
     ("127.0.0.1:1", ConnectionError("Could not connect to 127.0.0.1:1"),
