@@ -518,6 +518,43 @@ def test_knn_searches_on_onedal_where_installed_with_scikit_learns_neighbours():
     assert np.all(np.diff(sims, axis=1) <= 1e-6)  # most similar first
 
 
+def test_onedals_allocator_keeps_large_freed_blocks_during_a_fit_and_releases_them_after():
+    """oneDAL's SVC frees and allocates blocks of over 64 MB at every step (rbf_svm's refit):
+    kept, a block's pages are faulted in once, not at each allocation."""
+    import ctypes
+    import resource
+
+    pytest.importorskip("daal4py", reason="the intel extra (make install adds it on x86-64)")
+    lib = heads_module._TbbLargeBlocks._library()
+    if lib is None:
+        pytest.skip("oneDAL's TBB allocator is not loaded here")
+    lib.scalable_malloc.restype, lib.scalable_malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    lib.scalable_free.argtypes = [ctypes.c_void_p]
+    size, kept = 96 << 20, heads_module.tbb_large_blocks_kept
+
+    def faults_of_three_blocks() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            block = lib.scalable_malloc(size)
+            ctypes.memset(block, 1, size)
+            lib.scalable_free(block)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    default = faults_of_three_blocks()
+    with kept:
+        with kept:  # a second fit (another lane) leaving does not end the first one's setting
+            pass
+        during = faults_of_three_blocks()
+        holding = rss()
+    assert default > 2 * during
+    assert holding - rss() > size // 2  # released once the last fit leaves
+    assert faults_of_three_blocks() > 2 * during  # and TBB's default is back
+
+
 @pytest.fixture
 def without_sklearnex(monkeypatch):
     """A process where importing scikit-learn-intelex fails, as where the extra is absent."""
