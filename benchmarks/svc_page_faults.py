@@ -1,6 +1,6 @@
 """oneDAL's SVC fit on every Fashion-MNIST training row (60,000 x 256, MobileNet 0.25 ``avg``,
 standardised, C = 3.16 as rbf_svm chooses), with TBB's allocator as it comes against inside
-``heads.tbb_large_blocks_kept`` (freed blocks of over 64 MB kept for the fit): wall, user and
+``heads.tbb_large_blocks_kept`` (freed blocks of over 64 MiB kept for the fit): wall, user and
 system seconds, page faults, peak RSS. Each variant in a fresh process, alternated:
 ``python benchmarks/svc_page_faults.py FILE [ROUNDS]`` (results: svc_page_faults.txt)."""
 

@@ -166,12 +166,12 @@ def solver_threads(threads: int):
 
 
 class _TbbLargeBlocks:
-    """oneDAL's allocator (TBB's scalable malloc) keeping freed blocks of over 64 MB while a
+    """oneDAL's allocator (TBB's scalable malloc) keeping freed blocks of over 64 MiB while a
     fit runs, as it keeps smaller ones. By default TBB unmaps them at once, and oneDAL's SVC
-    allocates and frees such blocks (576 MB at 60,000 rows) at every step, so each one is
+    allocates and frees such blocks (576 MiB at 60,000 rows) at every step, so each one is
     faulted in page by page again. rbf_svm's refit on Fashion-MNIST's 60,000 x 256 rows: 2.2
     million page faults and 7.2-7.8 s of system time, kept 0.19 million and 0.6-0.7 s; the
-    whole head 38.8-41.5 s against 44.8-46.9 s, peak RSS 115-140 MiB higher
+    whole head 38.8-41.5 s against 44.8-46.9 s, peak RSS 110-145 MiB higher
     (benchmarks/svc_page_faults.txt). Entered per fit; TBB's setting is the process's, so
     threads count who is inside, and when the last one leaves TBB's default comes back and
     what it kept is released. A no-op where oneDAL's TBB allocator is not loaded."""

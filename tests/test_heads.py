@@ -519,7 +519,7 @@ def test_knn_searches_on_onedal_where_installed_with_scikit_learns_neighbours():
 
 
 def test_onedals_allocator_keeps_large_freed_blocks_during_a_fit_and_releases_them_after():
-    """oneDAL's SVC frees and allocates blocks of over 64 MB at every step (rbf_svm's refit):
+    """oneDAL's SVC frees and allocates blocks of over 64 MiB at every step (rbf_svm's refit):
     kept, a block's pages are faulted in once, not at each allocation."""
     import ctypes
     import resource
