@@ -13,9 +13,10 @@ import time
 t0 = time.perf_counter()
 import ray  # noqa: E402
 
+no_prestart = "--no-prestart" in sys.argv
 t1 = time.perf_counter()
 ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
-         _system_config={"prestart_worker_first_driver": False} if "--no-prestart" in sys.argv else None)
+         _system_config={"prestart_worker_first_driver": False} if no_prestart else None)
 t2 = time.perf_counter()
 
 
@@ -64,4 +65,4 @@ print(f"import {t1 - t0:.2f}s init {t2 - t1:.2f}s "
       f"{'engine stop' if as_engine else 'shutdown'} {t4 - t3:.2f}s; "
       f"ray processes idle CPU {100 * (c1 - c0) / 10:.1f}% of one core; "
       f"their CPU by 3 s after init {c0:.2f}s; an actor of 2 CPUs answered in {actor_s:.2f}s"
-      f"{' (no pre-started workers)' if '--no-prestart' in sys.argv else ''}")
+      f"{' (no pre-started workers)' if no_prestart else ''}")

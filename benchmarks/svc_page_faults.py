@@ -12,16 +12,16 @@ import time
 
 
 def fit(path: str, kept: bool) -> str:
-    import h5py
     import numpy as np
     from sklearn.preprocessing import StandardScaler
     from sklearnex.svm import SVC
 
-    from pipeline.heads import tbb_large_blocks_kept
+    from pipeline.heads import load_features, tbb_large_blocks_kept
+    from pipeline.store import FeatureFile
 
-    with h5py.File(path, "r") as f:
-        X, y = f["train/features"][:].astype(np.float32), f["train/labels"][:]
-    X = StandardScaler().fit(X).transform(X).astype(np.float32)
+    with FeatureFile(path) as ff:
+        data = load_features(ff, "rbf_svm")
+    X, y = StandardScaler().fit_transform(data.X_train).astype(np.float32), data.y_train
     before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     with tbb_large_blocks_kept if kept else contextlib.nullcontext():
         model = SVC(kernel="rbf", C=10 ** 0.5, cache_size=1000).fit(X, y)

@@ -7,14 +7,16 @@ and tolerance: is there time left in the head's largest fit? Each argument is
 import sys
 import time
 
-import h5py
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 from sklearnex.svm import SVC
 
-with h5py.File(sys.argv[1], "r") as f:
-    X, y = f["train/features"][:].astype(np.float32), f["train/labels"][:]
-    Xt, yt = f["test/features"][:].astype(np.float32), f["test/labels"][:]
+from pipeline.heads import load_features
+from pipeline.store import FeatureFile
+
+with FeatureFile(sys.argv[1]) as ff:
+    data = load_features(ff, "rbf_svm")
+X, y, Xt, yt = data.X_train, data.y_train, data.X_test, data.y_test
 scaler = StandardScaler().fit(X)
 X, Xt = scaler.transform(X).astype(np.float32), scaler.transform(Xt).astype(np.float32)
 for variant in sys.argv[2:]:

@@ -322,7 +322,8 @@ class SweepClassifier(_KeepsLastAnswer, ClassifierMixin, BaseEstimator):
         return scores
 
     def _fit(self, model, X, y) -> bool:
-        """``_fit_converged`` with BLAS/OpenMP capped at ``fit_threads`` where given."""
+        """``_fit_converged`` with BLAS/OpenMP capped at ``fit_threads`` where given, and
+        oneDAL's large blocks kept while it runs (``tbb_large_blocks_kept``)."""
         with _blas_threads(self.fit_threads), tbb_large_blocks_kept:
             return _fit_converged(model, X, y)
 

@@ -518,7 +518,8 @@ def test_knn_searches_on_onedal_where_installed_with_scikit_learns_neighbours():
     assert np.all(np.diff(sims, axis=1) <= 1e-6)  # most similar first
 
 
-def test_onedals_allocator_keeps_large_freed_blocks_during_a_fit_and_releases_them_after():
+def test_onedals_allocator_keeps_large_freed_blocks_during_a_fit_and_releases_them_after(
+        blobs_file, monkeypatch):
     """oneDAL's SVC frees and allocates blocks of over 64 MiB at every step (rbf_svm's refit):
     kept, a block's pages are faulted in once, not at each allocation."""
     import ctypes
@@ -553,6 +554,15 @@ def test_onedals_allocator_keeps_large_freed_blocks_during_a_fit_and_releases_th
     assert default > 2 * during
     assert holding - rss() > size // 2  # released once the last fit leaves
     assert faults_of_three_blocks() > 2 * during  # and TBB's default is back
+
+    inside = []  # a head's fits (sweep and refit) run with the blocks kept, and only they
+    fit = heads_module._fit_converged
+    monkeypatch.setattr(heads_module, "_fit_converged",
+                        lambda *args: inside.append(kept._inside) or fit(*args))
+    d = _data(blobs_file)
+    SweepClassifier(grid=[{"C": 0.1}, {"C": 1.0}]).fit(d.X_train, d.y_train)
+    assert len(inside) >= 2 and all(n >= 1 for n in inside)
+    assert kept._inside == 0
 
 
 @pytest.fixture
