@@ -137,6 +137,15 @@ def test_single_class_training_split_is_refused(tmp_path):
 
 
 @pytest.mark.bad_input
+def test_the_mlp_called_from_python_refuses_a_single_class_in_one_line():
+    X = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
+    with pytest.raises(PipelineError, match="^mlp needs at least two classes in its training rows$"):
+        make_head("mlp", {"max_epochs": 2}).fit(X, np.zeros(60, int))
+    two = make_head("mlp", {"max_epochs": 2}).fit(X, np.arange(60) % 2)  # two classes: fine
+    assert set(two.predict(X)) <= {0, 1}
+
+
+@pytest.mark.bad_input
 def test_nan_features_are_refused(blobs_file):
     import h5py
 
