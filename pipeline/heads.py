@@ -494,7 +494,7 @@ class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
         stopped on the same validation rows; their probabilities are averaged. One network's
         test accuracy moves by half a point with float32 rounding in its input (measured:
         docs/results/best.md); an average of several moves less."""
-        if len(np.unique(y)) < 2:  # (scikit-learn's MLP fits one class; its predictions then fail)
+        if len(np.unique(y)) < 2:  # scikit-learn's MLP fits one class, then answers two columns
             raise PipelineError("mlp needs at least two classes in its training rows")
         if _no_validation(self):  # no early stopping: max_epochs epochs on every row
             fit_idx = val_idx = np.arange(len(y))
