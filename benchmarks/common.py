@@ -82,6 +82,23 @@ def run_worker(method: str, npz: str, backbone: str, alpha, batch_size: int, siz
     return result
 
 
+def fit_and_score(head: str, params: dict, X, y, Xt, yt, threads: int) -> tuple[object, dict]:
+    """A head fitted on ``threads`` BLAS threads (``X`` may be an h5py dataset, as
+    sgd_linear streams it), timed, and scored on the test rows: the model and what it chose,
+    its validation and test accuracy and its fit seconds."""
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.heads import make_head
+
+    model = make_head(head, params)
+    t = time.perf_counter()
+    with threadpool_limits(threads):
+        model.fit(X, y)
+    fit_s = time.perf_counter() - t
+    return model, {"best": model.best_params_, "val": round(model.validation_score_, 4),
+                   "fit_s": round(fit_s, 1), "test": round(float((model.predict(Xt) == yt).mean()), 4)}
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -6,11 +6,9 @@ python benchmarks/sgd_patience.py FILE ... >> benchmarks/sgd_patience.txt
 """
 import json
 import sys
-import time
 
-from threadpoolctl import threadpool_limits
+from common import fit_and_score
 
-from pipeline.heads import make_head
 from pipeline.store import FeatureFile
 
 for path in sys.argv[1:]:
@@ -18,13 +16,9 @@ for path in sys.argv[1:]:
         X, y = ff.features("train"), ff.labels("train")
         Xt, yt = ff.features("test")[()], ff.labels("test")
         for patience in (5, 3, 2):
-            m = make_head("sgd_linear", {"patience": patience, "n_jobs": 1})
-            t = time.perf_counter()
-            with threadpool_limits(1):
-                m.fit(X, y)
-            f = time.perf_counter() - t
-            test = float((m.predict(Xt) == yt).mean())
+            m, scores = fit_and_score("sgd_linear", {"patience": patience, "n_jobs": 1},
+                                      X, y, Xt, yt, threads=1)
             print(json.dumps({"file": path.rsplit("/", 1)[-1], "patience": patience,
-                              "best": m.best_params_, "val": round(m.validation_score_, 4),
+                              "best": scores["best"], "val": scores["val"],
                               "best_alpha_epochs_run": len(m.history_),
-                              "fit_s": round(f, 1), "test": round(test, 4)}), flush=True)
+                              "fit_s": scores["fit_s"], "test": scores["test"]}), flush=True)

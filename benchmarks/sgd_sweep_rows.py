@@ -4,11 +4,9 @@ Fashion-MNIST files (MobileNet 0.25 avg), 2 threads. Run from the repo root:
 python benchmarks/sgd_sweep_rows.py > benchmarks/sgd_sweep_rows.txt
 """
 import json
-import time
 
-from threadpoolctl import threadpool_limits
+from common import fit_and_score
 
-from pipeline.heads import make_head
 from pipeline.store import FeatureFile
 
 FILES = ['features_cache/folder_cifar10-mobilenet-avg-1690475b9cd9e656.h5',
@@ -18,12 +16,6 @@ for path in FILES:
         X, y = ff.features('train'), ff.labels('train')
         Xt, yt = ff.features('test')[()], ff.labels('test')
         for rows in (45000 if 'cifar' in path else 60000, 20000, 10000):
-            m = make_head('sgd_linear', {'max_sweep_rows': rows, 'n_jobs': 2})
-            t = time.perf_counter()
-            with threadpool_limits(2):
-                m.fit(X, y)
-            f = time.perf_counter() - t
-            test = float((m.predict(Xt) == yt).mean())
-            print(json.dumps({'file': path[15:40], 'rows': rows, 'best': m.best_params_,
-                              'val': round(m.validation_score_, 4), 'fit_s': round(f, 1),
-                              'test': round(test, 4)}), flush=True)
+            _, scores = fit_and_score('sgd_linear', {'max_sweep_rows': rows, 'n_jobs': 2},
+                                      X, y, Xt, yt, threads=2)
+            print(json.dumps({'file': path[15:40], 'rows': rows, **scores}), flush=True)

@@ -64,6 +64,13 @@ def _arrays(X, y) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(X), np.asarray(y)
 
 
+def _two_classes_at_least(head: str, classes: np.ndarray) -> None:
+    """Our own heads' check before a fit (scikit-learn's refuse one class themselves, but its
+    MLP fits one and then answers two probability columns)."""
+    if len(classes) < 2:
+        raise PipelineError(f"{head} needs at least two classes in its training rows")
+
+
 def _no_validation(head) -> bool:
     """``validation_fraction=0`` (and no given validation rows): data too small to carve a
     validation split from (a 1-shot draw); the head then fits its ``HeadSpec.fixed`` setting
@@ -494,8 +501,8 @@ class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
         stopped on the same validation rows; their probabilities are averaged. One network's
         test accuracy moves by half a point with float32 rounding in its input (measured:
         docs/results/best.md); an average of several moves less."""
-        if len(np.unique(y)) < 2:  # scikit-learn's MLP fits one class, then answers two columns
-            raise PipelineError("mlp needs at least two classes in its training rows")
+        self.classes_ = np.unique(y)
+        _two_classes_at_least("mlp", self.classes_)
         if _no_validation(self):  # no early stopping: max_epochs epochs on every row
             fit_idx = val_idx = np.arange(len(y))
         else:
@@ -503,7 +510,6 @@ class EarlyStoppingMLP(ClassifierMixin, BaseEstimator):
                                                  self.validation_rows)
         prep = Pipeline(preprocessing(self.normalize, self.pca, self.random_state)).fit(X[fit_idx])
         Xf, Xv = prep.transform(X[fit_idx]), prep.transform(X[val_idx])
-        self.classes_ = np.unique(y)
         self.members_, epochs, self.history_ = [], [], []
         for seed in range(self.random_state, self.random_state + self.seeds):
             mlp = MLPClassifier(hidden_layer_sizes=(self.hidden,), alpha=self.alpha,
@@ -906,8 +912,7 @@ class SquaredHingeSVM(ClassifierMixin, BaseEstimator):
         X, y = _arrays(X, y)
         X = _flatten(X)
         self.classes_, codes = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise PipelineError("linear_svm needs at least two classes in its training rows")
+        _two_classes_at_least("linear_svm", self.classes_)
         n, width = X.shape
         columns = 1 if len(self.classes_) == 2 else len(self.classes_)
         Y = -np.ones((n, columns), np.float32)  # +1 for the class of each column, -1 the rest
