@@ -25,6 +25,7 @@ from pipeline.heads import (
     HEADS,
     check_params,
     check_threads,
+    head_versions,
 )
 from pipeline.options import MODES, ExtractionConfig, describe, option_fields, option_problem
 from pipeline.reports import compare
@@ -357,15 +358,15 @@ def _is_current(h: dict, results_dir: str, parts: dict, checksum: str, legacy_ke
                 ) -> bool:
     """Whether head entry ``h`` is done: its result (at its readable or its legacy place) and,
     for a learning curve, every point it asks for."""
-    params, shots = h.get("params", {}), h.get("shots")
+    params, shots, versions = h.get("params", {}), h.get("shots"), head_versions()
     places = [result_dir(results_dir, parts, h["name"], params)]
     if legacy_key:
         places.append(legacy_result_dir(results_dir, legacy_key, h["name"], params))
     full = (shots is not None and ALL not in shots) or any(
-        results.is_current(out, checksum, params) for out in places)
+        results.is_current(out, checksum, params, versions) for out in places)
     return full and all(
         results.is_current(curve_point_dir(results_dir, parts, h["name"], params, k, t), checksum,
-                           params)
+                           params, versions)
         for k, t in curve_points(shots or [], check_tries(h.get("tries"))))
 
 

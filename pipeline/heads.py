@@ -1127,6 +1127,10 @@ class HeadSpec:
     # Fashion-MNIST file (benchmarks/lanes.txt, round 1), say which is longest. None: it uses every
     # core (oneDAL's SVC and search, Keras, a sweep in parallel workers) and trains alone.
     lane_seconds: float | None = None
+    # Raised by whoever changes the head's code or defaults so that its answers change (as
+    # EXTRACTOR_VERSION is for features): a result made by another version is not current,
+    # and the next ``train``/``run`` retrains it (``head_versions``, ``ResultRecord``).
+    version: int = 1
 
 
 HEADS = {
@@ -1172,6 +1176,11 @@ HEADS = {
 }
 SPATIAL_HEADS = {name for name, spec in HEADS.items() if spec.takes == "spatial"}
 STREAMING_HEADS = {name for name, spec in HEADS.items() if spec.takes == "streamed"}
+
+
+def head_versions() -> dict[str, int]:
+    """Each head's version, what a result's own must equal to be current."""
+    return {name: spec.version for name, spec in HEADS.items()}
 
 
 def check_threads(threads: int | None) -> int:

@@ -3,8 +3,9 @@
 ``results/<feature file name>/<head>[-<params hash>]/`` holds ``metrics.json``, the fitted
 model and ``confusion.png``; the folder is named after the feature file (``FeatureStore``'s
 name: dataset, backbone, mode and key), so it says what it holds. A result is current when its
-metrics name the same feature checksum and head parameters. Results are written into a
-temporary folder and renamed into place under a lock, so a half-written one is never read.
+metrics name the same feature checksum, head parameters and version of the head that ran.
+Results are written into a temporary folder and renamed into place under a lock, so a
+half-written one is never read.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -66,6 +67,7 @@ class ResultRecord:
     solver: str = ""  # what computed the head: "oneDAL" or "scikit-learn" (not part of the answer)
     shots: int | None = None  # a learning curve's point: training images per class drawn
     draw: int | None = None  # ... and which seeded draw of them (0, 1, ...)
+    head_version: int | None = None  # HeadSpec.version of head_ran (None: made before versions)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -77,8 +79,11 @@ class ResultRecord:
     def feature_keys(self) -> set[str]:
         return {f.get("key") for f in self.features_files} | {self.features_key} - {""}
 
-    def is_current(self, checksum: str, params: dict) -> bool:
-        return self.features_checksum == checksum and self.params == params
+    def is_current(self, checksum: str, params: dict, versions: Mapping[str, int]) -> bool:
+        """Made from these features with these params by the head's version in ``versions``
+        (``heads.head_versions()``); a record from before versions existed never is."""
+        return (self.features_checksum == checksum and self.params == params
+                and self.head_version == versions.get(self.head_ran or self.head))
 
     def save(self, folder: Path) -> None:
         record = asdict(self)
@@ -148,16 +153,17 @@ def legacy_result_dir(results_dir: str | Path, key: str, head: str, params: dict
     return Path(results_dir) / key / _head_dir_name(head, params)
 
 
-def is_current(out: Path, checksum: str, params: dict) -> bool:
+def is_current(out: Path, checksum: str, params: dict, versions: Mapping[str, int]) -> bool:
     try:
-        return ResultRecord.load(out).is_current(checksum, params)
+        return ResultRecord.load(out).is_current(checksum, params, versions)
     except (OSError, ValueError):
         return False
 
 
 @contextmanager
 def locked(out: Path, legacy: Path | None = None, checksum: str = "",
-           params: dict | None = None) -> Iterator[None]:
+           params: dict | None = None, versions: Mapping[str, int] | None = None
+           ) -> Iterator[None]:
     """One writer per result folder; a current result found at its ``legacy`` place moves to
     ``out`` first (same result, now under its readable name). Holding the lock, any folder
     ``writing`` made for ``out`` was left by a writer killed mid-way (kill -9, the OOM
@@ -167,7 +173,8 @@ def locked(out: Path, legacy: Path | None = None, checksum: str = "",
         for stale in [*out.parent.glob(f".{glob.escape(out.name)}.tmp-*"),
                       *out.parent.glob(f".{glob.escape(out.name)}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
-        if legacy is not None and not out.exists() and is_current(legacy, checksum, params or {}):
+        if legacy is not None and not out.exists() and \
+                is_current(legacy, checksum, params or {}, versions or {}):
             os.replace(legacy, out)
             if not any(legacy.parent.iterdir()):
                 legacy.parent.rmdir()

@@ -29,6 +29,7 @@ from pipeline.heads import (
     check_threads,
     evaluate,
     head_ran,
+    head_versions,
     load_features,
     load_fused_features,
     make_head,
@@ -113,8 +114,9 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
         out = result_dir(results_dir, parts, head, params)
         legacy = legacy_result_dir(results_dir, files[0].key, head, params) \
             if len(files) == 1 else None
-        with results.locked(out, legacy, checksum, params):
-            if not force and results.is_current(out, checksum, params):
+        versions = head_versions()
+        with results.locked(out, legacy, checksum, params, versions):
+            if not force and results.is_current(out, checksum, params, versions):
                 log.info("up to date: %s", out)
                 return "up-to-date", out
             for ff in files:  # the streaming head reads rows during fit and predict
@@ -143,8 +145,9 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
                 scores = evaluate(model, data.X_test, data.y_test, data.classes, data.test_ids)
             mistakes = scores.pop("mistakes")
             record = _record(model, scores, files, checksums, checksum, head=head, ran=ran,
-                             note=note, params=params, threads=threads, fit_seconds=fit_seconds,
-                             n_train=len(data.y_train), n_test=len(data.y_test),
+                             head_version=versions[ran], note=note, params=params, threads=threads,
+                             fit_seconds=fit_seconds, n_train=len(data.y_train),
+                             n_test=len(data.y_test),
                              validation=({"given": "the dataset's own validation split",
                                           "rows": data.validation_rows} if data.validation_rows else
                                          {"carved": "a seeded stratified share of the training rows",
@@ -239,10 +242,10 @@ def train_curve(feature_path: Path | list[Path], head: str, params: dict | None 
     done = []
     with contextlib.ExitStack() as stack:
         files, checksums, parts, checksum = _open_features(stack, feature_path)
-        todo = []
+        todo, versions = [], head_versions()
         for k, t in curve_points(shots, tries):
             out = curve_point_dir(results_dir, parts, head, params, k, t)
-            if not force and results.is_current(out, checksum, params):
+            if not force and results.is_current(out, checksum, params, versions):
                 done.append(("up-to-date", out))
             else:
                 todo.append((k, t, out))
@@ -251,7 +254,7 @@ def train_curve(feature_path: Path | list[Path], head: str, params: dict | None 
             pool = np.arange(len(data.y_train) - data.validation_rows)  # val/ rows: never drawn
         for k, t, out in todo:
             with results.locked(out):
-                if not force and results.is_current(out, checksum, params):  # done meanwhile
+                if not force and results.is_current(out, checksum, params, versions):  # meanwhile
                     done.append(("up-to-date", out))
                     continue
                 rows = pool[k_shot_rows(data.y_train[pool], k, t)]
@@ -292,8 +295,9 @@ def _fit_point(files, checksums, checksum, data, rows: np.ndarray, head: str, pa
                   {"carved": "a seeded stratified share of this draw's k-shot rows",
                    "fraction": model.get_params().get("validation_fraction")})
     record = _record(model, scores, files, checksums, checksum, head=head, ran=head, note="",
-                     params=params, threads=threads, fit_seconds=fit_seconds, n_train=len(rows),
-                     n_test=len(data.y_test), validation=validation, shots=k, draw=draw)
+                     head_version=HEADS[head].version, params=params, threads=threads,
+                     fit_seconds=fit_seconds, n_train=len(rows), n_test=len(data.y_test),
+                     validation=validation, shots=k, draw=draw)
     with results.writing(out) as tmp:
         record.save(tmp)
     log.info("%s %d-shot, draw %d/%d: test accuracy %.2f%% (%d rows, fit %.1f s)",

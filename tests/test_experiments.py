@@ -274,6 +274,26 @@ def test_result_folders_are_named_after_their_feature_file(tmp_path):
     assert not list(folder.glob(".*.lock"))  # result locks go with their holders
 
 
+def test_a_new_version_of_a_head_retrains_its_results_and_nothing_else(tmp_path, capsys,
+                                                                        monkeypatch):
+    import dataclasses
+
+    from pipeline import heads
+
+    run_experiment(load_experiment(_config(tmp_path, heads=("logreg", "mlp"))))
+    stamps = {p.parent.name.split("-")[0]: p.stat().st_mtime_ns
+              for p in (tmp_path / "results").glob("*/*/metrics.json")}
+    capsys.readouterr()
+    spec = heads.HEADS["mlp"]
+    monkeypatch.setitem(heads.HEADS, "mlp", dataclasses.replace(spec, version=spec.version + 1))
+    run_experiment(load_experiment(_config(tmp_path, heads=("logreg", "mlp"))))
+    assert "logreg(C=1.0):cached, mlp(max_epochs=5):to train" in capsys.readouterr().out
+    after = {p.parent.name.split("-")[0]: (p.stat().st_mtime_ns, json.loads(p.read_text()))
+             for p in (tmp_path / "results").glob("*/*/metrics.json")}
+    assert after["logreg"][0] == stamps["logreg"] and after["mlp"][0] != stamps["mlp"]
+    assert after["mlp"][1]["head_version"] == spec.version + 1
+
+
 def test_results_in_the_old_key_only_folders_are_moved_not_retrained(tmp_path):
     run_experiment(load_experiment(_config(tmp_path)))
     [folder] = [p for p in (tmp_path / "results").iterdir() if p.is_dir()]

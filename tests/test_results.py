@@ -5,22 +5,41 @@ import pytest
 from pipeline import results
 
 
-def _metrics(checksum="abc", params=None, accuracy=0.5) -> results.ResultRecord:
-    return results.ResultRecord(head="logreg", params=params or {}, test_accuracy=accuracy,
+VERSIONS = {"logreg": 1, "mlp": 1, "rbf_svm": 1, "rbf_svm_approx": 1}
+
+
+def _metrics(checksum="abc", params=None, accuracy=0.5, head="logreg", head_ran="", version=1
+             ) -> results.ResultRecord:
+    return results.ResultRecord(head=head, params=params or {}, test_accuracy=accuracy,
                                 macro_f1=accuracy, fit_seconds=1.0, predict_ms_per_image=0.1,
-                                features={"dataset": "d"}, features_checksum=checksum)
+                                features={"dataset": "d"}, features_checksum=checksum,
+                                head_ran=head_ran, head_version=version)
 
 
-def test_a_result_is_current_only_for_the_same_features_and_params(tmp_path):
+def test_a_result_is_current_only_for_the_same_features_params_and_head_version(tmp_path):
     out = results.result_dir(tmp_path, {"dataset": "d", "backbone": "b", "mode": "avg"}, "logreg",
                              {"C": 1.0})
     assert out.parent.name.startswith("d-b-avg-") and out.name.startswith("logreg-")
     with results.writing(out) as tmp:
         _metrics(params={"C": 1.0}).save(tmp)
-    assert results.is_current(out, "abc", {"C": 1.0})
-    assert not results.is_current(out, "abd", {"C": 1.0})  # features re-extracted
-    assert not results.is_current(out, "abc", {"C": 2.0})  # other parameters
-    assert not results.is_current(tmp_path / "nowhere", "abc", {})
+    assert results.is_current(out, "abc", {"C": 1.0}, VERSIONS)
+    assert not results.is_current(out, "abd", {"C": 1.0}, VERSIONS)  # features re-extracted
+    assert not results.is_current(out, "abc", {"C": 2.0}, VERSIONS)  # other parameters
+    assert not results.is_current(out, "abc", {"C": 1.0}, {**VERSIONS, "logreg": 2})  # head changed
+    assert not results.is_current(tmp_path / "nowhere", "abc", {}, VERSIONS)
+
+
+def test_a_result_made_before_head_versions_is_not_current(tmp_path):
+    _metrics(version=None).save(tmp_path)
+    assert not results.is_current(tmp_path, "abc", {}, VERSIONS)
+
+
+def test_the_version_that_counts_is_that_of_the_head_that_ran(tmp_path):
+    """rbf_svm above its row limit runs as rbf_svm_approx: a new approximation retrains it."""
+    _metrics(head="rbf_svm", head_ran="rbf_svm_approx").save(tmp_path)
+    assert results.is_current(tmp_path, "abc", {}, VERSIONS)
+    assert not results.is_current(tmp_path, "abc", {}, {**VERSIONS, "rbf_svm_approx": 2})
+    assert results.is_current(tmp_path, "abc", {}, {**VERSIONS, "rbf_svm": 2})
 
 
 def test_a_failed_write_leaves_the_old_result_and_no_half_folder(tmp_path):
@@ -39,8 +58,8 @@ def test_a_current_result_at_its_legacy_place_moves_under_its_readable_name(tmp_
     legacy.mkdir(parents=True)
     _metrics().save(legacy)
     out = results.result_dir(tmp_path, {"dataset": "d", "backbone": "b", "mode": "avg"}, "mlp", {})
-    with results.locked(out, legacy, "abc", {}):
-        assert results.is_current(out, "abc", {})
+    with results.locked(out, legacy, "abc", {}, VERSIONS):
+        assert results.is_current(out, "abc", {}, VERSIONS)
     assert not legacy.parent.exists()
 
 
@@ -82,7 +101,7 @@ def test_a_result_record_reads_what_older_and_newer_releases_wrote(tmp_path):
     record = ResultRecord(head="logreg", params={"C": 1.0}, test_accuracy=0.9, macro_f1=0.89,
                           fit_seconds=2.0, predict_ms_per_image=0.1,
                           features={"dataset": "d", "backbone": "b", "mode": "avg"},
-                          features_checksum="abc", features_key="k1")
+                          features_checksum="abc", features_key="k1", head_version=1)
     record.save(tmp_path)
     assert ResultRecord.load(tmp_path) == record
     older = {k: v for k, v in json.loads((tmp_path / "metrics.json").read_text()).items()
@@ -91,7 +110,8 @@ def test_a_result_record_reads_what_older_and_newer_releases_wrote(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps(newer))
     loaded = ResultRecord.load(tmp_path)
     assert loaded.label == "logreg(C=1.0)" and loaded.extra == {"calibration_error": 0.05}
-    assert loaded.is_current("abc", {"C": 1.0}) and not loaded.is_current("abd", {"C": 1.0})
+    assert loaded.is_current("abc", {"C": 1.0}, {"logreg": 1})
+    assert not loaded.is_current("abd", {"C": 1.0}, {"logreg": 1})
     loaded.save(tmp_path)  # what it does not know, it writes back
     assert json.loads((tmp_path / "metrics.json").read_text())["calibration_error"] == 0.05
     (tmp_path / "metrics.json").write_text(json.dumps({"head": "logreg"}))

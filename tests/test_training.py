@@ -34,6 +34,23 @@ def test_crash_while_writing_a_result_never_leaves_a_done_result(blobs_file, tmp
     assert train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")[0] == "up-to-date"
 
 
+def test_a_result_made_by_another_version_of_its_head_is_retrained(blobs_file, tmp_path,
+                                                                     monkeypatch):
+    import dataclasses
+
+    from pipeline import heads
+
+    status, out = train_one(blobs_file, "logreg", results_dir=tmp_path)
+    spec = heads.HEADS["logreg"]
+    assert status == "trained"
+    assert json.loads((out / "metrics.json").read_text())["head_version"] == spec.version
+    assert train_one(blobs_file, "logreg", results_dir=tmp_path)[0] == "up-to-date"
+    monkeypatch.setitem(heads.HEADS, "logreg", dataclasses.replace(spec, version=spec.version + 1))
+    assert train_one(blobs_file, "logreg", results_dir=tmp_path) == ("trained", out)
+    assert json.loads((out / "metrics.json").read_text())["head_version"] == spec.version + 1
+    assert train_one(blobs_file, "logreg", results_dir=tmp_path)[0] == "up-to-date"
+
+
 def test_a_val_folder_is_what_every_head_chooses_on_and_metrics_say_so(tmp_path):
     from conftest import write_image_folder_split
 
