@@ -4,7 +4,6 @@ import pytest
 
 from pipeline import results
 
-
 VERSIONS = {"logreg": 1, "mlp": 1, "rbf_svm": 1, "rbf_svm_approx": 1}
 
 
