@@ -83,6 +83,7 @@ class ResultRecord:
         """Made from these features with these params by the head's version in ``versions``
         (``heads.head_versions()``); a record from before versions existed never is."""
         return (self.features_checksum == checksum and self.params == params
+                and self.head_version is not None
                 and self.head_version == versions.get(self.head_ran or self.head))
 
     def save(self, folder: Path) -> None:

@@ -31,6 +31,7 @@ def test_a_result_is_current_only_for_the_same_features_params_and_head_version(
 def test_a_result_made_before_head_versions_is_not_current(tmp_path):
     _metrics(version=None).save(tmp_path)
     assert not results.is_current(tmp_path, "abc", {}, VERSIONS)
+    assert not results.is_current(tmp_path, "abc", {}, {})  # nor for a head no longer known
 
 
 def test_the_version_that_counts_is_that_of_the_head_that_ran(tmp_path):
