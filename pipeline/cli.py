@@ -247,13 +247,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: partial work is "
-              "kept; rerun the same command to resume", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return _interrupted(exc)
+    except Exception as exc:
+        interrupt = _interrupt_behind(exc)
+        if interrupt is None:
+            raise
+        return _interrupted(interrupt)
     finally:
         signal.signal(signal.SIGTERM, previous)
         log.handlers.clear()  # leave logging as we found it (main may run inside a test or app)
         log.propagate, log.level = True, logging.NOTSET
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    print(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: partial work is "
+          "kept; rerun the same command to resume", file=sys.stderr)
+    return 143 if isinstance(exc, Terminated) else 130
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that ``exc`` was raised while handling, if any. One that lands
+    inside threading's own lock handling (a ``Condition.wait`` in ``future.result()``)
+    leaves that lock half-released, and its ``with`` then raises ``RuntimeError: cannot
+    release un-acquired lock`` in its place: still the user's stop, not a crash. The work
+    is kept either way (every cleanup on the way catches BaseException)."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc = exc.__context__
+    return None
 
 
 def _print_cause(exc: BaseException) -> None:
