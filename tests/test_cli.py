@@ -290,6 +290,7 @@ def test_sigterm_during_extraction_gets_the_interrupt_message_and_keeps_the_work
 
 
 @pytest.mark.bad_input
+@pytest.mark.reliability
 def test_a_stop_that_lands_in_threading_internals_is_still_a_stop(monkeypatch, capsys):
     """SIGTERM raised inside a Condition.wait (future.result) leaves the condition's lock
     half-released: its ``with`` then raises RuntimeError in place of Terminated (seen once in
