@@ -82,9 +82,21 @@ class ResultRecord:
     def is_current(self, checksum: str, params: dict, versions: Mapping[str, int]) -> bool:
         """Made from these features with these params by the head's version in ``versions``
         (``heads.head_versions()``); a record from before versions existed never is."""
-        return (self.features_checksum == checksum and self.params == params
-                and self.head_version is not None
-                and self.head_version == versions.get(self.head_ran or self.head))
+        return self.stale_because(checksum, params, versions) is None
+
+    def stale_because(self, checksum: str, params: dict, versions: Mapping[str, int]
+                      ) -> str | None:
+        """Why the result is not current (None: it is), in words for the log."""
+        if self.features_checksum != checksum:
+            return "its features changed"
+        if self.params != params:
+            return "its parameters changed"
+        head = self.head_ran or self.head
+        if self.head_version is None:
+            return f"it was made before {head}'s version was recorded"
+        if self.head_version != versions.get(head):
+            return f"it was made by {head} version {self.head_version}, now {versions.get(head)}"
+        return None
 
     def save(self, folder: Path) -> None:
         record = asdict(self)

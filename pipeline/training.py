@@ -119,6 +119,10 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
             if not force and results.is_current(out, checksum, params, versions):
                 log.info("up to date: %s", out)
                 return "up-to-date", out
+            with contextlib.suppress(OSError, ValueError):  # no result there: nothing to say
+                why = ResultRecord.load(out).stale_because(checksum, params, versions)
+                if why and not force:
+                    log.info("retraining %s: %s", head_label(head, params), why)
             for ff in files:  # the streaming head reads rows during fit and predict
                 stack.enter_context(reading(ff.path))
             data = _load(files, head, memory_budget_gb)

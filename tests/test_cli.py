@@ -301,7 +301,7 @@ def test_a_stop_that_lands_in_threading_internals_is_still_a_stop(monkeypatch, c
         try:
             raise cli.Terminated
         except cli.Terminated:
-            raise RuntimeError("cannot release un-acquired lock")  # as threading.Condition does
+            raise RuntimeError("cannot release un-acquired lock")  # noqa: B904 - as threading does
 
     def crashed(args):
         raise RuntimeError("a bug of ours")

@@ -32,6 +32,8 @@ def test_a_result_made_before_head_versions_is_not_current(tmp_path):
     _metrics(version=None).save(tmp_path)
     assert not results.is_current(tmp_path, "abc", {}, VERSIONS)
     assert not results.is_current(tmp_path, "abc", {}, {})  # nor for a head no longer known
+    assert results.ResultRecord.load(tmp_path).stale_because("abc", {}, VERSIONS) == \
+        "it was made before logreg's version was recorded"
 
 
 def test_the_version_that_counts_is_that_of_the_head_that_ran(tmp_path):

@@ -34,8 +34,8 @@ def test_crash_while_writing_a_result_never_leaves_a_done_result(blobs_file, tmp
     assert train_one(feature_file, "logreg", {"C": 1.0}, results_dir=tmp_path / "results")[0] == "up-to-date"
 
 
-def test_a_result_made_by_another_version_of_its_head_is_retrained(blobs_file, tmp_path,
-                                                                     monkeypatch):
+def test_a_result_made_by_another_version_of_its_head_is_retrained_and_says_why(
+        blobs_file, tmp_path, monkeypatch, caplog):
     import dataclasses
 
     from pipeline import heads
@@ -46,7 +46,10 @@ def test_a_result_made_by_another_version_of_its_head_is_retrained(blobs_file, t
     assert json.loads((out / "metrics.json").read_text())["head_version"] == spec.version
     assert train_one(blobs_file, "logreg", results_dir=tmp_path)[0] == "up-to-date"
     monkeypatch.setitem(heads.HEADS, "logreg", dataclasses.replace(spec, version=spec.version + 1))
-    assert train_one(blobs_file, "logreg", results_dir=tmp_path) == ("trained", out)
+    with caplog.at_level("INFO", logger="pipeline"):
+        assert train_one(blobs_file, "logreg", results_dir=tmp_path) == ("trained", out)
+    assert f"retraining logreg: it was made by logreg version {spec.version}, now " \
+        f"{spec.version + 1}" in caplog.messages
     assert json.loads((out / "metrics.json").read_text())["head_version"] == spec.version + 1
     assert train_one(blobs_file, "logreg", results_dir=tmp_path)[0] == "up-to-date"
 
