@@ -166,11 +166,19 @@ def legacy_result_dir(results_dir: str | Path, key: str, head: str, params: dict
     return Path(results_dir) / key / _head_dir_name(head, params)
 
 
-def is_current(out: Path, checksum: str, params: dict, versions: Mapping[str, int]) -> bool:
+def stale_because(out: Path, checksum: str, params: dict, versions: Mapping[str, int]
+                  ) -> str | None:
+    """Why the result at ``out`` is not current: None if it is, "" if there is none (or
+    none that reads whole), else ``ResultRecord.stale_because``'s words."""
     try:
-        return ResultRecord.load(out).is_current(checksum, params, versions)
+        record = ResultRecord.load(out)
     except (OSError, ValueError):
-        return False
+        return ""
+    return record.stale_because(checksum, params, versions)
+
+
+def is_current(out: Path, checksum: str, params: dict, versions: Mapping[str, int]) -> bool:
+    return stale_because(out, checksum, params, versions) is None
 
 
 @contextmanager

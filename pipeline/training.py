@@ -116,13 +116,12 @@ def train_one(feature_path: Path | list[Path], head: str, params: dict | None = 
             if len(files) == 1 else None
         versions = head_versions()
         with results.locked(out, legacy, checksum, params, versions):
-            if not force and results.is_current(out, checksum, params, versions):
+            why = "" if force else results.stale_because(out, checksum, params, versions)
+            if why is None:
                 log.info("up to date: %s", out)
                 return "up-to-date", out
-            with contextlib.suppress(OSError, ValueError):  # no result there: nothing to say
-                why = ResultRecord.load(out).stale_because(checksum, params, versions)
-                if why and not force:
-                    log.info("retraining %s: %s", head_label(head, params), why)
+            if why:  # a result is there, no longer current ("": none, or --force)
+                log.info("retraining %s: %s", head_label(head, params), why)
             for ff in files:  # the streaming head reads rows during fit and predict
                 stack.enter_context(reading(ff.path))
             data = _load(files, head, memory_budget_gb)
